@@ -1,0 +1,30 @@
+// Shared host-side declarations of the fused contrastive log-sum-exp op (CPU and CUDA builds).
+//
+// The op computes, for S = s * image @ text^T (never stored whole):
+//   row_lse[i] = logsumexp_j S[i, j]   (n values)
+//   col_lse[j] = logsumexp_i S[i, j]   (N values; over the rows given, i.e. a rank's partial)
+// and its backward, for upstream gradients gr (of row_lse) and gc (of col_lse):
+//   G[i, j]     = gr[i] * exp(S[i, j] - row_lse[i]) + gc[j] * exp(S[i, j] - col_lse[j])
+//   grad_image  = s * G @ text,   grad_text = s * G^T @ image,   grad_scale = sum(G * S) / s
+// Everything the CLIP loss adds on top (targets, label smoothing, weights) is O(N * D) and stays in Python.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace fastclip {
+
+// Argument checks shared by every implementation; messages name the argument and the expectation.
+void check_lse_inputs(const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale);
+void check_lse_backward_inputs(const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& image,
+                               const at::Tensor& text, const at::Tensor& row_lse, const at::Tensor& col_lse);
+
+// Rows handled per pass so that the per-pass scratch (column partials in the forward, the gradient tile
+// buffer in the backward) stays within `budget_bytes` whatever N is.
+int64_t rows_per_chunk(int64_t rows, int64_t cols, int64_t bytes_per_cell, int64_t row_block, int64_t budget_bytes);
+
+// Merge partial (max, sum-of-exp) pairs along `dim` into log-sum-exp values.
+at::Tensor merge_partial_lse(const at::Tensor& max, const at::Tensor& sum, int64_t dim);
+
+}  // namespace fastclip

@@ -1,0 +1,61 @@
+// The fastclip._C Python module and the schemas of its operators.
+// Importing the module loads this library, which registers the ops with the PyTorch dispatcher;
+// the CPU and CUDA implementations register themselves in their own files.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "contrastive_lse.h"
+
+namespace fastclip {
+
+void check_lse_inputs(const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale) {
+  TORCH_CHECK(image.dim() == 2, "image_features must be 2-D [n, D], got shape ", image.sizes());
+  TORCH_CHECK(text.dim() == 2, "text_features must be 2-D [N, D], got shape ", text.sizes());
+  TORCH_CHECK(image.size(0) > 0 && text.size(0) > 0, "empty batch: image_features has ", image.size(0),
+              " rows and text_features has ", text.size(0));
+  TORCH_CHECK(image.size(1) == text.size(1), "feature dims differ: image_features has D=", image.size(1),
+              ", text_features has D=", text.size(1));
+  TORCH_CHECK(image.size(1) > 0, "feature dim D must be positive");
+  TORCH_CHECK(image.scalar_type() == text.scalar_type(), "image_features and text_features must have the same dtype, got ",
+              image.scalar_type(), " and ", text.scalar_type());
+  TORCH_CHECK(image.device() == text.device(), "image_features and text_features must be on the same device, got ",
+              image.device(), " and ", text.device());
+  TORCH_CHECK(logit_scale.numel() == 1, "logit_scale must hold one value, got shape ", logit_scale.sizes());
+}
+
+void check_lse_backward_inputs(const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& image,
+                               const at::Tensor& text, const at::Tensor& row_lse, const at::Tensor& col_lse) {
+  const auto n = image.size(0), N = text.size(0);
+  TORCH_CHECK(row_lse.dim() == 1 && row_lse.size(0) == n, "row_lse must be [", n, "], got ", row_lse.sizes());
+  TORCH_CHECK(col_lse.dim() == 1 && col_lse.size(0) == N, "col_lse must be [", N, "], got ", col_lse.sizes());
+  TORCH_CHECK(grad_row.dim() == 1 && grad_row.size(0) == n, "grad_row_lse must be [", n, "], got ", grad_row.sizes());
+  TORCH_CHECK(grad_col.dim() == 1 && grad_col.size(0) == N, "grad_col_lse must be [", N, "], got ", grad_col.sizes());
+}
+
+int64_t rows_per_chunk(int64_t rows, int64_t cols, int64_t bytes_per_cell, int64_t row_block, int64_t budget_bytes) {
+  const int64_t per_row = std::max<int64_t>(1, cols * bytes_per_cell);
+  int64_t chunk = std::max<int64_t>(row_block, budget_bytes / per_row);
+  chunk = (chunk / row_block) * row_block;  // whole row blocks, so block boundaries match across chunks
+  return std::min(chunk, rows);
+}
+
+at::Tensor merge_partial_lse(const at::Tensor& max, const at::Tensor& sum, int64_t dim) {
+  auto m = std::get<0>(max.max(dim, /*keepdim=*/true));
+  return (m + (sum * (max - m).exp()).sum(dim, true).log()).squeeze(dim);
+}
+
+}  // namespace fastclip
+
+TORCH_LIBRARY(fastclip, m) {
+  m.def("contrastive_lse(Tensor image, Tensor text, Tensor logit_scale) -> (Tensor row_lse, Tensor col_lse)");
+  m.def(
+      "contrastive_lse_backward(Tensor grad_row_lse, Tensor grad_col_lse, Tensor image, Tensor text, "
+      "Tensor logit_scale, Tensor row_lse, Tensor col_lse) -> (Tensor grad_image, Tensor grad_text, "
+      "Tensor grad_logit_scale)");
+}
+
+// A plain module with no functions: importing it is what loads the library and registers the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastclip compiled operators", -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,103 @@
+"""CLIP's symmetric contrastive loss on top of `contrastive_lse`.
+
+    L = (1/N) sum_i [ w * CE_i(row i of S) + (1 - w) * CE_i(column i of S) ],   S = s * I @ T.T
+
+With label smoothing eps (as in F.cross_entropy, over N classes) each cross-entropy is
+lse - (1 - eps) * S_positive - (eps / N) * sum(S over the row or column), so
+
+    N * L = w * sum(row_lse) + (1 - w) * sum(col_lse) - (1 - eps) * sum_i S_ii - (eps / N) * sum_ij S_ij
+
+where sum_ij S_ij = s * (sum_i I_i) . (sum_j T_j). Only the log-sum-exps are O(N^2 D); the rest is O(N D).
+
+The same formula gives one rank's share in data-parallel training: a rank holding image rows
+offset..offset+n of the global batch and all N text rows contributes its row terms, the column terms of
+the columns offset..offset+n, and its rows' part of the smoothing sum; the shares add up to L when
+`col_lse` is the global column log-sum-exp (the partial ones merged across ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastclip.ops._checks import as_logit_scale, check_features, check_unit_interval
+from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
+
+
+def contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    weight: float = 0.5,
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CLIP's contrastive loss for matched rows of `image_features` and `text_features` ([N, D] each).
+
+    `logit_scale` is the multiplier s (exp of the learned temperature). `weight` weighs the image->text
+    direction, 1 - weight the text->image one. Returns an fp32 scalar (float64 for float64 inputs),
+    differentiable in both features and `logit_scale`; no N x N matrix is stored on any backend.
+    """
+    check_features(image_features, text_features)
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"image_features and text_features must have the same batch size (pair i is the positive), got "
+            f"{image_features.shape[0]} and {text_features.shape[0]}; for a rank's rows of a larger batch use "
+            "contrastive_loss_from_lse with offset"
+        )
+    check_unit_interval("weight", weight)
+    check_unit_interval("label_smoothing", label_smoothing)
+    scale = as_logit_scale(logit_scale, image_features.device)
+    row_lse, col_lse = dispatch_contrastive_lse(image_features, text_features, scale, backend)
+    return _assemble_loss(image_features, text_features, scale, row_lse, col_lse, 0, weight, label_smoothing)
+
+
+def contrastive_loss_from_lse(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    *,
+    offset: int = 0,
+    weight: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The share of the global loss owed to image rows offset..offset+n of an N-pair batch.
+
+    `image_features` [n, D] are this rank's rows, `text_features` [N, D] all columns, `row_lse` [n] their
+    row log-sum-exps and `col_lse` [N] the global column log-sum-exps (from `contrastive_lse`, merged
+    across ranks). Summed over ranks the shares give `contrastive_loss` of the whole batch; gradients
+    flow through `row_lse`/`col_lse` into the fused backward.
+    """
+    check_features(image_features, text_features)
+    check_unit_interval("weight", weight)
+    check_unit_interval("label_smoothing", label_smoothing)
+    n, num_pairs = image_features.shape[0], text_features.shape[0]
+    if not (isinstance(offset, int) and 0 <= offset and offset + n <= num_pairs):
+        raise ValueError(f"offset must be an int with 0 <= offset and offset + {n} <= {num_pairs}, got {offset!r}")
+    if row_lse.shape != (n,) or col_lse.shape != (num_pairs,):
+        raise ValueError(f"row_lse must be [{n}] and col_lse [{num_pairs}], got {tuple(row_lse.shape)} and {tuple(col_lse.shape)}")
+    scale = as_logit_scale(logit_scale, image_features.device)
+    return _assemble_loss(image_features, text_features, scale, row_lse, col_lse, offset, weight, label_smoothing)
+
+
+def _assemble_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    offset: int,
+    weight: float,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """The O(N * D) rest of the loss (see the module docstring), accumulated in the lse dtype."""
+    n, num_pairs = image.shape[0], text.shape[0]
+    acc = row_lse.dtype
+    scale = logit_scale.to(acc).reshape(())
+    img, txt = image.to(acc), text.to(acc)
+    positives = scale * (img * txt[offset : offset + n]).sum()  # sum_i S_i,offset+i
+    total = scale * (img.sum(0) @ txt.sum(0))  # sum over this rank's rows of sum_j S_ij
+    lse_terms = weight * row_lse.sum() + (1.0 - weight) * col_lse[offset : offset + n].sum()
+    return (lse_terms - (1.0 - label_smoothing) * positives - (label_smoothing / num_pairs) * total) / num_pairs

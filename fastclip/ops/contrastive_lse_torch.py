@@ -1,0 +1,72 @@
+"""The memory-efficient PyTorch path of `contrastive_lse`: tiled over rows, nothing N x N stored.
+
+The forward sweeps chunks of rows, each a [chunk, N] similarity tile, keeping the row log-sum-exps and
+merging the column log-sum-exps chunk by chunk (online log-sum-exp across chunks). The backward recomputes
+each tile instead of saving it. Extra memory is O(chunk * N) with the chunk sized from a byte budget,
+so it stays flat as N grows. It runs on any device PyTorch supports and is the CPU default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastclip.ops._checks import accumulate_dtype
+
+# Bytes one [chunk, N] fp32 tile may take; the backward holds about four such tiles at a time.
+TILE_BUDGET_BYTES = 16 << 20
+
+
+def _chunk_rows(num_cols: int, itemsize: int, budget: int = TILE_BUDGET_BYTES) -> int:
+    return max(1, budget // (num_cols * itemsize))
+
+
+class TiledContrastiveLse(torch.autograd.Function):
+    """(image [n, D], text [N, D], scale []) -> (row_lse [n], col_lse [N]) with a recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor):
+        acc = accumulate_dtype(image.dtype)
+        img, txt, scale = image.to(acc), text.to(acc), logit_scale.to(acc).reshape(())
+        chunk = _chunk_rows(txt.shape[0], txt.element_size())
+        row_lse = torch.empty(img.shape[0], dtype=acc, device=img.device)
+        col_lse = None
+        for r0 in range(0, img.shape[0], chunk):
+            sim = (img[r0 : r0 + chunk] @ txt.T).mul_(scale)  # (chunk, N)
+            row_lse[r0 : r0 + chunk] = sim.logsumexp(1)
+            part = sim.logsumexp(0)
+            col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
+        ctx.save_for_backward(image, text, logit_scale, row_lse, col_lse)
+        return row_lse, col_lse
+
+    @staticmethod
+    def backward(ctx, grad_row: torch.Tensor | None, grad_col: torch.Tensor | None):
+        image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
+        acc = row_lse.dtype
+        img, txt, scale = image.to(acc), text.to(acc), logit_scale.to(acc).reshape(())
+        grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row.to(acc)
+        grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col.to(acc)
+        grad_img = torch.empty_like(img)
+        grad_txt = torch.zeros_like(txt)
+        grad_scale = torch.zeros((), dtype=acc, device=img.device)
+        chunk = _chunk_rows(txt.shape[0], txt.element_size())
+        for r0 in range(0, img.shape[0], chunk):
+            rows = slice(r0, r0 + chunk)
+            sim = (img[rows] @ txt.T).mul_(scale)  # (chunk, N)
+            # G = gr * P_row + gc * P_col: the gradient of the two log-sum-exps w.r.t. the similarities.
+            grad_sim = (sim - row_lse[rows, None]).exp_().mul_(grad_row[rows, None])
+            grad_sim.addcmul_((sim - col_lse[None, :]).exp_(), grad_col[None, :])
+            grad_scale += (grad_sim * sim).sum() / scale  # dS/ds = S / s
+            grad_img[rows] = (grad_sim @ txt).mul_(scale)
+            grad_txt.addmm_(grad_sim.T, img[rows] * scale)
+        return (
+            grad_img.to(image.dtype) if ctx.needs_input_grad[0] else None,
+            grad_txt.to(text.dtype) if ctx.needs_input_grad[1] else None,
+            grad_scale.to(logit_scale.dtype).reshape(logit_scale.shape) if ctx.needs_input_grad[2] else None,
+        )
+
+
+def contrastive_lse_torch(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiled PyTorch `contrastive_lse` (inputs already checked)."""
+    return TiledContrastiveLse.apply(image, text, logit_scale)

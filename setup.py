@@ -1,0 +1,77 @@
+"""Build fastclip and its extension `fastclip._C`.
+
+The C++ sources (op schemas, argument checks, CPU kernels) are always built. The CUDA sources
+(`kernels/*.cu` device code + `csrc/*.cu` ATen glue) are added when a CUDA build of PyTorch and a CUDA
+toolkit are present, never because a GPU happens to be visible, so a GPU-less machine can cross-compile.
+
+Environment switches:
+  FASTCLIP_SKIP_EXTENSION=1   build no extension at all (pure-PyTorch install)
+  FASTCLIP_SKIP_CUDA=1        build the C++ extension only
+  FASTCLIP_FORCE_CUDA=1       fail instead of silently skipping CUDA when it cannot be built
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0": A100 and H100/H200)
+  MAX_JOBS                    parallel compile jobs (honoured by torch's BuildExtension / ninja)
+  DEBUG=1                     -O0 -g, with device debug info (-G) in CUDA sources
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions() -> tuple[list, dict]:
+    if _flag("FASTCLIP_SKIP_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    debug = _flag("DEBUG")
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-std=c++17", "-fopenmp"]
+    sources = sorted(glob.glob("csrc/*.cpp"))
+
+    cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
+    build_cuda = cuda_possible and not _flag("FASTCLIP_SKIP_CUDA")
+    if _flag("FASTCLIP_FORCE_CUDA") and not build_cuda:
+        raise RuntimeError(
+            "FASTCLIP_FORCE_CUDA=1 but the CUDA extension cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}, "
+            f"FASTCLIP_SKIP_CUDA={os.environ.get('FASTCLIP_SKIP_CUDA')!r}"
+        )
+    print(f"fastclip setup: building C++ extension, CUDA={'yes' if build_cuda else 'no'}", file=sys.stderr)
+
+    if build_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("kernels/*.cu"))
+        nvcc_flags = ["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]
+        nvcc_flags += ["-std=c++17", "--expt-relaxed-constexpr", "-DFASTCLIP_WITH_CUDA"]
+        ext = CUDAExtension(
+            "fastclip._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
+            extra_compile_args={"cxx": cxx_flags + ["-DFASTCLIP_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=False,
+        )
+    else:
+        ext = CppExtension(
+            "fastclip._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
