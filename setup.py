@@ -36,7 +36,7 @@ def _extensions() -> tuple[list, dict]:
 
     debug = _flag("DEBUG")
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++17", "-fopenmp"]
+    cxx_flags += ["-fopenmp"]  # the C++ standard is torch's choice (C++17 or C++20 by version)
     sources = sorted(glob.glob("csrc/*.cpp"))
 
     cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
@@ -53,7 +53,7 @@ def _extensions() -> tuple[list, dict]:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("kernels/*.cu"))
         nvcc_flags = ["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]
-        nvcc_flags += ["-std=c++17", "--expt-relaxed-constexpr", "-DFASTCLIP_WITH_CUDA"]
+        nvcc_flags += ["--expt-relaxed-constexpr", "-DFASTCLIP_WITH_CUDA"]
         ext = CUDAExtension(
             "fastclip._C",
             sources,
