@@ -20,9 +20,9 @@ void check_lse_inputs(const at::Tensor& image, const at::Tensor& text, const at:
 void check_lse_backward_inputs(const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& image,
                                const at::Tensor& text, const at::Tensor& row_lse, const at::Tensor& col_lse);
 
-// Rows handled per pass so that the per-pass scratch (column partials in the forward, the gradient tile
-// buffer in the backward) stays within `budget_bytes` whatever N is.
-int64_t rows_per_chunk(int64_t rows, int64_t cols, int64_t bytes_per_cell, int64_t row_block, int64_t budget_bytes);
+// Rows handled per pass so that the pass's scratch, `bytes_per_row` for each of its rows, stays within
+// `budget_bytes` whatever N is: a multiple of `row_block` (at least one block), at most `rows`.
+int64_t rows_per_chunk(int64_t rows, int64_t bytes_per_row, int64_t row_block, int64_t budget_bytes);
 
 // Merge partial (max, sum-of-exp) pairs along `dim` into log-sum-exp values.
 at::Tensor merge_partial_lse(const at::Tensor& max, const at::Tensor& sum, int64_t dim);

@@ -3,8 +3,8 @@
 //
 // Forward: rows in chunks (so the [row_blocks, N] column partials fit a fixed scratch budget), the
 // fused kernel per chunk, then small merges of the partial (max, sum) pairs into log-sum-exps.
-// Backward: per chunk of rows, the fused kernel writes s * G for the chunk into a scratch tile in the
-// input dtype, and two cuBLAS GEMMs turn it into the feature gradients (the G @ text product has a
+// Backward: per block of rows x columns, the fused kernel writes s * G for the block into a scratch tile
+// in the input dtype, and two cuBLAS GEMMs turn it into the feature gradients (the G @ text product has a
 // D-wide output that does not fit in registers; a real GEMM runs it near peak).
 // Only c10/cuda headers (no ATen/cuda/CUDAContext.h, which drags in cuBLAS/cuSPARSE headers), so this
 // file also compiles against a CPU build of PyTorch plus the CUDA toolkit: CI checks it with nvcc.
@@ -14,15 +14,19 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <utility>
+#include <vector>
+
 #include "contrastive_lse.cuh"
 #include "contrastive_lse.h"
 
 namespace fastclip {
 namespace {
 
-// Scratch per pass: column partials (forward) or the gradient tile (backward). Bounds the extra memory
-// whatever N is; at N = 1M it still allows 512-row backward chunks in bf16.
-constexpr int64_t kScratchBudgetBytes = 1ll << 30;
+// Scratch per pass: column partials (forward) or the gradient-tile block (backward). It bounds the extra
+// memory whatever N is; 256 MiB is an 11k x 11k bf16 block, large enough for the GEMMs to run near peak.
+constexpr int64_t kScratchBudgetBytes = 256ll << 20;
 
 cuda::ElementType element_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -78,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cuda(const at::Tensor& image,
 
   auto row_lse = at::empty({n}, f32);
   at::Tensor col_lse;
-  const int64_t chunk = rows_per_chunk(n, N, 2 * sizeof(float), cuda::kRowBlock, kScratchBudgetBytes);
+  // Column partials: one (max, sum) pair of floats per row block and column.
+  const int64_t chunk = rows_per_chunk(n, 2 * sizeof(float) * N / cuda::kRowBlock, cuda::kRowBlock, kScratchBudgetBytes);
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
     const int64_t blocks = row_blocks_of(rows);
@@ -97,6 +102,17 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cuda(const at::Tensor& image,
   return {row_lse, col_lse};
 }
 
+// Rows and columns of the gradient-tile blocks: about square, within the scratch budget. Square blocks
+// keep the accumulation traffic of the GEMMs, 2 * (N / block) passes over an N x D gradient, negligible
+// even at N = 1M (row-only chunks would rewrite all of grad_text once per chunk).
+std::pair<int64_t, int64_t> gradient_block(int64_t n, int64_t N, int64_t element_size) {
+  const int64_t cells = kScratchBudgetBytes / element_size;
+  const auto whole_blocks = [](int64_t x) { return std::max<int64_t>(cuda::kRowBlock, x / cuda::kRowBlock * cuda::kRowBlock); };
+  const int64_t rows = std::min(n, whole_blocks(static_cast<int64_t>(std::sqrt(static_cast<double>(cells)))));
+  const int64_t cols = std::min(N, whole_blocks(cells / rows));
+  return {rows, cols};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& image, const at::Tensor& text,
     const at::Tensor& logit_scale, const at::Tensor& row_lse, const at::Tensor& col_lse) {
@@ -111,33 +127,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
   const int64_t n = img.size(0), N = txt.size(0), D = img.size(1);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
-  const int64_t chunk = rows_per_chunk(n, N, img.element_size(), cuda::kRowBlock, kScratchBudgetBytes);
-  auto grad_tile = at::empty({chunk, N}, img.options());
-  auto grad_img = at::empty_like(img);
-  // One chunk (the common case): the GEMM writes grad_text directly. Several: accumulate in fp32.
-  at::Tensor grad_txt = chunk >= n ? at::Tensor() : at::zeros({N, D}, img.options().dtype(at::kFloat));
+  const auto [block_rows, block_cols] = gradient_block(n, N, img.element_size());
+  auto grad_tile = at::empty({block_rows * block_cols}, img.options());
+  // With a single block along a dimension the GEMM writes that gradient directly in the input dtype;
+  // with several, the blocks' products are summed in fp32.
+  const auto f32 = img.options().dtype(at::kFloat);
+  auto grad_img = block_cols >= N ? at::empty_like(img) : at::zeros({n, D}, f32);
+  auto grad_txt = block_rows >= n ? at::empty_like(txt) : at::zeros({N, D}, f32);
   std::vector<at::Tensor> scale_partials;
-  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-    const int64_t rows = std::min(chunk, n - r0);
-    const int splits = column_splits(row_blocks_of(rows), N, image.get_device());
-    auto partial = at::empty({row_blocks_of(rows) * splits}, img.options().dtype(at::kFloat));
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, n - r0);
     const auto img_rows = img.narrow(0, r0, rows);
-    cuda::LseBackwardArgs args{img_rows.data_ptr(), txt.data_ptr(), rows, N, D, scale.data_ptr<float>(),
-                               gr.data_ptr<float>() + r0, rl.data_ptr<float>() + r0, gc.data_ptr<float>(),
-                               cl.data_ptr<float>(), splits, grad_tile.data_ptr(), partial.data_ptr<float>()};
-    C10_CUDA_CHECK(cuda::launch_lse_backward(type, float32_mode(), args, stream));
-    scale_partials.push_back(partial);
-    const auto g = grad_tile.narrow(0, 0, rows);  // s * G for these rows
-    auto grad_img_rows = grad_img.narrow(0, r0, rows);
-    at::mm_out(grad_img_rows, g, txt);
-    if (grad_txt.defined()) {
-      grad_txt.add_(at::mm(g.t(), img_rows));
-    } else {
-      grad_txt = at::mm(g.t(), img_rows);
+    for (int64_t c0 = 0; c0 < N; c0 += block_cols) {
+      const int64_t cols = std::min(block_cols, N - c0);
+      const auto txt_cols = txt.narrow(0, c0, cols);
+      const int splits = column_splits(row_blocks_of(rows), cols, image.get_device());
+      auto partial = at::empty({row_blocks_of(rows) * splits}, f32);
+      auto g = grad_tile.narrow(0, 0, rows * cols).view({rows, cols});  // will hold s * G for this block
+      cuda::LseBackwardArgs args{img_rows.data_ptr(), txt_cols.data_ptr(), rows, cols, D, scale.data_ptr<float>(),
+                                 gr.data_ptr<float>() + r0, rl.data_ptr<float>() + r0, gc.data_ptr<float>() + c0,
+                                 cl.data_ptr<float>() + c0, splits, g.data_ptr(), partial.data_ptr<float>()};
+      C10_CUDA_CHECK(cuda::launch_lse_backward(type, float32_mode(), args, stream));
+      scale_partials.push_back(partial);
+      auto grad_img_rows = grad_img.narrow(0, r0, rows);
+      auto grad_txt_cols = grad_txt.narrow(0, c0, cols);
+      if (block_cols >= N) at::mm_out(grad_img_rows, g, txt_cols);
+      else grad_img_rows.add_(at::mm(g, txt_cols));
+      if (block_rows >= n) at::mm_out(grad_txt_cols, g.t(), img_rows);
+      else grad_txt_cols.add_(at::mm(g.t(), img_rows));
     }
   }
   auto grad_scale = at::cat(scale_partials).sum(at::kDouble).to(logit_scale.scalar_type()).reshape(logit_scale.sizes());
-  return {grad_img, grad_txt.to(text.scalar_type()), grad_scale};
+  return {grad_img.to(image.scalar_type()), grad_txt.to(text.scalar_type()), grad_scale};
 }
 
 }  // namespace

@@ -32,9 +32,8 @@ void check_lse_backward_inputs(const at::Tensor& grad_row, const at::Tensor& gra
   TORCH_CHECK(grad_col.dim() == 1 && grad_col.size(0) == N, "grad_col_lse must be [", N, "], got ", grad_col.sizes());
 }
 
-int64_t rows_per_chunk(int64_t rows, int64_t cols, int64_t bytes_per_cell, int64_t row_block, int64_t budget_bytes) {
-  const int64_t per_row = std::max<int64_t>(1, cols * bytes_per_cell);
-  int64_t chunk = std::max<int64_t>(row_block, budget_bytes / per_row);
+int64_t rows_per_chunk(int64_t rows, int64_t bytes_per_row, int64_t row_block, int64_t budget_bytes) {
+  int64_t chunk = std::max<int64_t>(row_block, budget_bytes / std::max<int64_t>(1, bytes_per_row));
   chunk = (chunk / row_block) * row_block;  // whole row blocks, so block boundaries match across chunks
   return std::min(chunk, rows);
 }
