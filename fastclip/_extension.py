@@ -32,10 +32,12 @@ def load_error() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # fixed once loaded: torch.compile evaluates it at trace time
 def is_loaded() -> bool:
     return load_error() is None
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether `fastclip::<op>` has a compiled kernel for `dispatch_key` ("CPU" or "CUDA")."""
     return is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastclip::{op}", dispatch_key)

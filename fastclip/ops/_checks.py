@@ -45,8 +45,8 @@ def as_logit_scale(logit_scale: torch.Tensor | float, device: torch.device) -> t
     if logit_scale.device != device:
         raise ValueError(f"logit_scale must be on the features' device {device}, got {logit_scale.device}")
     # A value check reads the scalar (one host-device sync on a GPU); it is skipped while tracing for
-    # torch.compile, where a data-dependent branch would break the graph.
-    if not torch.compiler.is_compiling():
+    # torch.compile, where a data-dependent branch would break the graph, and on meta tensors (no data).
+    if not torch.compiler.is_compiling() and logit_scale.device.type != "meta":
         value = float(logit_scale.detach().reshape(()).item())
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"logit_scale must be positive and finite (it multiplies the cosine similarities), got {value}")
