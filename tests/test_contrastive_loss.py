@@ -1,8 +1,13 @@
-"""`fastclip.contrastive_loss` on the CPU backends against the float64 reference: loss and every gradient."""
+"""`fastclip.contrastive_loss` on every backend against the float64 reference: loss and every gradient.
+
+Each test runs on the CPU backends ("torch", "cpp") and, marked `cuda`, on the CUDA kernel and the
+PyTorch path on a GPU (skipped where there is none).
+"""
 
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
@@ -11,87 +16,115 @@ import fastclip
 from fastclip import _extension
 from fastclip.ops import contrastive_lse, contrastive_loss_from_lse
 from fastclip.ops.reference import contrastive_lse_reference
-from loss_helpers import CLIP_SCALE, assert_matches, features, loss_and_grads, naive_same_dtype, reference, scale_tensor
+from loss_helpers import (
+    CLIP_SCALE,
+    assert_matches,
+    chunked_reference,
+    features,
+    loss_and_grads,
+    naive_same_dtype,
+    pair,
+    reference,
+    scale_tensor,
+)
 
-CPU_BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not _extension.has_kernel("contrastive_lse", "CPU"), reason="fastclip._C not built"))]
+no_cpp = pytest.mark.skipif(not _extension.has_kernel("contrastive_lse", "CPU"), reason="fastclip._C not built")
+TARGETS = [  # (backend, device)
+    pytest.param(("torch", "cpu"), id="torch-cpu"),
+    pytest.param(("cpp", "cpu"), id="cpp-cpu", marks=no_cpp),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.cuda),
+]
+FLOAT64_TARGETS = [t for t in TARGETS if t.id != "cuda"]  # the CUDA kernel takes fp32/bf16/fp16
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 WEIGHTS = (0.0, 0.3, 0.5, 1.0)
 SMOOTHINGS = (0.0, 0.1)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dim", [1, 17, 64, 512])
 @pytest.mark.parametrize("n", [1, 2, 7, 64, 257, 1000])
-def test_loss_and_grads_match_reference(n: int, dim: int, dtype: torch.dtype, backend: str) -> None:
-    image, text = features(n, dim, dtype), features(n, dim, dtype)
-    scale = scale_tensor(CLIP_SCALE)
+def test_loss_and_grads_match_reference(n: int, dim: int, dtype: torch.dtype, target: tuple[str, str]) -> None:
+    backend, device = target
+    image, text, scale = pair(n, dim, dtype, device)
     for weight, smoothing in itertools.product(WEIGHTS, SMOOTHINGS):
         options = dict(weight=weight, label_smoothing=smoothing)
-        got = loss_and_grads(lambda i, t, s: fastclip.contrastive_loss(i, t, s, backend=backend, **options), image, text, scale)
+        got = loss_and_grads(partial(fastclip.contrastive_loss, backend=backend, **options), image, text, scale)
         assert got.loss.dtype == torch.float32 and got.loss.dim() == 0
         assert got.grads[0].dtype == dtype and got.grads[1].dtype == dtype
         naive = naive_same_dtype(image, text, scale, **options) if dtype != torch.float32 else None
         assert_matches(got, reference(image, text, scale, **options), dtype, naive)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_float64_is_exact(backend: str) -> None:
-    image, text, scale = features(300, 33, torch.float64), features(300, 33, torch.float64), scale_tensor(7.3, torch.float64)
-    got = loss_and_grads(lambda i, t, s: fastclip.contrastive_loss(i, t, s, weight=0.3, label_smoothing=0.1, backend=backend), image, text, scale)
+@pytest.mark.parametrize("target", FLOAT64_TARGETS)
+def test_float64_is_exact(target: tuple[str, str]) -> None:
+    backend, device = target
+    image, text, scale = pair(300, 33, torch.float64, device, scale=7.3)
+    options = dict(weight=0.3, label_smoothing=0.1)
+    got = loss_and_grads(partial(fastclip.contrastive_loss, backend=backend, **options), image, text, scale)
     assert got.loss.dtype == torch.float64
-    assert_matches(got, reference(image, text, scale, weight=0.3, label_smoothing=0.1), torch.float64)
+    assert_matches(got, reference(image, text, scale, **options), torch.float64)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_high_scale_and_unnormalized_features(backend: str, dtype: torch.dtype) -> None:
+def test_high_scale_and_unnormalized_features(target: tuple[str, str], dtype: torch.dtype) -> None:
     """logit_scale 100 (CLIP's clamp) with low-precision inputs, and features that are not unit vectors."""
+    backend, device = target
     for normalize, value in ((True, 100.0), (False, 3.0)):
-        image, text = features(130, 48, dtype, normalize=normalize), features(130, 48, dtype, normalize=normalize)
-        scale = scale_tensor(value)
-        got = loss_and_grads(lambda i, t, s: fastclip.contrastive_loss(i, t, s, backend=backend), image, text, scale)
+        image, text = (features(130, 48, dtype, device, normalize=normalize) for _ in range(2))
+        scale = scale_tensor(value, device=device)
+        got = loss_and_grads(partial(fastclip.contrastive_loss, backend=backend), image, text, scale)
         naive = naive_same_dtype(image, text, scale) if dtype != torch.float32 else None
         assert_matches(got, reference(image, text, scale), dtype, naive)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_identical_rows_tie(backend: str) -> None:
+@pytest.mark.parametrize("target", TARGETS)
+def test_identical_rows_tie(target: tuple[str, str]) -> None:
     """All pairs identical: every logit ties, so each cross-entropy is log N with zero gradient for the features."""
-    row = features(1, 16, torch.float32).detach()
+    backend, device = target
+    row = features(1, 16, torch.float32, device=device).detach()
     image = row.expand(9, 16).clone().requires_grad_()
     text = row.expand(9, 16).clone().requires_grad_()
-    scale = scale_tensor(CLIP_SCALE)
-    got = loss_and_grads(lambda i, t, s: fastclip.contrastive_loss(i, t, s, backend=backend), image, text, scale)
+    scale = scale_tensor(CLIP_SCALE, device=device)
+    got = loss_and_grads(partial(fastclip.contrastive_loss, backend=backend), image, text, scale)
     assert got.loss.item() == pytest.approx(torch.log(torch.tensor(9.0)).item(), rel=1e-6)
     assert_matches(got, reference(image, text, scale), torch.float32)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_lse_rectangular(backend: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "target, dtype",
+    [pytest.param(t.values[0], torch.float32, id=f"{t.id}-float32", marks=t.marks) for t in TARGETS]
+    + [pytest.param(t.values[0], torch.float64, id=f"{t.id}-float64", marks=t.marks) for t in FLOAT64_TARGETS],
+)
+def test_lse_rectangular(target: tuple[str, str], dtype: torch.dtype) -> None:
     """The op itself on n != N rows, with gradients through either output alone (the other one unused)."""
-    image, text, scale = features(37, 19, dtype), features(101, 19, dtype), scale_tensor(CLIP_SCALE, dtype)
+    backend, device = target
+    image, text, scale = pair(101, 19, dtype, device, rows=37)
     row_lse, col_lse = contrastive_lse(image, text, scale, backend=backend)
-    want_row, want_col = contrastive_lse_reference(image.detach().double(), text.detach().double(), scale.detach().double())
+    want_row, want_col = contrastive_lse_reference(*(x.detach().double() for x in (image, text, scale)))
     assert row_lse.shape == (37,) and col_lse.shape == (101,)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(row_lse.double(), want_row, rtol=tol, atol=tol)
     torch.testing.assert_close(col_lse.double(), want_col, rtol=tol, atol=tol)
     for pick in (0, 1):
-        weights = torch.randn(101 if pick else 37, dtype=torch.float64)
-        got = loss_and_grads(lambda i, t, s: (contrastive_lse(i, t, s, backend=backend)[pick].double() * weights).sum(), image, text, scale)
-        want = loss_and_grads(lambda i, t, s: (contrastive_lse_reference(i, t, s)[pick] * weights).sum(), image.double(), text.double(), scale.double())
+        weights = torch.randn(101 if pick else 37, dtype=torch.float64, device=device)
+        fused = partial(contrastive_lse, backend=backend)
+        got = loss_and_grads(lambda *x: (fused(*x)[pick].double() * weights).sum(), image, text, scale)
+        exact = (x.double() for x in (image, text, scale))
+        want = loss_and_grads(lambda *x: (contrastive_lse_reference(*x)[pick] * weights).sum(), *exact)
         assert_matches(got, want, dtype)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shares", [[1], [3, 4], [64, 1, 192]], ids=lambda s: "+".join(map(str, s)))
-def test_offset_shares_sum_to_the_loss(backend: str, dtype: torch.dtype, shares: list[int]) -> None:
+def test_offset_shares_sum_to_the_loss(target: tuple[str, str], dtype: torch.dtype, shares: list[int]) -> None:
     """Data-parallel form: each 'rank' holds a block of image rows against all columns; shares add up to L."""
+    backend, device = target
     n = sum(shares)
-    image, text, scale = features(n, 40, dtype), features(n, 40, dtype), scale_tensor(CLIP_SCALE)
+    image, text, scale = pair(n, 40, dtype, device)
     options = dict(weight=0.3, label_smoothing=0.1)
 
     def sharded_loss(i, t, s):
@@ -110,10 +143,10 @@ def test_offset_shares_sum_to_the_loss(backend: str, dtype: torch.dtype, shares:
     assert_matches(got, reference(image, text, scale, **options), dtype, naive)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_gradcheck_float64(backend: str) -> None:
-    image, text = features(6, 5, torch.float64), features(6, 5, torch.float64)
-    scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("target", FLOAT64_TARGETS)
+def test_gradcheck_float64(target: tuple[str, str]) -> None:
+    backend, device = target
+    image, text, scale = pair(6, 5, torch.float64, device, scale=2.5)
 
     def loss(i, t, s):
         return fastclip.contrastive_loss(i, t, s, weight=0.3, label_smoothing=0.1, backend=backend)
@@ -123,3 +156,12 @@ def test_gradcheck_float64(backend: str) -> None:
 
     assert torch.autograd.gradcheck(loss, (image, text, scale))
     assert torch.autograd.gradcheck(lse, (image[:4].detach().requires_grad_(), text, scale))
+
+
+@pytest.mark.parametrize("n, chunk", [(1, 4), (50, 7), (130, 64)])
+def test_chunked_reference_matches_dense_reference(n: int, chunk: int) -> None:
+    """The analytic chunked reference the large-N GPU tests rely on agrees with autograd on dense logits."""
+    image, text, scale = pair(n, 11, torch.float64, scale=6.0)
+    options = dict(weight=0.3, label_smoothing=0.1)
+    got = chunked_reference(image, text, 6.0, chunk=chunk, **options)
+    assert_matches(got, reference(image, text, scale, **options), torch.float64)

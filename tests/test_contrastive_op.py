@@ -10,16 +10,20 @@ import torch
 import fastclip
 from fastclip import _extension
 from fastclip.ops import contrastive_lse, contrastive_loss_from_lse
-from loss_helpers import CLIP_SCALE, assert_matches, features, loss_and_grads, reference, scale_tensor
+from loss_helpers import CLIP_SCALE, assert_matches, features, loss_and_grads, pair, reference, scale_tensor
 
 needs_extension = pytest.mark.skipif(not _extension.is_loaded(), reason="fastclip._C not built")
 
 
 @needs_extension
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-def test_opcheck(dtype: torch.dtype) -> None:
-    image, text = features(13, 9, dtype), features(21, 9, dtype)
-    scale = scale_tensor(CLIP_SCALE, dtype)
+@pytest.mark.parametrize(
+    "device, dtype",
+    [("cpu", dtype) for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)]
+    + [pytest.param("cuda", dtype, marks=pytest.mark.cuda) for dtype in (torch.float32, torch.bfloat16)],
+    ids=str,
+)
+def test_opcheck(device: str, dtype: torch.dtype) -> None:
+    image, text, scale = pair(21, 9, dtype, device, rows=13)
     torch.library.opcheck(torch.ops.fastclip.contrastive_lse.default, (image, text, scale))
     row_lse, col_lse = torch.ops.fastclip.contrastive_lse(image, text, scale)
     grads = (torch.randn_like(row_lse), torch.randn_like(col_lse))
@@ -27,11 +31,18 @@ def test_opcheck(dtype: torch.dtype) -> None:
     torch.library.opcheck(torch.ops.fastclip.contrastive_lse_backward.default, backward_args)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_extension)])
-def test_torch_compile_fullgraph(backend: str) -> None:
+@pytest.mark.parametrize(
+    "backend, device",
+    [
+        ("torch", "cpu"),
+        pytest.param("cpp", "cpu", marks=needs_extension),
+        pytest.param("cuda", "cuda", marks=pytest.mark.cuda),
+    ],
+)
+def test_torch_compile_fullgraph(backend: str, device: str) -> None:
     """The whole loss traces into one graph (no breaks) and gives the eager result and gradients."""
     torch._dynamo.reset()
-    image, text, scale = features(45, 24, torch.float32), features(45, 24, torch.float32), scale_tensor(CLIP_SCALE)
+    image, text, scale = pair(45, 24, torch.float32, device)
 
     @torch.compile(fullgraph=True)
     def loss_fn(i, t, s):

@@ -29,10 +29,12 @@ def test_info_reports_versions_and_backends() -> None:
 
 
 def test_info_command_line() -> None:
-    text = subprocess.run([sys.executable, "-m", "fastclip", "info"], capture_output=True, text=True, check=True).stdout
+    def command(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "fastclip", *args], capture_output=True, text=True, check=True).stdout
+
+    text = command("info")
     assert "contrastive_lse:" in text and f"torch              {torch.__version__}" in text
-    as_json = subprocess.run([sys.executable, "-m", "fastclip", "info", "--json"], capture_output=True, text=True, check=True)
-    assert json.loads(as_json.stdout)["fastclip"] == fastclip.__version__
+    assert json.loads(command("info", "--json"))["fastclip"] == fastclip.__version__
 
 
 def test_works_without_the_extension() -> None:
