@@ -113,6 +113,11 @@ std::pair<int64_t, int64_t> gradient_block(int64_t n, int64_t N, int64_t element
   return {rows, cols};
 }
 
+// a @ b with an fp32 result: bf16/fp16 products are not rounded to 16 bits before they are summed.
+at::Tensor mm_fp32(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& image, const at::Tensor& text,
     const at::Tensor& logit_scale, const at::Tensor& row_lse, const at::Tensor& col_lse) {
@@ -152,9 +157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
       auto grad_img_rows = grad_img.narrow(0, r0, rows);
       auto grad_txt_cols = grad_txt.narrow(0, c0, cols);
       if (block_cols >= N) at::mm_out(grad_img_rows, g, txt_cols);
-      else grad_img_rows.add_(at::mm(g, txt_cols));
+      else grad_img_rows.add_(mm_fp32(g, txt_cols));
       if (block_rows >= n) at::mm_out(grad_txt_cols, g.t(), img_rows);
-      else grad_txt_cols.add_(at::mm(g.t(), img_rows));
+      else grad_txt_cols.add_(mm_fp32(g.t(), img_rows));
     }
   }
   auto grad_scale = at::cat(scale_partials).sum(at::kDouble).to(logit_scale.scalar_type()).reshape(logit_scale.sizes());

@@ -30,6 +30,9 @@ void check_lse_backward_inputs(const at::Tensor& grad_row, const at::Tensor& gra
   TORCH_CHECK(col_lse.dim() == 1 && col_lse.size(0) == N, "col_lse must be [", N, "], got ", col_lse.sizes());
   TORCH_CHECK(grad_row.dim() == 1 && grad_row.size(0) == n, "grad_row_lse must be [", n, "], got ", grad_row.sizes());
   TORCH_CHECK(grad_col.dim() == 1 && grad_col.size(0) == N, "grad_col_lse must be [", N, "], got ", grad_col.sizes());
+  for (const auto* t : {&grad_row, &grad_col, &row_lse, &col_lse})
+    TORCH_CHECK(t->device() == image.device(), "contrastive_lse_backward: every tensor must be on ", image.device(),
+                ", got one on ", t->device());
 }
 
 int64_t rows_per_chunk(int64_t rows, int64_t bytes_per_row, int64_t row_block, int64_t budget_bytes) {

@@ -1,7 +1,24 @@
 """fastclip: CLIP for PyTorch, built for speed and memory."""
 
+from fastclip.checkpoint import load_checkpoint, save_checkpoint
 from fastclip.info import info
-from fastclip.ops import contrastive_loss
+from fastclip.model import CLIP, create_model, create_model_and_transforms, list_models
+from fastclip.ops import attention, contrastive_loss
+from fastclip.tokenizer import ClipTokenizer, get_tokenizer, tokenize
 from fastclip.version import __version__
 
-__all__ = ["__version__", "contrastive_loss", "info"]
+__all__ = [
+    "CLIP",
+    "ClipTokenizer",
+    "__version__",
+    "attention",
+    "contrastive_loss",
+    "create_model",
+    "create_model_and_transforms",
+    "get_tokenizer",
+    "info",
+    "list_models",
+    "load_checkpoint",
+    "save_checkpoint",
+    "tokenize",
+]

@@ -1,21 +1,25 @@
-"""The `fastclip` command line."""
+"""The `fastclip` command line: `fastclip <command> --help` documents each command."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+
+from fastclip.commands import info, zero_shot
+
+COMMANDS = (info, zero_shot)
+# Errors a user can fix from the command line: shown as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastclip", description="fastclip: fast, memory-lean CLIP for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
-    info_parser = commands.add_parser("info", help="show versions and which backends are built and usable")
-    info_parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    for command in COMMANDS:
+        command.add_parser(commands)
     args = parser.parse_args(argv)
-
-    if args.command == "info":
-        from fastclip.info import format_info, info
-
-        report = info()
-        print(json.dumps(report, indent=2) if args.json else format_info(report))
-    return 0
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"fastclip {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -37,7 +37,21 @@ def info() -> dict:
             "cpp": "usable" if cpu_kernel else "not built",
             "torch": "usable",
         },
+        "attention": {
+            "triton": _triton_attention_state(cuda_device),
+            "torch": "usable (SDPA)",
+        },
     }
+
+
+def _triton_attention_state(cuda_device: str | None) -> str:
+    from fastclip.ops.attention import triton_available, triton_interpreting
+
+    if not triton_available():
+        return "Triton not installed"
+    if cuda_device:
+        return "usable"
+    return "interpreter (TRITON_INTERPRET=1, CPU tensors)" if triton_interpreting() else "no GPU"
 
 
 def format_info(report: dict) -> str:

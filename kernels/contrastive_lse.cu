@@ -152,10 +152,16 @@ __device__ __forceinline__ void mma_stage(const SharedTiles<T>& tiles, typename 
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          // Small terms first so they are not lost against the large one.
-          wmma::mma_sync(acc[i][j], a_lo[i], b[j], acc[i][j]);
-          wmma::mma_sync(acc[i][j], a[i], b_lo[j], acc[i][j]);
-          wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+          // This stage's three products go into a fresh accumulator, small terms first, and only then
+          // into the running sum with fp32 adds: the tensor cores' reduced-precision accumulation then
+          // never sees the large running sum beside the small correction terms.
+          typename Traits::FragC part;
+          wmma::fill_fragment(part, 0.f);
+          wmma::mma_sync(part, a_lo[i], b[j], part);
+          wmma::mma_sync(part, a[i], b_lo[j], part);
+          wmma::mma_sync(part, a[i], b[j], part);
+#pragma unroll
+          for (int t = 0; t < part.num_elements; ++t) acc[i][j].x[t] += part.x[t];
         }
     } else {
       if constexpr (std::is_same_v<T, float>) {
@@ -255,17 +261,18 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(LseForwardArgs ar
     // Column partials over this CTA's rows: thread pair (2c, 2c+1) owns column c, rows interleaved
     // (r = h, h + 2, ...) so the two threads read different shared-memory banks.
     const int c = threadIdx.x >> 1, h = threadIdx.x & 1;
+    // The max is taken over scaled logits (base 2), so a negative scale is handled like any other.
     float col_max = -INFINITY;
     for (int r = h; r < kRowBlock; r += 2)
-      if (row0 + r < args.rows) col_max = fmaxf(col_max, tiles.sim[r][c]);
+      if (row0 + r < args.rows) col_max = fmaxf(col_max, scale2 * tiles.sim[r][c]);
     col_max = fmaxf(col_max, __shfl_xor_sync(kFullMask, col_max, 1));  // finite: row0 is a valid row
     float col_sum = 0.f;
     for (int r = h; r < kRowBlock; r += 2)
-      if (row0 + r < args.rows) col_sum += fast_exp2(scale2 * (tiles.sim[r][c] - col_max));
+      if (row0 + r < args.rows) col_sum += fast_exp2(scale2 * tiles.sim[r][c] - col_max);
     col_sum += __shfl_xor_sync(kFullMask, col_sum, 1);
     if (h == 0 && col0 + c < args.cols) {
       const int64_t out = static_cast<int64_t>(blockIdx.x) * args.cols + col0 + c;
-      args.col_max[out] = *args.scale * col_max;
+      args.col_max[out] = col_max * kLn2;
       args.col_sum[out] = col_sum;
     }
   }

@@ -1,0 +1,332 @@
+"""Shared benchmark helpers: timing, peak memory, the environment header, a matmul reference rate, output.
+
+Used by the `bench_*.py` scripts next to this file; every helper works on a CPU and on a CUDA device.
+Run as a script only by `cpu_peak_extra_bytes`, to measure one call's memory in a fresh process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import gc
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "local"  # gitignored
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _once_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one call, including the device work it queued."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _cuda_events_ms(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: str | torch.device,
+    warmup: int = 5,
+    reps: int = 20,
+    *,
+    budget_s: float | None = None,
+    min_reps: int = 3,
+    warmed: bool = False,
+) -> dict:
+    """Median and min time of `fn()` in ms, after one untimed call (lazy init, autotuning) and `warmup` more.
+
+    `warmed=True` says `fn` already ran once here, so on CUDA the lazy-init call is skipped (slow calls).
+    With `budget_s`, slow calls get fewer repetitions (never fewer than `min_reps`) so one measurement
+    takes about `budget_s` seconds. On CUDA: `triton.testing.do_bench` (L2 flushed between runs) for calls
+    under 100 ms when Triton imports, else CUDA events; on CPU: `time.perf_counter`.
+    """
+    device = torch.device(device)
+    estimate = _once_ms(fn, device)  # first call: lazy init, compilation, allocator warm-up
+    if device.type == "cuda" and not warmed:
+        estimate = _once_ms(fn, device)  # the first is no estimate on a GPU (context, cuBLAS handles)
+    if budget_s is not None:
+        fit = int(budget_s * 1e3 / max(estimate, 1e-3))
+        reps = max(min_reps, min(reps, fit))
+        warmup = min(warmup, max(0, fit - reps))
+    if device.type != "cuda":
+        for _ in range(warmup):
+            fn()
+        times = [_once_ms(fn, device) for _ in range(reps)]
+        return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps, "timer": "perf_counter"}
+    if estimate < 100:
+        try:
+            from triton.testing import do_bench
+
+            median, fastest = do_bench(fn, warmup=max(1, warmup) * estimate, rep=reps * estimate, quantiles=[0.5, 0.0])
+            return {"median_ms": median, "min_ms": fastest, "reps": reps, "timer": "triton.do_bench"}
+        except Exception:  # no Triton, or an API it does not match: CUDA events below
+            pass
+    times = _cuda_events_ms(fn, warmup, reps)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps, "timer": "cuda_events"}
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def is_oom(error: BaseException) -> bool:
+    """A CUDA or CPU allocation failure (as opposed to a bug)."""
+    text = str(error).lower()
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def cuda_peak_extra_bytes(fn: Callable[[], Any], warm: bool = True) -> int:
+    """Peak bytes the CUDA caching allocator handed out during `fn()` beyond what was allocated before it.
+
+    `warm` runs `fn` once first: lazily allocated workspaces (cuBLAS, autotuning) are not the call's own memory.
+    """
+    if warm:
+        fn()
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def cpu_peak_extra_bytes(
+    factory: Callable[..., Callable[[], Any]],
+    kwargs: dict,
+    warmup_kwargs: dict | None = None,
+    timeout_s: float = 600,
+) -> int | None:
+    """Peak RSS growth of one call of `factory(**kwargs)()`, measured in a fresh process; None if unmeasurable.
+
+    `factory` must be a module-level function (the child imports its file) that builds its inputs and
+    returns the zero-argument callable to measure. The child first runs `factory(**warmup_kwargs)()` (small
+    sizes: loads lazy libraries and thread pools), resets the kernel's high-water mark (writes 5 to
+    /proc/self/clear_refs), and reports VmHWM after the call minus VmRSS before it. glibc's mmap threshold
+    is pinned in the child so freed blocks go back to the OS and the mark tracks live memory, not caching.
+    """
+    if not (os.path.exists("/proc/self/clear_refs") and os.path.exists("/proc/self/status")):
+        return None
+    spec = {
+        "file": inspect.getfile(factory), "factory": factory.__name__, "kwargs": kwargs,
+        "warmup_kwargs": warmup_kwargs, "threads": torch.get_num_threads(),
+    }
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = None
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--rss-child", json.dumps(spec)],
+            capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO,
+        )
+        return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError, KeyError):
+        reason = proc.stderr[-500:] if proc is not None else "timed out or did not start"
+        print(f"cpu_peak_extra_bytes: the child failed: {reason}", file=sys.stderr)
+        return None
+
+
+def _rss_child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    module_spec = importlib.util.spec_from_file_location("_bench_child", spec["file"])
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, spec["factory"])
+    if spec["warmup_kwargs"] is not None:
+        factory(**spec["warmup_kwargs"])()
+    fn = factory(**spec["kwargs"])
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset VmHWM to the current RSS
+        before = _proc_status_kb("VmRSS")
+    except OSError:
+        print(json.dumps({"peak_extra_bytes": None}))
+        return
+    fn()
+    print(json.dumps({"peak_extra_bytes": (_proc_status_kb("VmHWM") - before) * 1024}))
+
+
+# ---------------------------------------------------------------------------------------- environment
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_header() -> dict:
+    """Where and with what a result was measured (no hostname)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import fastclip
+
+        fastclip_info = fastclip.info()
+    except Exception as error:  # a broken build must not stop the header
+        fastclip_info = {"error": repr(error)}
+    cuda = torch.cuda.is_available()
+    commit = _run(["git", "rev-parse", "HEAD"])
+    # dirty = changes to anything but results (untracked code counts: it is part of what ran)
+    status = _run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"])
+    return {
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if cuda else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
+        "gpu_driver": _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "fastclip": fastclip_info,
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_rate(device: str, dtype: torch.dtype, n: int, tf32: bool) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    timing = time_fn(lambda: a @ b, device, warmup=3, reps=10 if device == "cuda" else 5)
+    return 2 * n**3 / (timing["median_ms"] / 1e3) / 1e12
+
+
+def matmul_rate_tflops(device: str | torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """Measured TFLOP/s of an n x n @ n x n matmul (8192 on a GPU, 2048 on a CPU): the arithmetic reference.
+
+    fp32 on CUDA follows `torch.backends.cuda.matmul.allow_tf32`, as the benchmarked code does.
+    """
+    device = torch.device(device).type
+    n = n or (8192 if device == "cuda" else 2048)
+    return _matmul_rate(device, dtype, n, torch.backends.cuda.matmul.allow_tf32)
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def write_results(out_dir: str | Path, name: str, payload: dict) -> Path:
+    """Write `<out_dir>/<name>.json` (pretty; the environment header first unless given) and return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    if "environment" not in payload:
+        payload = {"environment": environment_header(), **payload}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def plot_lines(path: str | Path, panels: list[dict], *, ncols: int = 2, title: str | None = None) -> Path | None:
+    """Line plots to a PNG, one panel per dict; None when matplotlib is missing.
+
+    A panel: {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, optional "styles": {label: plot kwargs},
+    "logx"/"logy" (default True)}. A label keeps its colour across panels.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    labels = list(dict.fromkeys(label for panel in panels for label in panel["series"]))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for label, (xs, ys) in panel["series"].items():
+            points = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if points:
+                style = {"marker": "o", "color": colours[label], **panel.get("styles", {}).get(label, {})}
+                ax.plot(*zip(*points), label=label, **style)
+        if panel.get("logx", True):
+            ax.set_xscale("log", base=2)
+        if panel.get("logy", True):
+            ax.set_yscale("log")
+        ax.set(title=panel.get("title", ""), xlabel=panel.get("xlabel", ""), ylabel=panel.get("ylabel", ""))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
+    _rss_child(sys.argv[2])

@@ -1,0 +1,133 @@
+"""The residual attention block and transformer stack shared by the image (ViT) and text towers.
+
+Parameter names are OpenAI CLIP's (`attn.in_proj_weight`, `attn.out_proj.*`, `ln_1`, `mlp.c_fc`,
+`mlp.c_proj`, `ln_2`), so its checkpoints and open_clip's load without renaming. Activations are
+batch-first, (B, S, W), unlike OpenAI's (S, B, W): the attention op wants [B, H, S, Dh] views, and
+those are free from a batch-first fused qkv projection.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastclip.ops.attention import BACKENDS, attention
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose output keeps the input dtype (under autocast F.layer_norm returns fp32).
+
+    PyTorch's kernels accumulate low-precision inputs in fp32 already, so no explicit upcast is needed.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {name!r}")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with nn.MultiheadAttention's parameters, computed by `fastclip.ops.attention`."""
+
+    def __init__(self, width: int, heads: int, *, causal: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width ({width}) must be a multiple of heads ({heads})")
+        self.heads, self.causal, self.backend = heads, causal, check_backend(backend)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: q, k, v
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's default init
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, S, 3W)
+        qkv = qkv.view(batch, seq, 3, self.heads, width // self.heads)  # (B, S, 3, H, Dh)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, Dh), strided views, no copy
+        out = attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, backend=self.backend)
+        out = out.transpose(1, 2).reshape(batch, seq, width)  # (B, S, W); free for the Triton output layout
+        return self.out_proj(out)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(
+        self, width: int, heads: int, *, mlp_ratio: float = 4.0, act: str = "quick_gelu", causal: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = LayerNorm(width)
+        self.attn = MultiheadSelfAttention(width, heads, causal=causal, backend=backend)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict([
+                ("c_fc", nn.Linear(width, hidden)),
+                ("gelu", make_activation(act)),  # named "gelu" in OpenAI's code whichever it is (no parameters)
+                ("c_proj", nn.Linear(hidden, width)),
+            ])
+        )
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), key_padding_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of residual attention blocks, optionally gradient-checkpointed block by block."""
+
+    def __init__(
+        self, width: int, layers: int, heads: int, *, mlp_ratio: float = 4.0, act: str = "quick_gelu",
+        causal: bool = False, backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio=mlp_ratio, act=act, causal=causal, backend=backend)
+            for _ in range(layers)
+        )
+
+    def init_weights(self) -> None:
+        """OpenAI's init: std width^-0.5 for q/k/v, scaled down by depth for the residual projections."""
+        proj_std = self.width**-0.5 * (2 * self.layers) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=self.width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * self.width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, W) -> (B, S, W)."""
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations in the backward.
+                x = checkpoint(block, x, key_padding_mask, use_reentrant=False)
+            else:
+                x = block(x, key_padding_mask)
+        return x

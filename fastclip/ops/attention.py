@@ -1,0 +1,252 @@
+"""`attention`: scaled dot-product attention for the CLIP encoders, with one dispatch rule.
+
+    out = softmax(q @ k^T * scale + masks) @ v,   q [B, H, Sq, D], k and v [B, H, Sk, D]
+
+Conventions (the same on every backend and in `attention_reference`):
+- `scale` defaults to 1/sqrt(D);
+- `causal=True` is top-left aligned, as SDPA's `is_causal`: query i sees keys j <= i;
+- `key_padding_mask` is a bool [B, Sk] tensor, True where the key is padding and must be ignored
+  (nn.MultiheadAttention's convention; the opposite of SDPA's boolean `attn_mask`);
+- a query row that sees no key at all (e.g. every key of its sequence padded) gets output 0 and
+  passes no gradient, instead of the NaN of a plain softmax.
+
+Backends: "triton" (the fused kernels of `attention_triton`, registered as the `fastclip::attention`
+custom op with fake and autograd kernels) and "torch" (`F.scaled_dot_product_attention`, which picks its
+own best kernel). "auto" takes Triton for CUDA tensors when Triton imports and the kernel covers the
+inputs (fp32/fp16/bf16, head dim <= 128), else "torch". Forcing a backend that cannot run raises.
+`backend="triton"` also runs on CPU tensors when `TRITON_INTERPRET=1` was set before Triton kernels were
+first defined: that is how CI tests the kernel without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from fastclip.ops._checks import FLOAT_DTYPES
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_MAX_HEAD_DIM = 128  # = attention_triton.MAX_HEAD_DIM, repeated here so dispatch never imports Triton
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401  (importability is the question)
+    except ImportError as error:  # not only ModuleNotFoundError: a broken install counts as unavailable
+        return str(error)
+    return None
+
+
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile evaluates it at trace time
+def triton_available() -> bool:
+    return _triton_import_error() is None
+
+
+@torch.compiler.assume_constant_result
+def triton_interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for the interpreter (so the kernels take CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend that will run for `q` (already checked); raises if a forced one cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    head_dim = q.shape[-1]
+    covered = q.dtype in TRITON_DTYPES and head_dim <= TRITON_MAX_HEAD_DIM
+    if backend == "auto":  # the one rule: CUDA tensor + Triton + inputs the kernel covers
+        return "triton" if q.device.type == "cuda" and covered and triton_available() else "torch"
+    if not triton_available():
+        raise RuntimeError(
+            f"backend='triton' cannot run here: Triton does not import ({_triton_import_error()}). "
+            "Install it with `pip install triton` (or the `fastclip[triton]` extra), or use backend='torch'."
+        )
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpreting()):
+        raise RuntimeError(
+            f"backend='triton' cannot run here: the tensors are on {q.device}; the Triton kernel needs CUDA "
+            "tensors, or CPU tensors with TRITON_INTERPRET=1 set before Triton kernels are defined (testing only)."
+        )
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float32, float16 and bfloat16 inputs, got {q.dtype}; use backend='torch'")
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        raise ValueError(
+            f"backend='triton' supports head_dim <= {TRITON_MAX_HEAD_DIM} (q, k, v's last dim), got {head_dim}; "
+            "use backend='torch'"
+        )
+    return "triton"
+
+
+def check_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool
+) -> None:
+    """Shapes, dtypes and devices; raises TypeError/ValueError naming the argument and the expectation."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}; batch, heads, seq and head_dim must be positive")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device} and {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [batch, heads, seq_k, head_dim], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        raise ValueError(
+            f"q [batch, heads, seq_q, head_dim] and k [batch, heads, seq_k, head_dim] must agree in batch, heads and "
+            f"head_dim, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor (True = padded key, ignored), got {key_padding_mask.dtype}; "
+            "for a 0/1 tensor with 1 = padding use mask.bool()"
+        )
+    expected = (k.shape[0], k.shape[2])
+    if tuple(key_padding_mask.shape) != expected:
+        raise ValueError(f"key_padding_mask must have shape [batch, seq_k] = {list(expected)}, got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), got {key_padding_mask.device}")
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """1/sqrt(head_dim) by default; otherwise a positive finite number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None (for 1/sqrt(head_dim)), got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite (it multiplies q @ k^T), got {scale}")
+    return float(scale)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T * scale + masks) v: q [B, H, Sq, D], k and v [B, H, Sk, D] -> [B, H, Sq, D].
+
+    Any strides are accepted (views of a fused qkv projection need no copy); the Triton path stores the
+    output as [B, Sq, H, D], so `out.transpose(1, 2).reshape(B, Sq, H * D)` is free. `key_padding_mask`
+    [B, Sk] is True at padded keys; rows with no visible key return 0. Differentiable in q, k and v.
+    """
+    check_attention_inputs(q, k, v, key_padding_mask, causal)
+    scale = resolve_scale(scale, q.shape[-1])
+    if resolve_backend(backend, q) == "torch":
+        return attention_torch(q, k, v, causal, key_padding_mask, scale)
+    out, _ = torch.ops.fastclip.attention(q, k, v, key_padding_mask, causal, scale)
+    return out
+
+
+def attention_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """The PyTorch path: SDPA, with `is_causal` (its fastest kernels) whenever there is no padding mask."""
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    visible = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk); SDPA's bool mask is True = attend
+    if causal:
+        visible = visible & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    has_key = visible.any(-1, keepdim=True)  # (B, 1, Sq or 1, 1)
+    # Let rows with no key attend everywhere (finite, no NaN in the forward or backward), then zero them.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key, scale=scale)
+    return out.masked_fill(~has_key, 0.0)
+
+
+# ------------------------------------------------------------------------------- the registered Triton op
+# `torch.library.custom_op`, not `triton_op`: both give torch.compile a graph without breaks, but only the
+# opaque custom op is known to work the same on torch 2.11 and 2.13, with an autotuned kernel, and on CPU
+# tensors under the Triton interpreter (how CI runs opcheck and compile on it). Inductor could not fuse
+# anything into a flash-attention kernel's prologue/epilogue here anyway.
+
+
+def _triton_module():
+    """attention_triton, imported on first use so that CPU-only runs never import Triton."""
+    from fastclip.ops import attention_triton
+
+    return attention_triton
+
+
+def _check_triton_mode(q: torch.Tensor):
+    kernels = _triton_module()
+    if q.device.type == "cpu" and not kernels.INTERPRET:
+        raise RuntimeError(
+            "the Triton attention kernel got CPU tensors, but fastclip.ops.attention_triton was imported without "
+            "TRITON_INTERPRET=1, so its kernels are compiled for a GPU; set the variable before the first import"
+        )
+    return kernels
+
+
+@torch.library.custom_op(
+    "fastclip::attention",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor)",
+)
+def _attention_op(q, k, v, key_padding_mask, causal, scale):
+    """(out [B, H, Sq, D] in [B, Sq, H, D] memory order, lse [B, H, Sq] fp32, natural log)."""
+    return _check_triton_mode(q).forward(q, k, v, key_padding_mask, causal, scale)
+
+
+@torch.library.custom_op(
+    "fastclip::attention_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+)
+def _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale):
+    return _check_triton_mode(q).backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, key_padding_mask, causal, scale):
+    batch, heads, seq_q, head_dim = q.shape
+    out = q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)  # same layout as the kernel's
+    return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_padding_mask, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.fastclip.attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,521 @@
+"""Triton kernels for `fastclip::attention`: flash-attention forward and backward for CLIP's shapes.
+
+Algorithm (FlashAttention-2, as in Triton's tutorial 06), adapted to what CLIP needs:
+
+- any sequence length (1, 7, 50, 77, 197, 257, 577, ...): every tile is bounds-masked, so nothing
+  assumes a multiple of the block size, in the forward or in the backward;
+- any head dim up to 128 (32, 64, 80, 128): the head-dim block is the next power of two and the
+  extra lanes are masked to zero on load (80 runs as 128; the padding costs FLOPs, not memory traffic);
+- top-left causal mask (key j is visible to query i iff j <= i, as SDPA's `is_causal`);
+- optional boolean key padding mask [batch, seq_k], True = padded (ignored), as nn.MultiheadAttention;
+- a query row that sees no key at all (every key padded) gets output 0 and log-sum-exp -inf, and
+  contributes nothing to any gradient: defined values, never NaN;
+- q, k, v, the output gradient and the mask are read through their strides, so views of a fused qkv
+  projection need no copy; the output is written in [batch, seq, heads, head_dim] memory order (a
+  [batch, heads, seq, head_dim] view), so `out.transpose(1, 2).reshape(b, s, h * d)` is free.
+
+Softmax runs in base 2 (exp2; scores pre-multiplied by scale * log2(e)), all accumulation is fp32, and
+the forward saves the natural-log log-sum-exp per query row for the backward, which recomputes the
+probability tiles: a preprocess kernel (delta = rowsum(dO * O) - dLSE), a dK/dV kernel (one program per
+key block, looping over query blocks) and a dQ kernel (one program per query block, looping over key
+blocks); no atomics, so every kernel is deterministic and safe to re-run while autotuning.
+
+Importing this module imports Triton and defines the kernels. Triton decides *at definition time*
+whether a kernel is compiled or interpreted (`TRITON_INTERPRET=1`, for CPU tensors), so that variable
+must be set before this module is first imported; `fastclip.ops.attention` imports it lazily for that
+reason. `INTERPRET` records the mode the kernels were defined in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+MAX_HEAD_DIM = 128  # register/shared-memory budget of one [BLOCK, head_dim] tile set; SDPA covers larger
+
+LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals (plain globals are not visible to jit code)
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, seq_q, seq_k, qk_scale,  # qk_scale = scale * log2(e): scores in base-2 units
+    SEQ_Q_BUCKET, SEQ_K_BUCKET,  # autotune keys only (power-of-two buckets of the lengths)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of big fused-qkv views pass 2^31
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    d_ok = offs_d < HEAD_DIM  # head-dim padding lanes (80 -> 128) load as 0 and are never stored
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    mask_base = Mask + off_b * stride_mb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key blocks [0, full_hi) need no bounds or causal mask; [full_hi, hi) do. A causal query block
+    # sees keys up to its last row only, and a key block is wholly visible iff its last key <= start_m.
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M)
+        full_hi = (tl.minimum(seq_k, start_m + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seq_k
+        full_hi = (seq_k // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+            CAUSAL, HAS_MASK, False, DOT_PRECISION,
+        )
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+            CAUSAL, HAS_MASK, True, DOT_PRECISION,
+        )
+
+    # l_i == 0 only for a row that saw no key (l_i >= 1 otherwise: the max term is exp2(0)).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # natural log
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block of the online softmax; MASKED tiles apply the bounds and causal masks."""
+    cols = start_n + offs_n
+    col_ok = cols < seq_k
+    kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASKED:
+        kt = tl.load(kt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+    else:
+        kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+    if MASKED:
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    if HAS_MASK:
+        padded = tl.load(mask_base + cols * stride_mn, mask=col_ok, other=1)
+        s = tl.where(padded[None, :] != 0, float("-inf"), s)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no visible key so far has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+# --------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_preprocess(
+    Out, DO, DLse, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    num_heads, seq_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id - dLSE_i: the softmax-backward row term (dLSE folds in the lse's gradient)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_ok = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=tile_ok, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=tile_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = pid_bh.to(tl.int64) * seq_q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLse + rows, mask=offs_m < seq_q, other=0.0)
+    tl.store(Delta + rows, delta, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, rows, rows_ok):
+    """Base-2 lse and delta per row. A row that saw no key (lse = -inf) gets +inf, so all its P are 0
+    rather than inf (its keys are all padded, so the mask would discard them anyway: belt and braces)."""
+    lse = tl.load(Lse + rows, mask=rows_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + rows, mask=rows_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, Mask, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    num_heads, seq_q, seq_k, qk_scale, scale,
+    SEQ_Q_BUCKET, SEQ_K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV for one key block: dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta), dP = dO V^T."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < seq_k
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_ok, other=0.0)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    stats_base = pid_bh.to(tl.int64) * seq_q
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Rows past seq_q load q = dO = 0 and lse = +inf, so their P is 0 and they add nothing: only the
+    # query blocks that straddle the causal diagonal need an explicit mask. Causal: rows >= start_n only.
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, tl.cdiv(seq_q, BLOCK_M) * BLOCK_M)
+        mid = tl.maximum(mid, lo)  # a key block past the last query (seq_k > seq_q): both loops empty
+    else:
+        lo = 0
+        mid = 0
+    for start_m in range(lo, mid, BLOCK_M):
+        dk, dv = _bwd_dkdv_tile(
+            dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
+            stride_qm, stride_qd, stride_dom, stride_dod, seq_q, qk_scale, True, DOT_PRECISION,
+        )
+    for start_m in range(mid, seq_q, BLOCK_M):
+        dk, dv = _bwd_dkdv_tile(
+            dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
+            stride_qm, stride_qd, stride_dom, stride_dod, seq_q, qk_scale, False, DOT_PRECISION,
+        )
+
+    dk = dk * scale
+    if HAS_MASK:
+        # A padded key has P = 0 in every row, so its gradients are 0. Rows of dK/dV are independent, so
+        # selecting here (not multiplying) also discards any overflow computed for those keys above.
+        padded = tl.load(Mask + off_b * stride_mb + offs_n * stride_mn, mask=col_ok, other=1)
+        dk = tl.where(padded[:, None] != 0, 0.0, dk)
+        dv = tl.where(padded[:, None] != 0, 0.0, dv)
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _bwd_dkdv_tile(
+    dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
+    stride_qm, stride_qd, stride_dom, stride_dod, seq_q, qk_scale,
+    CAUSAL_TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rows = start_m + offs_m
+    rows_ok = rows < seq_q
+    tile_ok = rows_ok[None, :] & d_ok[:, None]
+    qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=tile_ok, other=0.0)  # (D, M)
+    dot_ = tl.load(do_base + rows[None, :] * stride_dom + offs_d[:, None] * stride_dod, mask=tile_ok, other=0.0)
+    lse2, delta = _load_row_stats(Lse, Delta, stats_base + rows, rows_ok)
+    st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): S^T, base 2
+    pt = tl.exp2(st - lse2[None, :])
+    if CAUSAL_TILE:
+        pt = tl.where(offs_n[:, None] <= rows[None, :], pt, 0.0)
+    dv = tl.dot(pt.to(dot_.dtype), tl.trans(dot_), dv, input_precision=DOT_PRECISION)
+    dpt = tl.dot(v, dot_, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): (dO V^T)^T
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, Mask, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    num_heads, seq_q, seq_k, qk_scale, scale,
+    SEQ_Q_BUCKET, SEQ_K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ for one query block: dQ = scale * dS K, looping over key blocks like the forward."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    d_ok = offs_d < HEAD_DIM
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=tile_ok, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=tile_ok, other=0.0)
+    lse2, delta = _load_row_stats(Lse, Delta, pid_bh.to(tl.int64) * seq_q + offs_m, row_ok)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    mask_base = Mask + off_b * stride_mb
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Same split as the forward. Here bounds masking of keys is essential: a key past seq_k loads as 0,
+    # its P = exp2(-lse) can overflow, and inf * 0 in dS @ K would poison the whole row of dQ.
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M)
+        full_hi = (tl.minimum(seq_k, start_m + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seq_k
+        full_hi = (seq_k // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_hi, BLOCK_N):
+        dq = _bwd_dq_tile(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+            CAUSAL, HAS_MASK, False, DOT_PRECISION,
+        )
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _bwd_dq_tile(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+            CAUSAL, HAS_MASK, True, DOT_PRECISION,
+        )
+    dq = dq * scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _bwd_dq_tile(
+    dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = start_n + offs_n
+    col_ok = cols < seq_k
+    kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    vt_ptrs = v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd
+    if MASKED:
+        kt = tl.load(kt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        vt = tl.load(vt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    else:
+        kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+        vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    p = tl.exp2(s - lse2[:, None])  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None])
+        p = tl.where(visible, p, 0.0)
+    if HAS_MASK:
+        padded = tl.load(mask_base + cols * stride_mn, mask=col_ok, other=1)
+        p = tl.where(padded[None, :] != 0, 0.0, p)
+    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+
+
+# ------------------------------------------------------------------------------------- tuning + launchers
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). CLIP's sequences are short (50-577) and batches large
+# (thousands of heads), so parallelism comes from batch * heads and the cost of a partial last tile
+# matters more than peak tile throughput: small and medium tiles first, 128 only for the long lengths.
+_FWD_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+                (128, 32, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2)]
+_DKDV_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2),
+                 (32, 128, 8, 2), (64, 128, 8, 2)]
+_DQ_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2),
+               (128, 32, 8, 3), (128, 64, 8, 2)]
+# Under the interpreter: one fixed config, no benchmarking (fast and reproducible on a CPU).
+INTERPRET_BLOCK = (32, 32)
+_AUTOTUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_MASK", "DOT_PRECISION"]
+
+
+def _configs(table: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    if INTERPRET:
+        m, n = INTERPRET_BLOCK
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles far longer than the sequence (pure waste) and the largest tiles at head dim 128."""
+    seq_q = max(16, named_args.get("SEQ_Q_BUCKET", kwargs.get("SEQ_Q_BUCKET", 16)))
+    seq_k = max(16, named_args.get("SEQ_K_BUCKET", kwargs.get("SEQ_K_BUCKET", 16)))
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= seq_q and c.kwargs["BLOCK_N"] <= seq_k
+        and not (block_d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64 * 2)
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _tuned(kernel, table):
+    return triton.autotune(configs=_configs(table), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS)
+_dkdv_tuned = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS)
+_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_CONFIGS)
+_PREPROCESS_BLOCK = 64
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get true fp32 products unless the user allowed TF32 matmuls (as for torch.matmul)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored for fp16/bf16 operands
+
+
+def _mask_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
+    """The mask as uint8 (a free reinterpretation of bool) with its strides; a dummy pointer when absent."""
+    if key_padding_mask is None:
+        return like, 0, 0, False
+    mask = key_padding_mask.view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1), True
+
+
+def _block_kwargs(block: tuple[int, int] | None) -> dict:
+    if block is None:
+        return {}
+    return {"BLOCK_M": block[0], "BLOCK_N": block[1], "num_warps": 4, "num_stages": 1 if INTERPRET else 2}
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    block: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output [b, h, s_q, d] (stored as [b, s_q, h, d]) and fp32 log-sum-exp [b, h, s_q] of checked inputs.
+
+    `block=(BLOCK_M, BLOCK_N)` bypasses the autotuner (tests use it to exercise other tilings).
+    """
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    out = torch.empty((batch, seq_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    mask, stride_mb, stride_mn, has_mask = _mask_arg(key_padding_mask, q)
+    kernel = _fwd_tuned if block is None else _fwd_kernel
+    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+    kernel[grid](
+        q, k, v, mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *out.stride(),
+        heads, seq_q, seq_k, scale * LOG2E, _bucket(seq_q), _bucket(seq_k),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)),
+        CAUSAL=causal, HAS_MASK=has_mask, DOT_PRECISION=_dot_precision(q.dtype),
+        **_block_kwargs(block),
+    )
+    return out, lse
+
+
+def backward(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    block: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (like q, k, v) from the output gradient and, optionally, the log-sum-exp's gradient."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    block_d = max(16, _bucket(head_dim))
+    lse = lse.contiguous()  # (b, h, s_q) fp32: the kernels index it as one flat row per (b, h)
+    delta = torch.empty_like(lse)
+    has_dlse = grad_lse is not None
+    dlse = grad_lse.to(torch.float32).contiguous() if has_dlse else delta
+    _bwd_preprocess[(triton.cdiv(seq_q, _PREPROCESS_BLOCK), batch * heads)](
+        out, grad_out, dlse, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_DLSE=has_dlse, BLOCK_M=_PREPROCESS_BLOCK,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    mask, stride_mb, stride_mn, has_mask = _mask_arg(key_padding_mask, q)
+    common = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_MASK=has_mask,
+        DOT_PRECISION=_dot_precision(q.dtype), **_block_kwargs(block),
+    )
+    shape_args = (heads, seq_q, seq_k, scale * LOG2E, scale, _bucket(seq_q), _bucket(seq_k))
+    dkdv = _dkdv_tuned if block is None else _bwd_dkdv_kernel
+    dkdv[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads)](
+        q, k, v, mask, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
+        *dk.stride(), *dv.stride(), *shape_args, **common,
+    )
+    dq_kernel = _dq_tuned if block is None else _bwd_dq_kernel
+    dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)](
+        q, k, v, mask, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
+        *dq.stride(), *shape_args, **common,
+    )
+    return dq, dk, dv
