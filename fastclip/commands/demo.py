@@ -1,0 +1,54 @@
+"""`fastclip demo`: train a small CLIP from scratch on the built-in synthetic shapes, with no download,
+then classify held-out images zero-shot from label text, including colour-shape pairs never seen in
+training. A few minutes on a CPU; on a GPU the fused kernels are used automatically."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from fastclip.train.config import TrainConfig
+
+DEMO_STEPS = 1500
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("demo", help="train a small CLIP on built-in synthetic data and evaluate it zero-shot",
+                                 description=__doc__)
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"optimizer steps (default {DEMO_STEPS})")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--eval-samples", type=int, default=1000, help="held-out images per evaluation split")
+    parser.add_argument("--output-dir", default="runs/demo")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run)
+
+
+def demo_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model="demo-ViT", dataset="synthetic", synthetic_samples=max(50_000, args.steps * args.batch_size),
+        batch_size=args.batch_size, workers=args.workers, steps=args.steps, lr=1e-3, weight_decay=0.1,
+        warmup_steps=min(100, args.steps // 10), eval_every=max(1, args.steps // 5), eval_samples=args.eval_samples,
+        output_dir=args.output_dir, log_every=max(1, min(25, args.steps // 20)), device=args.device, seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastclip.train.loop import train
+
+    config = demo_config(args)
+    start = time.perf_counter()
+    result = train(config)
+    minutes, seconds = divmod(time.perf_counter() - start, 60)
+    final = result.evals[-1]
+    chance = final["chance"]
+    print(f"\ntrained {config.model} for {config.steps} steps of {config.batch_size} synthetic pairs "
+          f"in {int(minutes)}m{seconds:02.0f}s; final loss {result.losses[-1]:.3f}")
+    print(f"zero-shot accuracy on held-out images, {round(1 / chance)} classes \"a photo of a <colour> <shape>.\" "
+          f"(chance {chance:.1%}):")
+    for split, title in (("seen", "colour-shape pairs seen in training"), ("unseen", "pairs never seen in training")):
+        top1, top5 = final[f"{split}_top1"], final[f"{split}_top5"]
+        print(f"  {title:<38} top-1 {top1:6.1%} ({top1 / chance:4.1f}x chance)   top-5 {top5:6.1%}")
+    print(f"curves: {result.output_dir / 'curves.png'}   model: {result.model_path}")
+    return 0

@@ -1,0 +1,158 @@
+"""`TrainConfig`: every option of `fastclip train`, from defaults, a YAML/JSON file and command-line flags.
+
+Precedence: flags given on the command line > the config file (`--config run.yaml`) > the defaults here.
+Each field becomes a flag (`batch_size` -> `--batch-size`); its comment below is the flag's help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("synthetic", "csv", "shards")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # --- model
+    model: str = "demo-ViT"  # model name (see fastclip.list_models()) or a JSON config file
+    pretrained: str | None = None  # start from these weights (checkpoint file or released tag)
+    attn_backend: str = "auto"  # attention backend: auto (Triton on CUDA), triton or torch
+    grad_checkpointing: bool = False  # recompute residual blocks in the backward (less memory)
+    lock_image: bool = False  # freeze the image tower (LiT-style: train the text tower only)
+    # --- data
+    dataset: str = "synthetic"  # synthetic (built in, no download), csv (a CSV/TSV of paths and captions) or shards (tar shards)
+    train_data: str | None = None  # the CSV/TSV file, or the shard pattern ("data/{00000..00099}.tar")
+    csv_image_key: str = "filepath"  # CSV column with image paths
+    csv_caption_key: str = "title"  # CSV column with captions
+    synthetic_samples: int = 50_000  # samples per epoch of the synthetic dataset
+    jitter: float = 0.4  # colour-jitter strength of the training augmentation (0 disables it)
+    batch_size: int = 64  # pairs per device per optimizer step (before accumulation)
+    accum_steps: int = 1  # micro-batches per step: the loss still sees the whole accumulated batch
+    workers: int = 2  # DataLoader worker processes per device
+    # --- optimisation
+    steps: int = 1000  # optimizer steps in total
+    lr: float = 5e-4  # peak learning rate
+    weight_decay: float = 0.2  # AdamW weight decay (not on gains, biases, embeddings or logit_scale)
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 disables)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16 (with a GradScaler)
+    loss_weight: float = 0.5  # weight of the image->text direction in the loss
+    label_smoothing: float = 0.0
+    # --- evaluation, checkpoints, logs
+    eval_every: int = 0  # zero-shot evaluation every this many steps (0: only at the end)
+    eval_images: str | None = None  # image folder with one sub-folder per class (default for synthetic: its held-out splits)
+    eval_samples: int = 1000  # synthetic images per zero-shot evaluation split
+    save_every: int = 0  # checkpoint every this many steps (0: only at the end)
+    output_dir: str = "runs/fastclip"  # checkpoints, metrics.csv, eval.csv, curves.png, model.safetensors
+    resume: str | None = None  # continue from a checkpoint file, or "latest" in output_dir
+    log_every: int = 10  # steps between metric rows
+    tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+    seed: int = 0
+    device: str | None = None  # default: cuda (this rank's GPU) when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset != "synthetic" and not self.train_data:
+            raise ValueError(f"dataset={self.dataset!r} needs train_data (the CSV file or shard pattern)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        positive = ("batch_size", "accum_steps", "steps", "log_every", "synthetic_samples", "eval_samples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("workers", "warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "jitter"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.loss_weight <= 1.0 or not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError("loss_weight and label_smoothing must lie in [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for name, hint in hints.items():
+        if isinstance(hint, types.UnionType):  # `X | None`
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        out[name] = hint
+    return out
+
+
+def _field_help() -> dict[str, str]:
+    """The trailing comment of each field in this file's source: one place documents both."""
+    import inspect
+
+    helps = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and "#" in rest and name.isidentifier():
+            helps[name] = rest.split("#", 1)[1].strip()
+    return helps
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (defaults suppressed, so only flags actually given override)."""
+    parser.add_argument("--config", help="a YAML or JSON file of TrainConfig fields")
+    helps = _field_help()
+    for name, kind in _field_types().items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(TrainConfig, name, None)
+        text = f"{helps.get(name, '')} (default: {default})".strip()
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text, metavar=name.upper())
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config file {path} has unknown options {unknown}; known: {sorted(known)}")
+    return {name: _coerce(name, value, path) for name, value in values.items()}
+
+
+def _coerce(name: str, value: Any, source: Path) -> Any:
+    """YAML reads `lr: 1e-3` as a string (YAML 1.1 floats need a dot): convert numbers, check the rest."""
+    kind = _field_types()[name]
+    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if kind in (int, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ValueError(f"option {name!r} in {source} must be a {kind.__name__}, got {value!r}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+    return TrainConfig(**values)

@@ -1,0 +1,244 @@
+"""`train(config)`: the CLIP training loop behind `fastclip train` and `fastclip demo`.
+
+One optimizer step = `accum_steps` micro-batches. With accumulation the loss still sees the whole
+accumulated batch (as open_clip's accumulation does): the features of every micro-batch are first
+computed without gradients, then each micro-batch is re-run with gradients and its features replace
+their cached copies in the full-batch loss, so the summed gradients equal the full batch's exactly.
+logit_scale enters each of those passes with 1/accum_steps of its gradient (same value), so it too
+gets exactly the full-batch gradient, and no parameter is unused in any pass (DDP requires that).
+
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, `ClipLoss` gathers the
+features of every rank, rank 0 logs, evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from fastclip.loss import ClipLoss
+from fastclip.model.factory import create_model
+from fastclip.tokenizer import ClipTokenizer
+from fastclip.train.config import TrainConfig
+from fastclip.train.data import build_train_data
+from fastclip.train.evaluate import evaluate_zero_shot
+from fastclip.train.metrics import MetricsLog, plot_curves
+from fastclip.train.optim import make_optimizer, make_scheduler
+from fastclip.train.state import Progress, load_training_state, resolve_resume, save_training_state
+
+MAX_LOG_SCALE = math.log(100.0)  # logit_scale is clamped to [0, ln 100] after every step, as in CLIP
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: per-step losses (this process), evaluations, and the files written."""
+
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    skipped: int = 0
+    output_dir: Path | None = None
+    model_path: Path | None = None
+
+
+def setup_distributed(device_option: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device_option != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if device_option is not None:
+        device = torch.device(device_option)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world_size, device
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context-manager factory: autocast in bf16/fp16, or nothing for fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _micro_batches(data, progress: Progress, accum_steps: int):
+    """Groups of `accum_steps` non-empty micro-batches, advancing `progress`' data position as it goes."""
+    group = []
+    while True:
+        empty_epoch = True
+        for batch in data.iterate(progress.epoch, progress.batches_in_epoch):
+            empty_epoch = False
+            progress.batches_in_epoch += 1
+            progress.skipped += batch.skipped
+            if batch.images.shape[0] == 0:
+                continue  # every sample of this batch was unreadable
+            group.append(batch)
+            if len(group) == accum_steps:
+                yield group
+                group = []
+        if empty_epoch and progress.batches_in_epoch == 0:
+            raise ValueError("the training data yielded no batch in a whole epoch")
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+
+
+def _train_step(model, loss_fn, group, *, device, autocast, scaler, ddp: bool) -> float:
+    """Forward and backward of one optimizer step over the micro-batches in `group`; returns the loss."""
+    inputs = [(b.images.to(device, non_blocking=True), b.tokens.to(device, non_blocking=True)) for b in group]
+    if len(inputs) == 1:
+        with autocast():
+            image, text, scale = model(*inputs[0])
+            loss = loss_fn(image, text, scale)
+        scaler.scale(loss).backward()
+        return loss.item()
+    with torch.no_grad(), autocast():
+        cached = [model(*pair)[:2] for pair in inputs]
+    for j, pair in enumerate(inputs):
+        sync = contextlib.nullcontext() if not ddp or j == len(inputs) - 1 else model.no_sync()
+        with sync, autocast():
+            image_j, text_j, scale = model(*pair)
+            images = torch.cat([image_j if i == j else c[0] for i, c in enumerate(cached)])
+            texts = torch.cat([text_j if i == j else c[1] for i, c in enumerate(cached)])
+            scale = scale / len(inputs) + scale.detach() * (1 - 1 / len(inputs))  # value s, 1/k of its gradient
+            loss = loss_fn(images, texts, scale)
+        scaler.scale(loss).backward()
+    return loss.item()
+
+
+def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainResult:
+    """Train a CLIP model as `config` says; see TrainConfig for every option."""
+    rank, world_size, device = setup_distributed(config.device)
+    is_main = rank == 0
+    output_dir = Path(config.output_dir)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+
+    model = create_model(config.model, pretrained=config.pretrained, attn_backend=config.attn_backend,
+                         grad_checkpointing=config.grad_checkpointing, device=device)
+    if config.lock_image:
+        model.visual.requires_grad_(False)
+    tokenizer = ClipTokenizer(context_length=model.config.text.context_length)
+    data = build_train_data(config, model.image_size, tokenizer, rank=rank, world_size=world_size)
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                               betas=(config.beta1, config.beta2), eps=config.eps)
+    scheduler = make_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
+    autocast = autocast_for(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    loss_fn = ClipLoss(weight=config.loss_weight, label_smoothing=config.label_smoothing)
+
+    progress = Progress()
+    if config.resume:
+        progress, _ = load_training_state(resolve_resume(config.resume, output_dir / "checkpoints"), model=model,
+                                          optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    ddp = world_size > 1
+    trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    model.train()
+    if config.lock_image:
+        model.visual.eval()  # frozen: keep its normalisation statistics too
+
+    result = TrainResult(output_dir=output_dir)
+    log = MetricsLog(output_dir, tensorboard=config.tensorboard) if is_main else None
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    show = is_main and (sys.stderr.isatty() if show_progress is None else show_progress)
+    bar = tqdm(total=config.steps, initial=progress.step, desc="train", unit="step", disable=not show, dynamic_ncols=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batches = _micro_batches(data, progress, config.accum_steps)
+    window_start, window_samples = time.perf_counter(), 0
+
+    def evaluate() -> None:
+        if is_main:
+            scores = evaluate_zero_shot(model, tokenizer, image_folder=config.eval_images, synthetic_samples=config.eval_samples,
+                                        seed=config.seed + 1, device=device, autocast=autocast)
+            row = {"step": progress.step, **scores}
+            result.evals.append(row)
+            log.write("eval", row)
+            bar.write("eval step {step}: ".format(**row) + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        if ddp:
+            dist.barrier()
+
+    def save() -> None:
+        if is_main:
+            save_training_state(output_dir / "checkpoints", model=model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, progress=progress, config=config.to_dict())
+
+    while progress.step < config.steps:
+        group = next(batches)
+        loss = _train_step(trained, loss_fn, group, device=device, autocast=autocast, scaler=scaler, ddp=ddp)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {progress.step}; lower lr or use precision=bf16/fp32")
+        scaler.unscale_(optimizer)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, MAX_LOG_SCALE)
+        progress.step += 1
+        step_samples = sum(b.images.shape[0] for b in group) * world_size
+        progress.samples_seen += step_samples
+        window_samples += step_samples
+        result.losses.append(loss)
+        bar.update(1)
+
+        if progress.step % config.log_every == 0 or progress.step == config.steps:
+            elapsed = time.perf_counter() - window_start
+            reported = _mean_over_ranks(loss, device) if ddp else loss
+            row = {"step": progress.step, "epoch": progress.epoch, "loss": reported, "lr": scheduler.get_last_lr()[0],
+                   "logit_scale": model.logit_scale.exp().item(), "samples_per_s": window_samples / max(elapsed, 1e-9),
+                   "samples_seen": progress.samples_seen, "skipped": progress.skipped}
+            if is_main:
+                log.write("metrics", row)
+                bar.set_postfix(loss=f"{reported:.4f}", samples_s=f"{row['samples_per_s']:.0f}", lr=f"{row['lr']:.2e}")
+            window_start, window_samples = time.perf_counter(), 0
+        if config.eval_every and progress.step % config.eval_every == 0 and progress.step < config.steps:
+            evaluate()
+        if config.save_every and progress.step % config.save_every == 0 and progress.step < config.steps:
+            save()
+
+    bar.close()
+    evaluate()
+    save()
+    result.skipped = progress.skipped
+    if progress.skipped and is_main:
+        print(f"skipped {progress.skipped} unreadable samples on rank 0", file=sys.stderr)
+    if is_main:
+        from fastclip.checkpoint import save_checkpoint
+
+        result.model_path = output_dir / "model.safetensors"
+        save_checkpoint(model, result.model_path)
+        plot_curves(output_dir)
+        log.close()
+    return result
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
+def summary(result: TrainResult) -> dict[str, Any]:
+    return {"final_loss": result.losses[-1] if result.losses else None, "evals": result.evals,
+            "skipped": result.skipped, "model": str(result.model_path) if result.model_path else None}

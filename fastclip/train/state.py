@@ -1,0 +1,83 @@
+"""Training checkpoints: everything an exact resume needs, written atomically.
+
+A checkpoint holds the model's weights (without any DDP wrapper), the optimizer, scheduler and
+GradScaler states, the step, the data position (epoch, batches consumed in it), the RNG states and the
+config. It is written to a temporary file in the same folder and moved into place with os.replace, so
+an interrupted save leaves the previous checkpoint intact, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LATEST = "latest.pt"
+
+
+@dataclass
+class Progress:
+    """Where training stands: optimizer steps done, and the data position they consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    samples_seen: int = 0  # pairs, over all ranks
+    skipped: int = 0  # unreadable samples dropped so far (this rank)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_training_state(folder: Path, *, model, optimizer, scheduler, scaler, progress: Progress, config: dict) -> Path:
+    """Write checkpoints/step_<k>.pt and point checkpoints/latest.pt at the same content."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "progress": vars(progress).copy(),
+        "config": config,
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    path = folder / f"step_{progress.step:08d}.pt"
+    atomic_save(state, path)
+    atomic_save(state, folder / LATEST)
+    return path
+
+
+def resolve_resume(resume: str, folder: Path) -> Path:
+    path = folder / LATEST if resume == "latest" else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+    return path
+
+
+def load_training_state(path: Path, *, model, optimizer, scheduler, scaler) -> tuple[Progress, dict]:
+    """Restore every state in place; returns (progress, the config the checkpoint was written with)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which and why
+        raise ValueError(f"cannot read training checkpoint {path}: {error}") from error
+    missing = {"model", "optimizer", "scheduler", "scaler", "progress", "config"} - set(state)
+    if missing:
+        raise ValueError(f"{path} is not a fastclip training checkpoint (missing {sorted(missing)})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return Progress(**state["progress"]), state["config"]
