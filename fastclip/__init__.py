@@ -2,6 +2,7 @@
 
 from fastclip.checkpoint import load_checkpoint, save_checkpoint
 from fastclip.info import info
+from fastclip.loss import ClipLoss
 from fastclip.model import CLIP, create_model, create_model_and_transforms, list_models
 from fastclip.ops import attention, contrastive_loss
 from fastclip.tokenizer import ClipTokenizer, get_tokenizer, tokenize
@@ -9,6 +10,7 @@ from fastclip.version import __version__
 
 __all__ = [
     "CLIP",
+    "ClipLoss",
     "ClipTokenizer",
     "__version__",
     "attention",
