@@ -9,7 +9,7 @@ import time
 
 from fastclip.train.config import TrainConfig
 
-DEMO_STEPS = 1500
+DEMO_STEPS = 600
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def demo_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model="demo-ViT", dataset="synthetic", synthetic_samples=max(50_000, args.steps * args.batch_size),
         batch_size=args.batch_size, workers=args.workers, steps=args.steps, lr=1e-3, weight_decay=0.1,
-        warmup_steps=min(100, args.steps // 10), eval_every=max(1, args.steps // 5), eval_samples=args.eval_samples,
+        warmup_steps=min(50, args.steps // 10), eval_every=max(1, args.steps // 5), eval_samples=args.eval_samples,
         output_dir=args.output_dir, log_every=max(1, min(25, args.steps // 20)), device=args.device, seed=args.seed,
     )
 

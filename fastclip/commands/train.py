@@ -2,7 +2,7 @@
 
     fastclip train --dataset synthetic --steps 2000 --output-dir runs/shapes
     fastclip train --config run.yaml --resume latest
-    torchrun --nproc-per-node 8 -m fastclip train --model ViT-B-16 --dataset shards \\
+    torchrun --standalone --nproc-per-node 8 -m fastclip train --model ViT-B-16 --dataset shards \\
         --train-data "data/{00000..01023}.tar" --batch-size 256 --precision bf16
 """
 

@@ -150,9 +150,7 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
                                           optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     ddp = world_size > 1
     trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
-    model.train()
-    if config.lock_image:
-        model.visual.eval()  # frozen: keep its normalisation statistics too
+    _set_train_mode(model, config)
 
     result = TrainResult(output_dir=output_dir)
     log = MetricsLog(output_dir, tensorboard=config.tensorboard) if is_main else None
@@ -170,6 +168,7 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
             scores = evaluate_zero_shot(model, tokenizer, image_folder=config.eval_images, synthetic_samples=config.eval_samples,
                                         seed=config.seed + 1, device=device, autocast=autocast)
             row = {"step": progress.step, **scores}
+            _set_train_mode(model, config)
             result.evals.append(row)
             log.write("eval", row)
             bar.write("eval step {step}: ".format(**row) + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
@@ -231,6 +230,12 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
         plot_curves(output_dir)
         log.close()
     return result
+
+
+def _set_train_mode(model, config: TrainConfig) -> None:
+    model.train()
+    if config.lock_image:
+        model.visual.eval()  # frozen: keep its normalisation statistics too
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
