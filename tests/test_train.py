@@ -251,3 +251,10 @@ def test_train_command_with_config_file(tmp_path: Path, capsys) -> None:
     assert resumed == 0
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)][-1] == 3
+
+
+def test_gradient_checkpointing_trains_identically(tmp_path: Path) -> None:
+    options = dict(FAST, steps=3, eval_samples=20)
+    plain = train(TrainConfig(**options, output_dir=str(tmp_path / "plain")), show_progress=False)
+    recomputed = train(TrainConfig(**options, grad_checkpointing=True, output_dir=str(tmp_path / "ckpt")), show_progress=False)
+    torch.testing.assert_close(torch.tensor(recomputed.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
