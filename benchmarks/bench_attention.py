@@ -2,7 +2,7 @@
 
     python benchmarks/bench_attention.py [--dtypes bf16,fp16] [--shapes vit_b16,text] [--out benchmarks/results/local]
 
-For every shape and dtype, times the forward and the forward + backward (median, CUDA events) of:
+For every shape and dtype, times the forward and the forward + backward (median, `common.time_fn`) of:
 fastclip (`attention(..., backend="triton")`, autotuned), SDPA as a user gets it (it picks its kernel),
 and SDPA forced to each backend with `torch.nn.attention.sdpa_kernel` (FLASH_ATTENTION,
 EFFICIENT_ATTENTION, CUDNN_ATTENTION, MATH); a backend that does not apply to the inputs (e.g. flash with
@@ -16,11 +16,7 @@ backend). Without a GPU it runs tiny shapes on the PyTorch path only, as a smoke
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,16 +24,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file (also when imported)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from fastclip.ops.attention import attention, attention_torch
-
-try:  # shared helpers, once benchmarks/common.py exists
-    from common import environment_header, time_fn, write_results
-except ImportError:
-    try:
-        from benchmarks.common import environment_header, time_fn, write_results
-    except ImportError:
-        environment_header = time_fn = write_results = None
+from common import DEFAULT_OUT, environment_header, time_fn, write_results  # noqa: E402
+from fastclip.ops.attention import attention, attention_torch  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -109,25 +99,6 @@ def flops_and_bytes(shape: Shape, dtype: torch.dtype) -> dict[str, float]:
     return {"fwd_flops": fwd, "fwd_bwd_flops": 3.5 * fwd, "fwd_bytes": 4 * tensor, "fwd_bwd_bytes": 12 * tensor}
 
 
-def _local_time_fn(fn: Callable, device: str, warmup: int, reps: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
-
-
 def measure(fn: Callable, q, k, v, mask, device: str, warmup: int, reps: int) -> dict:
     """Forward and forward + backward timings and the fwd+bwd peak memory; or {"skipped": reason}."""
     grad_out = torch.randn_like(q)
@@ -140,8 +111,9 @@ def measure(fn: Callable, q, k, v, mask, device: str, warmup: int, reps: int) ->
             forward_backward()
     except RuntimeError as error:
         return {"skipped": str(error).splitlines()[0][:200]}
-    timer = time_fn or _local_time_fn
-    result = {"fwd": timer(forward, device, warmup, reps), "fwd_bwd": timer(forward_backward, device, warmup, reps)}
+    # warmed: both already ran once just above (autotuning included), so time_fn skips its lazy-init call
+    timing = {"warmup": warmup, "reps": reps, "warmed": True}
+    result = {"fwd": time_fn(forward, device, **timing), "fwd_bwd": time_fn(forward_backward, device, **timing)}
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -178,33 +150,6 @@ def run_shape(name: str, shape: Shape, dtype_name: str, device: str, warmup: int
     return {"shape": name, **asdict(shape), "dtype": dtype_name, **work, "results": rows, "fwd_bwd_speedup_vs_best_sdpa": speedup}
 
 
-def _local_environment_header() -> dict:
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        commit = None
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "triton": triton_version, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-        "git_commit": commit,
-    }
-
-
-def _local_write_results(out_dir: Path, name: str, payload: dict) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2))
-    return path
-
-
 def plot(rows: list[dict], path: Path) -> None:
     """Grouped bars: fwd+bwd time of every competitor relative to the best SDPA backend, per shape and dtype."""
     try:
@@ -233,6 +178,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"plot: {path}")
 
 
@@ -244,7 +190,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="override every shape's batch size")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     args = parser.parse_args()
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
@@ -274,9 +220,8 @@ def main() -> None:
                 verdict = "" if target is None else (" (target met)" if row["fwd_bwd_speedup_vs_best_sdpa"] >= target else f" (target {target}x NOT met)")
                 print(f"{name:12} {dtype_name:5} fwd+bwd speed-up vs best SDPA: {row['fwd_bwd_speedup_vs_best_sdpa']:.2f}x{verdict}")
 
-    header = environment_header() if environment_header else _local_environment_header()
-    payload = {"benchmark": "attention", "environment": header, "device": device, "warmup": args.warmup, "reps": args.reps, "rows": rows}
-    path = (write_results or _local_write_results)(args.out, f"attention_{device}", payload)
+    payload = {"benchmark": "attention", "environment": environment_header(), "device": device, "warmup": args.warmup, "reps": args.reps, "rows": rows}
+    path = write_results(args.out, f"attention_{device}", payload)
     print(f"results: {path}")
     plot(rows, args.out / f"attention_{device}.png")
 

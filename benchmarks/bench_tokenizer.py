@@ -16,28 +16,22 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import os
-import platform
 import random
 import statistics
 import string
-import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from fastclip import tokenizer as tk
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file (also when imported)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastclip from a checkout
 
-try:  # shared helpers, once benchmarks/common.py exists
-    from common import environment_header, write_results
-except ImportError:
-    try:
-        from benchmarks.common import environment_header, write_results
-    except ImportError:
-        environment_header = write_results = None
+from common import DEFAULT_OUT, environment_header, write_results  # noqa: E402
+from fastclip import tokenizer as tk  # noqa: E402
 
 Tokenize = Callable[[list[str]], torch.Tensor]
 
@@ -135,34 +129,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _local_environment_header() -> dict:
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-        commit = git.stdout.strip()
-    except OSError:
-        commit = None
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": commit or None,
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-    }
-
-
-def _cpu_name() -> str:
-    try:  # Linux names the model here; platform.processor() only says "x86_64"
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def _local_write_results(out_dir: Path, name: str, payload: dict) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
-
-
 def plot(payload: dict, path: Path) -> None:
     """Warm texts/s per corpus and tokenizer, log scale (skipped without matplotlib)."""
     try:
@@ -182,7 +148,7 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(corpora))], list(corpora))
     ax.set_yscale("log")
     ax.set_ylabel("texts / s (warm, batch)")
-    ax.set_title(f"CLIP tokenizer throughput ({payload['env'].get('cpu_count')} CPUs)")
+    ax.set_title(f"CLIP tokenizer throughput ({payload['environment'].get('cpu_count')} CPUs)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -193,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20000, help="captions per corpus")
     parser.add_argument("--repeats", type=int, default=3, help="fresh instances per tokenizer (median)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     args = parser.parse_args()
 
     open_clip_tokenizer = load_open_clip()
@@ -208,9 +174,9 @@ def main() -> None:
         "ascii": make_corpus(args.n, unicode_share=0.0, entity_share=0.0),
         "unicode": make_corpus(args.n, unicode_share=1.0, entity_share=0.0),
     }
-    header = environment_header() if environment_header else _local_environment_header()
+    header = environment_header()
     header.update({p: _version(p) for p in ("ftfy", "regex", "tokenizers", "open_clip_torch")})
-    payload = {"benchmark": "tokenizer", "env": header, "config": vars(args) | {"out": str(args.out)}, "corpora": {}}
+    payload = {"benchmark": "tokenizer", "environment": header, "config": vars(args) | {"out": str(args.out)}, "corpora": {}}
 
     for corpus_name, texts in corpora.items():
         results = measure(competitors, texts, args.repeats)
@@ -233,9 +199,9 @@ def main() -> None:
             print(f"  {name:36s} {r['cold_texts_per_s']:10.0f} {r['warm_texts_per_s']:10.0f} "
                   f"{r['speedup_cold']:7.1f} {r['speedup_warm']:7.1f}  {r['identical_ids']}")
 
-    (write_results or _local_write_results)(args.out, "tokenizer", payload)
+    path = write_results(args.out, "tokenizer", payload)
     plot(payload, args.out / "tokenizer.png")
-    print(f"\nwrote {args.out / 'tokenizer.json'}")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine: build fastclip._C with its CUDA kernels from this checkout, run the
-# GPU tests and the loss benchmark, and keep the raw log, the JSON and the plot under
-# benchmarks/results/<device>/ (or $OUT when set, as on a lent device machine).
+# GPU tests and the benchmarks (loss, training step, attention, model inference), and keep the raw log,
+# the JSON and the plots under benchmarks/results/<device>/ (or $OUT when set, as on a lent device machine).
+# Extra arguments go to bench_loss.py. The new benchmarks run with limited sweeps, each under a time
+# limit, so that the whole script fits in about 9 minutes on an H100/H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 device=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 dest=${OUT:-benchmarks/results/$device}
 mkdir -p "$dest"
 log="$dest/gpu_check.log"
+
+# bench NAME LIMIT_S ARGS...: benchmarks/NAME.py on the GPU into $dest, killed after LIMIT_S seconds
+# (exit code 124; the scripts that save after every point keep what they measured).
+bench() {
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name $* (limit ${limit}s)"
+  timeout -k 15 "$limit" python "benchmarks/$name.py" --device cuda --out "$dest" "$@" 2>&1
+  rc=$?
+  echo "$name exit code: $rc ($((SECONDS - start)) s)"
+}
+
 {
   echo "== $(date -u +%FT%TZ) git $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
@@ -16,7 +30,12 @@ log="$dest/gpu_check.log"
   FASTCLIP_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-8} python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
   python -m fastclip info
   python -m pytest -m cuda -q -p no:cacheprovider 2>&1
-  echo "pytest -m cuda exit code: $?"
+  echo "pytest -m cuda exit code: $? ($SECONDS s so far)"
   python benchmarks/bench_loss.py --device cuda --out "$dest" "$@" 2>&1
-  echo "bench_loss exit code: $?"
+  echo "bench_loss exit code: $? ($SECONDS s so far)"
+  # the issue's acceptance first: ViT-B-16 bf16, each side swept 64, 128, ... until out of memory (<= 4096)
+  bench bench_train 210 --model ViT-B-16 --precision bf16 --max-batch 4096 --budget-s 4
+  bench bench_attention 120 --dtypes bf16 --warmup 3 --reps 10
+  bench bench_model 120 --models ViT-B-16,ViT-L-14 --precision bf16 --batch-sizes 256,1024 --budget-s 2
+  echo "== done in $SECONDS s"
 } 2>&1 | tee "$log"

@@ -1,0 +1,407 @@
+"""CLIP training step: throughput (samples/s) and peak memory versus the per-device batch size.
+
+    python benchmarks/bench_train.py [--model ViT-B-16] [--batch-sizes 64,128] [--max-batch 4096]
+                                     [--precision bf16] [--grad-checkpointing] [--steps 10] [--budget-s 10]
+                                     [--device cuda] [--out DIR]
+
+Competitors, each measured in the same run on the same weights (same seed) and the same inputs:
+  fastclip  create_model(name, attn_backend="auto") (fastclip's Triton attention on CUDA) + fastclip.ClipLoss()
+            (the fused contrastive loss: no N x N logits).
+  baseline  the same model with attn_backend="torch" (F.scaled_dot_product_attention, which picks its own
+            kernel) + the naive loss fastclip.ops.reference.contrastive_loss_reference (materialised N x N
+            logits, then cross-entropy over rows and columns).
+One step = forward, loss, backward and an AdamW step (fastclip's training optimizer and CLIP's
+hyper-parameters), under bf16 autocast on CUDA (fp32 on a CPU; --precision). Inputs, made on the device
+from a fixed seed (the same for both): random images [B, 3, R, R] and random token ids [B, context] in [1, 49406] with the
+end-of-text id 49407 at a random position (argmax pooling finds it); every position holds a token, so the
+text tower always runs its full context. Time: median of `common.time_fn`. Memory of one step after the
+first: on CUDA the allocator's peak (`peak_bytes`: what decides whether a batch fits) and its peak beyond the
+resting state of weights, optimizer state and inputs (`peak_extra_bytes`); on a CPU only the latter, as the
+RSS high-water mark in a fresh process (skip with --no-cpu-memory: seconds per point).
+
+On CUDA without --batch-sizes each competitor's sweep doubles from 64 until it runs out of memory or passes
+--max-batch, then bisects (--refine steps), to find its largest batch; on a CPU it runs only the listed
+sizes (8,16,32 by default). Reports the throughput ratio fastclip / baseline at every batch both ran and
+checks the issue's targets: at least 1.2x the baseline's throughput at equal batch (taken at the largest
+batch both fit) and at least 2x its largest batch. Writes bench_train.json (after every point) and
+bench_train.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastclip from a checkout
+
+import fastclip  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_OUT, cpu_peak_extra_bytes, cuda_peak_extra_bytes, environment_header, is_oom, plot_lines, time_fn, write_results,
+)
+from fastclip.model.factory import create_model  # noqa: E402
+from fastclip.ops.attention import resolve_backend as resolve_attention_backend  # noqa: E402
+from fastclip.ops.contrastive_lse import resolve_backend as resolve_loss_backend  # noqa: E402
+from fastclip.ops.reference import contrastive_loss_reference  # noqa: E402
+from fastclip.train.optim import make_optimizer  # noqa: E402
+
+IMPLEMENTATIONS = ("baseline", "fastclip")  # baseline first: the ratios need it
+ATTN_BACKEND = {"fastclip": "auto", "baseline": "torch"}
+TARGET_THROUGHPUT_RATIO = 1.2  # the issue's targets: fastclip vs baseline at equal batch,
+TARGET_BATCH_RATIO = 2.0  # and largest batch that fits vs the baseline's
+EOT_ID = 49407  # the highest id: argmax pooling takes the end-of-text token
+OPTIMIZER = {"lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6}  # CLIP's
+DEFAULT_BATCHES = {"cuda": [64, 128, 256, 512, 1024, 2048], "cpu": [8, 16, 32]}
+DEFAULT_MODEL = {"cuda": "ViT-B-16", "cpu": "demo-ViT"}
+REFINE_MULTIPLE = 8  # bisected batch sizes are multiples of this
+SEED = 0
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def random_tokens(batch: int, context: int, device: str | torch.device, generator: torch.Generator) -> torch.Tensor:
+    """[batch, context] ids in [1, EOT_ID), with EOT_ID at one random position per row."""
+    tokens = torch.randint(1, EOT_ID, (batch, context), generator=generator, device=device)
+    eot = torch.randint(0, context, (batch,), generator=generator, device=device)
+    tokens[torch.arange(batch, device=device), eot] = EOT_ID
+    return tokens
+
+
+def random_batch(batch: int, image_size: int, context: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random images [batch, 3, R, R] and token ids, made on `device` (the same for every competitor)."""
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator, device=device)
+    return images, random_tokens(batch, context, device, generator)
+
+
+# ----------------------------------------------------------------------------------------------- step
+
+
+def loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The competitor's contrastive loss of (image features, text features, logit-scale multiplier)."""
+    return fastclip.ClipLoss() if impl == "fastclip" else contrastive_loss_reference
+
+
+def make_step(
+    impl: str, model: str, batch: int, precision: str, grad_checkpointing: bool, device: str
+) -> Callable[[], torch.Tensor]:
+    """One training step (returns the detached loss) on a fresh, seeded model and optimizer.
+
+    Module-level so that `common.cpu_peak_extra_bytes` can rebuild it in a child process.
+    """
+    torch.manual_seed(SEED)  # the same initial weights for both competitors
+    net = create_model(model, attn_backend=ATTN_BACKEND[impl], grad_checkpointing=grad_checkpointing, device=device)
+    optimizer = make_optimizer(net, **OPTIMIZER)
+    images, tokens = random_batch(batch, net.image_size, net.config.text.context_length, device)
+    loss = loss_fn(impl)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
+
+    def step() -> torch.Tensor:
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            image_features, text_features, scale = net(images, tokens)
+            value = loss(image_features, text_features, scale)
+        value.backward()
+        optimizer.step()
+        # set_to_none after the step: between steps only weights, optimizer state and inputs stay alive,
+        # so the gradients count in the step's peak (as they do in a training loop's)
+        optimizer.zero_grad(set_to_none=True)
+        return value.detach()
+
+    return step
+
+
+def make_warm_step(**kwargs) -> Callable[[], torch.Tensor]:
+    """`make_step` after one step: AdamW's state exists, so a measured step counts only its own memory."""
+    step = make_step(**kwargs)
+    step()
+    return step
+
+
+# -------------------------------------------------------------------------------------------- measure
+
+
+def free_memory(device: str) -> None:
+    """Give what the last point allocated back, so that the next one starts from an empty cache."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
+    """Memory and time of one competitor at one batch size; raises on out-of-memory."""
+    step = make_step(impl, args.model, batch, args.precision, args.grad_checkpointing, args.device)
+    first_loss = step().item()  # untimed: lazy init, autotuning, AdamW's state; an OOM shows up here
+    row: dict = {"status": "ok", "first_loss": first_loss, "peak_bytes": None, "state_bytes": None, "peak_extra_bytes": None}
+    if args.device == "cuda":
+        # one step of its own, before the timings: do_bench's L2-flush buffer must not count
+        row["peak_extra_bytes"] = cuda_peak_extra_bytes(step, warm=False)
+        row["peak_bytes"] = torch.cuda.max_memory_allocated()
+        row["state_bytes"] = row["peak_bytes"] - row["peak_extra_bytes"]  # weights, AdamW state, inputs
+    elif args.cpu_memory:
+        kwargs = {"impl": impl, "model": args.model, "batch": batch, "precision": args.precision,
+                  "grad_checkpointing": args.grad_checkpointing, "device": "cpu"}
+        # no separate warm-up call in the child: make_warm_step's own first step loads what is lazy
+        row["peak_extra_bytes"] = cpu_peak_extra_bytes(make_warm_step, kwargs)
+    timing = {"warmup": args.warmup, "reps": args.steps, "budget_s": args.budget_s, "warmed": True}
+    row["step"] = time_fn(step, args.device, **timing)
+    row["samples_per_s"] = batch / (row["step"]["median_ms"] / 1e3)
+    return row
+
+
+def run_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
+    """`measure_point`, with an out-of-memory error recorded as status "oom" and the memory given back."""
+    reason = None
+    try:
+        row = measure_point(impl, batch, args)
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not is_oom(error):
+            raise
+        reason = str(error).splitlines()[0][:200]
+    # outside the except block: the traceback (and the tensors its frames hold) is gone by now
+    free_memory(args.device)
+    if reason is not None:
+        return {"status": "oom", "reason": reason}
+    return row
+
+
+def batch_sizes(args: argparse.Namespace) -> list[int]:
+    """The sizes to try: the list, then (CUDA sweep) doubling up to --max-batch."""
+    sizes = list(args.batch_sizes)
+    while args.sweep and sizes[-1] * 2 <= args.max_batch:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+def sweep(impl: str, args: argparse.Namespace, rows: list[dict], save: Callable[[], None]) -> None:
+    """Run one competitor over its batch sizes, appending rows; stops at its first out-of-memory.
+
+    After an out-of-memory in a CUDA sweep, --refine bisection steps between the last batch that fit and
+    the first that did not narrow the largest batch down from the doubling's factor 2.
+    """
+    def point(batch: int) -> bool:
+        row = {"impl": impl, "batch": batch, **run_point(impl, batch, args)}
+        rows.append(row)
+        print(format_row(row), flush=True)
+        save()
+        return row["status"] == "ok"
+
+    fits, too_big = None, None
+    for batch in batch_sizes(args):
+        if not point(batch):
+            too_big = batch
+            break  # larger batches need more memory still
+        fits = batch
+    for _ in range(args.refine if args.sweep and fits and too_big else 0):
+        batch = (fits + too_big) // 2 // REFINE_MULTIPLE * REFINE_MULTIPLE
+        if batch <= fits:
+            break
+        if point(batch):
+            fits = batch
+        else:
+            too_big = batch
+
+
+# -------------------------------------------------------------------------------------------- summary
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Largest batches, throughput ratios at equal batch, and the verdict on each of the issue's targets."""
+    ok = {impl: {r["batch"]: r for r in rows if r["impl"] == impl and r["status"] == "ok"} for impl in IMPLEMENTATIONS}
+    oom = {impl: any(r["impl"] == impl and r["status"] == "oom" for r in rows) for impl in IMPLEMENTATIONS}
+    largest = {impl: max(ok[impl], default=None) for impl in IMPLEMENTATIONS}
+    smallest_oom = {impl: min((r["batch"] for r in rows if r["impl"] == impl and r["status"] == "oom"), default=None)
+                    for impl in IMPLEMENTATIONS}
+    common_batches = sorted(set(ok["fastclip"]) & set(ok["baseline"]))
+    ratios = {b: ok["fastclip"][b]["samples_per_s"] / ok["baseline"][b]["samples_per_s"] for b in common_batches}
+    # same weights and inputs: the first losses must agree (to autocast's rounding), or the two do different work
+    diffs = [abs(ok["fastclip"][b]["first_loss"] - ok["baseline"][b]["first_loss"]) for b in common_batches]
+    loss_diff = max(diffs, default=None)
+    at = common_batches[-1] if common_batches else None
+    throughput_met = None if at is None else bool(ratios[at] >= TARGET_THROUGHPUT_RATIO)
+    batch_ratio = largest["fastclip"] / largest["baseline"] if largest["fastclip"] and largest["baseline"] else None
+    if batch_ratio is None or not oom["baseline"]:
+        batch_met = None  # the baseline's limit was never reached: nothing to compare with
+    elif batch_ratio >= TARGET_BATCH_RATIO:
+        batch_met = True
+    else:  # fastclip may simply have been stopped by --max-batch or the list
+        batch_met = False if oom["fastclip"] else None
+    return {
+        "largest_batch": largest,
+        "ran_out_of_memory": oom,
+        "smallest_batch_out_of_memory": smallest_oom,  # the limit lies between largest_batch and this
+        "throughput_ratio": ratios,
+        "throughput_ratio_at": at,
+        "min_throughput_ratio": min(ratios.values(), default=None),
+        "largest_batch_ratio": batch_ratio,
+        "max_first_loss_abs_diff": loss_diff,
+        "targets": {
+            "throughput_ratio": TARGET_THROUGHPUT_RATIO,
+            "throughput_rule": "fastclip/baseline samples/s at the largest batch both fit",
+            "largest_batch_ratio": TARGET_BATCH_RATIO,
+            "largest_batch_rule": "largest fitting batch, fastclip/baseline; undecided unless both sweeps ran out of memory "
+                                  "(or fastclip's reached the ratio)",
+        },
+        "throughput_target_met": throughput_met,
+        "largest_batch_target_met": batch_met,
+    }
+
+
+COLUMNS = f"{'impl':>8} {'batch':>6} {'ms/step':>9} {'samples/s':>10} {'peak MiB':>9} {'extra MiB':>9} {'1st loss':>9}"
+
+
+def _mib(value: int | None) -> str:
+    return f"{value / 2**20:9.0f}" if value is not None else f"{'n/a':>9}"
+
+
+def format_row(row: dict) -> str:
+    """One line of the printed table."""
+    head = f"{row['impl']:>8} {row['batch']:>6}"
+    if row["status"] != "ok":
+        return f"{head} {row['status']}: {row.get('reason', '')}"[:160]
+    return (f"{head} {row['step']['median_ms']:9.2f} {row['samples_per_s']:10.1f} {_mib(row['peak_bytes'])} "
+            f"{_mib(row['peak_extra_bytes'])} {row['first_loss']:9.4f}")
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "undecided"}[met]
+
+
+def print_summary(summary: dict) -> None:
+    """The ratios and, for each of the issue's targets, whether this run met it."""
+    ratios = summary["throughput_ratio"]
+    print("\nthroughput fastclip / baseline at equal batch: "
+          + (", ".join(f"B={b}: {r:.2f}x" for b, r in ratios.items()) or "no batch where both ran"))
+    largest = summary["largest_batch"]
+    oom = summary["ran_out_of_memory"]
+    diff = summary["max_first_loss_abs_diff"]
+    if diff is not None:  # a large difference means the two do different work
+        print(f"first-step loss, fastclip vs baseline (same weights and inputs): max |diff| {diff:.2e}")
+    stopped = " (no out-of-memory: the sweep stopped first)"
+    print("largest batch that fit: " + ", ".join(f"{impl} {largest[impl]}{'' if oom[impl] else stopped}" for impl in IMPLEMENTATIONS))
+    at = summary["throughput_ratio_at"]
+    shown = f"{ratios[at]:.2f}x at B={at}" if at is not None else "n/a"
+    print(f"target: >= {TARGET_THROUGHPUT_RATIO}x the baseline's throughput at equal batch: {shown} "
+          f"-> {_verdict(summary['throughput_target_met'])}")
+    batch_ratio = summary["largest_batch_ratio"]
+    shown = f"{batch_ratio:.2f}x" if batch_ratio is not None else "n/a"
+    verdict = _verdict(summary["largest_batch_target_met"])
+    print(f"target: >= {TARGET_BATCH_RATIO}x the baseline's largest batch: {shown} -> {verdict}")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    """samples/s and (where measured) peak memory versus batch size, one line per competitor."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    memory_key = "peak_bytes" if any(r["peak_bytes"] for r in ok) else "peak_extra_bytes"
+    speed, memory = {}, {}
+    for impl in IMPLEMENTATIONS:
+        mine = sorted((r for r in ok if r["impl"] == impl), key=lambda r: r["batch"])
+        speed[impl] = ([r["batch"] for r in mine], [r["samples_per_s"] for r in mine])
+        memory[impl] = ([r["batch"] for r in mine], [r[memory_key] / 2**20 if r[memory_key] else None for r in mine])
+    panels = [{"title": "training-step throughput", "xlabel": "batch per device", "ylabel": "samples / s", "series": speed}]
+    if any(r[memory_key] for r in ok):
+        label = "peak allocated (MiB)" if memory_key == "peak_bytes" else "peak beyond weights + optimizer (MiB)"
+        panels.append({"title": "peak memory", "xlabel": "batch per device", "ylabel": label, "series": memory})
+    return plot_lines(path, panels, ncols=len(panels), title=title)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def fastclip_backends(device: str, precision: str) -> dict[str, str]:
+    """What fastclip's "auto" resolves to here (the record shows whether the fused kernels really ran)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    q = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)  # CLIP's head dim; under autocast q is bf16
+    loss = resolve_loss_backend("auto", torch.device(device), dtype)  # the same for fp32, bf16 and fp16 features
+    return {"attention": resolve_attention_backend("auto", q), "loss": loss}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
+    parser.add_argument("--model", help="model config name (default: ViT-B-16 on cuda, demo-ViT on cpu)")
+    parser.add_argument("--batch-sizes", help="comma-separated, run exactly these (default: cuda 64, 128, ... doubling "
+                                              "until out of memory or --max-batch; cpu 8,16,32)")
+    parser.add_argument("--max-batch", type=int, default=32768, help="cuda sweep: largest batch to try (default 32768)")
+    parser.add_argument("--refine", type=int, default=2, help="cuda sweep: bisection steps after the first out-of-memory "
+                                                               "(default 2: the largest batch to within a quarter)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast dtype (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute residual blocks in the backward (both)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before the timed ones (default: 3 cuda, 1 cpu)")
+    parser.add_argument("--steps", type=int, help="timed steps per point (default: 10 cuda, 3 cpu)")
+    parser.add_argument("--budget-s", type=float, help="fewer timed steps (at least 3) for slow points, to take about "
+                                                       "this many seconds (default: 10 cuda, 3 cpu)")
+    parser.add_argument("--no-cpu-memory", dest="cpu_memory", action="store_false",
+                        help="cpu: skip the memory measurement (a fresh process per point, seconds each)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not cuda:
+        parser.error("--device cuda: no CUDA device visible")
+    gpu = args.device == "cuda"
+    args.model = args.model or DEFAULT_MODEL[args.device]
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
+    args.sweep = gpu and not args.batch_sizes  # only a GPU sweeps until out of memory
+    if args.batch_sizes:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    else:
+        args.batch_sizes = [b for b in DEFAULT_BATCHES[args.device] if b <= args.max_batch] or [args.max_batch]
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    args.steps = args.steps if args.steps is not None else (10 if gpu else 3)
+    args.budget_s = args.budget_s if args.budget_s is not None else (10.0 if gpu else 3.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the payload written to bench_train.json."""
+    args = parse_args(argv)
+    header = environment_header()
+    config = {
+        "device": args.device, "model": args.model, "precision": args.precision,
+        "grad_checkpointing": args.grad_checkpointing, "batch_sizes": args.batch_sizes, "sweep_until_oom": args.sweep,
+        "max_batch": args.max_batch if args.sweep else None,
+        "refine": args.refine if args.sweep else 0, "warmup": args.warmup, "steps": args.steps,
+        "budget_s": args.budget_s, "optimizer": {"name": "AdamW (fastclip.train.optim.make_optimizer)", **OPTIMIZER},
+        "implementations": {
+            "fastclip": "create_model(attn_backend='auto') + fastclip.ClipLoss()",
+            "baseline": "create_model(attn_backend='torch') (SDPA) + contrastive_loss_reference (N x N logits + cross-entropy)",
+        },
+        "fastclip_resolved_backends": fastclip_backends(args.device, args.precision),
+        "inputs": f"randn images; token ids uniform in [1, {EOT_ID}) with {EOT_ID} at a random position, full context",
+        "memory": "cuda: max_memory_allocated during one step after the first (peak_bytes), minus memory_allocated "
+                  "before it (peak_extra_bytes); cpu: VmHWM - VmRSS of one step in a fresh process (peak_extra_bytes)"
+                  + ("" if args.cpu_memory or args.device == "cuda" else " (skipped: --no-cpu-memory)"),
+    }
+    resolved = config["fastclip_resolved_backends"]
+    print(f"device: {header['device']}; model {args.model}, {args.precision}"
+          f"{', gradient checkpointing' if args.grad_checkpointing else ''}; fastclip runs attention on "
+          f"{resolved['attention']!r} and the loss on {resolved['loss']!r}\n{COLUMNS}")
+    if resolved["attention"] == "torch":
+        print("(attention on 'torch' for both: the competitors differ only in the loss)")
+    rows: list[dict] = []
+    payload = {"benchmark": "train_step", "environment": header, "config": config, "rows": rows}
+    out = Path(args.out)
+
+    def save() -> None:  # after every point: a killed run keeps its data
+        write_results(out, "bench_train", payload)
+
+    for impl in IMPLEMENTATIONS:
+        sweep(impl, args, rows, save)
+    payload["summary"] = summarize(rows)
+    path = write_results(out, "bench_train", payload)
+    print_summary(payload["summary"])
+    print(f"results: {path}")
+    png = plot(rows, out / "bench_train.png", f"{args.model} training step, {args.precision}, on {header['device']}")
+    if png:
+        print(f"plot: {png}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
