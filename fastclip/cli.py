@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastclip.commands import demo, info, train, zero_shot
+from fastclip.commands import demo, evaluate, info, train, zero_shot
 
-COMMANDS = (demo, train, zero_shot, info)
+COMMANDS = (demo, train, zero_shot, evaluate, info)
 # Errors a user can fix from the command line: shown as one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError)
 
