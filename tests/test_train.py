@@ -70,6 +70,7 @@ def test_config_file_errors(tmp_path: Path, text: str, match: str) -> None:
         ({"precision": "fp8"}, "precision"),
         ({"grad_clip": -1.0}, "grad_clip"),
         ({"loss_weight": 2.0}, "loss_weight"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
     ],
 )
 def test_config_errors(kwargs: dict, match: str) -> None:

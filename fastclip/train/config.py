@@ -16,6 +16,7 @@ from typing import Any
 
 DATASETS = ("synthetic", "csv", "shards")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16 (with a GradScaler)
     loss_weight: float = 0.5  # weight of the image->text direction in the loss
     label_smoothing: float = 0.0
+    nonfinite: str = "stop"  # on a non-finite loss: stop (raise, naming the step) or skip (drop that update)
     # --- evaluation, checkpoints, logs
     eval_every: int = 0  # zero-shot evaluation every this many steps (0: only at the end)
     eval_images: str | None = None  # image folder with one sub-folder per class (default for synthetic: its held-out splits)
@@ -65,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset != "synthetic" and not self.train_data:
             raise ValueError(f"dataset={self.dataset!r} needs train_data (the CSV file or shard pattern)")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         positive = ("batch_size", "accum_steps", "steps", "log_every", "synthetic_samples", "eval_samples")

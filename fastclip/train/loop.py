@@ -35,9 +35,19 @@ from fastclip.train.data import build_train_data
 from fastclip.train.evaluate import evaluate_zero_shot
 from fastclip.train.metrics import MetricsLog, plot_curves
 from fastclip.train.optim import make_optimizer, make_scheduler
-from fastclip.train.state import Progress, load_training_state, resolve_resume, save_training_state
+from fastclip.train.state import (
+    Progress,
+    check_output_folder,
+    checkpoint_bytes,
+    load_training_state,
+    remove_stale_temporaries,
+    resolve_resume,
+    save_training_state,
+    weight_bytes,
+)
 
 MAX_LOG_SCALE = math.log(100.0)  # logit_scale is clamped to [0, ln 100] after every step, as in CLIP
+MAX_CONSECUTIVE_NONFINITE = 20  # with nonfinite="skip": past this many in a row the run is broken, not unlucky
 
 
 @dataclass
@@ -143,6 +153,10 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
     autocast = autocast_for(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     loss_fn = ClipLoss(weight=config.loss_weight, label_smoothing=config.label_smoothing)
+    if is_main:  # fail now rather than at the first save, hours in
+        # Two training checkpoints (latest and the one being written) and the final weights must fit.
+        check_output_folder(output_dir, 2 * checkpoint_bytes(model, optimizer) + weight_bytes(model))
+        remove_stale_temporaries(output_dir / "checkpoints")  # left by a run killed while saving
 
     progress = Progress()
     if config.resume:
@@ -155,13 +169,13 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
     result = TrainResult(output_dir=output_dir)
     log = MetricsLog(output_dir, tensorboard=config.tensorboard) if is_main else None
     if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     show = is_main and (sys.stderr.isatty() if show_progress is None else show_progress)
     bar = tqdm(total=config.steps, initial=progress.step, desc="train", unit="step", disable=not show, dynamic_ncols=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = _micro_batches(data, progress, config.accum_steps)
     window_start, window_samples = time.perf_counter(), 0
+    nonfinite_in_a_row = 0
 
     def evaluate() -> None:
         if is_main:
@@ -183,8 +197,16 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
     while progress.step < config.steps:
         group = next(batches)
         loss = _train_step(trained, loss_fn, group, device=device, autocast=autocast, scaler=scaler, ddp=ddp)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss} at step {progress.step}; lower lr or use precision=bf16/fp32")
+        if not math.isfinite(loss):  # every rank sees the same value: ClipLoss returns the global loss
+            message = f"the loss became {loss} at step {progress.step + 1}"
+            nonfinite_in_a_row += 1
+            if config.nonfinite == "stop" or nonfinite_in_a_row > MAX_CONSECUTIVE_NONFINITE:
+                raise FloatingPointError(f"{message}; lower lr, use precision=bf16/fp32, or nonfinite=skip")
+            optimizer.zero_grad(set_to_none=True)  # drop this update; the micro-batches stay consumed
+            progress.nonfinite_skipped += 1
+            bar.write(f"{message}: update skipped ({progress.nonfinite_skipped} so far)")
+            continue
+        nonfinite_in_a_row = 0
         scaler.unscale_(optimizer)
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
@@ -206,7 +228,8 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
             reported = _mean_over_ranks(loss, device) if ddp else loss
             row = {"step": progress.step, "epoch": progress.epoch, "loss": reported, "lr": scheduler.get_last_lr()[0],
                    "logit_scale": model.logit_scale.exp().item(), "samples_per_s": window_samples / max(elapsed, 1e-9),
-                   "samples_seen": progress.samples_seen, "skipped": progress.skipped}
+                   "samples_seen": progress.samples_seen, "skipped": progress.skipped,
+                   "nonfinite_skipped": progress.nonfinite_skipped}
             if is_main:
                 log.write("metrics", row)
                 bar.set_postfix(loss=f"{reported:.4f}", samples_s=f"{row['samples_per_s']:.0f}", lr=f"{row['lr']:.2e}")

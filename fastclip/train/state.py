@@ -9,6 +9,7 @@ an interrupted save leaves the previous checkpoint intact, never a half-written 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ class Progress:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     samples_seen: int = 0  # pairs, over all ranks
     skipped: int = 0  # unreadable samples dropped so far (this rank)
+    nonfinite_skipped: int = 0  # updates dropped because the loss was not finite (nonfinite="skip")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -40,8 +42,57 @@ def atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _replace_with_link(source: Path, target: Path) -> None:
+    """Atomically make `target` the same file as `source` (a hard link; a copy where links are unsupported)."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_output_folder(folder: Path, needed_bytes: int) -> None:
+    """Fail before training, not at its first save: `folder` must be writable and hold `needed_bytes`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"output folder {folder} is not writable: {error}") from error
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ValueError(
+            f"output folder {folder} has {free / 2**20:.0f} MiB free; checkpoints and the final model need about "
+            f"{needed_bytes / 2**20:.0f} MiB"
+        )
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of saves that never finished (the process was killed mid-write)."""
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def weight_bytes(model) -> int:
+    """Size of the model's state dict."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def checkpoint_bytes(model, optimizer) -> int:
+    """Size of one training checkpoint: the weights plus the optimizer's per-parameter state (AdamW: 2x)."""
+    weights = weight_bytes(model)
+    per_parameter = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    return weights + 2 * per_parameter
+
+
 def save_training_state(folder: Path, *, model, optimizer, scheduler, scaler, progress: Progress, config: dict) -> Path:
-    """Write checkpoints/step_<k>.pt and point checkpoints/latest.pt at the same content."""
+    """Write checkpoints/step_<k>.pt and point checkpoints/latest.pt at the same file."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -53,7 +104,7 @@ def save_training_state(folder: Path, *, model, optimizer, scheduler, scaler, pr
     }
     path = folder / f"step_{progress.step:08d}.pt"
     atomic_save(state, path)
-    atomic_save(state, folder / LATEST)
+    _replace_with_link(path, folder / LATEST)
     return path
 
 
