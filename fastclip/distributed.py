@@ -18,11 +18,14 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
 
 
 def row_counts(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[int]:
-    """The number of rows of `x` on every rank of `group`."""
-    size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, size, group=group)
-    return [int(s.item()) for s in sizes]
+    """The number of rows of `x` on every rank of `group`; raises if the ranks' row sizes differ."""
+    shape = torch.tensor([x.shape[0], x.shape[1:].numel()], device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shapes, shape, group=group)
+    widths = [int(s[1]) for s in shapes]
+    if len(set(widths)) > 1:  # every rank must say so, rather than hang or fail inside the collective
+        raise ValueError(f"the ranks' features differ in size: {widths} elements per row on ranks 0..{len(widths) - 1}")
+    return [int(s[0]) for s in shapes]
 
 
 class _GatherRows(torch.autograd.Function):

@@ -118,6 +118,27 @@ def test_collectives(tmp_path: Path) -> None:
         assert grad_lse[0] == 0  # no gradient (and no nan) for a column with no rows
 
 
+def _mismatch_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        dim = 4 + rank  # rank 1 holds wider features than rank 0
+        features = F.normalize(torch.randn(3, dim), dim=-1)
+        try:
+            ClipLoss()(features, features, torch.tensor(10.0))
+            message = "no error"
+        except ValueError as error:
+            message = str(error)
+        (Path(out_dir) / f"{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_feature_sizes_all_raise(tmp_path: Path) -> None:
+    mp.spawn(_mismatch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert "[4, 5] elements per row" in (tmp_path / f"{rank}.txt").read_text()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_single_process_matches_reference(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
