@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastclip.checkpoint.files import CheckpointError
 from fastclip.commands import demo, evaluate, info, train, zero_shot
 
 COMMANDS = (demo, train, zero_shot, evaluate, info)
 # Errors a user can fix from the command line: shown as one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError)
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from torch import nn
 from fastclip.distributed import all_reduce_logsumexp, gather_rows, world_size
 from fastclip.ops import contrastive_loss, contrastive_loss_from_lse, contrastive_lse
 from fastclip.ops._checks import check_unit_interval
+from fastclip.ops.contrastive_lse import BACKENDS
 
 
 class ClipLoss(nn.Module):
@@ -34,6 +35,8 @@ class ClipLoss(nn.Module):
         super().__init__()
         check_unit_interval("weight", weight)
         check_unit_interval("label_smoothing", label_smoothing)
+        if backend not in BACKENDS:  # checked here too, so a typo fails at construction, not at the first step
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.weight, self.label_smoothing, self.backend, self.group = weight, label_smoothing, backend, group
 
     def forward(

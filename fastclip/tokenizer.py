@@ -95,8 +95,11 @@ def load_vocab(path: Path) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
 
     Cached per path, so tokenizers built from one file share these (read-only) dicts.
     """
-    with gzip.open(path) as f:  # bytes, decoded as the original does (no newline translation)
-        lines = f.read().decode("utf-8").split("\n")[1 : NUM_MERGES + 1]  # line 0 is a version header
+    try:
+        with gzip.open(path) as f:  # bytes, decoded as the original does (no newline translation)
+            lines = f.read().decode("utf-8").split("\n")[1 : NUM_MERGES + 1]  # line 0 is a version header
+    except (OSError, EOFError, UnicodeDecodeError) as error:  # not gzip, truncated, or not text
+        raise ValueError(f"{path} is not CLIP's BPE merges file ({VOCAB_FILE}): cannot read it ({error})") from error
     merges = [tuple(line.split()) for line in lines]
     if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
         raise ValueError(f"{path} is not CLIP's BPE merges file ({VOCAB_FILE}): expected {NUM_MERGES} merge pairs")
@@ -166,6 +169,8 @@ class ClipTokenizer:
         self.sot_token_id, self.eot_token_id = self.encoder[SOT], self.encoder[EOT]
         self.vocab_size = len(self.encoder)
         self.context_length = _check_context_length(context_length)
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
         self.cache_size = cache_size
         # The original matches the special strings as whole words and maps them to their ids.
         self._specials = {SOT: (self.sot_token_id,), EOT: (self.eot_token_id,)}

@@ -259,3 +259,13 @@ def test_gradient_checkpointing_trains_identically(tmp_path: Path) -> None:
     plain = train(TrainConfig(**options, output_dir=str(tmp_path / "plain")), show_progress=False)
     recomputed = train(TrainConfig(**options, grad_checkpointing=True, output_dir=str(tmp_path / "ckpt")), show_progress=False)
     torch.testing.assert_close(torch.tensor(recomputed.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", [["train"], ["demo"], ["zero-shot", "--checkpoint", "m.pt", "--images", "x", "--labels", "a"]])
+def test_bad_device_is_a_one_line_user_error(command: list[str], capsys) -> None:
+    try:
+        code = cli_main([*command, "--device", "gpu9"])
+    except SystemExit as exit:  # argparse's own argument errors
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and "gpu9" in err and "Traceback" not in err

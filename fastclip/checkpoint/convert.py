@@ -134,6 +134,12 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         for k, v in state.items()
         if k in expected and v.shape != expected[k].shape
     ]
+    # load_state_dict would silently round integer tensors into float parameters: a foreign file
+    wrong_dtype = [
+        f"{k} {v.dtype} in the file, {expected[k].dtype} in the model"
+        for k, v in state.items()
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {_first(missing)}")
@@ -141,7 +147,14 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         problems.append(f"unexpected keys: {_first(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatches: {_first(mismatched)}")
+    if wrong_dtype:
+        problems.append(f"non-floating tensors for floating parameters: {_first(wrong_dtype)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    # NaN/inf weights (e.g. saved after a diverged step) would make every feature NaN, and a zero-shot
+    # argmax over NaN silently picks class 0: refuse them here, naming the tensors.
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise CheckpointError(f"{source} holds NaN or infinite values in {_first(non_finite)}")
     full = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
     model.load_state_dict(full, strict=True)

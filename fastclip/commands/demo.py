@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from fastclip.commands import device_argument
 from fastclip.train.config import TrainConfig
 
 DEMO_STEPS = 600
@@ -20,7 +21,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--eval-samples", type=int, default=1000, help="held-out images per evaluation split")
     parser.add_argument("--output-dir", default="runs/demo")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--device", type=device_argument, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run)
 

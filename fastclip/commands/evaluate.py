@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fastclip.commands import device_argument
 from fastclip.commands.zero_shot import PRECISIONS, class_mapping, parse_labels, resolve_templates
 
 TASKS = ("zero-shot", "linear-probe", "few-shot", "retrieval")
@@ -41,7 +42,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     model.add_argument("--model", help="model name or JSON config (default: stored in or inferred from the checkpoint)")
     model.add_argument("--act", choices=("quick_gelu", "gelu"),
                        help="MLP activation, for state dicts whose config is inferred")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     model.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                        help="weights' dtype (default fp32; CUDA runs under bf16 autocast)")
     model.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fastclip.commands import device_argument
 from fastclip.data.image_folder import ImageFolder
 from fastclip.zero_shot import TEMPLATE_SETS, accuracy, build_classifier, classify
 
@@ -46,7 +47,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="predictions kept per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-loading processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), help="weights' dtype (default: bf16 on CUDA, else fp32)")
     parser.add_argument("--attn-backend", default="auto", choices=("auto", "triton", "torch"))
     parser.add_argument("--bpe-path", help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (default: found automatically)")

@@ -83,9 +83,23 @@ class CaptionCsvDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"caption file {os.fspath(path)!r} does not exist or is not a file")
+        if not callable(transform):
+            raise TypeError(f"transform must be callable (image -> tensor), got {type(transform).__name__}")
         self.transform = transform
         self.root = Path(root) if root is not None else self.path.parent
         delimiter = _separator_for(self.path, separator)
+        try:
+            rows = self._read(delimiter, image_key, caption_key)
+        except (UnicodeDecodeError, csv.Error) as error:  # a binary file, or a line csv cannot parse
+            raise ValueError(f"caption file {os.fspath(path)!r} is not a readable UTF-8 CSV/TSV file: {error}") from error
+        if not rows:
+            raise ValueError(f"caption file {os.fspath(path)!r} has a header but no rows")
+        self.images = [image for image, _ in rows]
+        self.captions = [caption for _, caption in rows]
+
+    def _read(self, delimiter: str, image_key: str, caption_key: str) -> list[tuple[str, str]]:
+        """(image path, caption) of every non-blank row."""
+        path = self.path
         # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would rename column 1.
         with open(self.path, newline="", encoding="utf-8-sig") as file:
             reader = csv.reader(file, delimiter=delimiter)
@@ -100,10 +114,8 @@ class CaptionCsvDataset(torch.utils.data.Dataset):
                         f"{header} (separator {delimiter!r}; pass separator= if the file uses another one)"
                     )
             image_col, caption_col = header.index(image_key), header.index(caption_key)
-            rows = [(row[image_col] if image_col < len(row) else "", row[caption_col] if caption_col < len(row) else "")
+            return [(row[image_col] if image_col < len(row) else "", row[caption_col] if caption_col < len(row) else "")
                     for row in reader if row]
-        self.images = [image for image, _ in rows]
-        self.captions = [caption for _, caption in rows]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -74,7 +74,16 @@ def expand_braces(pattern: str) -> list[str]:
 
 def expand_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """Shard paths from a path, a brace pattern, a glob, `::`-separated patterns, or a list of these."""
-    patterns = [os.fspath(shards)] if isinstance(shards, (str, os.PathLike)) else [os.fspath(s) for s in shards]
+    if isinstance(shards, (str, os.PathLike)):
+        patterns = [os.fspath(shards)]
+    elif isinstance(shards, Iterable) and not isinstance(shards, (bytes, bytearray)):
+        patterns = list(shards)
+        bad = [p for p in patterns if not isinstance(p, (str, os.PathLike))]
+        if bad:
+            raise TypeError(f"shards must be paths or patterns (str), got {type(bad[0]).__name__} {bad[0]!r}")
+        patterns = [os.fspath(p) for p in patterns]
+    else:
+        raise TypeError(f"shards must be a path, a pattern or a list of them, got {type(shards).__name__}")
     paths: list[str] = []
     for pattern in (part for p in patterns for part in p.split("::") if part):
         for expanded in expand_braces(pattern):
@@ -89,7 +98,9 @@ def expand_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> li
         raise ValueError(f"shards: no shard given ({shards!r})")
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
-        raise FileNotFoundError(f"shards: {len(missing)} of {len(paths)} shard files do not exist, e.g. {missing[:3]}")
+        raise FileNotFoundError(
+            f"shards: {len(missing)} of {len(paths)} shard files do not exist (or are not files), e.g. {missing[:3]}"
+        )
     return paths
 
 
@@ -164,6 +175,8 @@ class TarShardDataset(torch.utils.data.IterableDataset):
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000) -> None:
         super().__init__()
         self.shards = expand_shards(shards)
+        if not callable(transform):
+            raise TypeError(f"transform must be callable (image -> tensor), got {type(transform).__name__}")
         self.transform = transform
         self.shuffle = bool(shuffle)
         self.seed = _check_int("seed", seed, 0)

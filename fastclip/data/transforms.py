@@ -18,11 +18,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB; unreadable or non-image files raise ValueError naming the file."""
+    is_path = isinstance(path, (str, os.PathLike))
+    if not is_path and not hasattr(path, "read"):
+        raise TypeError(f"path must be a file path (str or os.PathLike) or a binary file object, got {type(path).__name__}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")  # decodes now, so a truncated file fails here, not later
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image {os.fspath(path)!r}: {error}") from error
+        name = os.fspath(path) if is_path else getattr(path, "name", repr(path))
+        raise ValueError(f"cannot read image {name!r}: {error}") from error
 
 
 def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:

@@ -40,6 +40,8 @@ class CLIP(TextTransformer):
     def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images (B, 3, R, R), normalised as CLIP's preprocessing does -> (B, embed_dim), L2-normalised
         unless `normalize=False`."""
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
         x = self.visual(image.to(self.dtype))
         return nn.functional.normalize(x, dim=-1) if normalize else x
 

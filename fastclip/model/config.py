@@ -31,6 +31,11 @@ def _check_positive_int(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
 
 
+def _check_positive_number(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}.{name} must be a positive finite number, got {value!r}")
+
+
 @dataclass
 class VisionConfig:
     image_size: int = 224  # input height = width in pixels
@@ -43,6 +48,7 @@ class VisionConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "width", "head_width"):
             _check_positive_int("vision", name, getattr(self, name))
+        _check_positive_number("vision", "mlp_ratio", self.mlp_ratio)
         if isinstance(self.layers, (list, tuple)):
             self.layers = tuple(self.layers)
             if len(self.layers) != 4:
@@ -91,6 +97,7 @@ class TextConfig:
     def __post_init__(self) -> None:
         for name in ("context_length", "vocab_size", "width", "heads", "layers"):
             _check_positive_int("text", name, getattr(self, name))
+        _check_positive_number("text", "mlp_ratio", self.mlp_ratio)
         if self.width % self.heads:
             raise ValueError(f"text.width ({self.width}) must be a multiple of text.heads ({self.heads})")
 
@@ -109,8 +116,14 @@ class CLIPConfig:
             self.vision = VisionConfig(**self.vision)
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
-        if self.act not in ACTIVATIONS:
+        for name, cls in (("vision", VisionConfig), ("text", TextConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"config.{name} must be a {cls.__name__} or a dict of its fields, got {getattr(self, name)!r}")
+        if not isinstance(self.act, str) or self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+        value = self.init_logit_scale
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"config.init_logit_scale must be a finite number (the log of the initial scale), got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -135,8 +148,8 @@ class CLIPConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> CLIPConfig:
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"model config {path} is not valid JSON: {error}") from None
         if not isinstance(data, dict):
             raise ValueError(f"model config {path} must hold a JSON object, got {type(data).__name__}")
@@ -203,5 +216,6 @@ def resolve_config(name_or_config: CLIPConfig | dict[str, Any] | str | os.PathLi
     if isinstance(name_or_config, str) and not name_or_config.endswith(".json"):
         return get_model_config(name_or_config)
     if isinstance(name_or_config, (str, os.PathLike)) and not Path(name_or_config).is_file():
-        raise FileNotFoundError(f"model config file {name_or_config} does not exist")
+        what = "is not a file" if Path(name_or_config).exists() else "does not exist"
+        raise FileNotFoundError(f"model config file {name_or_config} {what}")
     return _as_config(name_or_config)

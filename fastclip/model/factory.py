@@ -57,6 +57,7 @@ def create_model(
 
     check_backend(attn_backend)
     dtype = _resolve_dtype(dtype)
+    device = _resolve_device(device)
     if name_or_config is None and pretrained is None:
         raise ValueError("create_model needs a model name/config, a pretrained checkpoint, or both")
     if pretrained is not None and device is not None and torch.device(device).type == "meta":
@@ -125,7 +126,25 @@ def _resolve_pretrained(name: Any, pretrained: str | os.PathLike, cache_dir: str
                 f"pretrained={str(pretrained)!r} is neither a file nor a released tag of {name!r} "
                 f"(its tags: {tags or 'none'})"
             )
+    if path.exists():  # e.g. a directory: say so, rather than "does not exist"
+        from fastclip.checkpoint import CheckpointError
+
+        raise CheckpointError(f"pretrained checkpoint {pretrained} is not a regular file")
     raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{resolved}' was asked for, but no CUDA device is available here (torch.cuda.is_available() is False)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device '{resolved}' was asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

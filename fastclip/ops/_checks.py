@@ -35,7 +35,7 @@ def check_features(image: torch.Tensor, text: torch.Tensor) -> None:
 def as_logit_scale(logit_scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     """The multiplier s as a one-element tensor on `device`; positive and finite (checked in eager mode)."""
     if not isinstance(logit_scale, torch.Tensor):
-        if not isinstance(logit_scale, (int, float)):
+        if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
             raise TypeError(f"logit_scale must be a tensor or a number, got {type(logit_scale).__name__}")
         logit_scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
     if logit_scale.numel() != 1:

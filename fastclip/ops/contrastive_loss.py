@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.ops._checks import as_logit_scale, check_features, check_unit_interval
+from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_features, check_unit_interval
 from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
 
 
@@ -74,8 +74,15 @@ def contrastive_loss_from_lse(
     check_unit_interval("weight", weight)
     check_unit_interval("label_smoothing", label_smoothing)
     n, num_pairs = image_features.shape[0], text_features.shape[0]
-    if not (isinstance(offset, int) and 0 <= offset and offset + n <= num_pairs):
+    if isinstance(offset, bool) or not (isinstance(offset, int) and 0 <= offset and offset + n <= num_pairs):
         raise ValueError(f"offset must be an int with 0 <= offset and offset + {n} <= {num_pairs}, got {offset!r}")
+    for name, lse in (("row_lse", row_lse), ("col_lse", col_lse)):
+        if not isinstance(lse, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (from contrastive_lse), got {type(lse).__name__}")
+        if not lse.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (from contrastive_lse), got {lse.dtype}")
+        if lse.device != image_features.device:
+            raise ValueError(f"{name} must be on the features' device {image_features.device}, got {lse.device}")
     if row_lse.shape != (n,) or col_lse.shape != (num_pairs,):
         raise ValueError(f"row_lse must be [{n}] and col_lse [{num_pairs}], got {tuple(row_lse.shape)} and {tuple(col_lse.shape)}")
     scale = as_logit_scale(logit_scale, image_features.device)
@@ -92,12 +99,13 @@ def _assemble_loss(
     weight: float,
     label_smoothing: float,
 ) -> torch.Tensor:
-    """The O(N * D) rest of the loss (see the module docstring), accumulated in the lse dtype."""
+    """The O(N * D) rest of the loss (see the module docstring), accumulated in fp32 (or float64)."""
     n, num_pairs = image.shape[0], text.shape[0]
-    acc = row_lse.dtype
+    # fp32 at least (float64 for float64 inputs or log-sum-exps), whatever dtype the lse arrived in
+    acc = torch.promote_types(accumulate_dtype(image.dtype), torch.promote_types(row_lse.dtype, col_lse.dtype))
     scale = logit_scale.to(acc).reshape(())
     img, txt = image.to(acc), text.to(acc)
     positives = scale * (img * txt[offset : offset + n]).sum()  # sum_i S_i,offset+i
     total = scale * (img.sum(0) @ txt.sum(0))  # sum over this rank's rows of sum_j S_ij
-    lse_terms = weight * row_lse.sum() + (1.0 - weight) * col_lse[offset : offset + n].sum()
+    lse_terms = weight * row_lse.to(acc).sum() + (1.0 - weight) * col_lse[offset : offset + n].to(acc).sum()
     return (lse_terms - (1.0 - label_smoothing) * positives - (label_smoothing / num_pairs) * total) / num_pairs
