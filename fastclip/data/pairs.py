@@ -99,6 +99,7 @@ class CaptionCsvDataset(torch.utils.data.Dataset):
 
     def _read(self, delimiter: str, image_key: str, caption_key: str) -> list[tuple[str, str]]:
         """(image path, caption) of every non-blank row."""
+        path = self.path
         # utf-8-sig: spreadsheet exports often start with a byte-order mark, which would rename column 1.
         with open(self.path, newline="", encoding="utf-8-sig") as file:
             reader = csv.reader(file, delimiter=delimiter)
