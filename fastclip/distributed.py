@@ -22,10 +22,10 @@ def row_counts(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[
     shape = torch.tensor([x.shape[0], x.shape[1:].numel()], device=x.device)
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shapes, shape, group=group)
-    widths = [int(s[1]) for s in shapes]
+    counts, widths = torch.stack(shapes).T.tolist()  # one device-to-host copy, not one per rank
     if len(set(widths)) > 1:  # every rank must say so, rather than hang or fail inside the collective
         raise ValueError(f"the ranks' features differ in size: {widths} elements per row on ranks 0..{len(widths) - 1}")
-    return [int(s[0]) for s in shapes]
+    return counts
 
 
 class _GatherRows(torch.autograd.Function):
@@ -34,8 +34,12 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
         # all_gather needs equal shapes: pad every rank to the longest and trim afterwards.
-        padded = x.new_zeros((max(counts), *x.shape[1:]))
-        padded[: x.shape[0]] = x
+        longest = max(counts)
+        if x.shape[0] == longest:
+            padded = x.contiguous()
+        else:
+            padded = x.new_zeros((longest, *x.shape[1:]))
+            padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded, group=group)
         start = sum(counts[: dist.get_rank(group)])
@@ -45,7 +49,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         # Every rank's loss depends on every gathered row: sum their gradients, keep our own rows.
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad[ctx.start : ctx.stop], None, None
 
@@ -76,7 +80,7 @@ class _AllReduceLogSumExp(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         x, out = ctx.saved_tensors
         # d out / d x_r = exp(x_r - out); the upstream gradient is the sum of every rank's.
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         # nan_to_num: a column with no rows anywhere has x = out = -inf and no gradient.
         return grad * torch.exp(x - out).nan_to_num(0.0), None

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from fastclip import _extension
 from fastclip.ops.reference import contrastive_loss_reference
+
+no_cpp = pytest.mark.skipif(not _extension.has_kernel("contrastive_lse", "CPU"), reason="fastclip._C not built")
+LOSS_TARGETS = [  # (backend, device) of every contrastive-loss path
+    pytest.param(("torch", "cpu"), id="torch-cpu"),
+    pytest.param(("cpp", "cpu"), id="cpp-cpu", marks=no_cpp),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.cuda),
+]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 RELATIVE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}

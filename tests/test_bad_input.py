@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_helpers import no_cpp
 from PIL import Image
 
 import fastclip
-from fastclip import _extension
 from fastclip.checkpoint import CheckpointError
 from fastclip.cli import main as cli_main
 from fastclip.data import (
@@ -237,7 +237,6 @@ def test_triton_backend_rejects_what_it_cannot_run(case: Case) -> None:
 
 # ------------------------------------------------- unusual but valid layouts: the reference's answer
 
-no_cpp = pytest.mark.skipif(not _extension.has_kernel("contrastive_lse", "CPU"), reason="fastclip._C not built")
 LOSS_BACKENDS = ["torch", pytest.param("cpp", marks=no_cpp)]
 VIEWS = {  # name -> (image, text) of 6 rows
     "expanded-rows": lambda base: (base[:1].expand(6, 8), base[6:]),  # stride 0: one image row seen 6 times

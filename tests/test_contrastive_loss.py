@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import fastclip
-from fastclip import _extension
 from fastclip.ops import contrastive_lse, contrastive_loss_from_lse
 from fastclip.ops.reference import contrastive_lse_reference
 from loss_helpers import (
+    LOSS_TARGETS,
     CLIP_SCALE,
     assert_matches,
     chunked_reference,
@@ -28,13 +28,7 @@ from loss_helpers import (
     scale_tensor,
 )
 
-no_cpp = pytest.mark.skipif(not _extension.has_kernel("contrastive_lse", "CPU"), reason="fastclip._C not built")
-TARGETS = [  # (backend, device)
-    pytest.param(("torch", "cpu"), id="torch-cpu"),
-    pytest.param(("cpp", "cpu"), id="cpp-cpu", marks=no_cpp),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.cuda),
-]
+TARGETS = LOSS_TARGETS
 FLOAT64_TARGETS = [t for t in TARGETS if t.id != "cuda"]  # the CUDA kernel takes fp32/bf16/fp16
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 WEIGHTS = (0.0, 0.3, 0.5, 1.0)

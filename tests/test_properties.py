@@ -38,10 +38,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loss_helpers import CLIP_SCALE, RELATIVE_TOLERANCE
+from loss_helpers import CLIP_SCALE, LOSS_TARGETS, RELATIVE_TOLERANCE
 
 import fastclip
-from fastclip import _extension
 from fastclip.ops import attention, contrastive_loss_from_lse, contrastive_lse
 from fastclip.ops.attention import triton_available
 from fastclip.ops.attention_reference import (
@@ -74,13 +73,6 @@ def fixed_settings(examples: int) -> settings:
     )
 
 
-no_cpp = pytest.mark.skipif(not _extension.has_kernel("contrastive_lse", "CPU"), reason="fastclip._C not built")
-LOSS_TARGETS = [  # (backend, device)
-    pytest.param(("torch", "cpu"), id="torch-cpu"),
-    pytest.param(("cpp", "cpu"), id="cpp-cpu", marks=no_cpp),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.cuda),
-]
 
 
 def dtypes_for(backend: str) -> tuple[torch.dtype, ...]:

@@ -183,7 +183,7 @@ def test_checkpoint_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_lock_image_trains_only_the_text_tower(tmp_path: Path) -> None:
-    torch.manual_seed(FAST.get("seed", 0))
+    torch.manual_seed(TrainConfig().seed)
     before = create_model("tiny-ViT").state_dict()  # train() seeds the same way, so these are its initial weights
     train(TrainConfig(**FAST, steps=3, lock_image=True, output_dir=str(tmp_path)), show_progress=False)
     from safetensors.torch import load_file

@@ -2,13 +2,13 @@
 
 import argparse
 
-import torch
-
 
 def device_argument(text: str) -> str:
-    """argparse `type=` for --device: a torch device string ("cpu", "cuda", "cuda:1"), checked up front."""
+    """argparse `type=` for --device: a torch device string ("cpu", "cuda", "cuda:1") valid on this machine."""
+    from fastclip.model.factory import resolve_device
+
     try:
-        torch.device(text)
-    except RuntimeError as error:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from error
+        resolve_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
     return text

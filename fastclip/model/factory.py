@@ -57,7 +57,7 @@ def create_model(
 
     check_backend(attn_backend)
     dtype = _resolve_dtype(dtype)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if name_or_config is None and pretrained is None:
         raise ValueError("create_model needs a model name/config, a pretrained checkpoint, or both")
     if pretrained is not None and device is not None and torch.device(device).type == "meta":
@@ -133,7 +133,8 @@ def _resolve_pretrained(name: Any, pretrained: str | os.PathLike, cache_dir: str
     raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist")
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """`device` as a torch.device (None stays None); ValueError if it is malformed or not on this machine."""
     if device is None:
         return None
     try:

@@ -67,13 +67,9 @@ class TrainConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset != "synthetic" and not self.train_data:
             raise ValueError(f"dataset={self.dataset!r} needs train_data (the CSV file or shard pattern)")
-        if self.device is not None:
-            import torch
+        from fastclip.model.factory import resolve_device
 
-            try:
-                torch.device(self.device)
-            except RuntimeError as error:
-                raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:1, got {self.device!r}") from error
+        resolve_device(self.device)  # a malformed device, or cuda where there is none, fails before any work
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if self.precision not in PRECISIONS:

@@ -225,14 +225,14 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
 
         if progress.step % config.log_every == 0 or progress.step == config.steps:
             elapsed = time.perf_counter() - window_start
-            reported = _mean_over_ranks(loss, device) if ddp else loss
-            row = {"step": progress.step, "epoch": progress.epoch, "loss": reported, "lr": scheduler.get_last_lr()[0],
+            # ClipLoss returns the global batch's loss, the same on every rank: nothing to average
+            row = {"step": progress.step, "epoch": progress.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
                    "logit_scale": model.logit_scale.exp().item(), "samples_per_s": window_samples / max(elapsed, 1e-9),
                    "samples_seen": progress.samples_seen, "skipped": progress.skipped,
                    "nonfinite_skipped": progress.nonfinite_skipped}
             if is_main:
                 log.write("metrics", row)
-                bar.set_postfix(loss=f"{reported:.4f}", samples_s=f"{row['samples_per_s']:.0f}", lr=f"{row['lr']:.2e}")
+                bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{row['samples_per_s']:.0f}", lr=f"{row['lr']:.2e}")
             window_start, window_samples = time.perf_counter(), 0
         if config.eval_every and progress.step % config.eval_every == 0 and progress.step < config.steps:
             evaluate()
@@ -259,12 +259,6 @@ def _set_train_mode(model, config: TrainConfig) -> None:
     model.train()
     if config.lock_image:
         model.visual.eval()  # frozen: keep its normalisation statistics too
-
-
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
 
 
 def summary(result: TrainResult) -> dict[str, Any]:
