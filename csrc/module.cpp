@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "contrastive_lse.h"
 
 namespace fastclip {
@@ -35,6 +37,23 @@ void check_lse_backward_inputs(const at::Tensor& grad_row, const at::Tensor& gra
                 ", got one on ", t->device());
 }
 
+void check_sigmoid_inputs(const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale,
+                          const at::Tensor& logit_bias, const at::Tensor& row_labels, const at::Tensor& col_labels) {
+  check_lse_inputs(image, text, logit_scale);
+  TORCH_CHECK(logit_bias.numel() == 1, "logit_bias must hold one value, got shape ", logit_bias.sizes());
+  TORCH_CHECK(row_labels.dim() == 1 && row_labels.size(0) == image.size(0), "row_labels must be [", image.size(0),
+              "], got ", row_labels.sizes());
+  TORCH_CHECK(col_labels.dim() == 1 && col_labels.size(0) == text.size(0), "col_labels must be [", text.size(0),
+              "], got ", col_labels.sizes());
+  for (const auto* t : {&row_labels, &col_labels}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong, "row_labels and col_labels must be int64, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == image.device(), "row_labels and col_labels must be on ", image.device(), ", got ",
+                t->device());
+  }
+  TORCH_CHECK(logit_scale.device() == image.device() && logit_bias.device() == image.device(),
+              "logit_scale and logit_bias must be on ", image.device());
+}
+
 int64_t rows_per_chunk(int64_t rows, int64_t bytes_per_row, int64_t row_block, int64_t budget_bytes) {
   int64_t chunk = std::max<int64_t>(row_block, budget_bytes / std::max<int64_t>(1, bytes_per_row));
   chunk = (chunk / row_block) * row_block;  // whole row blocks, so block boundaries match across chunks
@@ -43,17 +62,31 @@ int64_t rows_per_chunk(int64_t rows, int64_t bytes_per_row, int64_t row_block, i
 
 at::Tensor merge_partial_lse(const at::Tensor& max, const at::Tensor& sum, int64_t dim) {
   auto m = std::get<0>(max.max(dim, /*keepdim=*/true));
+  // Where every partial is -inf (all entries masked) shift by 0 instead: the result is log(0) = -inf, not NaN.
+  m = at::where(m == -std::numeric_limits<double>::infinity(), at::zeros_like(m), m);
   return (m + (sum * (max - m).exp()).sum(dim, true).log()).squeeze(dim);
 }
 
 }  // namespace fastclip
 
 TORCH_LIBRARY(fastclip, m) {
-  m.def("contrastive_lse(Tensor image, Tensor text, Tensor logit_scale) -> (Tensor row_lse, Tensor col_lse)");
+  // masked_diagonal = d leaves the entries (i, i + d) out of both log-sum-exps (SupCon's self-pairs).
+  m.def(
+      "contrastive_lse(Tensor image, Tensor text, Tensor logit_scale, int? masked_diagonal=None) -> "
+      "(Tensor row_lse, Tensor col_lse)");
   m.def(
       "contrastive_lse_backward(Tensor grad_row_lse, Tensor grad_col_lse, Tensor image, Tensor text, "
-      "Tensor logit_scale, Tensor row_lse, Tensor col_lse) -> (Tensor grad_image, Tensor grad_text, "
-      "Tensor grad_logit_scale)");
+      "Tensor logit_scale, Tensor row_lse, Tensor col_lse, int? masked_diagonal=None) -> (Tensor grad_image, "
+      "Tensor grad_text, Tensor grad_logit_scale)");
+  // row_loss[i] = sum_j softplus(-z_ij * (s * <image_i, text_j> + b)), z_ij = +1 if row_labels[i] ==
+  // col_labels[j] else -1: SigLIP's sigmoid loss, one row at a time.
+  m.def(
+      "pairwise_sigmoid(Tensor image, Tensor text, Tensor logit_scale, Tensor logit_bias, Tensor row_labels, "
+      "Tensor col_labels) -> Tensor row_loss");
+  m.def(
+      "pairwise_sigmoid_backward(Tensor grad_row_loss, Tensor image, Tensor text, Tensor logit_scale, "
+      "Tensor logit_bias, Tensor row_labels, Tensor col_labels) -> (Tensor grad_image, Tensor grad_text, "
+      "Tensor grad_logit_scale, Tensor grad_logit_bias)");
 }
 
 // A plain module with no functions: importing it is what loads the library and registers the ops.
