@@ -9,9 +9,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_features(image: torch.Tensor, text: torch.Tensor) -> None:
-    """Both [rows, D] floating tensors of one dtype and device, non-empty, same D."""
-    for name, t in (("image_features", image), ("text_features", text)):
+def check_features(image: torch.Tensor, text: torch.Tensor, names: tuple[str, str] = ("image_features", "text_features")) -> None:
+    """Both [rows, D] floating tensors of one dtype and device, non-empty, same D (`names` for messages)."""
+    for name, t in zip(names, (image, text)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
@@ -20,37 +20,69 @@ def check_features(image: torch.Tensor, text: torch.Tensor) -> None:
             raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
         if t.shape[0] == 0 or t.shape[1] == 0:
             raise ValueError(f"{name} is empty: shape {tuple(t.shape)}; the batch and feature dim must be positive")
+    first, second = names
     if image.dtype != text.dtype:
-        raise TypeError(f"image_features and text_features must have the same dtype, got {image.dtype} and {text.dtype}")
+        raise TypeError(f"{first} and {second} must have the same dtype, got {image.dtype} and {text.dtype}")
     if image.device != text.device:
-        raise ValueError(
-            f"image_features and text_features must be on the same device, got {image.device} and {text.device}"
-        )
+        raise ValueError(f"{first} and {second} must be on the same device, got {image.device} and {text.device}")
     if image.shape[1] != text.shape[1]:
         raise ValueError(
-            f"image_features and text_features must have the same feature dim, got {image.shape[1]} and {text.shape[1]}"
+            f"{first} and {second} must have the same feature dim, got {image.shape[1]} and {text.shape[1]}"
         )
+
+
+def one_value(name: str, value: torch.Tensor | float, device: torch.device, meaning: str) -> tuple[torch.Tensor, float | None]:
+    """`value` as a one-element floating tensor on `device`, and its float (None when it cannot be read)."""
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
+        value = torch.tensor(float(value), dtype=torch.float32, device=device)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must hold one value ({meaning}), got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on the features' device {device}, got {value.device}")
+    # A value check reads the scalar (one host-device sync on a GPU); it is skipped while tracing for
+    # torch.compile, where a data-dependent branch would break the graph, and on meta tensors (no data).
+    if torch.compiler.is_compiling() or value.device.type == "meta":
+        return value, None
+    return value, float(value.detach().reshape(()).item())
 
 
 def as_logit_scale(logit_scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     """The multiplier s as a one-element tensor on `device`; positive and finite (checked in eager mode)."""
-    if not isinstance(logit_scale, torch.Tensor):
-        if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
-            raise TypeError(f"logit_scale must be a tensor or a number, got {type(logit_scale).__name__}")
-        logit_scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must hold one value (the multiplier exp(t)), got shape {tuple(logit_scale.shape)}")
-    if not logit_scale.is_floating_point():
-        raise TypeError(f"logit_scale must be a floating tensor, got {logit_scale.dtype}")
-    if logit_scale.device != device:
-        raise ValueError(f"logit_scale must be on the features' device {device}, got {logit_scale.device}")
-    # A value check reads the scalar (one host-device sync on a GPU); it is skipped while tracing for
-    # torch.compile, where a data-dependent branch would break the graph, and on meta tensors (no data).
-    if not torch.compiler.is_compiling() and logit_scale.device.type != "meta":
-        value = float(logit_scale.detach().reshape(()).item())
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"logit_scale must be positive and finite (it multiplies the cosine similarities), got {value}")
+    logit_scale, value = one_value("logit_scale", logit_scale, device, "the multiplier exp(t)")
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"logit_scale must be positive and finite (it multiplies the cosine similarities), got {value}")
     return logit_scale
+
+
+def as_logit_bias(logit_bias: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """The bias b as a one-element tensor on `device`; finite (checked in eager mode)."""
+    logit_bias, value = one_value("logit_bias", logit_bias, device, "the bias added to every logit")
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"logit_bias must be finite, got {value}")
+    return logit_bias
+
+
+def check_labels(name: str, labels: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """Integer class labels [size] on `device`, returned as int64 (bool and floating labels refused)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer class ids, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must hold integer class ids (int64, int32, ...), got {labels.dtype}")
+    if labels.shape != (size,):
+        raise ValueError(f"{name} must have shape [{size}] (one label per row), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} must be on the features' device {device}, got {labels.device}")
+    return labels.long()
+
+
+def check_index(name: str, value: int) -> None:
+    """A Python int (bools refused: True is not an offset)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def check_unit_interval(name: str, value: float, *, upper_open: bool = False) -> None:

@@ -9,6 +9,12 @@ lse - (1 - eps) * S_positive - (eps / N) * sum(S over the row or column), so
 
 where sum_ij S_ij = s * (sum_i I_i) . (sum_j T_j). Only the log-sum-exps are O(N^2 D); the rest is O(N D).
 
+With class `labels`, every pair (i, j) with equal labels is a positive and each row's (and column's)
+target spreads evenly over its positives P(i) (UniCL): sum_i S_ii becomes sum_i (1/|P(i)|) sum_{j in P(i)}
+S_ij. Rows and columns share the labels, so |P| is the same from either side and the column form of that
+sum equals the row form: still O(N D) through per-class feature sums (fastclip.ops.positives). Every row
+is its own positive, so no row is ever without one; `labels=None` is the diagonal, today's CLIP loss.
+
 The same formula gives one rank's share in data-parallel training: a rank holding image rows
 offset..offset+n of the global batch and all N text rows contributes its row terms, the column terms of
 the columns offset..offset+n, and its rows' part of the smoothing sum; the shares add up to L when
@@ -19,8 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_features, check_unit_interval
+from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_features, check_labels, check_unit_interval
 from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
+from fastclip.ops.positives import class_ids, same_label_dots
 
 
 def contrastive_loss(
@@ -30,13 +37,16 @@ def contrastive_loss(
     *,
     weight: float = 0.5,
     label_smoothing: float = 0.0,
+    labels: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """CLIP's contrastive loss for matched rows of `image_features` and `text_features` ([N, D] each).
 
     `logit_scale` is the multiplier s (exp of the learned temperature). `weight` weighs the image->text
-    direction, 1 - weight the text->image one. Returns an fp32 scalar (float64 for float64 inputs),
-    differentiable in both features and `logit_scale`; no N x N matrix is stored on any backend.
+    direction, 1 - weight the text->image one. With integer `labels` [N] every pair with equal labels is
+    a positive, each row's target spread evenly over its positives (see the module docstring). Returns an
+    fp32 scalar (float64 for float64 inputs), differentiable in both features and `logit_scale`; no N x N
+    matrix is stored on any backend.
     """
     check_features(image_features, text_features)
     if image_features.shape[0] != text_features.shape[0]:
@@ -47,9 +57,11 @@ def contrastive_loss(
         )
     check_unit_interval("weight", weight)
     check_unit_interval("label_smoothing", label_smoothing)
+    if labels is not None:
+        labels = check_labels("labels", labels, text_features.shape[0], text_features.device)
     scale = as_logit_scale(logit_scale, image_features.device)
     row_lse, col_lse = dispatch_contrastive_lse(image_features, text_features, scale, backend)
-    return _assemble_loss(image_features, text_features, scale, row_lse, col_lse, 0, weight, label_smoothing)
+    return _assemble_loss(image_features, text_features, scale, row_lse, col_lse, 0, weight, label_smoothing, labels)
 
 
 def contrastive_loss_from_lse(
@@ -62,13 +74,15 @@ def contrastive_loss_from_lse(
     offset: int = 0,
     weight: float = 0.5,
     label_smoothing: float = 0.0,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The share of the global loss owed to image rows offset..offset+n of an N-pair batch.
 
     `image_features` [n, D] are this rank's rows, `text_features` [N, D] all columns, `row_lse` [n] their
     row log-sum-exps and `col_lse` [N] the global column log-sum-exps (from `contrastive_lse`, merged
-    across ranks). Summed over ranks the shares give `contrastive_loss` of the whole batch; gradients
-    flow through `row_lse`/`col_lse` into the fused backward.
+    across ranks). `labels` [N], if given, are the whole batch's. Summed over ranks the shares give
+    `contrastive_loss` of the whole batch; gradients flow through `row_lse`/`col_lse` into the fused
+    backward.
     """
     check_features(image_features, text_features)
     check_unit_interval("weight", weight)
@@ -85,8 +99,12 @@ def contrastive_loss_from_lse(
             raise ValueError(f"{name} must be on the features' device {image_features.device}, got {lse.device}")
     if row_lse.shape != (n,) or col_lse.shape != (num_pairs,):
         raise ValueError(f"row_lse must be [{n}] and col_lse [{num_pairs}], got {tuple(row_lse.shape)} and {tuple(col_lse.shape)}")
+    if labels is not None:
+        labels = check_labels("labels", labels, num_pairs, image_features.device)
     scale = as_logit_scale(logit_scale, image_features.device)
-    return _assemble_loss(image_features, text_features, scale, row_lse, col_lse, offset, weight, label_smoothing)
+    return _assemble_loss(
+        image_features, text_features, scale, row_lse, col_lse, offset, weight, label_smoothing, labels
+    )
 
 
 def _assemble_loss(
@@ -98,6 +116,7 @@ def _assemble_loss(
     offset: int,
     weight: float,
     label_smoothing: float,
+    labels: torch.Tensor | None,
 ) -> torch.Tensor:
     """The O(N * D) rest of the loss (see the module docstring), accumulated in fp32 (or float64)."""
     n, num_pairs = image.shape[0], text.shape[0]
@@ -105,7 +124,12 @@ def _assemble_loss(
     acc = torch.promote_types(accumulate_dtype(image.dtype), torch.promote_types(row_lse.dtype, col_lse.dtype))
     scale = logit_scale.to(acc).reshape(())
     img, txt = image.to(acc), text.to(acc)
-    positives = scale * (img * txt[offset : offset + n]).sum()  # sum_i S_i,offset+i
+    if labels is None:
+        positives = scale * (img * txt[offset : offset + n]).sum()  # sum_i S_i,offset+i
+    else:  # sum_i (1/|P(i)|) sum_{j in P(i)} S_ij over this rank's rows i
+        ids, counts = class_ids(labels)
+        row_ids = ids[offset : offset + n]
+        positives = scale * (same_label_dots(img, txt, row_ids, ids, acc) / counts[row_ids]).sum()
     total = scale * (img.sum(0) @ txt.sum(0))  # sum over this rank's rows of sum_j S_ij
     lse_terms = weight * row_lse.to(acc).sum() + (1.0 - weight) * col_lse[offset : offset + n].to(acc).sum()
     return (lse_terms - (1.0 - label_smoothing) * positives - (label_smoothing / num_pairs) * total) / num_pairs

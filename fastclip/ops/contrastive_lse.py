@@ -5,6 +5,9 @@ log-sum-exps (N,) over the rows given, in fp32 (float64 for float64 inputs). The
 built from these plus O(N * D) terms, so this op carries all of the O(N^2 * D) work of the forward and,
 through its registered backward, of the backward.
 
+With `masked_diagonal=d` the entries (i, i + d) are left out of both log-sum-exps, as if they were -inf:
+the self-pairs of SupCon/NT-Xent, where both operands are one matrix (d is the rows' offset into it).
+
 Backends: "cuda" (the fused CUDA kernel, CUDA tensors), "cpp" (the C++ CPU kernel), "torch" (tiled
 PyTorch, any device). "auto" takes the CUDA kernel for CUDA tensors when it is built, else "torch".
 Forcing a backend that cannot run raises; nothing falls back silently.
@@ -15,27 +18,27 @@ from __future__ import annotations
 import torch
 
 from fastclip import _extension
-from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_features
+from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_features, check_index
 from fastclip.ops.contrastive_lse_torch import contrastive_lse_torch
 
 OP = "contrastive_lse"
 BACKENDS = ("auto", "cuda", "cpp", "torch")
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that will run for tensors on `device`; raises if a forced one cannot."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: str = OP) -> str:
+    """The backend that will run fastclip::`op` for tensors on `device`; raises if a forced one cannot."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    cuda_ok = device.type == "cuda" and dtype != torch.float64 and _extension.has_kernel(OP, "CUDA")
+    cuda_ok = device.type == "cuda" and dtype != torch.float64 and _extension.has_kernel(op, "CUDA")
     if backend == "auto":
         return "cuda" if cuda_ok else "torch"
     if backend == "cuda" and not cuda_ok:
         raise RuntimeError(
             f"backend='cuda' cannot run here: tensors are on {device} with dtype {dtype}; the CUDA kernel needs "
             f"CUDA tensors in float32/bfloat16/float16 and a CUDA build of fastclip._C "
-            f"(CUDA kernel built: {_extension.has_kernel(OP, 'CUDA')}). See `python -m fastclip info`."
+            f"(CUDA kernel built: {_extension.has_kernel(op, 'CUDA')}). See `python -m fastclip info`."
         )
-    if backend == "cpp" and not (device.type == "cpu" and _extension.has_kernel(OP, "CPU")):
+    if backend == "cpp" and not (device.type == "cpu" and _extension.has_kernel(op, "CPU")):
         raise RuntimeError(
             f"backend='cpp' cannot run here: it needs CPU tensors (got {device}) and fastclip._C "
             f"(load error: {_extension.load_error()}). See `python -m fastclip info`."
@@ -48,49 +51,59 @@ def contrastive_lse(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor | float,
     *,
+    masked_diagonal: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row (n,) and column (N,) log-sum-exps of `logit_scale * image_features @ text_features.T`.
 
+    `masked_diagonal=d` leaves the entries (i, i + d) out (a row or column left empty gets -inf).
     Differentiable in both feature tensors and `logit_scale`; memory O((n + N) * D) on every backend.
     """
     check_features(image_features, text_features)
+    if masked_diagonal is not None:
+        check_index("masked_diagonal", masked_diagonal)
     scale = as_logit_scale(logit_scale, image_features.device)
-    return dispatch_contrastive_lse(image_features, text_features, scale, backend)
+    return dispatch_contrastive_lse(image_features, text_features, scale, backend, masked_diagonal)
 
 
 def dispatch_contrastive_lse(
-    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, backend: str
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    backend: str,
+    masked_diagonal: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the chosen backend on already-checked inputs."""
     if resolve_backend(backend, image.device, image.dtype) == "torch":
-        return contrastive_lse_torch(image, text, logit_scale)
-    return torch.ops.fastclip.contrastive_lse(image, text, logit_scale)
+        return contrastive_lse_torch(image, text, logit_scale, masked_diagonal)
+    return torch.ops.fastclip.contrastive_lse(image, text, logit_scale, masked_diagonal)
 
 
 def _register_compiled_op() -> None:
     """Fake (meta) kernels and autograd for the C++/CUDA op, so opcheck and torch.compile work."""
 
     @torch.library.register_fake(f"fastclip::{OP}")
-    def _(image, text, logit_scale):
+    def _(image, text, logit_scale, masked_diagonal=None):
         acc = accumulate_dtype(image.dtype)
         return image.new_empty(image.shape[0], dtype=acc), text.new_empty(text.shape[0], dtype=acc)
 
     @torch.library.register_fake(f"fastclip::{OP}_backward")
-    def _(grad_row, grad_col, image, text, logit_scale, row_lse, col_lse):
+    def _(grad_row, grad_col, image, text, logit_scale, row_lse, col_lse, masked_diagonal=None):
         return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
 
     def setup_context(ctx, inputs, output):
-        image, text, logit_scale = inputs
+        image, text, logit_scale, masked_diagonal = inputs
+        ctx.masked_diagonal = masked_diagonal
         ctx.save_for_backward(image, text, logit_scale, *output)
 
     def backward(ctx, grad_row, grad_col):
         image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
         grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row
         grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col
-        return torch.ops.fastclip.contrastive_lse_backward(
-            grad_row, grad_col, image, text, logit_scale, row_lse, col_lse
+        grads = torch.ops.fastclip.contrastive_lse_backward(
+            grad_row, grad_col, image, text, logit_scale, row_lse, col_lse, ctx.masked_diagonal
         )
+        return (*grads, None)
 
     torch.library.register_autograd(f"fastclip::{OP}", backward, setup_context=setup_context)
 

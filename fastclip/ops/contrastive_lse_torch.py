@@ -16,25 +16,41 @@ from fastclip.ops._checks import accumulate_dtype
 TILE_BUDGET_BYTES = 16 << 20
 
 
-def _chunk_rows(num_cols: int, itemsize: int, budget: int = TILE_BUDGET_BYTES) -> int:
+def chunk_rows(num_cols: int, itemsize: int, budget: int = TILE_BUDGET_BYTES) -> int:
+    """Rows per [rows, num_cols] tile so that one tile stays within `budget` bytes."""
     return max(1, budget // (num_cols * itemsize))
 
 
+def diagonal_in_chunk(r0: int, rows: int, num_cols: int, masked_diagonal: int | None, device: torch.device):
+    """(tile rows, columns) of the masked entries (i, i + d) that fall in rows r0..r0+rows, or None."""
+    if masked_diagonal is None:
+        return None
+    first, last = max(r0, -masked_diagonal), min(r0 + rows, num_cols - masked_diagonal)  # rows whose j is in range
+    if first >= last:
+        return None
+    rows_hit = torch.arange(first, last, device=device)
+    return rows_hit - r0, rows_hit + masked_diagonal
+
+
 class TiledContrastiveLse(torch.autograd.Function):
-    """(image [n, D], text [N, D], scale []) -> (row_lse [n], col_lse [N]) with a recomputing backward."""
+    """(image [n, D], text [N, D], scale [], d) -> (row_lse [n], col_lse [N]) with a recomputing backward."""
 
     @staticmethod
-    def forward(ctx, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor):
+    def forward(ctx, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, masked_diagonal: int | None):
         acc = accumulate_dtype(image.dtype)
         img, txt, scale = image.to(acc), text.to(acc), logit_scale.to(acc).reshape(())
-        chunk = _chunk_rows(txt.shape[0], txt.element_size())
+        chunk = chunk_rows(txt.shape[0], txt.element_size())
         row_lse = torch.empty(img.shape[0], dtype=acc, device=img.device)
         col_lse = None
         for r0 in range(0, img.shape[0], chunk):
             sim = (img[r0 : r0 + chunk] @ txt.T).mul_(scale)  # (chunk, N)
+            masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
+            if masked is not None:
+                sim[masked] = float("-inf")
             row_lse[r0 : r0 + chunk] = sim.logsumexp(1)
             part = sim.logsumexp(0)
             col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
+        ctx.masked_diagonal = masked_diagonal
         ctx.save_for_backward(image, text, logit_scale, row_lse, col_lse)
         return row_lse, col_lse
 
@@ -48,13 +64,16 @@ class TiledContrastiveLse(torch.autograd.Function):
         grad_img = torch.empty_like(img)
         grad_txt = torch.zeros_like(txt)
         grad_scale = torch.zeros((), dtype=acc, device=img.device)
-        chunk = _chunk_rows(txt.shape[0], txt.element_size())
+        chunk = chunk_rows(txt.shape[0], txt.element_size())
         for r0 in range(0, img.shape[0], chunk):
             rows = slice(r0, r0 + chunk)
             sim = (img[rows] @ txt.T).mul_(scale)  # (chunk, N)
             # G = gr * P_row + gc * P_col: the gradient of the two log-sum-exps w.r.t. the similarities.
             grad_sim = (sim - row_lse[rows, None]).exp_().mul_(grad_row[rows, None])
             grad_sim.addcmul_((sim - col_lse[None, :]).exp_(), grad_col[None, :])
+            masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], ctx.masked_diagonal, sim.device)
+            if masked is not None:
+                grad_sim[masked] = 0.0  # left out of the forward (and exp(S + inf) would not be 0)
             grad_scale += (grad_sim * sim).sum() / scale  # dS/ds = S / s
             grad_img[rows] = (grad_sim @ txt).mul_(scale)
             grad_txt.addmm_(grad_sim.T, img[rows] * scale)
@@ -62,11 +81,12 @@ class TiledContrastiveLse(torch.autograd.Function):
             grad_img.to(image.dtype) if ctx.needs_input_grad[0] else None,
             grad_txt.to(text.dtype) if ctx.needs_input_grad[1] else None,
             grad_scale.to(logit_scale.dtype).reshape(logit_scale.shape) if ctx.needs_input_grad[2] else None,
+            None,
         )
 
 
 def contrastive_lse_torch(
-    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, masked_diagonal: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled PyTorch `contrastive_lse` (inputs already checked)."""
-    return TiledContrastiveLse.apply(image, text, logit_scale)
+    return TiledContrastiveLse.apply(image, text, logit_scale, masked_diagonal)

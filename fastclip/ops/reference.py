@@ -36,3 +36,61 @@ def contrastive_loss_reference(
     per_image = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
     per_text = F.cross_entropy(logits.T, target, label_smoothing=label_smoothing)
     return weight * per_image + (1.0 - weight) * per_text
+
+
+def _soft_targets(labels: torch.Tensor | None, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Row-stochastic targets: uniform over the pairs with the row's label (the identity without labels)."""
+    if labels is None:
+        return torch.eye(n, dtype=dtype, device=device)
+    same = (labels[:, None] == labels[None, :]).to(dtype)
+    return same / same.sum(1, keepdim=True)
+
+
+def label_contrastive_loss_reference(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    labels: torch.Tensor | None,
+    *,
+    weight: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The CLIP loss with every equal-label pair a positive, as cross-entropy against soft targets."""
+    logits = _logits(image, text, logit_scale)
+    targets = _soft_targets(labels, logits.shape[0], logits.device, logits.dtype)  # symmetric, as are its columns
+    per_image = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    per_text = F.cross_entropy(logits.T, targets, label_smoothing=label_smoothing)
+    return weight * per_image + (1.0 - weight) * per_text
+
+
+def supcon_loss_reference(features: torch.Tensor, labels: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """Khosla et al.'s L_out, written from the formula: anchors without positives leave the mean."""
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    f = features.to(dtype)
+    m = f.shape[0]
+    if labels is None:
+        labels = torch.arange(m // 2, device=f.device).repeat(2)
+    self_mask = torch.eye(m, dtype=torch.bool, device=f.device)
+    logits = (f @ f.T / temperature).masked_fill(self_mask, float("-inf"))
+    log_prob = logits - logits.logsumexp(1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positive.sum(1)
+    per_anchor = -(log_prob.masked_fill(~positive, 0.0)).sum(1) / count.clamp(min=1)
+    kept = count > 0
+    if not kept.any():
+        return (f * 0).sum()
+    return per_anchor[kept].mean()
+
+
+def sigmoid_loss_reference(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SigLIP: -(1/N) sum_ij log sigmoid(z_ij * (s <x_i, y_j> + b)), z = +1 on positives, -1 elsewhere."""
+    logits = _logits(image, text, logit_scale) + logit_bias
+    positive = _soft_targets(labels, logits.shape[0], logits.device, logits.dtype) > 0
+    z = positive.to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(z * logits).sum() / logits.shape[0]

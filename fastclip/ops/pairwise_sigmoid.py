@@ -1,0 +1,76 @@
+"""`pairwise_sigmoid`: the fused part of SigLIP's sigmoid loss, with the same dispatch as `contrastive_lse`.
+
+For L = s * image @ text.T + b (never stored) and z_ij = +1 where row_labels[i] == col_labels[j], -1
+elsewhere, returns row_loss[i] = sum_j -log sigmoid(z_ij * L_ij) = sum_j softplus(-z_ij * L_ij), [n], in
+fp32 (float64 for float64 inputs). Positives are decided inside each tile, so every term is computed in
+its stable form (no large softplus(L) - L cancellation). Differentiable in both features, s and b.
+
+Backends: "cuda" (CUDA kernel), "cpp" (C++ CPU kernel), "torch" (tiled PyTorch), "auto" as for
+`contrastive_lse`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastclip import _extension
+from fastclip.ops._checks import accumulate_dtype, as_logit_bias, as_logit_scale, check_features, check_labels
+from fastclip.ops.contrastive_lse import resolve_backend
+from fastclip.ops.pairwise_sigmoid_torch import pairwise_sigmoid_torch
+
+OP = "pairwise_sigmoid"
+
+
+def pairwise_sigmoid(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    row_labels: torch.Tensor,
+    col_labels: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-row sums [n] of -log sigmoid(z * (s * image @ text.T + b)); z from label equality.
+
+    `row_labels` [n] and `col_labels` [N] are integer tensors; memory O((n + N) * D) on every backend.
+    """
+    check_features(image_features, text_features)
+    device = image_features.device
+    row_labels = check_labels("row_labels", row_labels, image_features.shape[0], device)
+    col_labels = check_labels("col_labels", col_labels, text_features.shape[0], device)
+    scale, bias = as_logit_scale(logit_scale, device), as_logit_bias(logit_bias, device)
+    return dispatch_pairwise_sigmoid(image_features, text_features, scale, bias, row_labels, col_labels, backend)
+
+
+def dispatch_pairwise_sigmoid(image, text, logit_scale, logit_bias, row_labels, col_labels, backend: str) -> torch.Tensor:
+    """Run the chosen backend on already-checked inputs (labels int64)."""
+    if resolve_backend(backend, image.device, image.dtype, OP) == "torch":
+        return pairwise_sigmoid_torch(image, text, logit_scale, logit_bias, row_labels, col_labels)
+    return torch.ops.fastclip.pairwise_sigmoid(image, text, logit_scale, logit_bias, row_labels, col_labels)
+
+
+def _register_compiled_op() -> None:
+    """Fake (meta) kernels and autograd for the C++/CUDA op, so opcheck and torch.compile work."""
+
+    @torch.library.register_fake(f"fastclip::{OP}")
+    def _(image, text, logit_scale, logit_bias, row_labels, col_labels):
+        return image.new_empty(image.shape[0], dtype=accumulate_dtype(image.dtype))
+
+    @torch.library.register_fake(f"fastclip::{OP}_backward")
+    def _(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels):
+        return (torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale),
+                torch.empty_like(logit_bias))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad_row):
+        grads = torch.ops.fastclip.pairwise_sigmoid_backward(grad_row, *ctx.saved_tensors)
+        return (*grads, None, None)
+
+    torch.library.register_autograd(f"fastclip::{OP}", backward, setup_context=setup_context)
+
+
+if _extension.is_loaded():
+    _register_compiled_op()

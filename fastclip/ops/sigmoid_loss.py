@@ -1,0 +1,72 @@
+"""SigLIP's sigmoid loss on top of the fused `pairwise_sigmoid`.
+
+    L = -(1/N) sum_ij log sigmoid(z_ij * (s * <x_i, y_j> + b)),   z_ij = +1 for positives, -1 otherwise
+
+Positives are the diagonal (pair i with pair i) or, with class `labels`, every pair with equal labels.
+Every pair is its own binary problem, so a rank holding image rows offset..offset+n of the global batch
+and all N text rows owes exactly its rows' terms: `sigmoid_loss_share` is that share, and the shares of
+all ranks add up to L.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastclip.ops._checks import as_logit_bias, as_logit_scale, check_features, check_labels
+from fastclip.ops.pairwise_sigmoid import dispatch_pairwise_sigmoid
+
+
+def sigmoid_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    *,
+    labels: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SigLIP's loss for matched rows of `image_features` and `text_features` ([N, D] each).
+
+    `logit_scale` is the multiplier s = exp(t'), `logit_bias` the bias b. With integer `labels` [N] every
+    pair with equal labels is a positive (z = +1). Returns an fp32 scalar (float64 for float64 inputs),
+    differentiable in both features, s and b; no N x N matrix is stored on any backend.
+    """
+    check_features(image_features, text_features)
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"image_features and text_features must have the same batch size (pair i is the positive), got "
+            f"{image_features.shape[0]} and {text_features.shape[0]}; for a rank's rows of a larger batch use "
+            "sigmoid_loss_share with offset"
+        )
+    return sigmoid_loss_share(image_features, text_features, logit_scale, logit_bias, labels=labels, backend=backend)
+
+
+def sigmoid_loss_share(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    *,
+    offset: int = 0,
+    labels: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The share of the global SigLIP loss owed to image rows offset..offset+n of an N-pair batch.
+
+    `image_features` [n, D] are this rank's rows, `text_features` [N, D] all columns, `labels` [N] (if
+    given) the whole batch's. Summed over ranks the shares give `sigmoid_loss` of the whole batch.
+    """
+    check_features(image_features, text_features)
+    n, num_pairs = image_features.shape[0], text_features.shape[0]
+    device = image_features.device
+    if isinstance(offset, bool) or not (isinstance(offset, int) and 0 <= offset and offset + n <= num_pairs):
+        raise ValueError(f"offset must be an int with 0 <= offset and offset + {n} <= {num_pairs}, got {offset!r}")
+    if labels is None:  # the diagonal: pair i's label is i
+        col_labels = torch.arange(num_pairs, device=device)
+    else:
+        col_labels = check_labels("labels", labels, num_pairs, device)
+    scale, bias = as_logit_scale(logit_scale, device), as_logit_bias(logit_bias, device)
+    row_loss = dispatch_pairwise_sigmoid(
+        image_features, text_features, scale, bias, col_labels[offset : offset + n], col_labels, backend
+    )
+    return row_loss.sum() / num_pairs
