@@ -2,9 +2,9 @@
 
 from fastclip.checkpoint import load_checkpoint, save_checkpoint
 from fastclip.info import info
-from fastclip.loss import ClipLoss
+from fastclip.loss import ClipLoss, SigLipLoss, SupConLoss
 from fastclip.model import CLIP, create_model, create_model_and_transforms, list_models
-from fastclip.ops import attention, contrastive_loss
+from fastclip.ops import attention, contrastive_loss, sigmoid_loss, supcon_loss
 from fastclip.tokenizer import ClipTokenizer, get_tokenizer, tokenize
 from fastclip.version import __version__
 
@@ -12,6 +12,8 @@ __all__ = [
     "CLIP",
     "ClipLoss",
     "ClipTokenizer",
+    "SigLipLoss",
+    "SupConLoss",
     "__version__",
     "attention",
     "contrastive_loss",
@@ -22,5 +24,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "save_checkpoint",
+    "sigmoid_loss",
+    "supcon_loss",
     "tokenize",
 ]

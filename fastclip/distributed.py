@@ -89,3 +89,24 @@ class _AllReduceLogSumExp(torch.autograd.Function):
 def all_reduce_logsumexp(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Merge per-rank partial log-sum-exps into the global one, differentiably."""
     return _AllReduceLogSumExp.apply(x, group)
+
+
+class _AverageGradient(torch.autograd.Function):
+    """Identity forward; the backward averages the gradient over ranks (for parameters outside DDP)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad / dist.get_world_size(ctx.group), None
+
+
+def average_gradient(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """`x` unchanged, whose gradient becomes the mean over ranks: a loss's own parameters then get the
+    same gradient everywhere (and DDP averaging it again, if they are also DDP's, changes nothing)."""
+    return _AverageGradient.apply(x, group)

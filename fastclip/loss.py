@@ -1,27 +1,68 @@
-"""`ClipLoss`: the contrastive loss as a module for training loops, single process or data parallel."""
+"""The losses as modules for training loops, single process or data parallel: `ClipLoss`, `SigLipLoss`,
+`SupConLoss`.
+
+Under `torch.distributed` each rank passes its own rows; the columns (and labels) of all ranks are
+gathered, each rank computes its rows against every column with a fused op (O(N * D) memory, no N x N
+matrix) and its share of the global loss, and gradients flow back to the ranks that own the features.
+Every module returns the loss of the whole batch, identical on every rank, with its gradient scaled so
+that DDP's averaging of parameter gradients yields the exact gradient of that loss.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastclip.distributed import all_reduce_logsumexp, gather_rows, world_size
-from fastclip.ops import contrastive_loss, contrastive_loss_from_lse, contrastive_lse
-from fastclip.ops._checks import check_unit_interval
+from fastclip.distributed import all_reduce_logsumexp, average_gradient, gather_rows, world_size
+from fastclip.ops import contrastive_loss, contrastive_loss_from_lse, contrastive_lse, sigmoid_loss, sigmoid_loss_share
+from fastclip.ops._checks import check_labels, check_unit_interval
 from fastclip.ops.contrastive_lse import BACKENDS
+from fastclip.ops.supcon_loss import as_temperature_scale, supcon_loss, supcon_loss_share, view_labels
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:  # checked at construction, so a typo fails there, not at the first step
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_matched(image: torch.Tensor, text: torch.Tensor) -> None:
+    if image.shape[0] != text.shape[0]:
+        raise ValueError(
+            f"image_features and text_features must have the same number of rows on each rank, got "
+            f"{image.shape[0]} and {text.shape[0]}"
+        )
+
+
+def _gather_labels(labels: torch.Tensor, rows: int, device: torch.device, group) -> torch.Tensor:
+    """Every rank's labels [n_r], concatenated in rank order (no gradient)."""
+    labels = check_labels("labels", labels, rows, device)
+    return gather_rows(labels[:, None], group)[0][:, 0]
+
+
+def _global_value(share: torch.Tensor, ranks: int, group) -> torch.Tensor:
+    """The sum of every rank's `share` as the value; ranks x d(share) as the gradient.
+
+    Each rank's backward already collects every rank's dependence on its own features (through the
+    gathers), and DDP then divides parameter gradients by the world size.
+    """
+    total = share.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    scaled = share * ranks
+    return scaled - scaled.detach() + total
 
 
 class ClipLoss(nn.Module):
     """CLIP's symmetric contrastive loss over the global batch, computed by the fused op.
 
     Single process: `contrastive_loss(image, text, logit_scale)`. Under `torch.distributed` (NCCL or
-    gloo, one rank per process) each rank passes its own rows; the text features of all ranks are
-    gathered, each rank computes its image rows against every text column with the fused op (O(N * D)
-    memory, no N x N matrix), the column log-sum-exps are merged across ranks, and gradients flow back
-    to the ranks that own the features. The returned value is the loss of the whole batch, identical on
-    every rank; its gradient is scaled so that DDP's averaging of parameter gradients yields the exact
-    gradient of that loss (as open_clip's gather-with-grad does). Ranks may hold different row counts.
+    gloo, one rank per process) the text features of all ranks are gathered, each rank computes its
+    image rows against every text column, the column log-sum-exps are merged across ranks, and gradients
+    flow back to the ranks that own the features (as open_clip's gather-with-grad does). With `labels`
+    (this rank's [n] integer class ids) every pair of equal labels in the global batch is a positive.
+    Ranks may hold different row counts.
     """
 
     def __init__(
@@ -35,8 +76,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         check_unit_interval("weight", weight)
         check_unit_interval("label_smoothing", label_smoothing)
-        if backend not in BACKENDS:  # checked here too, so a typo fails at construction, not at the first step
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _check_backend(backend)
         self.weight, self.label_smoothing, self.backend, self.group = weight, label_smoothing, backend, group
 
     def forward(
@@ -45,6 +85,8 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor | float,
         output_dict: bool = False,
+        *,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Loss for this rank's matched rows (`image_features[i]` with `text_features[i]`), [n, D] each."""
         ranks = world_size(self.group)
@@ -55,20 +97,24 @@ class ClipLoss(nn.Module):
                 logit_scale,
                 weight=self.weight,
                 label_smoothing=self.label_smoothing,
+                labels=labels,
                 backend=self.backend,
             )
         else:
-            loss = self._distributed(image_features, text_features, logit_scale, ranks)
+            loss = self._distributed(image_features, text_features, logit_scale, labels, ranks)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed(
-        self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float, ranks: int
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        labels: torch.Tensor | None,
+        ranks: int,
     ) -> torch.Tensor:
-        if image.shape[0] != text.shape[0]:
-            raise ValueError(
-                f"image_features and text_features must have the same number of rows on each rank, got "
-                f"{image.shape[0]} and {text.shape[0]}"
-            )
+        _check_matched(image, text)
+        if labels is not None:
+            labels = _gather_labels(labels, image.shape[0], image.device, self.group)
         all_text, offset = gather_rows(text, self.group)
         row_lse, partial_col_lse = contrastive_lse(image, all_text, logit_scale, backend=self.backend)
         col_lse = all_reduce_logsumexp(partial_col_lse, self.group)
@@ -81,13 +127,112 @@ class ClipLoss(nn.Module):
             offset=offset,
             weight=self.weight,
             label_smoothing=self.label_smoothing,
+            labels=labels,
         )
-        total = share.detach().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        # Value: the global loss. Gradient: ranks x d(share), because each rank's backward already
-        # collects every rank's dependence on its features and DDP then divides by the world size.
-        scaled = share * ranks
-        return scaled - scaled.detach() + total
+        return _global_value(share, ranks, self.group)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, label_smoothing={self.label_smoothing}, backend={self.backend!r}"
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's sigmoid loss over the global batch, with its learnable temperature and bias.
+
+    Holds `logit_scale` (log-space, t' = log 10 at init) and `logit_bias` (b = -10 at init), as SigLIP
+    does; pass `logit_scale` (the multiplier exp(t')) and `logit_bias` to `forward` to use a model's own
+    instead. Under `torch.distributed` each rank's image rows meet the gathered text columns of every rank
+    (O(N * D) memory per rank, no N x N matrix at any world size); the value is the global loss on every
+    rank, and the module's own scale and bias get the same (exact) gradient on every rank. With `labels`
+    (this rank's [n] class ids) every pair of equal labels is a positive.
+    """
+
+    def __init__(
+        self,
+        init_logit_scale: float = math.log(10.0),
+        init_logit_bias: float = -10.0,
+        *,
+        backend: str = "auto",
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("init_logit_scale", init_logit_scale), ("init_logit_bias", init_logit_bias)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        _check_backend(backend)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+        self.backend, self.group = backend, group
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float | None = None,
+        logit_bias: torch.Tensor | float | None = None,
+        output_dict: bool = False,
+        *,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Loss for this rank's matched rows, [n, D] each; scale and bias are the module's unless given."""
+        if (logit_scale is None) != (logit_bias is None):
+            raise ValueError("pass both logit_scale and logit_bias, or neither (to use the module's own)")
+        ranks = world_size(self.group)
+        if logit_scale is None:
+            own_scale, own_bias = self.logit_scale, self.logit_bias
+            if ranks > 1:  # not DDP parameters: every rank must see the summed gradient itself
+                own_scale, own_bias = average_gradient(own_scale, self.group), average_gradient(own_bias, self.group)
+            logit_scale, logit_bias = own_scale.exp(), own_bias
+        if ranks == 1:
+            loss = sigmoid_loss(
+                image_features, text_features, logit_scale, logit_bias, labels=labels, backend=self.backend
+            )
+        else:
+            _check_matched(image_features, text_features)
+            if labels is not None:
+                labels = _gather_labels(labels, image_features.shape[0], image_features.device, self.group)
+            all_text, offset = gather_rows(text_features, self.group)
+            share = sigmoid_loss_share(
+                image_features, all_text, logit_scale, logit_bias, offset=offset, labels=labels, backend=self.backend
+            )
+            loss = _global_value(share, ranks, self.group)
+        return {"sigmoid_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class SupConLoss(nn.Module):
+    """The supervised contrastive loss (SupCon, L_out), or SimCLR's NT-Xent without labels.
+
+    `forward(features, labels=None)`: `features` [m, D] are this rank's rows (two augmented views
+    stacked as [view1; view2] for NT-Xent), `labels` their [m] class ids. Under `torch.distributed` the
+    features of all ranks are gathered and every rank's anchors meet the whole batch (NT-Xent pairs stay
+    within each rank's [view1; view2]). Anchors without a positive are left out of the mean.
+    """
+
+    def __init__(
+        self, temperature: float = 0.1, *, backend: str = "auto", group: dist.ProcessGroup | None = None
+    ) -> None:
+        super().__init__()
+        as_temperature_scale(temperature, torch.device("cpu"), torch.float32)  # validates
+        _check_backend(backend)
+        self.temperature, self.backend, self.group = temperature, backend, group
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of the global batch of anchors; this rank's `features` [m, D] and `labels` [m]."""
+        ranks = world_size(self.group)
+        if ranks == 1:
+            return supcon_loss(features, labels, temperature=self.temperature, backend=self.backend)
+        all_features, offset = gather_rows(features, self.group)
+        if labels is None:  # each rank's own views; ids shifted by the rank's offset to stay unique
+            labels = view_labels(features.shape[0], features.device) + offset
+        all_labels = _gather_labels(labels, features.shape[0], features.device, self.group)
+        scale = as_temperature_scale(self.temperature, features.device, features.dtype)
+        row_lse, _ = contrastive_lse(
+            features, all_features, scale, masked_diagonal=offset, backend=self.backend
+        )
+        share = supcon_loss_share(features, all_features, scale, row_lse, all_labels, offset=offset)
+        return _global_value(share, ranks, self.group)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, backend={self.backend!r}"

@@ -32,12 +32,15 @@ def view_labels(num_rows: int, device: torch.device) -> torch.Tensor:
     return torch.arange(num_rows // 2, device=device).repeat(2)
 
 
-def as_temperature_scale(temperature: torch.Tensor | float, device: torch.device) -> torch.Tensor:
-    """1 / temperature as a one-element tensor; the temperature must be positive and finite."""
-    temperature, value = one_value("temperature", temperature, device, "the softmax temperature")
+def as_temperature_scale(temperature: torch.Tensor | float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """1 / temperature as a one-element tensor; the temperature must be positive and finite. A Python
+    number is inverted before it is rounded (to float64 beside float64 features, else float32)."""
+    tensor, value = one_value("temperature", temperature, device, "the softmax temperature")
     if value is not None and not (0 < value < float("inf")):
         raise ValueError(f"temperature must be positive and finite, got {value}")
-    return 1.0 / temperature
+    if isinstance(temperature, torch.Tensor):
+        return 1.0 / temperature
+    return torch.tensor(1.0 / float(temperature), dtype=accumulate_dtype(dtype), device=device)
 
 
 def supcon_loss(
@@ -58,7 +61,7 @@ def supcon_loss(
     labels = view_labels(features.shape[0], device) if labels is None else check_labels(
         "labels", labels, features.shape[0], device
     )
-    scale = as_temperature_scale(temperature, device)
+    scale = as_temperature_scale(temperature, device, features.dtype)
     row_lse, _ = dispatch_contrastive_lse(features, features, scale, backend, 0)
     return supcon_loss_share(features, features, scale, row_lse, labels, offset=0)
 
