@@ -9,38 +9,27 @@
 //   grad_tile = s * (gr[i] * exp(S - row_lse[i]) + gc[j] * exp(S - col_lse[j]))  [rows, cols]
 // plus one partial sum of G * <image_i, text_j> per CTA (the logit_scale gradient); the host turns the
 // gradient tile into feature gradients with two GEMMs.
+// With mask_diagonal the entries (i, j) with j - i == diagonal (indices local to the arguments' rows and
+// columns) count as S = -inf: left out of both reductions, G = 0 there. A partial that sees no entry
+// (every one masked) is written as (max, sum) = (-inf, 0).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "tile_config.cuh"
+
 namespace fastclip {
 namespace cuda {
-
-constexpr int kRowBlock = 64;  // rows per CTA
-constexpr int kColBlock = 64;  // columns per tile
-
-enum class ElementType { kFloat32, kBFloat16, kFloat16 };
-
-// How float32 inputs use the tensor cores: one TF32 product (what torch does when TF32 is allowed), or
-// three (hi*hi + hi*lo + lo*hi, near-fp32 accuracy, for the default "highest" matmul precision).
-enum class Float32Mode { kTf32, kTf32x3 };
-
-// Number of column splits actually used for `cols` columns when `requested` are asked for: every split
-// gets at least one tile and all but the last get the same number.
-inline int plan_col_splits(int64_t cols, int requested) {
-  const int64_t tiles = (cols + kColBlock - 1) / kColBlock;
-  const int64_t want = requested < 1 ? 1 : (requested > tiles ? tiles : requested);
-  const int64_t per_split = (tiles + want - 1) / want;
-  return static_cast<int>((tiles + per_split - 1) / per_split);
-}
 
 struct LseForwardArgs {
   const void* image;   // [rows, dim], row-major, contiguous
   const void* text;    // [cols, dim]
   int64_t rows, cols, dim;
   const float* scale;  // device scalar s
+  bool mask_diagonal;  // leave out the entries (i, i + diagonal)
+  int64_t diagonal;    // |diagonal| < rows + cols (the host drops diagonals that miss the matrix)
   int col_splits;      // from plan_col_splits
   float* row_max;      // [col_splits, rows]
   float* row_sum;
@@ -49,10 +38,12 @@ struct LseForwardArgs {
 };
 
 struct LseBackwardArgs {
-  const void* image;   // [rows, dim]: the rows of this chunk
-  const void* text;    // [cols, dim]
+  const void* image;   // [rows, dim]: the rows of this block
+  const void* text;    // [cols, dim]: the columns of this block
   int64_t rows, cols, dim;
   const float* scale;
+  bool mask_diagonal;
+  int64_t diagonal;       // relative to this block's first row and column
   const float* grad_row;  // [rows]
   const float* row_lse;   // [rows]
   const float* grad_col;  // [cols]

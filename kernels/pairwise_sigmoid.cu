@@ -1,0 +1,175 @@
+// Fused similarity + pairwise sigmoid (SigLIP) loss kernels, forward and backward.
+//
+// The CTA layout and the similarity tiles are those of the contrastive kernels (similarity_tile.cuh):
+// one CTA of 4 warps owns kRowBlock = 64 rows of `image` and sweeps the 64-column tiles of its split;
+// each tile of dot products is computed on the tensor cores and consumed in shared memory:
+//  - forward: per row, the sum over the tile's columns of softplus(-z * L), L = s * dot + b, added to a
+//    compensated (Kahan) running sum: a row sums up to N positive terms in fp32, and compensation keeps
+//    the result at fp32 accuracy whatever N is. Only [splits, rows] partials leave the CTA.
+//  - backward: G = -g * z * sigmoid(-z * L) written (times s) to the caller's gradient tile, plus the
+//    CTA's sums of G * dot and of G (the logit_scale and logit_bias gradients).
+// Both functions are evaluated from exp(-|u|) <= 1, so large logits of either sign neither overflow nor
+// lose the small terms; the log uses the accurate log1pf (the exponential's relative error barely moves
+// the final value, the log's would).
+// Labels are compared per pair (z = +1 on equal labels), so any positive structure (one per row,
+// several, none) costs the same and nothing of size n x N is stored.
+#include <cstdint>
+
+#include "pairwise_sigmoid.cuh"
+#include "similarity_tile.cuh"
+
+namespace fastclip {
+namespace cuda {
+namespace {
+
+using namespace tile;
+
+// softplus(u) = log(1 + e^u) = max(u, 0) + log1p(e^-|u|).
+__device__ __forceinline__ float softplus(float u) { return fmaxf(u, 0.f) + log1pf(fast_exp2(-fabsf(u) * kLog2e)); }
+
+// sigmoid(u) = 1 / (1 + e^-u), computed from e^-|u| so that neither sign overflows.
+__device__ __forceinline__ float sigmoid(float u) {
+  const float e = fast_exp2(-fabsf(u) * kLog2e);
+  const float p = 1.f / (1.f + e);
+  return u >= 0.f ? p : e * p;
+}
+
+template <typename T, Float32Mode kMode, bool kVectorized>
+__global__ void __launch_bounds__(kThreads) sigmoid_forward_kernel(SigmoidForwardArgs args) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  SharedTiles<T>& tiles = shared_tiles<T>();
+  __shared__ int64_t row_label[kRowBlock];
+  const T* image = static_cast<const T*>(args.image);
+  const T* text = static_cast<const T*>(args.text);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowBlock;
+  const int split = blockIdx.y;
+  const float scale = *args.scale, bias = *args.bias;
+  for (int r = threadIdx.x; r < kRowBlock; r += kThreads)
+    row_label[r] = row0 + r < args.rows ? args.row_labels[row0 + r] : 0;
+  // row_label is visible after the barriers inside similarity_tile (every split has at least one tile).
+  int64_t tile_begin, tile_end;
+  split_range(args.cols, args.col_splits, split, tile_begin, tile_end);
+
+  // Warp w owns rows 16w..16w+15; lane l sees columns l and l + 32 of every tile and keeps its own
+  // running sums, added across lanes at the end.
+  constexpr int kRowsPerWarp = kRowBlock / 4;
+  float run_sum[kRowsPerWarp], run_err[kRowsPerWarp];  // Kahan sum and its compensation
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) run_sum[i] = 0.f, run_err[i] = 0.f;
+
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    const int64_t col0 = t * kColBlock;
+    similarity_tile<T, kMode, kVectorized>(tiles, image, text, row0, args.rows, col0, args.cols, args.dim);
+
+    const bool lo_ok = col0 + lane < args.cols, hi_ok = col0 + lane + 32 < args.cols;
+    const int64_t label_lo = lo_ok ? args.col_labels[col0 + lane] : 0;
+    const int64_t label_hi = hi_ok ? args.col_labels[col0 + lane + 32] : 0;
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp * kRowsPerWarp + i;
+      const int64_t label = row_label[r];
+      // softplus(-z * L): -L for a positive pair (z = +1), L for a negative one.
+      const float l0 = fmaf(scale, tiles.sim[r][lane], bias), l1 = fmaf(scale, tiles.sim[r][lane + 32], bias);
+      float term = 0.f;
+      if (lo_ok) term += softplus(label == label_lo ? -l0 : l0);
+      if (hi_ok) term += softplus(label == label_hi ? -l1 : l1);
+      const float y = term - run_err[i], total = run_sum[i] + y;
+      run_err[i] = (total - run_sum[i]) - y;
+      run_sum[i] = total;
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    float sum = run_sum[i] - run_err[i];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    const int64_t row = row0 + warp * kRowsPerWarp + i;
+    if (lane == 0 && row < args.rows) args.row_partial[static_cast<int64_t>(split) * args.rows + row] = sum;
+  }
+#else
+  __trap();  // the host refuses devices below sm_80
+#endif
+}
+
+template <typename T, Float32Mode kMode, bool kVectorized>
+__global__ void __launch_bounds__(kThreads) sigmoid_backward_kernel(SigmoidBackwardArgs args) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  SharedTiles<T>& tiles = shared_tiles<T>();
+  __shared__ int64_t row_label[kRowBlock];
+  __shared__ float row_grad[kRowBlock], warp_sums[2][kThreads / 32];
+  const T* image = static_cast<const T*>(args.image);
+  const T* text = static_cast<const T*>(args.text);
+  T* grad_tile = static_cast<T*>(args.grad_tile);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowBlock;
+  const float scale = *args.scale, bias = *args.bias;
+  for (int r = threadIdx.x; r < kRowBlock; r += kThreads) {
+    const bool ok = row0 + r < args.rows;
+    row_label[r] = ok ? args.row_labels[row0 + r] : 0;
+    row_grad[r] = ok ? args.grad_row[row0 + r] : 0.f;
+  }  // visible after the barriers inside similarity_tile
+  int64_t tile_begin, tile_end;
+  split_range(args.cols, args.col_splits, blockIdx.y, tile_begin, tile_end);
+
+  // Thread owns column c of every tile and rows g, g + 2, ...: a warp reads and writes 32 consecutive
+  // columns of one row at a time (conflict-free shared memory, coalesced stores).
+  const int c = threadIdx.x % kColBlock, g = threadIdx.x / kColBlock;
+  float scale_grad = 0.f, bias_grad = 0.f;  // sums of G * <image_i, text_j> and of G
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    const int64_t col0 = t * kColBlock, col = col0 + c;
+    similarity_tile<T, kMode, kVectorized>(tiles, image, text, row0, args.rows, col0, args.cols, args.dim);
+    if (col >= args.cols) continue;
+    const int64_t label = args.col_labels[col];
+    for (int r = g; r < kRowBlock; r += kThreads / kColBlock) {
+      const int64_t row = row0 + r;
+      if (row >= args.rows) break;
+      const float dot = tiles.sim[r][c], logit = fmaf(scale, dot, bias);
+      // G = -g * z * sigmoid(-z * L): -g * sigmoid(-L) for a positive pair, g * sigmoid(L) for a negative one.
+      const float grad = row_label[r] == label ? -row_grad[r] * sigmoid(-logit) : row_grad[r] * sigmoid(logit);
+      scale_grad = fmaf(grad, dot, scale_grad);
+      bias_grad += grad;
+      grad_tile[row * args.cols + col] = from_float<T>(scale * grad);
+    }
+  }
+
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    scale_grad += __shfl_xor_sync(kFullMask, scale_grad, offset);
+    bias_grad += __shfl_xor_sync(kFullMask, bias_grad, offset);
+  }
+  if (threadIdx.x % 32 == 0) warp_sums[0][threadIdx.x / 32] = scale_grad, warp_sums[1][threadIdx.x / 32] = bias_grad;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float scale_total = 0.f, bias_total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) scale_total += warp_sums[0][w], bias_total += warp_sums[1][w];
+    const int64_t cta = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    args.scale_partial[cta] = scale_total;
+    args.bias_partial[cta] = bias_total;
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace
+
+cudaError_t launch_sigmoid_forward(ElementType type, Float32Mode mode, const SigmoidForwardArgs& args,
+                                   cudaStream_t stream) {
+  return launch_variant(type, mode, args, [&](auto variant, dim3 grid) {
+    using V = decltype(variant);
+    sigmoid_forward_kernel<typename V::Element, V::kMode, V::kVectorized><<<grid, kThreads, 0, stream>>>(args);
+  });
+}
+
+cudaError_t launch_sigmoid_backward(ElementType type, Float32Mode mode, const SigmoidBackwardArgs& args,
+                                    cudaStream_t stream) {
+  return launch_variant(type, mode, args, [&](auto variant, dim3 grid) {
+    using V = decltype(variant);
+    sigmoid_backward_kernel<typename V::Element, V::kMode, V::kVectorized><<<grid, kThreads, 0, stream>>>(args);
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastclip
