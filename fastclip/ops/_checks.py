@@ -33,6 +33,7 @@ def check_features(image: torch.Tensor, text: torch.Tensor, names: tuple[str, st
 
 def one_value(name: str, value: torch.Tensor | float, device: torch.device, meaning: str) -> tuple[torch.Tensor, float | None]:
     """`value` as a one-element floating tensor on `device`, and its float (None when it cannot be read)."""
+    device = torch.device(device)
     if not isinstance(value, torch.Tensor):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")

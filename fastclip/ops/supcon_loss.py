@@ -62,7 +62,8 @@ def supcon_loss(
         "labels", labels, features.shape[0], device
     )
     scale = as_temperature_scale(temperature, device, features.dtype)
-    row_lse, _ = dispatch_contrastive_lse(features, features, scale, backend, 0)
+    # A view as the second operand: torch.compile cannot trace one tensor passed twice to an autograd.Function.
+    row_lse, _ = dispatch_contrastive_lse(features, features.view_as(features), scale, backend, 0)
     return supcon_loss_share(features, features, scale, row_lse, labels, offset=0)
 
 
