@@ -21,8 +21,6 @@ def _triton_version() -> str | None:
 def info() -> dict:
     """Versions, the compiled extension's state, and which backend each op can use on this machine."""
     cuda_device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    cpu_kernel = _extension.has_kernel("contrastive_lse", "CPU")
-    cuda_kernel = _extension.has_kernel("contrastive_lse", "CUDA")
     return {
         "fastclip": __version__,
         "python": platform.python_version(),
@@ -32,15 +30,21 @@ def info() -> dict:
         "cuda_device": cuda_device,
         "extension_loaded": _extension.is_loaded(),
         "extension_error": _extension.load_error(),
-        "contrastive_lse": {
-            "cuda": "usable" if cuda_kernel and cuda_device else ("built, no GPU" if cuda_kernel else "not built"),
-            "cpp": "usable" if cpu_kernel else "not built",
-            "torch": "usable",
-        },
+        **{op: _compiled_op_state(op, cuda_device) for op in ("contrastive_lse", "pairwise_sigmoid")},
         "attention": {
             "triton": _triton_attention_state(cuda_device),
             "torch": "usable (SDPA)",
         },
+    }
+
+
+def _compiled_op_state(op: str, cuda_device: str | None) -> dict[str, str]:
+    """Which backends of the compiled op `op` can run here."""
+    cpu_kernel, cuda_kernel = _extension.has_kernel(op, "CPU"), _extension.has_kernel(op, "CUDA")
+    return {
+        "cuda": "usable" if cuda_kernel and cuda_device else ("built, no GPU" if cuda_kernel else "not built"),
+        "cpp": "usable" if cpu_kernel else "not built",
+        "torch": "usable",
     }
 
 

@@ -21,11 +21,12 @@ def test_info_reports_versions_and_backends() -> None:
     report = fastclip.info()
     assert report["fastclip"] == fastclip.__version__
     assert report["torch"] == torch.__version__
-    states = report["contrastive_lse"]
-    assert states["torch"] == "usable"
-    assert states["cpp"] == ("usable" if _extension.has_kernel("contrastive_lse", "CPU") else "not built")
-    if not torch.cuda.is_available():
-        assert states["cuda"] in ("not built", "built, no GPU")
+    for op in ("contrastive_lse", "pairwise_sigmoid"):
+        states = report[op]
+        assert states["torch"] == "usable"
+        assert states["cpp"] == ("usable" if _extension.has_kernel(op, "CPU") else "not built")
+        if not torch.cuda.is_available():
+            assert states["cuda"] in ("not built", "built, no GPU")
 
 
 def test_info_command_line() -> None:
@@ -50,6 +51,11 @@ def test_works_without_the_extension() -> None:
             image, text = torch.randn(9, 5), torch.randn(9, 5)
             loss = fastclip.contrastive_loss(image, text, 3.0)
         assert abs(loss.item() - contrastive_loss_reference(image, text, 3.0).item()) < 1e-5
+        from fastclip.ops.reference import sigmoid_loss_reference, supcon_loss_reference
+        siglip = fastclip.sigmoid_loss(image, text, 3.0, -1.0)
+        assert abs(siglip.item() - sigmoid_loss_reference(image, text, 3.0, -1.0).item()) < 1e-5
+        supcon = fastclip.supcon_loss(image[:8], temperature=0.5)
+        assert abs(supcon.item() - supcon_loss_reference(image[:8], None, 0.5).item()) < 1e-5
         assert sum("fastclip._C could not be loaded" in str(w.message) for w in caught) == 1, caught
         assert fastclip.info()["contrastive_lse"]["cpp"] == "not built"
         try:
