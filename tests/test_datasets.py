@@ -213,6 +213,39 @@ def test_collate_errors_and_pickling(tokenizer) -> None:
         collate_pairs([("not a tensor", "a cat")], tokenizer)
 
 
+def test_csv_label_column(image_dir: Path, tokenizer) -> None:
+    path = image_dir.parent / "labelled.tsv"
+    write_table(path, [["filepath", "title", "label"], ["images/a.jpg", "a", " 7 "], ["images/missing.jpg", "gone", "2"],
+                       [], ["images/b.png", "b", "-1"]], "\t")
+    dataset = CaptionCsvDataset(path, TrainTransform(16), label_key="label")
+    assert dataset.labels == [7, 2, -1] and dataset[0][1:] == ("a", 7) and dataset[1] is None and dataset[2][2] == -1
+    assert len(CaptionCsvDataset(path, TrainTransform(16))[0]) == 2  # without label_key: pairs, as before
+    batch = make_collate(tokenizer)([dataset[i] for i in range(3)])
+    assert batch.skipped == 1 and batch.labels.tolist() == [7, -1] and batch.labels.dtype == torch.long
+
+
+@pytest.mark.parametrize("value, what", [("3.5", "'3.5', not an integer class id"), ("", "no value"), (None, "no value")])
+def test_csv_bad_label_names_file_row_and_column(tmp_path: Path, value: str | None, what: str) -> None:
+    path = tmp_path / "pairs.csv"
+    bad_row = ["b.jpg", "two"] + ([] if value is None else [value])  # None: the row is one column short
+    write_table(path, [["filepath", "title", "cls"], ["a.jpg", "one", "0"], bad_row, ["c.jpg", "three", "1"]], ",")
+    with pytest.raises(ValueError, match=rf"pairs.csv.*row 2 \(line 3\) has {what} in label column 'cls'"):
+        CaptionCsvDataset(path, CLIPPreprocess(8), label_key="cls")
+    with pytest.raises(ValueError, match=r"no column 'label' \(label_key\)"):
+        CaptionCsvDataset(path, CLIPPreprocess(8), label_key="label")
+
+
+def test_collate_labelled_triples(tokenizer) -> None:
+    image = torch.zeros(3, 4, 4)
+    batch = collate_pairs([(image, "a", 3), None, (image, "b", 3)], tokenizer)
+    assert batch.labels.tolist() == [3, 3] and batch.skipped == 1
+    assert collate_pairs([(image, "a")], tokenizer).labels is None
+    with pytest.raises(TypeError, match="all be pairs or all"):
+        collate_pairs([(image, "a", 1), (image, "b")], tokenizer)
+    with pytest.raises(TypeError, match="int label"):
+        collate_pairs([(image, "a", "1")], tokenizer)
+
+
 # --- tar shards ----------------------------------------------------------------------------------------
 
 
@@ -281,6 +314,25 @@ def test_shards_skip_bad_members_and_broken_tars(tmp_path: Path, tokenizer) -> N
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=make_collate(tokenizer))
     batches = list(loader)
     assert sum(b.skipped for b in batches) == 6 and sum(b.images.shape[0] for b in batches) == len(captions)
+
+
+def test_shard_cls_labels(tmp_path: Path, tokenizer) -> None:
+    entries = []
+    for i, cls in enumerate([b"4", b" 12\n", None, b"x", b"0"]):
+        key, files = good_entry(f"k{i}", i)
+        if cls is not None:
+            files["cls"] = cls
+        entries.append((key, files))
+    path = str(write_shard(tmp_path / "a.tar", entries))
+    dataset = TarShardDataset(path, TrainTransform(16), shuffle=False, label_extension="cls")
+    samples = list(dataset)
+    assert [s if s is None else s[1:] for s in samples] == [("caption k0", 4), ("caption k1", 12), None, None, ("caption k4", 0)]
+    plain = list(TarShardDataset(path, TrainTransform(16), shuffle=False))  # without labels: pairs, cls ignored
+    assert all(len(s) == 2 for s in plain) and len(plain) == 5
+    batch = make_collate(tokenizer)(samples)
+    assert batch.labels.tolist() == [4, 12, 0] and batch.skipped == 2
+    with pytest.raises(ValueError, match="label_extension"):
+        TarShardDataset(path, TrainTransform(16), label_extension=".cls")
 
 
 def stream_captions(dataset: TarShardDataset, workers: int, batch_size: int = 1) -> list[str]:

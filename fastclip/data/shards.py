@@ -6,6 +6,9 @@ key are consecutive). Each key is one raw *entry*; it becomes a sample `(transfo
 from its `jpg`/`jpeg`/`png`/`webp` and `txt` members, or None when the image is corrupt, the image or
 caption is missing, or the caption is empty. A shard that cannot be read (not a tar, truncated,
 corrupt) ends with one None entry. Nothing in the data raises: `collate_pairs` counts the Nones.
+With `label_extension="cls"` (webdataset's convention: a `cls` member holding the integer class id as
+text) a sample is `(image, caption, label)`, and an entry whose label is missing or not an integer is
+skipped (None, logged) like any other broken entry.
 
 Splitting. Every epoch the shard list is permuted from (seed, epoch) (when `shuffle`), then shard i of
 that order goes to rank i % world_size, and shard j of a rank's list to DataLoader worker j % W. Each
@@ -172,8 +175,13 @@ class TarShardDataset(torch.utils.data.IterableDataset):
     """Samples `(image, caption)` or None from tar shards, split across ranks and workers; see the module doc."""
 
     def __init__(self, shards: str | list[str], transform: Callable[[Any], torch.Tensor], *, shuffle: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000) -> None:
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
+                 label_extension: str | None = None) -> None:
         super().__init__()
+        if label_extension is not None and (not isinstance(label_extension, str) or not label_extension
+                                            or "." in label_extension or "/" in label_extension):
+            raise ValueError(f"label_extension must be a member extension such as 'cls', got {label_extension!r}")
+        self.label_extension = label_extension.lower() if label_extension is not None else None
         self.shards = expand_shards(shards)
         if not callable(transform):
             raise TypeError(f"transform must be callable (image -> tensor), got {type(transform).__name__}")
@@ -243,6 +251,17 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         if not text:
             warn_skipped(f"{where}: empty or undecodable caption")
             return None
+        label = None
+        if self.label_extension is not None:
+            raw = entry.files.get(self.label_extension)
+            try:
+                label = int(raw.decode("utf-8").strip()) if raw is not None else None
+            except (UnicodeDecodeError, ValueError):
+                warn_skipped(f"{where}: {self.label_extension} member {raw[:40]!r} is not an integer class id")
+                return None
+            if label is None:
+                warn_skipped(f"{where}: no {self.label_extension} member (the class id)")
+                return None
         try:
             image = _decode_image(entry.files[image_ext])
         except Exception as error:  # corrupt images raise many types inside Pillow; one bad file must not stop training
@@ -250,7 +269,8 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             return None
         with torch.random.fork_rng(devices=[]):  # a per-entry seed: the same augmentation after a resume
             torch.manual_seed(_seed(self.seed, self.epoch, entry.shard, entry.index))
-            return self.transform(image), text
+            image = self.transform(image)
+        return (image, text) if label is None else (image, text, label)
 
     def __repr__(self) -> str:
         return (f"TarShardDataset({len(self.shards)} shards, shuffle={self.shuffle}, seed={self.seed}, "

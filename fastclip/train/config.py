@@ -17,6 +17,7 @@ from typing import Any
 DATASETS = ("synthetic", "csv", "shards")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("stop", "skip")
+LOSSES = ("clip", "siglip")
 
 
 @dataclasses.dataclass
@@ -32,6 +33,8 @@ class TrainConfig:
     train_data: str | None = None  # the CSV/TSV file, or the shard pattern ("data/{00000..00099}.tar")
     csv_image_key: str = "filepath"  # CSV column with image paths
     csv_caption_key: str = "title"  # CSV column with captions
+    use_labels: bool = False  # class-aware positives: pairs with equal class ids are positives (synthetic: colour-shape class; csv: csv_label_key; shards: each sample's cls member)
+    csv_label_key: str = "label"  # CSV column with integer class ids (read with use_labels)
     synthetic_samples: int = 50_000  # samples per epoch of the synthetic dataset
     jitter: float = 0.4  # colour-jitter strength of the training augmentation (0 disables it)
     batch_size: int = 64  # pairs per device per optimizer step (before accumulation)
@@ -47,8 +50,9 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up, then cosine decay to 0
     grad_clip: float = 1.0  # clip the gradient norm to this (0 disables)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16 (with a GradScaler)
-    loss_weight: float = 0.5  # weight of the image->text direction in the loss
-    label_smoothing: float = 0.0
+    loss: str = "clip"  # clip (softmax contrastive, the model's logit_scale) or siglip (sigmoid loss with its own learnable scale and bias)
+    loss_weight: float = 0.5  # weight of the image->text direction in the loss (loss=clip only)
+    label_smoothing: float = 0.0  # (loss=clip only)
     nonfinite: str = "stop"  # on a non-finite loss: stop (raise, naming the step) or skip (drop that update)
     # --- evaluation, checkpoints, logs
     eval_every: int = 0  # zero-shot evaluation every this many steps (0: only at the end)
@@ -85,6 +89,15 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.loss_weight <= 1.0 or not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError("loss_weight and label_smoothing must lie in [0, 1]")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "siglip":
+            for name in ("loss_weight", "label_smoothing"):
+                if getattr(self, name) != getattr(TrainConfig, name):
+                    raise ValueError(f"{name} applies to loss='clip' only; loss='siglip' has no {name} "
+                                     f"(leave it at {getattr(TrainConfig, name)})")
+        if self.use_labels and self.dataset == "csv" and not self.csv_label_key:
+            raise ValueError("use_labels with dataset='csv' needs csv_label_key (the column of integer class ids)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

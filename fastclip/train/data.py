@@ -4,6 +4,10 @@ Exact resume needs each sample to be the same whatever happened before it, so ma
 their augmentation under a random seed derived from (seed, epoch, index) rather than the worker's
 running RNG: the same index in the same epoch always yields the same crop and jitter, with any number
 of workers and after any restart.
+
+With `use_labels` every sample also carries its integer class id, `(image, caption, label)`, and each
+batch its `labels`: the synthetic shapes' colour-shape class, a CSV column (`csv_label_key`), or the
+`cls` member of each shard sample (webdataset's convention).
 """
 
 from __future__ import annotations
@@ -36,6 +40,20 @@ class SeededSamples(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
+class LabelledSynthetic(torch.utils.data.Dataset):
+    """SyntheticShapes items with their class index: `(image, caption, label_of(i))`."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, caption = self.dataset[index]
+        return image, caption, self.dataset.label_of(index)
+
+
 @dataclass
 class TrainData:
     """A loader whose next iteration starts at a given (epoch, micro-batches consumed) position."""
@@ -63,16 +81,20 @@ def build_train_data(config: TrainConfig, image_size: int, tokenizer, *, rank: i
     if config.dataset == "shards":
         from fastclip.data.shards import TarShardDataset
 
-        dataset = TarShardDataset(config.train_data, transform, shuffle=True, seed=config.seed, rank=rank, world_size=world_size)
+        dataset = TarShardDataset(config.train_data, transform, shuffle=True, seed=config.seed, rank=rank, world_size=world_size,
+                                  label_extension="cls" if config.use_labels else None)
         return TrainData(torch.utils.data.DataLoader(dataset, **loader_options), config.batch_size)
     if config.dataset == "csv":
         from fastclip.data.pairs import CaptionCsvDataset
 
-        dataset = CaptionCsvDataset(config.train_data, transform, image_key=config.csv_image_key, caption_key=config.csv_caption_key)
+        dataset = CaptionCsvDataset(config.train_data, transform, image_key=config.csv_image_key, caption_key=config.csv_caption_key,
+                                    label_key=config.csv_label_key if config.use_labels else None)
     else:
         from fastclip.data.synthetic import SyntheticShapes
 
         dataset = SyntheticShapes(config.synthetic_samples, image_size, seed=config.seed, split="train", transform=transform)
+        if config.use_labels:
+            dataset = LabelledSynthetic(dataset)
     seeded = SeededSamples(dataset, config.seed)
     sampler = ResumableSampler(len(dataset), shuffle=True, seed=config.seed, rank=rank, world_size=world_size, drop_last=True)
     if len(sampler) < config.batch_size:

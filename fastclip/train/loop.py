@@ -7,8 +7,16 @@ their cached copies in the full-batch loss, so the summed gradients equal the fu
 logit_scale enters each of those passes with 1/accum_steps of its gradient (same value), so it too
 gets exactly the full-batch gradient, and no parameter is unused in any pass (DDP requires that).
 
-Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, `ClipLoss` gathers the
-features of every rank, rank 0 logs, evaluates and saves.
+With loss="siglip" the loss is `SigLipLoss` with its own learnable scale and bias (SigLIP's log 10 and
+-10 at init), trained with the model (no weight decay), clamped like CLIP's scale and saved in the
+checkpoints; the model's own logit_scale is then frozen (unused). Its scale and bias enter every
+accumulation pass whole, and their summed gradient is divided by accum_steps: again the full batch's.
+With use_labels each batch's class ids go to the loss (`labels=`, concatenated over the accumulated
+micro-batches like the features): every pair of equal labels in the global batch is a positive.
+
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, the loss gathers the
+features (and labels) of every rank, rank 0 logs, evaluates and saves. SigLipLoss averages the
+gradients of its own parameters across ranks itself; they are not DDP's.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fastclip.loss import ClipLoss
+from fastclip.loss import ClipLoss, SigLipLoss
 from fastclip.model.factory import create_model
 from fastclip.tokenizer import ClipTokenizer
 from fastclip.train.config import TrainConfig
@@ -46,7 +54,7 @@ from fastclip.train.state import (
     weight_bytes,
 )
 
-MAX_LOG_SCALE = math.log(100.0)  # logit_scale is clamped to [0, ln 100] after every step, as in CLIP
+MAX_LOG_SCALE = math.log(100.0)  # logit_scale (CLIP's, or SigLIP's) is clamped to [0, ln 100] after every step, as in CLIP
 MAX_CONSECUTIVE_NONFINITE = 20  # with nonfinite="skip": past this many in a row the run is broken, not unlucky
 
 
@@ -111,13 +119,30 @@ def _micro_batches(data, progress: Progress, accum_steps: int):
         progress.batches_in_epoch = 0
 
 
+def _loss(loss_fn, images, texts, scale, labels):
+    if isinstance(loss_fn, SigLipLoss):
+        return loss_fn(images, texts, labels=labels)  # its own scale and bias, not the model's
+    return loss_fn(images, texts, scale, labels=labels)
+
+
+def _batch_labels(group, device) -> torch.Tensor | None:
+    """The class ids of the whole accumulated batch, in the order its features are concatenated."""
+    labelled = [b.labels is not None for b in group]
+    if not any(labelled):
+        return None
+    if not all(labelled):
+        raise ValueError("some micro-batches carry labels and some do not")
+    return torch.cat([b.labels for b in group]).to(device, non_blocking=True)
+
+
 def _train_step(model, loss_fn, group, *, device, autocast, scaler, ddp: bool) -> float:
     """Forward and backward of one optimizer step over the micro-batches in `group`; returns the loss."""
     inputs = [(b.images.to(device, non_blocking=True), b.tokens.to(device, non_blocking=True)) for b in group]
+    labels = _batch_labels(group, device)
     if len(inputs) == 1:
         with autocast():
             image, text, scale = model(*inputs[0])
-            loss = loss_fn(image, text, scale)
+            loss = _loss(loss_fn, image, text, scale, labels)
         scaler.scale(loss).backward()
         return loss.item()
     with torch.no_grad(), autocast():
@@ -129,8 +154,11 @@ def _train_step(model, loss_fn, group, *, device, autocast, scaler, ddp: bool) -
             images = torch.cat([image_j if i == j else c[0] for i, c in enumerate(cached)])
             texts = torch.cat([text_j if i == j else c[1] for i, c in enumerate(cached)])
             scale = scale / len(inputs) + scale.detach() * (1 - 1 / len(inputs))  # value s, 1/k of its gradient
-            loss = loss_fn(images, texts, scale)
+            loss = _loss(loss_fn, images, texts, scale, labels)
         scaler.scale(loss).backward()
+    for param in loss_fn.parameters():  # SigLIP's scale and bias took the whole gradient in each of the k passes
+        if param.grad is not None:
+            param.grad.div_(len(inputs))
     return loss.item()
 
 
@@ -145,14 +173,19 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
                          grad_checkpointing=config.grad_checkpointing, device=device)
     if config.lock_image:
         model.visual.requires_grad_(False)
+    if config.loss == "siglip":
+        loss_fn = SigLipLoss().to(device)  # SigLIP's init: scale log 10, bias -10
+        model.logit_scale.requires_grad_(False)  # unused by the loss: frozen, so DDP sees no unused parameter
+    else:
+        loss_fn = ClipLoss(weight=config.loss_weight, label_smoothing=config.label_smoothing)
+    learned_loss = loss_fn if config.loss == "siglip" else None  # a loss with parameters to train and save
     tokenizer = ClipTokenizer(context_length=model.config.text.context_length)
     data = build_train_data(config, model.image_size, tokenizer, rank=rank, world_size=world_size)
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
-                               betas=(config.beta1, config.beta2), eps=config.eps)
+                               betas=(config.beta1, config.beta2), eps=config.eps, extra=learned_loss)
     scheduler = make_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
     autocast = autocast_for(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    loss_fn = ClipLoss(weight=config.loss_weight, label_smoothing=config.label_smoothing)
     if is_main:  # fail now rather than at the first save, hours in
         # Two training checkpoints (latest and the one being written) and the final weights must fit.
         check_output_folder(output_dir, 2 * checkpoint_bytes(model, optimizer) + weight_bytes(model))
@@ -161,7 +194,7 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
     progress = Progress()
     if config.resume:
         progress, _ = load_training_state(resolve_resume(config.resume, output_dir / "checkpoints"), model=model,
-                                          optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+                                          optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss=learned_loss)
     ddp = world_size > 1
     trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     _set_train_mode(model, config)
@@ -172,7 +205,8 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     show = is_main and (sys.stderr.isatty() if show_progress is None else show_progress)
     bar = tqdm(total=config.steps, initial=progress.step, desc="train", unit="step", disable=not show, dynamic_ncols=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.parameters())
+    scale_param = learned_loss.logit_scale if learned_loss is not None else model.logit_scale
     batches = _micro_batches(data, progress, config.accum_steps)
     window_start, window_samples = time.perf_counter(), 0
     nonfinite_in_a_row = 0
@@ -192,12 +226,12 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
     def save() -> None:
         if is_main:
             save_training_state(output_dir / "checkpoints", model=model, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler, progress=progress, config=config.to_dict())
+                                scaler=scaler, progress=progress, config=config.to_dict(), loss=learned_loss)
 
     while progress.step < config.steps:
         group = next(batches)
         loss = _train_step(trained, loss_fn, group, device=device, autocast=autocast, scaler=scaler, ddp=ddp)
-        if not math.isfinite(loss):  # every rank sees the same value: ClipLoss returns the global loss
+        if not math.isfinite(loss):  # every rank sees the same value: the loss is the global batch's
             message = f"the loss became {loss} at step {progress.step + 1}"
             nonfinite_in_a_row += 1
             if config.nonfinite == "stop" or nonfinite_in_a_row > MAX_CONSECUTIVE_NONFINITE:
@@ -215,7 +249,7 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0.0, MAX_LOG_SCALE)
+            scale_param.clamp_(0.0, MAX_LOG_SCALE)
         progress.step += 1
         step_samples = sum(b.images.shape[0] for b in group) * world_size
         progress.samples_seen += step_samples
@@ -225,11 +259,13 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
 
         if progress.step % config.log_every == 0 or progress.step == config.steps:
             elapsed = time.perf_counter() - window_start
-            # ClipLoss returns the global batch's loss, the same on every rank: nothing to average
+            # the loss is the global batch's, the same on every rank: nothing to average
             row = {"step": progress.step, "epoch": progress.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                   "logit_scale": model.logit_scale.exp().item(), "samples_per_s": window_samples / max(elapsed, 1e-9),
+                   "logit_scale": scale_param.exp().item(), "samples_per_s": window_samples / max(elapsed, 1e-9),
                    "samples_seen": progress.samples_seen, "skipped": progress.skipped,
                    "nonfinite_skipped": progress.nonfinite_skipped}
+            if learned_loss is not None:
+                row["logit_bias"] = learned_loss.logit_bias.item()
             if is_main:
                 log.write("metrics", row)
                 bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{row['samples_per_s']:.0f}", lr=f"{row['lr']:.2e}")
@@ -250,7 +286,7 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
 
         result.model_path = output_dir / "model.safetensors"
         save_checkpoint(model, result.model_path)
-        plot_curves(output_dir)
+        plot_curves(output_dir, loss_name="sigmoid loss" if config.loss == "siglip" else "contrastive loss")
         log.close()
     return result
 

@@ -47,7 +47,7 @@ def read_csv(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
-def plot_curves(folder: Path, path: Path | None = None) -> Path:
+def plot_curves(folder: Path, path: Path | None = None, *, loss_name: str = "contrastive loss") -> Path:
     """curves.png: training loss (left) and zero-shot top-1 accuracy of each eval split (right) vs step."""
     import matplotlib
 
@@ -57,7 +57,7 @@ def plot_curves(folder: Path, path: Path | None = None) -> Path:
     metrics, evals = read_csv(folder / "metrics.csv"), read_csv(folder / "eval.csv")
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     loss_ax.plot([r["step"] for r in metrics], [r["loss"] for r in metrics])
-    loss_ax.set(xlabel="step", ylabel="contrastive loss", title="training loss", yscale="log")
+    loss_ax.set(xlabel="step", ylabel=loss_name, title="training loss", yscale="log")
     for key in sorted({k for r in evals for k in r if k.endswith("top1")}):
         rows = [r for r in evals if key in r]
         acc_ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=key)

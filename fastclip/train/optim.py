@@ -17,9 +17,14 @@ def decays(name: str, parameter: nn.Parameter) -> bool:
     return "embedding" not in name and "logit_scale" not in name
 
 
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, in a decayed and an undecayed group."""
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                   extra: nn.Module | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, in a decayed and an undecayed group.
+
+    `extra`: a module trained alongside the model (SigLipLoss's scale and bias), named "loss.<name>"."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if extra is not None:
+        named += [(f"loss.{n}", p) for n, p in extra.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
     groups = [

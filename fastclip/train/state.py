@@ -2,7 +2,7 @@
 
 A checkpoint holds the model's weights (without any DDP wrapper), the optimizer, scheduler and
 GradScaler states, the step, the data position (epoch, batches consumed in it), the RNG states and the
-config. It is written to a temporary file in the same folder and moved into place with os.replace, so
+config, and with loss=siglip the loss module's learnable scale and bias ("loss"). It is written to a temporary file in the same folder and moved into place with os.replace, so
 an interrupted save leaves the previous checkpoint intact, never a half-written file.
 """
 
@@ -91,8 +91,10 @@ def checkpoint_bytes(model, optimizer) -> int:
     return weights + 2 * per_parameter
 
 
-def save_training_state(folder: Path, *, model, optimizer, scheduler, scaler, progress: Progress, config: dict) -> Path:
-    """Write checkpoints/step_<k>.pt and point checkpoints/latest.pt at the same file."""
+def save_training_state(folder: Path, *, model, optimizer, scheduler, scaler, progress: Progress, config: dict,
+                        loss=None) -> Path:
+    """Write checkpoints/step_<k>.pt and point checkpoints/latest.pt at the same file; `loss`: a loss
+    module with learnable parameters (SigLipLoss), saved with them."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -102,6 +104,8 @@ def save_training_state(folder: Path, *, model, optimizer, scheduler, scaler, pr
         "config": config,
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
+    if loss is not None:
+        state["loss"] = loss.state_dict()
     path = folder / f"step_{progress.step:08d}.pt"
     atomic_save(state, path)
     _replace_with_link(path, folder / LATEST)
@@ -115,8 +119,9 @@ def resolve_resume(resume: str, folder: Path) -> Path:
     return path
 
 
-def load_training_state(path: Path, *, model, optimizer, scheduler, scaler) -> tuple[Progress, dict]:
-    """Restore every state in place; returns (progress, the config the checkpoint was written with)."""
+def load_training_state(path: Path, *, model, optimizer, scheduler, scaler, loss=None) -> tuple[Progress, dict]:
+    """Restore every state in place (with `loss`, that module's parameters too); returns (progress, the
+    config the checkpoint was written with)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which and why
@@ -124,6 +129,12 @@ def load_training_state(path: Path, *, model, optimizer, scheduler, scaler) -> t
     missing = {"model", "optimizer", "scheduler", "scaler", "progress", "config"} - set(state)
     if missing:
         raise ValueError(f"{path} is not a fastclip training checkpoint (missing {sorted(missing)})")
+    if (loss is None) != ("loss" not in state):
+        written = (state["config"] or {}).get("loss", "siglip" if "loss" in state else "clip")
+        wanted = "clip" if loss is None else "siglip"
+        raise ValueError(f"{path} was written with loss={written!r}, not {wanted!r}: resume with the loss it was trained with")
+    if loss is not None:
+        loss.load_state_dict(state["loss"])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
