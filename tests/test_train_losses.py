@@ -59,6 +59,14 @@ def test_loss_options_from_flags_and_file(tmp_path: Path) -> None:
         parse_train_flags(["--config", str(path)])
 
 
+def test_bad_loss_is_a_one_line_user_error(capsys) -> None:
+    from fastclip.cli import main as cli_main
+
+    assert cli_main(["train", "--loss", "infonce"]) == 2
+    err = capsys.readouterr().err
+    assert "loss must be one of" in err and "infonce" in err and "Traceback" not in err
+
+
 # --- SigLIP -----------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,9 @@
 
     fastclip train --dataset synthetic --steps 2000 --output-dir runs/shapes
     fastclip train --config run.yaml --resume latest
+    fastclip train --dataset synthetic --loss siglip --steps 2000 --output-dir runs/siglip
+    fastclip train --dataset synthetic --use-labels --steps 2000 --output-dir runs/labels
+    fastclip train --dataset csv --train-data pairs.csv --use-labels --csv-label-key label
     torchrun --standalone --nproc-per-node 8 -m fastclip train --model ViT-B-16 --dataset shards \\
         --train-data "data/{00000..01023}.tar" --batch-size 256 --precision bf16
 """
