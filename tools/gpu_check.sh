@@ -3,8 +3,8 @@
 # GPU tests and the benchmarks (loss, training step, attention, model inference), and keep the raw log,
 # the JSON and the plots under benchmarks/results/<device>/ (or $OUT when set, as on a lent device machine).
 # Extra arguments go to bench_loss.py's CLIP sweep. The new benchmarks run with limited sweeps, each under
-# a time limit, so that the whole script fits in about 9 minutes on an H100/H200 (the SigLIP step: 9
-# points up to 65536^2 logits, cut at 150 s). STEPS (default: all of
+# a time limit, so that the whole script fits in about 9 minutes on an H100/H200 (the SigLIP step: N =
+# 4096, 16384 and 65536, cut at 150 s). STEPS (default: all of
 # "tests loss siglip train attention model") runs a subset after the build, e.g. STEPS=siglip to split the
 # check over two commands when one would come close to a 10-minute limit.
 set -uo pipefail
