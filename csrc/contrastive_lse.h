@@ -32,6 +32,9 @@ void check_lse_backward_inputs(const at::Tensor& grad_row, const at::Tensor& gra
 void check_sigmoid_inputs(const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale,
                           const at::Tensor& logit_bias, const at::Tensor& row_labels, const at::Tensor& col_labels);
 
+// The upstream gradient of pairwise_sigmoid's backward: [n] on the features' device.
+void check_sigmoid_backward_inputs(const at::Tensor& grad_row_loss, const at::Tensor& image);
+
 // Rows handled per pass so that the pass's scratch, `bytes_per_row` for each of its rows, stays within
 // `budget_bytes` whatever N is: a multiple of `row_block` (at least one block), at most `rows`.
 int64_t rows_per_chunk(int64_t rows, int64_t bytes_per_row, int64_t row_block, int64_t budget_bytes);

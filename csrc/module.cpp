@@ -54,6 +54,13 @@ void check_sigmoid_inputs(const at::Tensor& image, const at::Tensor& text, const
               "logit_scale and logit_bias must be on ", image.device());
 }
 
+void check_sigmoid_backward_inputs(const at::Tensor& grad_row_loss, const at::Tensor& image) {
+  TORCH_CHECK(grad_row_loss.dim() == 1 && grad_row_loss.size(0) == image.size(0), "grad_row_loss must be [",
+              image.size(0), "], got ", grad_row_loss.sizes());
+  TORCH_CHECK(grad_row_loss.device() == image.device(), "pairwise_sigmoid_backward: grad_row_loss must be on ",
+              image.device(), ", got ", grad_row_loss.device());
+}
+
 int64_t rows_per_chunk(int64_t rows, int64_t bytes_per_row, int64_t row_block, int64_t budget_bytes) {
   int64_t chunk = std::max<int64_t>(row_block, budget_bytes / std::max<int64_t>(1, bytes_per_row));
   chunk = (chunk / row_block) * row_block;  // whole row blocks, so block boundaries match across chunks

@@ -102,8 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_back
     const at::Tensor& grad_row_loss, const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale,
     const at::Tensor& logit_bias, const at::Tensor& row_labels, const at::Tensor& col_labels) {
   check_sigmoid_inputs(image, text, logit_scale, logit_bias, row_labels, col_labels);
-  TORCH_CHECK(grad_row_loss.dim() == 1 && grad_row_loss.size(0) == image.size(0), "grad_row_loss must be [",
-              image.size(0), "], got ", grad_row_loss.sizes());
+  check_sigmoid_backward_inputs(grad_row_loss, image);
   const auto [img, txt] = prepared(image, text);
   const auto gr = grad_row_loss.to(img.scalar_type()).contiguous();
   const auto rl = row_labels.contiguous(), cl = col_labels.contiguous();

@@ -57,10 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_back
     const at::Tensor& grad_row_loss, const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale,
     const at::Tensor& logit_bias, const at::Tensor& row_labels, const at::Tensor& col_labels) {
   check_cuda_inputs(image, text, logit_scale, logit_bias, row_labels, col_labels);
-  TORCH_CHECK(grad_row_loss.dim() == 1 && grad_row_loss.size(0) == image.size(0), "grad_row_loss must be [",
-              image.size(0), "], got ", grad_row_loss.sizes());
-  TORCH_CHECK(grad_row_loss.device() == image.device(), "pairwise_sigmoid_backward: grad_row_loss must be on ",
-              image.device(), ", got ", grad_row_loss.device());
+  check_sigmoid_backward_inputs(grad_row_loss, image);
   const c10::cuda::CUDAGuard guard(image.device());
   const auto type = glue::element_type(image, kOp);
   const auto img = image.contiguous(), txt = text.contiguous();

@@ -54,10 +54,15 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.start : ctx.stop], None, None
 
 
-def gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, int]:
+def gather_rows(
+    x: torch.Tensor, group: dist.ProcessGroup | None = None, counts: list[int] | None = None
+) -> tuple[torch.Tensor, int]:
     """Concatenate every rank's `x` along dim 0 (ranks may differ in length) and return it with the
-    offset of this rank's rows. Differentiable: each rank receives the summed gradient of its rows."""
-    counts = row_counts(x, group)
+    offset of this rank's rows. Differentiable: each rank receives the summed gradient of its rows.
+    `counts` (from `row_counts`) saves the exchange of row counts when another tensor with the same rows
+    per rank was gathered already."""
+    if counts is None:
+        counts = row_counts(x, group)
     return _GatherRows.apply(x, counts, group), sum(counts[: dist.get_rank(group)])
 
 

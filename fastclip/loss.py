@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastclip.distributed import all_reduce_logsumexp, average_gradient, gather_rows, world_size
+from fastclip.distributed import all_reduce_logsumexp, average_gradient, gather_rows, row_counts, world_size
 from fastclip.ops import contrastive_loss, contrastive_loss_from_lse, contrastive_lse, sigmoid_loss, sigmoid_loss_share
 from fastclip.ops._checks import check_labels, check_unit_interval
 from fastclip.ops.contrastive_lse import BACKENDS
@@ -36,10 +36,20 @@ def _check_matched(image: torch.Tensor, text: torch.Tensor) -> None:
         )
 
 
-def _gather_labels(labels: torch.Tensor, rows: int, device: torch.device, group) -> torch.Tensor:
-    """Every rank's labels [n_r], concatenated in rank order (no gradient)."""
-    labels = check_labels("labels", labels, rows, device)
-    return gather_rows(labels[:, None], group)[0][:, 0]
+def _gather_with_labels(
+    features: torch.Tensor, labels: torch.Tensor | None, group
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """Every rank's features [n_r, D] and labels [n_r] (if given), concatenated in rank order, and this
+    rank's offset; one exchange of row counts serves both gathers."""
+    counts = row_counts(features, group)
+    gathered, offset = gather_rows(features, group, counts)
+    return gathered, offset, None if labels is None else _gather_labels(labels, features, counts, group)
+
+
+def _gather_labels(labels: torch.Tensor, features: torch.Tensor, counts: list[int], group) -> torch.Tensor:
+    """Every rank's labels, one per row of its `features` (whose row `counts` are known), in rank order."""
+    labels = check_labels("labels", labels, features.shape[0], features.device)
+    return gather_rows(labels[:, None], group, counts)[0][:, 0]
 
 
 def _global_value(share: torch.Tensor, ranks: int, group) -> torch.Tensor:
@@ -113,9 +123,7 @@ class ClipLoss(nn.Module):
         ranks: int,
     ) -> torch.Tensor:
         _check_matched(image, text)
-        if labels is not None:
-            labels = _gather_labels(labels, image.shape[0], image.device, self.group)
-        all_text, offset = gather_rows(text, self.group)
+        all_text, offset, labels = _gather_with_labels(text, labels, self.group)
         row_lse, partial_col_lse = contrastive_lse(image, all_text, logit_scale, backend=self.backend)
         col_lse = all_reduce_logsumexp(partial_col_lse, self.group)
         share = contrastive_loss_from_lse(
@@ -188,9 +196,7 @@ class SigLipLoss(nn.Module):
             )
         else:
             _check_matched(image_features, text_features)
-            if labels is not None:
-                labels = _gather_labels(labels, image_features.shape[0], image_features.device, self.group)
-            all_text, offset = gather_rows(text_features, self.group)
+            all_text, offset, labels = _gather_with_labels(text_features, labels, self.group)
             share = sigmoid_loss_share(
                 image_features, all_text, logit_scale, logit_bias, offset=offset, labels=labels, backend=self.backend
             )
@@ -223,10 +229,11 @@ class SupConLoss(nn.Module):
         ranks = world_size(self.group)
         if ranks == 1:
             return supcon_loss(features, labels, temperature=self.temperature, backend=self.backend)
-        all_features, offset = gather_rows(features, self.group)
+        counts = row_counts(features, self.group)
+        all_features, offset = gather_rows(features, self.group, counts)
         if labels is None:  # each rank's own views; ids shifted by the rank's offset to stay unique
             labels = view_labels(features.shape[0], features.device) + offset
-        all_labels = _gather_labels(labels, features.shape[0], features.device, self.group)
+        all_labels = _gather_labels(labels, features, counts, self.group)
         scale = as_temperature_scale(self.temperature, features.device, features.dtype)
         row_lse, _ = contrastive_lse(
             features, all_features, scale, masked_diagonal=offset, backend=self.backend

@@ -110,7 +110,7 @@ template <typename T, Float32Mode kMode, bool kVectorized>
 __global__ void __launch_bounds__(kThreads) lse_backward_kernel(LseBackwardArgs args) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   SharedTiles<T>& tiles = shared_tiles<T>();
-  __shared__ float row_lse2[kRowBlock], row_grad[kRowBlock], warp_sums[kThreads / 32];
+  __shared__ float row_lse2[kRowBlock], row_grad[kRowBlock];
   const T* image = static_cast<const T*>(args.image);
   const T* text = static_cast<const T*>(args.text);
   T* grad_tile = static_cast<T*>(args.grad_tile);
@@ -147,17 +147,7 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(LseBackwardArgs 
       grad_tile[row * args.cols + col] = from_float<T>(scale * grad);
     }
   }
-
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) scale_grad += __shfl_xor_sync(kFullMask, scale_grad, offset);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = scale_grad;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-    args.scale_partial[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
-  }
+  store_cta_sum(scale_grad, args.scale_partial);
 #else
   __trap();
 #endif

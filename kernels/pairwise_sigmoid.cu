@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_backward_kernel(SigmoidBackw
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   SharedTiles<T>& tiles = shared_tiles<T>();
   __shared__ int64_t row_label[kRowBlock];
-  __shared__ float row_grad[kRowBlock], warp_sums[2][kThreads / 32];
+  __shared__ float row_grad[kRowBlock];
   const T* image = static_cast<const T*>(args.image);
   const T* text = static_cast<const T*>(args.text);
   T* grad_tile = static_cast<T*>(args.grad_tile);
@@ -133,21 +133,8 @@ __global__ void __launch_bounds__(kThreads) sigmoid_backward_kernel(SigmoidBackw
     }
   }
 
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    scale_grad += __shfl_xor_sync(kFullMask, scale_grad, offset);
-    bias_grad += __shfl_xor_sync(kFullMask, bias_grad, offset);
-  }
-  if (threadIdx.x % 32 == 0) warp_sums[0][threadIdx.x / 32] = scale_grad, warp_sums[1][threadIdx.x / 32] = bias_grad;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float scale_total = 0.f, bias_total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) scale_total += warp_sums[0][w], bias_total += warp_sums[1][w];
-    const int64_t cta = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
-    args.scale_partial[cta] = scale_total;
-    args.bias_partial[cta] = bias_total;
-  }
+  store_cta_sum(scale_grad, args.scale_partial);
+  store_cta_sum(bias_grad, args.bias_partial);
 #else
   __trap();
 #endif

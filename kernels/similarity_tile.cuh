@@ -217,6 +217,24 @@ __device__ __forceinline__ void split_range(int64_t cols, int splits, int split,
   end = begin + per_split < tiles ? begin + per_split : tiles;
 }
 
+// Thread 0 writes the sum of `value` over the CTA's threads to out[blockIdx.y * gridDim.x + blockIdx.x]:
+// one partial per CTA, which the host adds up in double (a fixed order: deterministic). Every thread of
+// the CTA must call it; it may be called again right after (it ends with a barrier).
+__device__ __forceinline__ void store_cta_sum(float value, float* out) {
+  __shared__ float warp_sums[kThreads / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(kFullMask, value, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+    out[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
+  }
+  __syncthreads();  // warp_sums is free again
+}
+
 template <typename T>
 __device__ __forceinline__ SharedTiles<T>& shared_tiles() {
   // Raw storage: __shared__ variables of class type with constructors are not allowed.

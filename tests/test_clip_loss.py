@@ -14,26 +14,13 @@ import torch.nn.functional as F
 from fastclip import ClipLoss
 from fastclip.distributed import all_reduce_logsumexp, gather_rows
 from fastclip.ops.reference import contrastive_loss_reference
+from distributed_helpers import make_problem
 
-IMAGE_IN, TEXT_IN, EMBED = 11, 6, 7  # unequal input dims and an odd embedding dim
 CASES = [  # (dtype, weight, label_smoothing)
     (torch.float64, 0.3, 0.0),
     (torch.float64, 0.5, 0.1),
     (torch.float32, 0.8, 0.05),
 ]
-
-
-def make_problem(num_pairs: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    """Inputs and the parameters of two projections shared by every rank (as DDP replicas would be)."""
-    gen = torch.Generator().manual_seed(seed)
-    problem = {
-        "image_in": torch.randn(num_pairs, IMAGE_IN, generator=gen, dtype=torch.float64),
-        "text_in": torch.randn(num_pairs, TEXT_IN, generator=gen, dtype=torch.float64),
-        "image_proj": torch.randn(EMBED, IMAGE_IN, generator=gen, dtype=torch.float64),
-        "text_proj": torch.randn(EMBED, TEXT_IN, generator=gen, dtype=torch.float64),
-        "log_scale": 2.0 + torch.rand((), generator=gen, dtype=torch.float64),
-    }
-    return {name: value.to(dtype) for name, value in problem.items()}
 
 
 def loss_and_grads(problem, rows: slice, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

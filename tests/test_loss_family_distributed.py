@@ -15,25 +15,9 @@ import torch.nn.functional as F
 
 from fastclip import ClipLoss, SigLipLoss, SupConLoss
 from fastclip.ops.reference import label_contrastive_loss_reference, sigmoid_loss_reference, supcon_loss_reference
+from distributed_helpers import make_problem
 
-IMAGE_IN, TEXT_IN, EMBED = 11, 6, 7
 DTYPES = (torch.float64, torch.float32)
-CLASSES = 3  # few classes: most pairs share their label with pairs on other ranks
-
-
-def make_problem(num_pairs: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    problem = {
-        "image_in": torch.randn(num_pairs, IMAGE_IN, generator=gen, dtype=torch.float64),
-        "text_in": torch.randn(num_pairs, TEXT_IN, generator=gen, dtype=torch.float64),
-        "image_proj": torch.randn(EMBED, IMAGE_IN, generator=gen, dtype=torch.float64),
-        "text_proj": torch.randn(EMBED, TEXT_IN, generator=gen, dtype=torch.float64),
-        "log_scale": 1.5 + torch.rand((), generator=gen, dtype=torch.float64),
-        "bias": -2.0 - torch.rand((), generator=gen, dtype=torch.float64),
-    }
-    problem = {name: value.to(dtype) for name, value in problem.items()}
-    problem["labels"] = torch.randint(0, CLASSES, (num_pairs,), generator=gen)
-    return problem
 
 
 def run(problem: dict, rows: slice, kind: str, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

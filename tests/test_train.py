@@ -213,18 +213,22 @@ def test_corrupt_training_images_are_skipped_and_counted(tmp_path: Path) -> None
         assert int(list(csv.DictReader(f))[-1]["skipped"]) == result.skipped
 
 
-def test_torchrun_with_gloo(tmp_path: Path) -> None:
-    """Two CPU ranks under torchrun: DDP + distributed ClipLoss, rank 0 writes the outputs."""
+def run_torchrun(output_dir: Path, *flags: str) -> tuple[dict, list[dict]]:
+    """`fastclip train` on two CPU ranks (gloo) of the tiny model: the printed summary and metrics.csv rows."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastclip",
-               "train", "--model", "tiny-ViT", "--steps", "3", "--batch-size", "8", "--workers", "0", "--eval-samples", "20",
-               "--synthetic-samples", "64", "--log-every", "1", "--output-dir", str(tmp_path), "--device", "cpu"]
+               "train", "--model", "tiny-ViT", "--workers", "0", "--synthetic-samples", "64", "--log-every", "1",
+               "--output-dir", str(output_dir), "--device", "cpu", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    with open(output_dir / "metrics.csv", newline="") as f:
+        return json.loads(done.stdout[done.stdout.index("{"):]), list(csv.DictReader(f))
+
+
+def test_torchrun_with_gloo(tmp_path: Path) -> None:
+    """Two CPU ranks under torchrun: DDP + distributed ClipLoss, rank 0 writes the outputs."""
+    summary, rows = run_torchrun(tmp_path, "--steps", "3", "--batch-size", "8", "--eval-samples", "20")
     assert math.isfinite(summary["final_loss"])
-    with open(tmp_path / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
     assert [int(r["samples_seen"]) for r in rows] == [16, 32, 48]  # 2 ranks x 8 pairs per step
 
 

@@ -8,15 +8,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import fastclip.train.loop as loop
 from fastclip.data.pairs import PairBatch
 from fastclip.data.synthetic import HELDOUT_PAIRS, class_index
 from fastclip.loss import ClipLoss, SigLipLoss
@@ -26,7 +22,7 @@ from fastclip.train.loop import _train_step
 from fastclip.train.optim import make_optimizer
 from fastclip.train.state import Progress, load_training_state, save_training_state
 
-from test_train import FAST, parse_train_flags
+from test_train import FAST, parse_train_flags, run_torchrun
 
 
 # --- configuration ----------------------------------------------------------------------------------
@@ -200,16 +196,8 @@ def test_csv_label_column_in_training(tmp_path: Path) -> None:
 
 def test_torchrun_siglip_with_labels(tmp_path: Path) -> None:
     """Two CPU ranks: DDP with the frozen model scale, SigLipLoss averaging its own gradients, labels gathered."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastclip",
-               "train", "--model", "tiny-ViT", "--steps", "2", "--batch-size", "8", "--accum-steps", "2",
-               "--workers", "0", "--eval-samples", "4", "--synthetic-samples", "64", "--log-every", "1",
-               "--loss", "siglip", "--use-labels", "--output-dir", str(tmp_path), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    summary, rows = run_torchrun(tmp_path, "--steps", "2", "--batch-size", "8", "--accum-steps", "2",
+                                 "--eval-samples", "4", "--loss", "siglip", "--use-labels")
     assert math.isfinite(summary["final_loss"])
-    with open(tmp_path / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
     assert [int(r["samples_seen"]) for r in rows] == [32, 64]  # 2 ranks x 2 micro-batches x 8 pairs per step
     assert float(rows[-1]["logit_bias"]) > -10.0

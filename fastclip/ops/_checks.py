@@ -31,6 +31,21 @@ def check_features(image: torch.Tensor, text: torch.Tensor, names: tuple[str, st
         )
 
 
+def check_matched_pairs(image: torch.Tensor, text: torch.Tensor, share_function: str) -> None:
+    """Row i of each is pair i: the batch sizes must agree (`share_function` serves one rank's rows)."""
+    if image.shape[0] != text.shape[0]:
+        raise ValueError(
+            f"image_features and text_features must have the same batch size (pair i is the positive), got "
+            f"{image.shape[0]} and {text.shape[0]}; for a rank's rows of a larger batch use {share_function} with offset"
+        )
+
+
+def check_offset(offset: int, rows: int, num_pairs: int) -> None:
+    """Rows offset..offset+rows of an num_pairs-row batch."""
+    if isinstance(offset, bool) or not (isinstance(offset, int) and 0 <= offset and offset + rows <= num_pairs):
+        raise ValueError(f"offset must be an int with 0 <= offset and offset + {rows} <= {num_pairs}, got {offset!r}")
+
+
 def one_value(name: str, value: torch.Tensor | float, device: torch.device, meaning: str) -> tuple[torch.Tensor, float | None]:
     """`value` as a one-element floating tensor on `device`, and its float (None when it cannot be read)."""
     device = torch.device(device)

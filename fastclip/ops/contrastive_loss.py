@@ -25,7 +25,15 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_features, check_labels, check_unit_interval
+from fastclip.ops._checks import (
+    accumulate_dtype,
+    as_logit_scale,
+    check_features,
+    check_labels,
+    check_matched_pairs,
+    check_offset,
+    check_unit_interval,
+)
 from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
 from fastclip.ops.positives import class_ids, same_label_dots
 
@@ -49,12 +57,7 @@ def contrastive_loss(
     matrix is stored on any backend.
     """
     check_features(image_features, text_features)
-    if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError(
-            f"image_features and text_features must have the same batch size (pair i is the positive), got "
-            f"{image_features.shape[0]} and {text_features.shape[0]}; for a rank's rows of a larger batch use "
-            "contrastive_loss_from_lse with offset"
-        )
+    check_matched_pairs(image_features, text_features, "contrastive_loss_from_lse")
     check_unit_interval("weight", weight)
     check_unit_interval("label_smoothing", label_smoothing)
     if labels is not None:
@@ -88,8 +91,7 @@ def contrastive_loss_from_lse(
     check_unit_interval("weight", weight)
     check_unit_interval("label_smoothing", label_smoothing)
     n, num_pairs = image_features.shape[0], text_features.shape[0]
-    if isinstance(offset, bool) or not (isinstance(offset, int) and 0 <= offset and offset + n <= num_pairs):
-        raise ValueError(f"offset must be an int with 0 <= offset and offset + {n} <= {num_pairs}, got {offset!r}")
+    check_offset(offset, n, num_pairs)
     for name, lse in (("row_lse", row_lse), ("col_lse", col_lse)):
         if not isinstance(lse, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (from contrastive_lse), got {type(lse).__name__}")

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.ops._checks import as_logit_bias, as_logit_scale, check_features, check_labels
+from fastclip.ops._checks import (
+    as_logit_bias,
+    as_logit_scale,
+    check_features,
+    check_labels,
+    check_matched_pairs,
+    check_offset,
+)
 from fastclip.ops.pairwise_sigmoid import dispatch_pairwise_sigmoid
 
 
@@ -32,12 +39,7 @@ def sigmoid_loss(
     differentiable in both features, s and b; no N x N matrix is stored on any backend.
     """
     check_features(image_features, text_features)
-    if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError(
-            f"image_features and text_features must have the same batch size (pair i is the positive), got "
-            f"{image_features.shape[0]} and {text_features.shape[0]}; for a rank's rows of a larger batch use "
-            "sigmoid_loss_share with offset"
-        )
+    check_matched_pairs(image_features, text_features, "sigmoid_loss_share")
     return sigmoid_loss_share(image_features, text_features, logit_scale, logit_bias, labels=labels, backend=backend)
 
 
@@ -59,8 +61,7 @@ def sigmoid_loss_share(
     check_features(image_features, text_features)
     n, num_pairs = image_features.shape[0], text_features.shape[0]
     device = image_features.device
-    if isinstance(offset, bool) or not (isinstance(offset, int) and 0 <= offset and offset + n <= num_pairs):
-        raise ValueError(f"offset must be an int with 0 <= offset and offset + {n} <= {num_pairs}, got {offset!r}")
+    check_offset(offset, n, num_pairs)
     if labels is None:  # the diagonal: pair i's label is i
         col_labels = torch.arange(num_pairs, device=device)
     else:
