@@ -3,7 +3,7 @@ over a batch-size sweep, each fastclip backend against the eager PyTorch loss a 
 
     python benchmarks/bench_loss.py [--loss clip,siglip,supcon] [--device cuda] [--dtypes bf16,fp32]
                                     [--dims 512,1024] [--sizes 1024,4096] [--max-n 524288]
-                                    [--backends naive,torch,cpp,cuda] [--no-cpu-memory] [--out DIR]
+                                    [--backends naive,infcl,torch,cpp,cuda] [--no-cpu-memory] [--out DIR]
 
 --loss picks the losses (comma-separated, or `all`); the default is `clip`, the original benchmark, so an
 existing invocation measures and writes exactly what it did. Each loss writes its own files into --out:
@@ -19,6 +19,9 @@ O(N * D)):
           (F.cross_entropy(logits.float(), arange) + F.cross_entropy(logits.float().T, arange)) / 2.
           fastclip: fastclip.contrastive_loss(image, text, scale, backend=...).
           Inputs: image, text [N, D]; logit_scale s = 100 (CLIP's clamp ceiling: the widest logit range).
+          infcl: Inf-CL (`pip install inf-cl`, CUDA only; tools/gpu_wheels.sh fetches it), the best public tiled
+          CLIP loss: its single-GPU `cal_flash_loss` once per direction, (rows + columns) / 2, as its README
+          composes the symmetric loss; it computes in fp32/TF32 whatever the input dtype, D a multiple of 256.
   siglip  naive (open_clip's SigLipLoss, upcast as under autocast):
               logits = scale * image @ text.T + bias           # N x N in the input dtype
               z = torch.full((N, N), -1.0).fill_diagonal_(1.0)  # fp32 labels, +1 on the diagonal
@@ -94,6 +97,7 @@ CHECK_MAX_N = {"cuda": 8192, "cpu": 2048}  # fp64 reference check up to here (ch
 CHECK_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}  # loss error / max(1, |loss|); a broken kernel is O(1)
 DEFAULT_SIZES = {"cpu": [256, 1024, 2048, 4096], "cuda": [2**k for k in (10, 12, 13, 14, 15, 16, 17, 18)]}
 LOSSES = ("clip", "siglip", "supcon")
+BASELINES = ("naive", "infcl")  # the competitors that are not fastclip's
 # issue 9's GPU acceptance for SigLIP: (dtype, D, N), fwd+bwd speedup at least, memory fraction below
 SIGLIP_TARGET = {"dtype": "bf16", "d": 768, "n": 65536, "backend": "cuda", "min_speedup": 2.0, "max_memory_fraction": 0.05}
 
@@ -106,6 +110,13 @@ def naive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> 
     logits = scale * image @ text.T
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.float().T, labels)) / 2
+
+
+def infcl_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inf-CL's symmetric CLIP loss: its tiled Triton loss once per direction."""
+    from inf_cl import cal_flash_loss  # optional peer: imported only when benchmarked
+
+    return (cal_flash_loss(image, text, scale=scale).mean() + cal_flash_loss(text, image, scale=scale).mean()) / 2
 
 
 def naive_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -211,6 +222,8 @@ SPECS = {
 
 def loss_fn(backend: str, loss: str = "clip") -> Callable[..., torch.Tensor]:
     spec = SPECS[loss]
+    if backend == "infcl":
+        return infcl_loss
     return spec.naive if backend == "naive" else spec.fused(backend)
 
 
@@ -250,10 +263,24 @@ def unavailable(backend: str, device: str, dtype: str, loss: str = "clip") -> st
     """Why `backend` cannot run `loss` here, or None."""
     if backend == "naive":
         return None
+    if backend == "infcl":
+        return _infcl_unavailable(device, loss)
     try:
         resolve_backend(backend, torch.device(device), DTYPES[dtype], SPECS[loss].op)
     except (RuntimeError, ValueError) as error:
         return str(error).split(":")[0]
+    return None
+
+
+def _infcl_unavailable(device: str, loss: str) -> str | None:
+    if loss != "clip":
+        return "Inf-CL computes the CLIP loss only"
+    if device != "cuda":
+        return "Inf-CL needs CUDA"
+    try:
+        import inf_cl  # noqa: F401
+    except ImportError as error:
+        return f"inf_cl does not import ({error})"
     return None
 
 
@@ -372,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dims", help="comma-separated feature dims D (default: 512,1024 on cuda, 512 on cpu)")
     parser.add_argument("--sizes", help="comma-separated batch sizes N (default: cpu 256..4096, cuda 1024..262144)")
     parser.add_argument("--max-n", type=int, help="cut the default sweep at this N, or extend it by doubling up to it")
-    parser.add_argument("--backends", help="comma-separated of naive,torch,cpp,cuda (default: all that run on the device)")
+    parser.add_argument("--backends", help="comma-separated of naive,infcl,torch,cpp,cuda (default: all that run on the device)")
     parser.add_argument("--warmup", type=int, help="warm-up calls per measurement (default: 5 cuda, 1 cpu)")
     parser.add_argument("--reps", type=int, help="timed calls per measurement (default: 20 cuda, 5 cpu)")
     parser.add_argument("--budget-s", type=float, default=5.0, help="fewer reps (at least 3) for calls too slow to fit this many seconds")
@@ -408,7 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def backends_for(loss: str, args: argparse.Namespace) -> list[str]:
     """The competitors for `loss`: --backends, or all that can run it on the device; naive first."""
     backends = list(args.explicit_backends or [
-        b for b in ("naive", "torch", "cpp", "cuda") if unavailable(b, args.device, "fp32", loss) is None
+        b for b in ("naive", "infcl", "torch", "cpp", "cuda") if unavailable(b, args.device, "fp32", loss) is None
     ])
     backends.sort(key=lambda b: b != "naive")  # naive first: the others' ratios need it
     return backends
@@ -482,9 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {header['device']}; losses: {','.join(args.losses)}; matmul rate (TFLOP/s): "
           + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
     rows = [row for loss in args.losses for row in run_loss(loss, args, header, rates)]
-    # a fastclip backend off its reference fails the run; so does a naive baseline in fp32 (a wrong baseline
+    # a fastclip backend off its reference fails the run; so does a baseline in fp32 (a wrong baseline
     # would make every ratio meaningless), while bf16/fp16 naive may miss by its rounded N x N logits
-    failed = [r for r in rows if r.get("check") and not r["check"]["ok"] and (r["backend"] != "naive" or r["dtype"] == "fp32")]
+    failed = [r for r in rows if r.get("check") and not r["check"]["ok"] and (r["backend"] not in BASELINES or r["dtype"] == "fp32")]
     for r in failed:
         print(f"CHECK FAILED: {r['loss']} {r['backend']} {r['dtype']} D={r['d']} N={r['n']}: {r['check']}")
     return 1 if failed else 0

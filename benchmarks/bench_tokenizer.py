@@ -89,7 +89,7 @@ def make_hf_tokenizer(context_length: int = 77) -> Tokenize | None:
     encoder, ranks = tk.load_vocab(tk.find_vocab_file().resolve())
     hf = Tokenizer(models.BPE(vocab=encoder, merges=list(ranks), end_of_word_suffix="</w>"))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("(?i)" + tk._WORD_RE.pattern), behavior="removed", invert=True),
+        pre_tokenizers.Split(Regex("(?i)" + tk._word_res("open_clip")[0].pattern), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
 

@@ -1,10 +1,17 @@
 """CLIP's byte-level BPE tokenizer, id-for-id identical to OpenAI's / open_clip's `SimpleTokenizer`.
 
-49408 tokens: 256 byte symbols, their `</w>` (end-of-word) variants, 48894 merges, then `<start_of_text>`
-(49406) and `<end_of_text>` (49407). Text is cleaned as the original does it (ftfy, HTML unescaped twice,
-whitespace collapsed, lower-cased), split by the original's regex and BPE-merged word by word.
+49408 tokens: 256 byte symbols, their `</w>` (end-of-word) variants, 48894 merges, then the start (49406)
+and end (49407) of text. Text is cleaned as the original does it (ftfy, HTML unescaped twice, whitespace
+collapsed, lower-cased), split by the original's regex and BPE-merged word by word. The merges file,
+OpenAI's `bpe_simple_vocab_16e6.txt.gz`, ships inside fastclip (`fastclip/vocab/`, with its licence).
 
-Why it is fast (the original spends ~130 µs per caption, half of it in ftfy):
+Special tokens written in the text: open_clip (the default) turns the words `<start_of_text>` and
+`<end_of_text>` into the special ids and splits OpenAI's spelling `<|startoftext|>` into ordinary tokens;
+OpenAI's tokenizer (and transformers' `CLIPTokenizer`) does the opposite. `specials_in_text="openai"`
+gives OpenAI's behaviour, and `"none"` never makes a special id from text, which is the safe choice for
+untrusted captions (text that spells a special token cannot end a caption early).
+
+Why it is fast (the original spends ~130 us per caption, half of it in ftfy):
 - on printable ASCII without '&', ftfy can change nothing but line breaks, which cleaning collapses
   anyway (each of its other fixes needs a non-ASCII character, a control character or an HTML
   entity), so such text skips it; ftfy still runs, exactly as in the original, on all other text;
@@ -21,64 +28,66 @@ from __future__ import annotations
 import functools
 import gzip
 import html
-import importlib.util
 import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import ftfy
 import numpy as np
 import regex
 import torch
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+PACKAGED_VOCAB = Path(__file__).resolve().parent / "vocab" / VOCAB_FILE
 VOCAB_ENV = "FASTCLIP_BPE_PATH"
-# Installed packages that ship the vocab file next to their __init__.py (open-clip-torch, OpenAI's clip).
-VOCAB_PACKAGES = ("open_clip", "clip")
-VOCAB_URL = "https://github.com/openai/CLIP/raw/main/clip/" + VOCAB_FILE
 NUM_MERGES = 49152 - 256 - 2  # 48894: the original reads merge lines 1..48894 of a longer file
-SOT, EOT = "<start_of_text>", "<end_of_text>"
+SOT, EOT = "<start_of_text>", "<end_of_text>"  # the vocabulary's names of the two special tokens
 DEFAULT_CONTEXT_LENGTH = 77
+# How each convention spells the special tokens in text ("none": text never yields a special id).
+SPECIALS_IN_TEXT = {"open_clip": (SOT, EOT), "openai": ("<|startoftext|>", "<|endoftext|>"), "none": ()}
 
-# The original's pre-tokeniser, verbatim (with IGNORECASE, which matters for e.g. "'ſ": ſ folds to s).
-_WORD_RE = regex.compile(SOT + "|" + EOT + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.I)
-# The same split on cleaned ASCII text: lower-case already, and its only whitespace is ' '.
-_ASCII_WORD_RE = re.compile(SOT + "|" + EOT + r"""|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^ a-z0-9]+""")
+# The original's pre-tokeniser (with IGNORECASE, which matters for e.g. "'ſ": ſ folds to s), and the same
+# split on cleaned ASCII text, which is lower-case already and whose only whitespace is ' '; each led by
+# the alternatives for the special words of a convention.
+_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_ASCII_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^ a-z0-9]+"""
 # Anything outside printable ASCII + \t\n\r, or '&' (HTML), can be changed by ftfy + html.unescape.
 _NEEDS_FTFY = re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastclip"
+@functools.cache
+def _word_res(specials_in_text: str) -> tuple[regex.Pattern, re.Pattern]:
+    """(full pattern, ASCII pattern) for one convention of special words."""
+    lead = "".join(re.escape(word) + "|" for word in SPECIALS_IN_TEXT[specials_in_text])
+    return regex.compile(lead + _WORD_PATTERN, regex.I), re.compile(lead + _ASCII_WORD_PATTERN)
 
 
 def find_vocab_file(path: str | os.PathLike | None = None) -> Path:
-    """The BPE merges file: `path`, else $FASTCLIP_BPE_PATH, else an installed package, else the cache dir."""
+    """The BPE merges file: `path`, else $FASTCLIP_BPE_PATH, else the one fastclip ships."""
     for given, origin in ((path, "the bpe_path argument"), (os.environ.get(VOCAB_ENV), f"${VOCAB_ENV}")):
         if given:  # a location the user named must exist: never silently fall back to another file
             if not Path(given).is_file():
                 raise FileNotFoundError(f"CLIP BPE vocab file not found at {given!r} (from {origin})")
             return Path(given)
-    searched = [f"${VOCAB_ENV} (not set)"]
-    for package in VOCAB_PACKAGES:
-        try:  # find_spec locates the package without importing it (importing open_clip needs torchvision)
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            if (candidate := Path(folder) / VOCAB_FILE).is_file():
-                return candidate
-        searched.append(f"package {package!r} ({'installed, no vocab file' if spec else 'not installed'})")
-    if (candidate := _cache_dir() / VOCAB_FILE).is_file():
-        return candidate
-    searched.append(str(candidate))
-    raise FileNotFoundError(
-        f"CLIP BPE vocab file {VOCAB_FILE} not found; searched: {'; '.join(searched)}. Get it with "
-        f"`pip install --no-deps open-clip-torch`, or download {VOCAB_URL} into {_cache_dir()}, "
-        f"or pass bpe_path= / set ${VOCAB_ENV}."
-    )
+    if not PACKAGED_VOCAB.is_file():  # only a broken install lacks it
+        raise FileNotFoundError(
+            f"CLIP BPE vocab file {VOCAB_FILE} is missing from this fastclip install (expected {PACKAGED_VOCAB}); "
+            f"reinstall fastclip, or pass bpe_path= / set ${VOCAB_ENV}."
+        )
+    return PACKAGED_VOCAB
+
+
+def _fix_text(text: str) -> str:
+    """ftfy.fix_text, imported on first use: fastclip imports and tokenizes ASCII captions without ftfy."""
+    try:
+        import ftfy
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "fastclip's tokenizer needs the package 'ftfy' to clean text with non-ASCII characters or HTML "
+            "entities, as CLIP's original tokenizer does: pip install ftfy"
+        ) from error
+    return ftfy.fix_text(text)
 
 
 @functools.cache
@@ -111,7 +120,7 @@ def load_vocab(path: Path) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
 def clean_text(text: str) -> str:
     """The original's 'lower' cleaning: ftfy.fix_text, html.unescape twice, whitespace collapse, lower-case."""
     if _NEEDS_FTFY.search(text):
-        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+        text = html.unescape(html.unescape(_fix_text(text)))
     return " ".join(text.split()).lower()  # split() also does the original's strip()s
 
 
@@ -150,8 +159,10 @@ class ClipTokenizer:
     """Callable like open_clip's tokenizer: `tok(texts, context_length=77)` -> LongTensor [batch, context_length].
 
     Rows are `<start_of_text> ids <end_of_text>` padded with 0; longer texts are truncated so that the
-    last kept token is `<end_of_text>`. `cache_size` bounds each of the two caches (chunk -> ids and
-    word -> ids), which are cleared when full.
+    last kept token is `<end_of_text>`. `specials_in_text` says which words in the text become the special
+    ids: "open_clip" (`<start_of_text>`, the default), "openai" (`<|startoftext|>`) or "none" (see the
+    module docstring). `cache_size` bounds each of the two caches (chunk -> ids and word -> ids), which
+    are cleared when full.
     """
 
     def __init__(
@@ -159,7 +170,10 @@ class ClipTokenizer:
         bpe_path: str | os.PathLike | None = None,
         context_length: int = DEFAULT_CONTEXT_LENGTH,
         cache_size: int = 1 << 16,
+        specials_in_text: str = "open_clip",
     ) -> None:
+        if specials_in_text not in SPECIALS_IN_TEXT:
+            raise ValueError(f"specials_in_text must be one of {tuple(SPECIALS_IN_TEXT)}, got {specials_in_text!r}")
         self.bpe_path = find_vocab_file(bpe_path)
         self.encoder, self.bpe_ranks = load_vocab(self.bpe_path.resolve())
         self.decoder = {i: t for t, i in self.encoder.items()}
@@ -172,14 +186,16 @@ class ClipTokenizer:
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
         self.cache_size = cache_size
-        # The original matches the special strings as whole words and maps them to their ids.
-        self._specials = {SOT: (self.sot_token_id,), EOT: (self.eot_token_id,)}
+        # The originals match their spelling of the special tokens as whole words and map them to the ids.
+        self.specials_in_text = specials_in_text
+        self._word_re, self._ascii_word_re = _word_res(specials_in_text)
+        self._specials = dict(zip(SPECIALS_IN_TEXT[specials_in_text], ((self.sot_token_id,), (self.eot_token_id,))))
         self._words = _Memo(self._encode_word, cache_size)  # pre-token -> ids
         self._chunks = _Memo(self._encode_chunk, cache_size)  # space-free chunk of cleaned text -> ids
 
     def __reduce__(self) -> tuple:
         # Pickle (e.g. to DataLoader workers) as the arguments only: workers reload the vocab themselves.
-        return type(self), (self.bpe_path, self.context_length, self.cache_size)
+        return type(self), (self.bpe_path, self.context_length, self.cache_size, self.specials_in_text)
 
     def _bpe(self, word: str) -> tuple[int, ...]:
         """Ids of one byte-mapped word: repeatedly merge every occurrence of the lowest-ranked pair."""
@@ -207,7 +223,7 @@ class ClipTokenizer:
         return self._bpe(word.encode("utf-8").decode("latin-1").translate(self._byte_table))
 
     def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
-        words = (_ASCII_WORD_RE if chunk.isascii() else _WORD_RE).findall(chunk)
+        words = (self._ascii_word_re if chunk.isascii() else self._word_re).findall(chunk)
         return tuple(itertools.chain.from_iterable(map(self._words.__getitem__, words)))
 
     def _encode(self, text: str) -> list[int]:

@@ -1,8 +1,9 @@
-"""The CLIP tokenizer: identical ids to open_clip's SimpleTokenizer (the independent oracle), packing,
-truncation, decoding, vocab-file discovery and errors.
+"""The CLIP tokenizer: identical ids to open_clip's and OpenAI's SimpleTokenizer (the independent oracles),
+packing, truncation, decoding, special tokens written in text, vocab-file discovery and errors.
 
-The oracle is open_clip's `tokenizer.py`, loaded by file path: `import open_clip` needs torchvision, which
-is not a dependency. CI installs it with `pip install --no-deps open-clip-torch`; it also ships the vocab.
+The oracles are the originals' `tokenizer.py` / `simple_tokenizer.py`, loaded by file path (importing
+the packages needs torchvision, which is not a dependency): the README's test setup installs them with
+`pip install --no-deps open-clip-torch clip-anytorch`.
 """
 
 from __future__ import annotations
@@ -22,21 +23,31 @@ from fastclip import tokenizer as tk
 from fastclip.tokenizer import ClipTokenizer
 
 
-@pytest.fixture(scope="module")
-def oracle():
-    spec = importlib.util.find_spec("open_clip")
+def _load_original(package: str, file: str):
+    """The SimpleTokenizer of an installed original, loaded from its file (no package import)."""
+    spec = importlib.util.find_spec(package)
     if spec is None:
-        pytest.skip("open_clip not installed: pip install --no-deps open-clip-torch")
-    path = Path(spec.submodule_search_locations[0]) / "tokenizer.py"
-    module_spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", path)
+        pytest.fail(f"the reference tokenizer {package!r} is not installed: pip install --no-deps open-clip-torch clip-anytorch")
+    path = Path(spec.submodule_search_locations[0]) / file
+    module_spec = importlib.util.spec_from_file_location(f"_{package}_tokenizer", path)
     module = importlib.util.module_from_spec(module_spec)
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    module_spec.loader.exec_module(module)  # sets TOKENIZERS_PARALLELISM as an import side effect: undo it
+    module_spec.loader.exec_module(module)  # open_clip sets TOKENIZERS_PARALLELISM as an import side effect: undo it
     if saved is None:
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
     else:
         os.environ["TOKENIZERS_PARALLELISM"] = saved
     return module.SimpleTokenizer()
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return _load_original("open_clip", "tokenizer.py")
+
+
+@pytest.fixture(scope="module")
+def openai_oracle():
+    return _load_original("clip", "simple_tokenizer.py")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +126,39 @@ def test_corpus_ids_match_original(tok, oracle):
         assert tok.encode(text) == oracle.encode(text), f"ids differ for {text!r}"
     for length in (77, 16, 2):
         assert torch.equal(tok(CORPUS, context_length=length), oracle(CORPUS, context_length=length)), length
+
+
+SPECIAL_SPELLINGS = [
+    "<|startoftext|> <|endoftext|>", "<|startoftext|>", "a photo<|endoftext|> of", "<|ENDOFTEXT|> x",
+    "<start_of_text> hi <end_of_text>", "x<|endoftext|>y", "<|startoftext|><|endoftext|>", "<|endoftext|",
+]
+
+
+def test_specials_in_text_follow_each_original(tok, oracle, openai_oracle):
+    """open_clip's spelling by default, OpenAI's on request; the rest of the text is tokenized identically."""
+    openai_style = ClipTokenizer(specials_in_text="openai")
+    for text in SPECIAL_SPELLINGS + CORPUS:
+        assert tok.encode(text) == oracle.encode(text), f"open_clip ids differ for {text!r}"
+        assert openai_style.encode(text) == openai_oracle.encode(text), f"OpenAI ids differ for {text!r}"
+    assert openai_style.encode("<|startoftext|> <|endoftext|>") == [49406, 49407]
+    assert tok.encode("<start_of_text> <end_of_text>") == [49406, 49407]
+
+
+def test_specials_in_text_none_never_emits_special_ids(tok):
+    safe = ClipTokenizer(specials_in_text="none")
+    for text in SPECIAL_SPELLINGS + CORPUS:
+        ids = safe.encode(text)
+        assert tok.sot_token_id not in ids and tok.eot_token_id not in ids, text
+        if "_of_text>" not in text.lower():  # without a special word it is the default tokenization
+            assert ids == tok.encode(text), text
+    row = safe(["<end_of_text> a cat"])[0]  # the only end token is the real one, after the caption
+    assert (row == tok.eot_token_id).sum() == 1 and row[0] == tok.sot_token_id
+    assert pickle.loads(pickle.dumps(safe)).encode("<end_of_text>") == safe.encode("<end_of_text>")
+
+
+def test_specials_in_text_rejects_unknown_convention():
+    with pytest.raises(ValueError, match="specials_in_text must be one of"):
+        ClipTokenizer(specials_in_text="hf")
 
 
 def _random_texts(seed: int, count: int, alphabet: str, max_len: int) -> list[str]:
@@ -216,38 +260,30 @@ def test_bad_inputs(tok):
         tok.decode([320, 49408])
 
 
-@pytest.fixture
-def no_vocab_anywhere(monkeypatch, tmp_path):
-    """An environment where no vocab file can be found: fresh HOME, no env vars, no shipping package."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+def test_packaged_vocab_is_the_default(monkeypatch):
+    """After `pip install` the tokenizer needs no other package or download: the merges file ships inside."""
     monkeypatch.delenv(tk.VOCAB_ENV, raising=False)
-    monkeypatch.setattr(tk, "VOCAB_PACKAGES", ("fastclip_no_such_package",))
-    return tmp_path
+    assert tk.find_vocab_file() == tk.PACKAGED_VOCAB
+    assert tk.PACKAGED_VOCAB.is_relative_to(Path(tk.__file__).parent)
+    assert (tk.PACKAGED_VOCAB.parent / "LICENSE").is_file()
 
 
-def test_missing_vocab_file_error(no_vocab_anywhere):
+def test_broken_install_without_vocab_says_so(monkeypatch, tmp_path):
+    monkeypatch.delenv(tk.VOCAB_ENV, raising=False)
+    monkeypatch.setattr(tk, "PACKAGED_VOCAB", tmp_path / tk.VOCAB_FILE)
     with pytest.raises(FileNotFoundError) as err:
         ClipTokenizer()
-    message = str(err.value)
-    for expected in ("FASTCLIP_BPE_PATH", "fastclip_no_such_package", "not installed",
-                     str(no_vocab_anywhere / ".cache" / "fastclip" / tk.VOCAB_FILE),
-                     "pip install --no-deps open-clip-torch"):
-        assert expected in message
+    for expected in ("missing from this fastclip install", "reinstall fastclip", "FASTCLIP_BPE_PATH"):
+        assert expected in str(err.value)
 
 
-def test_vocab_found_from_argument_env_and_cache(tok, no_vocab_anywhere, monkeypatch):
-    copy = no_vocab_anywhere / "my_vocab.txt.gz"
+def test_vocab_found_from_argument_and_env(tok, tmp_path, monkeypatch):
+    copy = tmp_path / "my_vocab.txt.gz"
     shutil.copy(tok.bpe_path, copy)
     assert ClipTokenizer(bpe_path=copy).bpe_path == copy
     monkeypatch.setenv(tk.VOCAB_ENV, str(copy))
-    assert ClipTokenizer().bpe_path == copy
-    monkeypatch.delenv(tk.VOCAB_ENV)
-    cached = no_vocab_anywhere / ".cache" / "fastclip" / tk.VOCAB_FILE
-    cached.parent.mkdir(parents=True)
-    shutil.copy(tok.bpe_path, cached)
     found = ClipTokenizer()
-    assert found.bpe_path == cached and found.encode("a photo of a cat.") == tok.encode("a photo of a cat.")
+    assert found.bpe_path == copy and found.encode("a photo of a cat.") == tok.encode("a photo of a cat.")
 
 
 def test_named_vocab_path_must_exist(tmp_path, monkeypatch):

@@ -1,56 +1,129 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine: build fastclip._C with its CUDA kernels from this checkout, run the
-# GPU tests and the benchmarks (loss, training step, attention, model inference), and keep the raw log,
-# the JSON and the plots under benchmarks/results/<device>/ (or $OUT when set, as on a lent device machine).
-# Extra arguments go to bench_loss.py's CLIP sweep. The new benchmarks run with limited sweeps, each under
-# a time limit, so that the whole script fits in about 9 minutes on an H100/H200 (the SigLIP step: N =
-# 4096, 16384 and 65536, cut at 150 s). STEPS (default: all of
-# "tests loss siglip train attention model") runs a subset after the build, e.g. STEPS=siglip to split the
-# check over two commands when one would come close to a 10-minute limit.
+# The GPU check, for a CUDA machine that reaches no package registry: install the wheels carried in .whl/
+# (tools/gpu_wheels.sh), build fastclip._C with its CUDA kernels from this checkout, then run the steps, the
+# most valuable evidence first:
+#   build        FASTCLIP_FORCE_CUDA=1 editable build, then `python -m fastclip info`
+#   tests        pytest -m cuda on the loss kernels (stops after a few failures)
+#   sanitizer    compute-sanitizer memcheck and racecheck on small CUDA loss tests
+#   loss         bench_loss: naive, Inf-CL, tiled torch and the CUDA kernel, bf16 and fp32, D = 512 and 768
+#   profile      one ncu profile of the loss forward and backward at N = 65536, D = 768, bf16
+#   attention_tests  pytest -m cuda on the Triton attention and the models
+#   siglip attention train model   the other benchmarks, each cut at its time limit
+# Each step runs under a time limit printed in the log; a step cut at its limit (exit 124) keeps what it
+# wrote. STEPS picks and orders steps, e.g. STEPS="build tests sanitizer loss profile" for one 10-minute
+# command and STEPS="attention_tests siglip attention train model" for a second one on the warm machine.
+# Outputs go to benchmarks/results/<device>/ (DEVICE_NAME overrides <device>). When $OUT is set (a lent
+# device machine, which returns at most 8 files) the live log is $OUT/gpu_check.log and, after every step,
+# $OUT/results.tar.gz holds the whole results folder, so a command killed midway still returns its data.
+# Extra arguments go to the loss step's bench_loss.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-device=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
-dest=${OUT:-benchmarks/results/$device}
-mkdir -p "$dest"
-steps=" ${STEPS:-tests loss siglip train attention model} "
-log="$dest/gpu_check${STEPS:+_${STEPS// /_}}.log"  # a subset keeps its own log beside the full one
+export PYTHONUNBUFFERED=1
+steps=" ${STEPS-build tests sanitizer loss profile attention_tests siglip attention train model} "
 want() { [[ $steps == *" $1 "* ]]; }
 
-# bench NAME LIMIT_S ARGS...: benchmarks/NAME.py on the GPU into $dest, killed after LIMIT_S seconds
-# (exit code 124; the scripts that save after every point keep what they measured).
-bench() {
+# Wheels the GPU image lacks, installed beside it exactly as the device README shows (no registry there).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastclip-site .whl/*.whl \
+    || { echo "installing the wheels in .whl failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/fastclip-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+device=${DEVICE_NAME:-$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo unknown)}
+results=benchmarks/results/$device
+mkdir -p "$results"
+log=${OUT:+$OUT/}gpu_check${STEPS:+_${STEPS// /_}}.log
+[[ -n ${OUT:-} ]] || log=$results/$log
+
+# snapshot: the results folder into $OUT/results.tar.gz (atomically), when running on a device machine.
+snapshot() {
+  [[ -n ${OUT:-} ]] || return 0
+  cp "$log" "$results/" 2>/dev/null
+  tar -czf "$OUT/results.tar.gz.part" -C benchmarks/results "$device" && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+}
+
+# step NAME LIMIT_S COMMAND...: run under a time limit (exit 124 when cut), report, snapshot.
+step() {
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
-  echo "== $name $* (limit ${limit}s)"
-  timeout -k 15 "$limit" python "benchmarks/$name.py" --device cuda --out "$dest" "$@" 2>&1
+  echo "== step $name (limit ${limit}s, $SECONDS s so far): $*"
+  timeout -k 10 "$limit" "$@" 2>&1
   rc=$?
-  echo "$name exit code: $rc ($((SECONDS - start)) s)"
+  echo "== step $name: exit code $rc in $((SECONDS - start)) s"
+  snapshot
+  return $rc
 }
+
+bench() {  # bench NAME ARGS...: benchmarks/NAME.py on the GPU, writing into the results folder
+  local name=$1
+  shift
+  python3 "benchmarks/$name.py" --device cuda --out "$results" "$@"
+}
+
+# The loss tests first (the kernels this project exists for), then the attention and model tests.
+LOSS_TESTS=(tests/test_contrastive_cuda.py tests/test_contrastive_loss.py tests/test_contrastive_op.py
+            tests/test_loss_family.py tests/test_properties.py tests/test_properties_family.py)
+# Small, fast CUDA tests of both kernels' forward and backward, for the sanitizers (10-100x slower there).
+SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -p no:cacheprovider -x
+           -k "lse_rectangular or identical_rows_tie or masked_lse_matches_dense or pairwise_sigmoid_rows_match_dense")
 
 {
   echo "== $(date -u +%FT%TZ) git $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-  nvcc --version | tail -n 2
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  FASTCLIP_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-8} python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
-  python -m fastclip info
-  echo "steps:$steps"
+  echo "device: $device; steps:$steps"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
+  nvcc --version 2>&1 | tail -n 2 || true
+  python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  python3 -c "import triton; print('triton', triton.__version__)" 2>&1
+  python3 -c "import ftfy, fastclip; print('ftfy', ftfy.__version__, 'from', ftfy.__file__, '| fastclip', fastclip.__version__, 'from', fastclip.__file__)" 2>&1
+
+  if want build; then
+    # --no-deps: the image has every dependency (ftfy comes from .whl); never reach for a registry.
+    FASTCLIP_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} step build 420 \
+      python3 -m pip install --no-build-isolation --no-deps --no-index -e . && step info 60 python3 -m fastclip info
+  fi
   if want tests; then
-    python -m pytest -m cuda -q -p no:cacheprovider 2>&1
-    echo "pytest -m cuda exit code: $? ($SECONDS s so far)"
+    # up to 5 failures rather than -x: one GPU run should show every broken kernel, not just the first
+    step tests 200 python3 -m pytest "${LOSS_TESTS[@]}" -m cuda -q -p no:cacheprovider --maxfail=5
+  fi
+  if want sanitizer; then
+    for tool in memcheck racecheck; do
+      if command -v compute-sanitizer >/dev/null; then
+        # no caching allocator: out-of-bounds accesses inside PyTorch's pooled segments would go unseen
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer_$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
+          python3 -m pytest "${SANITIZED[@]}"
+      else
+        echo "== step sanitizer_$tool: compute-sanitizer not found"
+      fi
+    done
   fi
   if want loss; then
-    python benchmarks/bench_loss.py --device cuda --out "$dest" --loss clip "$@" 2>&1
-    echo "bench_loss exit code: $? ($SECONDS s so far)"
+    step loss 150 bench bench_loss --loss clip --dtypes bf16,fp32 --dims 512,768 --sizes 4096,16384,65536 --budget-s 2 "$@"
   fi
-  # issue 9's SigLIP acceptance: fused vs eager forward+backward in bf16 at D = 768 up to N = 65536
-  # (by a count of its N x N buffers, not a measurement, eager peaks near 18 bytes per logit in bf16,
-  # ~77 GiB at 65536^2, inside an H200's 139 GiB; an OOM is recorded as such, not fatal); writes
-  # bench_loss_siglip.json with its "target" verdict (>= 2x faster, < 5% of the memory)
-  want siglip && bench bench_loss 150 --loss siglip --dtypes bf16 --dims 768 --sizes 4096,16384,65536 --budget-s 2
-  # the issue's acceptance first: ViT-B-16 bf16, each side swept 64, 128, ... until out of memory (<= 4096)
-  want train && bench bench_train 210 --model ViT-B-16 --precision bf16 --max-batch 4096 --budget-s 4
-  want attention && bench bench_attention 120 --dtypes bf16 --warmup 3 --reps 10
-  want model && bench bench_model 120 --models ViT-B-16,ViT-L-14 --precision bf16 --batch-sizes 256,1024 --budget-s 2
+  if want profile; then
+    if command -v ncu >/dev/null; then
+      for kernel in forward backward; do  # one launch of each kernel, inside tools/profile_loss.py's profiled call
+        rep=$results/ncu_loss_${kernel}_n65536_d768_bf16
+        step "profile_$kernel" 90 ncu --profile-from-start off --kernel-name "lse_${kernel}_kernel" --launch-count 1 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          --section Occupancy --section LaunchStats --section WarpStateStats -f -o "$rep" \
+          python3 tools/profile_loss.py --n 65536 --dim 768 --dtype bf16 \
+          && ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1; cat "$rep.txt" 2>/dev/null
+      done
+    else
+      echo "== step profile: ncu not found"
+    fi
+    step profile_timing 60 python3 tools/profile_loss.py --n 65536 --dim 768 --dtype bf16 --reps 5
+  fi
+  if want attention_tests; then
+    step attention_tests 200 python3 -m pytest tests/test_attention.py tests/test_model.py -m cuda -q -p no:cacheprovider --maxfail=5
+  fi
+  # SigLIP fused vs eager forward+backward in bf16 at D = 768 up to N = 65536 (eager peaks near 18 bytes per
+  # logit in bf16, ~77 GiB at 65536^2, inside an H200's 139 GiB; an OOM is recorded as such, not fatal)
+  want siglip && step siglip 150 bench bench_loss --loss siglip --dtypes bf16 --dims 768 --sizes 4096,16384,65536 --budget-s 2
+  want attention && step attention 120 bench bench_attention --dtypes bf16 --warmup 3 --reps 10
+  # ViT-B-16 bf16 training step, each side's batch swept 64, 128, ... until out of memory (<= 4096)
+  want train && step train 210 bench bench_train --model ViT-B-16 --precision bf16 --max-batch 4096 --budget-s 4
+  want model && step model 120 bench bench_model --models ViT-B-16,ViT-L-14 --precision bf16 --batch-sizes 256,1024 --budget-s 2
   echo "== done in $SECONDS s"
 } 2>&1 | tee "$log"
+snapshot

@@ -12,8 +12,8 @@ Conventions (the same on every backend and in `attention_reference`):
 
 Backends: "triton" (the fused kernels of `attention_triton`, registered as the `fastclip::attention`
 custom op with fake and autograd kernels) and "torch" (`F.scaled_dot_product_attention`, which picks its
-own best kernel). "auto" takes Triton for CUDA tensors when Triton imports and the kernel covers the
-inputs (fp32/fp16/bf16, head dim <= 128), else "torch". Forcing a backend that cannot run raises.
+own best kernel). "auto" takes Triton for CUDA tensors on a GPU of compute capability 8.0 or newer
+when Triton imports and the kernel covers the inputs (fp32/fp16/bf16, head dim <= 128), else "torch". Forcing a backend that cannot run raises.
 `backend="triton"` also runs on CPU tensors when `TRITON_INTERPRET=1` was set before Triton kernels were
 first defined: that is how CI tests the kernel without a GPU.
 """
@@ -27,6 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fastclip.ops import capability
 from fastclip.ops._checks import FLOAT_DTYPES
 
 BACKENDS = ("auto", "triton", "torch")
@@ -62,8 +63,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         return "torch"
     head_dim = q.shape[-1]
     covered = q.dtype in TRITON_DTYPES and head_dim <= TRITON_MAX_HEAD_DIM
-    if backend == "auto":  # the one rule: CUDA tensor + Triton + inputs the kernel covers
-        return "triton" if q.device.type == "cuda" and covered and triton_available() else "torch"
+    if backend == "auto":  # the one rule: CUDA tensor on a supported GPU + Triton + inputs the kernel covers
+        return "triton" if covered and capability.supports_fused_kernels(q.device) and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError(
             f"backend='triton' cannot run here: Triton does not import ({_triton_import_error()}). "
@@ -74,6 +75,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
             f"backend='triton' cannot run here: the tensors are on {q.device}; the Triton kernel needs CUDA "
             "tensors, or CPU tensors with TRITON_INTERPRET=1 set before Triton kernels are defined (testing only)."
         )
+    if q.device.type == "cuda" and not capability.supports_fused_kernels(q.device):
+        raise RuntimeError(f"backend='triton' cannot run here: {capability.unsupported_reason(q.device)}; use backend='torch'")
     if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports float32, float16 and bfloat16 inputs, got {q.dtype}; use backend='torch'")
     if head_dim > TRITON_MAX_HEAD_DIM:

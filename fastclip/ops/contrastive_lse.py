@@ -9,7 +9,8 @@ With `masked_diagonal=d` the entries (i, i + d) are left out of both log-sum-exp
 the self-pairs of SupCon/NT-Xent, where both operands are one matrix (d is the rows' offset into it).
 
 Backends: "cuda" (the fused CUDA kernel, CUDA tensors), "cpp" (the C++ CPU kernel), "torch" (tiled
-PyTorch, any device). "auto" takes the CUDA kernel for CUDA tensors when it is built, else "torch".
+PyTorch, any device). "auto" takes the CUDA kernel for CUDA tensors on a GPU of compute capability 8.0
+or newer when it is built, else "torch".
 Forcing a backend that cannot run raises; nothing falls back silently.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastclip import _extension
+from fastclip.ops import capability
 from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_features, check_index
 from fastclip.ops.contrastive_lse_torch import contrastive_lse_torch
 
@@ -31,7 +33,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: 
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     cuda_ok = device.type == "cuda" and dtype != torch.float64 and _extension.has_kernel(op, "CUDA")
     if backend == "auto":
-        return "cuda" if cuda_ok else "torch"
+        return "cuda" if cuda_ok and capability.supports_fused_kernels(device) else "torch"
+    if backend == "cuda" and cuda_ok and not capability.supports_fused_kernels(device):
+        raise RuntimeError(f"backend='cuda' cannot run here: {capability.unsupported_reason(device)}; use backend='torch'")
     if backend == "cuda" and not cuda_ok:
         raise RuntimeError(
             f"backend='cuda' cannot run here: tensors are on {device} with dtype {dtype}; the CUDA kernel needs "
