@@ -28,6 +28,33 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip's exchange strategies, one loss
+
+
+def _check_open_clip_args(module: str, rank: int | None, world_size: int | None, use_horovod: bool,
+                          group: dist.ProcessGroup | None) -> None:
+    """open_clip's constructor arguments, so that switching a script to fastclip is a one-line change.
+
+    fastclip always computes the exact loss of the global batch and its exact gradient, so open_clip's
+    switches between equivalent computations (local_loss, gather_with_grad, cache_labels, dist_impl) change
+    nothing here. The ranks come from torch.distributed; a rank or world size that disagrees is an error.
+    """
+    if use_horovod:
+        raise NotImplementedError(f"{module}(use_horovod=True): fastclip runs on torch.distributed only (NCCL or gloo)")
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (name == "world_size")):
+            raise ValueError(f"{module}: {name} must be a {'positive' if name == 'world_size' else 'non-negative'} int, got {value!r}")
+    initialized = dist.is_available() and dist.is_initialized()
+    actual = (dist.get_rank(group), dist.get_world_size(group)) if initialized else (0, 1)
+    for name, given, real in (("world_size", world_size, actual[1]), ("rank", rank, actual[0])):
+        if given is not None and given != real:
+            where = "torch.distributed says" if initialized else "torch.distributed is not initialized, so it is"
+            raise ValueError(
+                f"{module}: {name}={given} but {where} {real}; fastclip takes the ranks from torch.distributed "
+                "(call init_process_group before building the loss)"
+            )
+
+
 def _check_matched(image: torch.Tensor, text: torch.Tensor) -> None:
     if image.shape[0] != text.shape[0]:
         raise ValueError(
@@ -73,6 +100,9 @@ class ClipLoss(nn.Module):
     flow back to the ranks that own the features (as open_clip's gather-with-grad does). With `labels`
     (this rank's [n] integer class ids) every pair of equal labels in the global batch is a positive.
     Ranks may hold different row counts.
+
+    open_clip's constructor arguments are accepted (`local_loss`, `gather_with_grad`, `cache_labels`,
+    `rank`, `world_size`, `use_horovod`): see `_check_open_clip_args` for what each means here.
     """
 
     def __init__(
@@ -82,8 +112,15 @@ class ClipLoss(nn.Module):
         *,
         backend: str = "auto",
         group: dist.ProcessGroup | None = None,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        use_horovod: bool = False,
     ) -> None:
         super().__init__()
+        _check_open_clip_args("ClipLoss", rank, world_size, use_horovod, group)
         check_unit_interval("weight", weight)
         check_unit_interval("label_smoothing", label_smoothing)
         _check_backend(backend)
@@ -152,6 +189,9 @@ class SigLipLoss(nn.Module):
     (O(N * D) memory per rank, no N x N matrix at any world size); the value is the global loss on every
     rank, and the module's own scale and bias get the same (exact) gradient on every rank. With `labels`
     (this rank's [n] class ids) every pair of equal labels is a positive.
+
+    open_clip's constructor arguments are accepted (`cache_labels`, `rank`, `world_size`, `dist_impl`,
+    `use_horovod`): see `_check_open_clip_args` for what each means here.
     """
 
     def __init__(
@@ -161,8 +201,16 @@ class SigLipLoss(nn.Module):
         *,
         backend: str = "auto",
         group: dist.ProcessGroup | None = None,
+        cache_labels: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        dist_impl: str | None = None,
+        use_horovod: bool = False,
     ) -> None:
         super().__init__()
+        _check_open_clip_args("SigLipLoss", rank, world_size, use_horovod, group)
+        if dist_impl is not None and dist_impl not in SIGLIP_DIST_IMPLS:
+            raise ValueError(f"SigLipLoss: dist_impl must be one of {SIGLIP_DIST_IMPLS} or None, got {dist_impl!r}")
         for name, value in (("init_logit_scale", init_logit_scale), ("init_logit_bias", init_logit_bias)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -201,7 +249,7 @@ class SigLipLoss(nn.Module):
                 image_features, all_text, logit_scale, logit_bias, offset=offset, labels=labels, backend=self.backend
             )
             loss = _global_value(share, ranks, self.group)
-        return {"sigmoid_loss": loss} if output_dict else loss
+        return {"contrastive_loss": loss} if output_dict else loss  # open_clip's key for both losses
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -417,7 +417,7 @@ def test_modules_single_process_match_functions() -> None:
     assert siglip.logit_scale.item() == pytest.approx(2.302585093) and siglip.logit_bias.item() == -10
     got = siglip(image, text, labels=labels)
     torch.testing.assert_close(got, sigmoid_loss_reference(image, text, 10.0, -10.0, labels))
-    torch.testing.assert_close(siglip(image, text, torch.tensor(3.0, dtype=torch.float64), -1.0, output_dict=True)["sigmoid_loss"],
+    torch.testing.assert_close(siglip(image, text, torch.tensor(3.0, dtype=torch.float64), -1.0, output_dict=True)["contrastive_loss"],
                                sigmoid_loss_reference(image, text, 3.0, -1.0))
     got.backward()
     assert siglip.logit_scale.grad is not None and siglip.logit_bias.grad is not None
