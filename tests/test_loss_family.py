@@ -351,8 +351,22 @@ def test_opcheck(dtype: torch.dtype) -> None:
     torch.library.opcheck(torch.ops.fastclip.contrastive_lse.default, (image, text, scale, 2))
     row_lse, col_lse = torch.ops.fastclip.contrastive_lse(image, text, scale, 2)
     args = (torch.randn_like(row_lse), torch.randn_like(col_lse), image.detach(), text.detach(), scale.detach(),
-            row_lse, col_lse, 2)
+            row_lse.detach(), col_lse.detach(), 2)
     torch.library.opcheck(torch.ops.fastclip.contrastive_lse_backward.default, args)
+
+
+@needs_extension
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_double_backward_is_refused(loss: str) -> None:
+    """The fused backward ops are first-order: a gradient penalty through them raises instead of being wrong."""
+    image, text = features(13, 9, torch.float64), features(13, 9, torch.float64)
+    if loss == "clip":
+        value = fastclip.contrastive_loss(image, text, 5.0, backend="cpp")
+    else:
+        value = fastclip.sigmoid_loss(image, text, 5.0, -2.0, backend="cpp")
+    (grad,) = torch.autograd.grad(value, image, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        grad.square().sum().backward()
 
 
 @pytest.mark.parametrize(

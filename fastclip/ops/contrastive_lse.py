@@ -83,6 +83,19 @@ def dispatch_contrastive_lse(
     return torch.ops.fastclip.contrastive_lse(image, text, logit_scale, masked_diagonal)
 
 
+def register_first_order_only(op: str) -> None:
+    """Give the backward op fastclip::`op` an autograd kernel that refuses double backward.
+
+    Without one, PyTorch's fallback warns on every differentiable call ("silently incorrect") and would
+    treat the gradients as constants; with it, a second-order use (a gradient penalty) fails clearly.
+    """
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastclip::{op} is first-order only: double backward through fastclip's losses is not supported")
+
+    torch.library.register_autograd(f"fastclip::{op}", backward)
+
+
 def _register_compiled_op() -> None:
     """Fake (meta) kernels and autograd for the C++/CUDA op, so opcheck and torch.compile work."""
 
@@ -110,6 +123,7 @@ def _register_compiled_op() -> None:
         return (*grads, None)
 
     torch.library.register_autograd(f"fastclip::{OP}", backward, setup_context=setup_context)
+    register_first_order_only(f"{OP}_backward")
 
 
 if _extension.is_loaded():

@@ -15,7 +15,7 @@ import torch
 
 from fastclip import _extension
 from fastclip.ops._checks import accumulate_dtype, as_logit_bias, as_logit_scale, check_features, check_labels
-from fastclip.ops.contrastive_lse import resolve_backend
+from fastclip.ops.contrastive_lse import register_first_order_only, resolve_backend
 from fastclip.ops.pairwise_sigmoid_torch import pairwise_sigmoid_torch
 
 OP = "pairwise_sigmoid"
@@ -70,6 +70,7 @@ def _register_compiled_op() -> None:
         return (*grads, None, None)
 
     torch.library.register_autograd(f"fastclip::{OP}", backward, setup_context=setup_context)
+    register_first_order_only(f"{OP}_backward")
 
 
 if _extension.is_loaded():
