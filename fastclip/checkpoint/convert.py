@@ -23,7 +23,8 @@ TEXT_TOWER_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.
 _SHOW = 5  # keys listed in an error message
 
 
-def _first(keys: list[str]) -> str:
+def first_keys(keys: list[str]) -> str:
+    """The first few of `keys` for an error message, with their count when some are left out."""
     shown = ", ".join(keys[:_SHOW])
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > _SHOW else shown
 
@@ -36,7 +37,7 @@ def to_fastclip_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, to
         raise CheckpointError(f"{source} does not hold a state dict (a non-empty dict of tensors), got {type(obj).__name__}")
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{source} is not a state dict: these entries are not named tensors: {_first(bad)}")
+        raise CheckpointError(f"{source} is not a state dict: these entries are not named tensors: {first_keys(bad)}")
     state = dict(obj)
     for prefix in ("module.", "_orig_mod."):  # DDP, torch.compile (possibly both)
         if all(k.startswith(prefix) for k in state):
@@ -59,7 +60,7 @@ def _from_custom_text(state: dict[str, torch.Tensor], source: str) -> dict[str, 
     if foreign:
         raise CheckpointError(
             f"{source} has a text tower fastclip does not implement (open_clip CustomTextCLIP with e.g. a Hugging Face "
-            f"or custom text model); unsupported keys: {_first(['text.' + k for k in foreign])}"
+            f"or custom text model); unsupported keys: {first_keys(['text.' + k for k in foreign])}"
         )
     return {(k[len("text.") :] if k.startswith("text.") else k): v for k, v in state.items() if k != "text.attn_mask"}
 
@@ -84,8 +85,8 @@ def infer_config(state: dict[str, torch.Tensor], *, act: str = "quick_gelu", sou
     absent = [k for k in needed if k not in state]
     if absent:
         raise CheckpointError(
-            f"cannot infer a CLIP config from {source}: keys {_first(absent)} are missing "
-            f"(is it a CLIP checkpoint? its first keys are {_first(list(state))})"
+            f"cannot infer a CLIP config from {source}: keys {first_keys(absent)} are missing "
+            f"(is it a CLIP checkpoint? its first keys are {first_keys(list(state))})"
         )
     try:
         if vit:
@@ -142,19 +143,19 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_first(missing)}")
+        problems.append(f"missing keys: {first_keys(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_first(unexpected)}")
+        problems.append(f"unexpected keys: {first_keys(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatches: {_first(mismatched)}")
+        problems.append(f"shape mismatches: {first_keys(mismatched)}")
     if wrong_dtype:
-        problems.append(f"non-floating tensors for floating parameters: {_first(wrong_dtype)}")
+        problems.append(f"non-floating tensors for floating parameters: {first_keys(wrong_dtype)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
     # NaN/inf weights (e.g. saved after a diverged step) would make every feature NaN, and a zero-shot
     # argmax over NaN silently picks class 0: refuse them here, naming the tensors.
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if non_finite:
-        raise CheckpointError(f"{source} holds NaN or infinite values in {_first(non_finite)}")
+        raise CheckpointError(f"{source} holds NaN or infinite values in {first_keys(non_finite)}")
     full = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
     model.load_state_dict(full, strict=True)

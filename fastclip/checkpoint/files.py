@@ -14,6 +14,7 @@ import struct
 import uuid
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,17 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, *, metadata
     path = Path(path).expanduser()
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save checkpoint {path}: directory {path.parent} does not exist")
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` on a temporary file next to `path`, flush it to disk and rename it to `path`.
+
+    The rename (os.replace) is atomic, so an interrupted write leaves the old file or none, never half.
+    """
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

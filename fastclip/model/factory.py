@@ -41,10 +41,12 @@ def create_model(
 
     name_or_config: a name from `list_models()` ("ViT-B-32", "RN50", ...; OpenAI's "ViT-B/32" works
         too), a path to a JSON config, a config dict or a `CLIPConfig`; None takes the config from the
-        `pretrained` file (stored in fastclip files, otherwise inferred from the tensors' shapes).
-    pretrained: a checkpoint file (OpenAI TorchScript or state dict, open_clip, fastclip safetensors) or
-        a released tag for this name (e.g. "openai", see `fastclip.checkpoint.list_pretrained()`),
-        downloaded once into the cache (`cache_dir`, default `$FASTCLIP_CACHE_DIR` or ~/.cache/fastclip).
+        `pretrained` checkpoint (stored in fastclip files, transformers' config.json, otherwise inferred
+        from the tensors' shapes).
+    pretrained: a checkpoint file (OpenAI TorchScript or state dict, open_clip, fastclip safetensors), a
+        Hugging Face transformers CLIPModel folder (config.json + weights), or a released tag for this
+        name (e.g. "openai", see `fastclip.checkpoint.list_pretrained()`), downloaded once into the cache
+        (`cache_dir`, default `$FASTCLIP_CACHE_DIR` or ~/.cache/fastclip).
     attn_backend: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch", for every attention call.
     grad_checkpointing: recompute residual blocks in the backward (less memory, ~30% more compute).
     dtype, device: where the parameters live (the model is built directly on `device`).
@@ -118,15 +120,17 @@ def _resolve_pretrained(name: Any, pretrained: str | os.PathLike, cache_dir: str
         return path
     if isinstance(name, str):
         canonical = name.replace("/", "-").replace("@336px", "-336")
-        if (canonical, str(pretrained)) in list_pretrained(canonical):
+        if (canonical, str(pretrained)) in list_pretrained(canonical):  # a released tag wins over a folder
             return download_pretrained(canonical, str(pretrained), root=cache_dir)
         tags = [tag for _, tag in list_pretrained(canonical)]
-        if not any(sep in str(pretrained) for sep in ("/", os.sep, ".")):
+        if not path.is_dir() and not any(sep in str(pretrained) for sep in ("/", os.sep, ".")):
             raise ValueError(
                 f"pretrained={str(pretrained)!r} is neither a file nor a released tag of {name!r} "
                 f"(its tags: {tags or 'none'})"
             )
-    if path.exists():  # e.g. a directory: say so, rather than "does not exist"
+    if path.is_dir():  # a Hugging Face transformers model folder; the checkpoint package says if it is not
+        return path
+    if path.exists():  # e.g. a socket or a broken device: say so, rather than "does not exist"
         from fastclip.checkpoint import CheckpointError
 
         raise CheckpointError(f"pretrained checkpoint {pretrained} is not a regular file")
