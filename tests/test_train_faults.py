@@ -142,15 +142,15 @@ def test_nonfinite_skip_gives_up_when_every_loss_is_bad(tmp_path: Path, monkeypa
 
 
 def test_stale_temporary_files_are_removed_on_start(tmp_path: Path) -> None:
+    options = dict(model="tiny-ViT", batch_size=8, workers=0, eval_samples=20, output_dir=str(tmp_path))
+    train(TrainConfig(**options, steps=1), show_progress=False)
     folder = tmp_path / "checkpoints"
-    folder.mkdir(parents=True)
-    stale = folder / ".step_00000003.pt.0123abcd.tmp"
+    stale = folder / ".step_00000002.pt.0123abcd.tmp"  # as a run killed while saving step 2 leaves it
     stale.write_bytes(b"half a checkpoint")
-    train(TrainConfig(model="tiny-ViT", steps=1, batch_size=8, workers=0, eval_samples=20, output_dir=str(tmp_path)),
-          show_progress=False)
+    train(TrainConfig(**options, steps=2, resume="latest"), show_progress=False)
     assert not stale.exists()
     progress, _ = load_training_state(folder / "latest.pt", **_fresh_state())
-    assert progress.step == 1
+    assert progress.step == 2
 
 
 def _fresh_state() -> dict:

@@ -1,6 +1,9 @@
 """`fastclip demo`: train a small CLIP from scratch on the built-in synthetic shapes, with no download,
 then classify held-out images zero-shot from label text, including colour-shape pairs never seen in
-training. A few minutes on a CPU; on a GPU the fused kernels are used automatically."""
+training. A few minutes on a CPU; on a GPU the fused kernels are used automatically.
+
+It checkpoints at every evaluation; Ctrl-C saves the current step and prints the command that resumes
+it. A second demo into the same --output-dir needs --resume latest or --overwrite."""
 
 from __future__ import annotations
 
@@ -23,29 +26,41 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-dir", default="runs/demo")
     parser.add_argument("--device", type=device_argument, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", help='continue from a checkpoint file, or "latest" in --output-dir')
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a non-empty --output-dir: first delete the files fastclip writes there "
+                             "(never any other file)")
     parser.set_defaults(run=run)
 
 
 def demo_config(args: argparse.Namespace) -> TrainConfig:
+    every = max(1, args.steps // 5)  # five evaluations, each followed by a checkpoint
     return TrainConfig(
         model="demo-ViT", dataset="synthetic", synthetic_samples=max(50_000, args.steps * args.batch_size),
         batch_size=args.batch_size, workers=args.workers, steps=args.steps, lr=1e-3, weight_decay=0.1,
-        warmup_steps=min(50, args.steps // 10), eval_every=max(1, args.steps // 5), eval_samples=args.eval_samples,
+        warmup_steps=min(50, args.steps // 10), eval_every=every, save_every=every, eval_samples=args.eval_samples,
         output_dir=args.output_dir, log_every=max(1, min(25, args.steps // 20)), device=args.device, seed=args.seed,
+        resume=args.resume, overwrite=args.overwrite,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastclip.commands.train import report_interrupted
+    from fastclip.train.interrupt import TrainingInterrupted
     from fastclip.train.loop import train
 
     config = demo_config(args)
     start = time.perf_counter()
-    result = train(config)
+    try:
+        result = train(config)
+    except TrainingInterrupted as stop:
+        return report_interrupted(stop, "demo", getattr(args, "argv", []))
     minutes, seconds = divmod(time.perf_counter() - start, 60)
     final = result.evals[-1]
     chance = final["chance"]
+    loss = f"{result.losses[-1]:.3f}" if result.losses else "n/a (resumed at the end)"
     print(f"\ntrained {config.model} for {config.steps} steps of {config.batch_size} synthetic pairs "
-          f"in {int(minutes)}m{seconds:02.0f}s; final loss {result.losses[-1]:.3f}")
+          f"in {int(minutes)}m{seconds:02.0f}s; final loss {loss}")
     print(f"zero-shot accuracy on held-out images, {round(1 / chance)} classes \"a photo of a <colour> <shape>.\" "
           f"(chance {chance:.1%}):")
     for split, title in (("seen", "colour-shape pairs seen in training"), ("unseen", "pairs never seen in training")):

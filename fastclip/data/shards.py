@@ -8,7 +8,7 @@ caption is missing, or the caption is empty. A shard that cannot be read (not a 
 corrupt) ends with one None entry. Nothing in the data raises: `collate_pairs` counts the Nones.
 With `label_extension="cls"` (webdataset's convention: a `cls` member holding the integer class id as
 text) a sample is `(image, caption, label)`, and an entry whose label is missing or not an integer is
-skipped (None, logged) like any other broken entry.
+skipped (None, its reason noted for the batch) like any other broken entry.
 
 Splitting. Every epoch the shard list is permuted from (seed, epoch) (when `shuffle`), then shard i of
 that order goes to rank i % world_size, and shard j of a rank's list to DataLoader worker j % W. Each
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastclip.data.pairs import Sample, warn_skipped
+from fastclip.data.pairs import Sample, skip_sample
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tried in this order when a key has several
 CAPTION_EXTENSION = "txt"
@@ -236,20 +236,20 @@ class TarShardDataset(torch.utils.data.IterableDataset):
 
     def _sample(self, entry: _Entry) -> Sample | None:
         if entry.error is not None:
-            warn_skipped(entry.error)
+            skip_sample(entry.error)
             return None
         where = f"shard {self.shards[entry.shard]!r} key {entry.key!r}"
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in entry.files), None)
         caption = entry.files.get(CAPTION_EXTENSION)
         if image_ext is None or caption is None:
-            warn_skipped(f"{where}: no {'image' if image_ext is None else 'caption'} member")
+            skip_sample(f"{where}: no {'image' if image_ext is None else 'caption'} member")
             return None
         try:
             text = caption.decode("utf-8").strip()
         except UnicodeDecodeError:
             text = ""
         if not text:
-            warn_skipped(f"{where}: empty or undecodable caption")
+            skip_sample(f"{where}: empty or undecodable caption")
             return None
         label = None
         if self.label_extension is not None:
@@ -257,15 +257,15 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             try:
                 label = int(raw.decode("utf-8").strip()) if raw is not None else None
             except (UnicodeDecodeError, ValueError):
-                warn_skipped(f"{where}: {self.label_extension} member {raw[:40]!r} is not an integer class id")
+                skip_sample(f"{where}: {self.label_extension} member {raw[:40]!r} is not an integer class id")
                 return None
             if label is None:
-                warn_skipped(f"{where}: no {self.label_extension} member (the class id)")
+                skip_sample(f"{where}: no {self.label_extension} member (the class id)")
                 return None
         try:
             image = _decode_image(entry.files[image_ext])
         except Exception as error:  # corrupt images raise many types inside Pillow; one bad file must not stop training
-            warn_skipped(f"{where}: cannot decode {image_ext}: {error}")
+            skip_sample(f"{where}: cannot decode {image_ext}: {error}")
             return None
         with torch.random.fork_rng(devices=[]):  # a per-entry seed: the same augmentation after a resume
             torch.manual_seed(_seed(self.seed, self.epoch, entry.shard, entry.index))

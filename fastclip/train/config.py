@@ -31,8 +31,9 @@ class TrainConfig:
     # --- data
     dataset: str = "synthetic"  # synthetic (built in, no download), csv (a CSV/TSV of paths and captions) or shards (tar shards)
     train_data: str | None = None  # the CSV/TSV file, or the shard pattern ("data/{00000..00099}.tar")
-    csv_image_key: str = "filepath"  # CSV column with image paths
+    csv_image_key: str = "filepath"  # CSV column with image paths (relative ones: to the CSV's folder, else the working directory)
     csv_caption_key: str = "title"  # CSV column with captions
+    csv_separator: str | None = None  # CSV column separator: one character, or tab as "tab" or "\t" (default: read from the header line, tab or comma)
     use_labels: bool = False  # class-aware positives: pairs with equal class ids are positives (synthetic: colour-shape class; csv: csv_label_key; shards: each sample's cls member)
     csv_label_key: str = "label"  # CSV column with integer class ids (read with use_labels)
     synthetic_samples: int = 50_000  # samples per epoch of the synthetic dataset
@@ -40,6 +41,7 @@ class TrainConfig:
     batch_size: int = 64  # pairs per device per optimizer step (before accumulation)
     accum_steps: int = 1  # micro-batches per step: the loss still sees the whole accumulated batch
     workers: int = 2  # DataLoader worker processes per device
+    max_skip_fraction: float = 0.5  # stop when more than this share of the first 10 batches' samples is unreadable (1: never; an epoch with no readable sample always stops)
     # --- optimisation
     steps: int = 1000  # optimizer steps in total
     lr: float = 5e-4  # peak learning rate
@@ -56,11 +58,13 @@ class TrainConfig:
     nonfinite: str = "stop"  # on a non-finite loss: stop (raise, naming the step) or skip (drop that update)
     # --- evaluation, checkpoints, logs
     eval_every: int = 0  # zero-shot evaluation every this many steps (0: only at the end)
-    eval_images: str | None = None  # image folder with one sub-folder per class (default for synthetic: its held-out splits)
+    eval_images: str | None = None  # image folder with one sub-folder per class (default: synthetic runs use its held-out splits, csv and shards runs evaluate nothing)
     eval_samples: int = 1000  # synthetic images per zero-shot evaluation split
-    save_every: int = 0  # checkpoint every this many steps (0: only at the end)
-    output_dir: str = "runs/fastclip"  # checkpoints, metrics.csv, eval.csv, curves.png, model.safetensors
+    save_every: int = 0  # checkpoint every this many steps (0: only at the end, or when stopped by Ctrl-C/SIGTERM)
+    keep_checkpoints: int = 2  # newest checkpoints/step_*.pt kept, older ones deleted (0: keep all); model.safetensors is always kept
+    output_dir: str = "runs/fastclip"  # checkpoints, metrics.csv, eval.csv, curves.png, model.safetensors; must be empty unless resume or overwrite
     resume: str | None = None  # continue from a checkpoint file, or "latest" in output_dir
+    overwrite: bool = False  # start over in a non-empty output_dir: first delete the files fastclip writes there (metrics.csv, eval.csv, curves.png, model.safetensors, config.json, checkpoints/, tensorboard/), never any other file
     log_every: int = 10  # steps between metric rows
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
     seed: int = 0
@@ -98,6 +102,21 @@ class TrainConfig:
                                      f"(leave it at {getattr(TrainConfig, name)})")
         if self.use_labels and self.dataset == "csv" and not self.csv_label_key:
             raise ValueError("use_labels with dataset='csv' needs csv_label_key (the column of integer class ids)")
+        self._check_outputs_and_data()
+
+    def _check_outputs_and_data(self) -> None:
+        """The options added for output folders, checkpoints and unreadable data."""
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must lie in [0, 1], got {self.max_skip_fraction}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite contradict each other: resume continues the run in output_dir, "
+                             "overwrite deletes it; give one of them")
+        if self.csv_separator is not None:
+            from fastclip.data.pairs import normalize_separator
+
+            normalize_separator(self.csv_separator)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,18 +144,26 @@ def _field_help() -> dict[str, str]:
     return helps
 
 
+# open_clip's spellings of the same options, accepted too so that its command lines carry over.
+FLAG_ALIASES = {"csv_image_key": ("--csv-img-key",)}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (defaults suppressed, so only flags actually given override)."""
     parser.add_argument("--config", help="a YAML or JSON file of TrainConfig fields")
     helps = _field_help()
     for name, kind in _field_types().items():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *FLAG_ALIASES.get(name, ())]
         default = getattr(TrainConfig, name, None)
-        text = f"{helps.get(name, '')} (default: {default})".strip()
+        text = helps.get(name, "")
+        if "default:" not in text:  # fields whose default needs words say it themselves
+            text = f"{text} (default: {default})".strip()
+        text = text.replace("%", "%%")  # argparse formats help with %
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=text)
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text, metavar=name.upper())
+            parser.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=text, metavar=name.upper())
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -8,18 +8,27 @@ of workers and after any restart.
 With `use_labels` every sample also carries its integer class id, `(image, caption, label)`, and each
 batch its `labels`: the synthetic shapes' colour-shape class, a CSV column (`csv_label_key`), or the
 `cls` member of each shard sample (webdataset's convention).
+
+Unreadable samples are skipped, never fatal one by one; `DataHealth` logs each one's reason once (per
+file, however many epochs revisit it) and stops the run when the data as a whole cannot be read: no
+sample in a whole epoch, or more than `max_skip_fraction` of the first batches' samples.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
 from fastclip.data.augment import TrainTransform
-from fastclip.data.pairs import make_collate
+from fastclip.data.pairs import PairBatch, SkipLog, make_collate, take_skip_reasons
 from fastclip.data.sampler import ResumableSampler
 from fastclip.train.config import TrainConfig
+
+EARLY_BATCHES = 10  # micro-batches after which the share of unreadable samples is judged
+logger = logging.getLogger("fastclip.train")
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -62,6 +71,7 @@ class TrainData:
     batch_size: int
     sampler: ResumableSampler | None = None
     seeded: SeededSamples | None = None
+    lookup: str = ""  # how sample paths are found, for errors about unreadable data
 
     def iterate(self, epoch: int, batches_done: int):
         """The micro-batches of `epoch` after the first `batches_done` ones."""
@@ -73,22 +83,96 @@ class TrainData:
         return iter(self.loader)
 
 
+class DataHealth:
+    """Watches the unreadable samples of a run's batches: logs each reason (each file) once, and raises
+    ValueError when the data cannot be read at all or mostly not, naming the first failure.
+
+    Reasons are held back until the first batches pass the check, so data that cannot be read gives one
+    error, not a page of warnings before it."""
+
+    def __init__(self, max_skip_fraction: float, lookup: str = "") -> None:
+        self.max_skip_fraction, self.lookup = max_skip_fraction, lookup
+        self.log = SkipLog(log=logger)
+        self.held: list[str] = []  # reasons seen before the judgement, at most what the log would show
+        self.first: str | None = None
+        self.read = self.skipped = self.batches = 0
+        self.judged = False  # whether the first batches' share was checked
+
+    def add(self, batch: PairBatch) -> None:
+        """Account for one micro-batch."""
+        for reason in batch.skip_reasons:
+            self.first = self.first or reason
+            if self.judged:
+                self.log.add(reason)
+            elif reason not in self.held and len(self.held) < self.log.limit:
+                self.held.append(reason)
+        self.read += batch.images.shape[0]
+        self.skipped += batch.skipped
+        self.batches += 1
+        if not self.judged and self.batches >= EARLY_BATCHES:
+            self._judge_share()
+
+    def end_epoch(self, read_in_epoch: int) -> None:
+        """Account for a finished epoch, of which `read_in_epoch` samples were readable."""
+        if read_in_epoch == 0:
+            raise ValueError(self._message("no training sample of a whole epoch could be read"))
+        if not self.judged:  # an epoch shorter than EARLY_BATCHES
+            self._judge_share()
+
+    def _judge_share(self) -> None:
+        seen = self.read + self.skipped
+        if seen and self.read == 0:
+            raise ValueError(self._message(f"none of the first {seen} training samples could be read"))
+        if seen and self.skipped / seen > self.max_skip_fraction:
+            raise ValueError(self._message(
+                f"{self.skipped} of the first {seen} training samples could not be read (more than "
+                f"max_skip_fraction={self.max_skip_fraction:g}; --max-skip-fraction 1 trains on what can be read)"))
+        self.judged = True
+        self.flush()
+
+    def flush(self) -> None:
+        """Log the reasons held back so far."""
+        for reason in self.held:
+            self.log.add(reason)
+        self.held.clear()
+
+    def _message(self, what: str) -> str:
+        first = f"; the first: {self.first}" if self.first else ""
+        lookup = f"; {self.lookup}" if self.lookup else ""
+        return what + first + lookup
+
+
+def _own_process_group(worker_id: int) -> None:
+    """DataLoader worker init: leave the terminal's process group, so a Ctrl-C (or a SIGTERM sent to the
+    group) reaches only the main process, which finishes its step and saves, instead of killing the
+    workers it still needs. Workers still end with the main process (their watchdog notices)."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not permitted here (e.g. already a group leader): signals then reach the worker as before
+        pass
+
+
 def build_train_data(config: TrainConfig, image_size: int, tokenizer, *, rank: int, world_size: int) -> TrainData:
+    take_skip_reasons()  # reasons noted by reads before this run (a dataset indexed by hand) are not its own
     transform = TrainTransform(image_size, jitter=config.jitter)
     collate = make_collate(tokenizer)
     loader_options = dict(batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate,
-                          drop_last=True, pin_memory=torch.cuda.is_available())
+                          drop_last=True, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=_own_process_group if config.workers > 0 else None)
     if config.dataset == "shards":
         from fastclip.data.shards import TarShardDataset
 
         dataset = TarShardDataset(config.train_data, transform, shuffle=True, seed=config.seed, rank=rank, world_size=world_size,
                                   label_extension="cls" if config.use_labels else None)
-        return TrainData(torch.utils.data.DataLoader(dataset, **loader_options), config.batch_size)
+        lookup = "each sample is a key's jpg/jpeg/png/webp and txt members in the tar shards"
+        return TrainData(torch.utils.data.DataLoader(dataset, **loader_options), config.batch_size, lookup=lookup)
+    lookup = ""
     if config.dataset == "csv":
         from fastclip.data.pairs import CaptionCsvDataset
 
         dataset = CaptionCsvDataset(config.train_data, transform, image_key=config.csv_image_key, caption_key=config.csv_caption_key,
-                                    label_key=config.csv_label_key if config.use_labels else None)
+                                    separator=config.csv_separator, label_key=config.csv_label_key if config.use_labels else None)
+        lookup = dataset.describe_lookup()
     else:
         from fastclip.data.synthetic import SyntheticShapes
 
@@ -100,4 +184,4 @@ def build_train_data(config: TrainConfig, image_size: int, tokenizer, *, rank: i
     if len(sampler) < config.batch_size:
         raise ValueError(f"each rank gets {len(sampler)} samples per epoch, fewer than batch_size={config.batch_size}")
     loader = torch.utils.data.DataLoader(seeded, sampler=sampler, **loader_options)
-    return TrainData(loader, config.batch_size, sampler, seeded)
+    return TrainData(loader, config.batch_size, sampler, seeded, lookup)

@@ -40,6 +40,34 @@ class MetricsLog:
             self.writer.close()
 
 
+def drop_rows_after(folder: Path, step: int, names: tuple[str, ...] = ("metrics", "eval")) -> None:
+    """Forget the rows logged after `step` in <folder>/<name>.csv: a run resumed from step k re-logs the
+    steps after k, and the rows of the abandoned attempt would make the curves zig-zag."""
+    for name in names:
+        path = folder / f"{name}.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames, list(reader)
+        kept = [row for row in rows if _step_of(row) <= step]
+        if fields is None or len(kept) == len(rows):
+            continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        tmp.replace(path)  # atomic: a crash now leaves the old file, never half of one
+
+
+def _step_of(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or 0)
+    except ValueError:
+        return 0.0  # not a row of ours: keep it
+
+
 def read_csv(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []

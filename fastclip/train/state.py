@@ -9,6 +9,7 @@ an interrupted save leaves the previous checkpoint intact, never a half-written 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 LATEST = "latest.pt"
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")  # save_training_state's names: step_<k>.pt
 
 
 @dataclass
@@ -112,11 +114,45 @@ def save_training_state(folder: Path, *, model, optimizer, scheduler, scaler, pr
     return path
 
 
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The step_<k>.pt files in `folder`, oldest step first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in folder.iterdir() if (match := STEP_FILE.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(folder: Path, keep: int, newest: Path) -> list[Path]:
+    """Delete all step_<k>.pt files but `newest` (just written) and the next newest ones, `keep` in all
+    (keep 0: delete none); latest.pt is a link of its own, so it never dangles. Returns what was deleted."""
+    if keep <= 0:
+        return []
+    older = [path for path in step_checkpoints(folder) if path != newest]
+    doomed = older[: max(0, len(older) - (keep - 1))]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def saved_checkpoints_at_peak(keep: int, saves: int) -> int:
+    """How many step checkpoints exist at once during a run of `saves` saves keeping `keep` (0: all): the
+    kept ones plus the one being written."""
+    return saves if keep <= 0 else min(keep + 1, saves)
+
+
 def resolve_resume(resume: str, folder: Path) -> Path:
-    path = folder / LATEST if resume == "latest" else Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-    return path
+    """The checkpoint to resume: a path, or for "latest" `folder`'s latest.pt, else its newest step_<k>.pt."""
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+        return path
+    if (folder / LATEST).is_file():
+        return folder / LATEST
+    steps = step_checkpoints(folder)
+    if not steps:
+        raise FileNotFoundError(f"resume checkpoint {folder / LATEST} does not exist (and {folder} holds no step_*.pt)")
+    return steps[-1]
 
 
 def load_training_state(path: Path, *, model, optimizer, scheduler, scaler, loss=None) -> tuple[Progress, dict]:
