@@ -357,6 +357,20 @@ def test_caption_csv_groups_captions_by_image(tmp_path: Path) -> None:
     assert pairs.skipped_rows == 2
 
 
+def test_caption_csv_paths_fall_back_to_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """open_clip writes paths relative to where training runs: the CSV's folder first, then the cwd."""
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "images").mkdir()
+    for name in ("images/x.png", "lists/y.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    with open(tmp_path / "lists" / "pairs.csv", "w", newline="") as file:
+        csv.writer(file).writerows([("filepath", "title"), ("images/x.png", "x"), ("y.png", "y"), ("gone.png", "z")])
+    monkeypatch.chdir(tmp_path)
+    pairs = read_caption_csv(tmp_path / "lists" / "pairs.csv")
+    assert [p.resolve() for p in pairs.images] == [
+        (tmp_path / "images/x.png").resolve(), (tmp_path / "lists/y.png").resolve(), (tmp_path / "lists/gone.png").resolve()]
+
+
 # --- prediction views -------------------------------------------------------------------------------
 
 

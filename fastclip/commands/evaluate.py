@@ -38,7 +38,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", required=True,
-                       help="checkpoint file (fastclip, OpenAI, open_clip) or a released tag with --model")
+                       help="checkpoint file (fastclip, OpenAI, open_clip), a Hugging Face transformers CLIPModel folder, or a released tag with --model")
     model.add_argument("--model", help="model name or JSON config (default: stored in or inferred from the checkpoint)")
     model.add_argument("--act", choices=("quick_gelu", "gelu"),
                        help="MLP activation, for state dicts whose config is inferred")

@@ -36,7 +36,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file (OpenAI, open_clip, fastclip) or a released tag with --model")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file (OpenAI, open_clip, fastclip), a Hugging Face transformers CLIPModel folder, or a released tag with --model")
     parser.add_argument("--model", help="model name or JSON config (default: stored in or inferred from the checkpoint)")
     parser.add_argument("--act", choices=("quick_gelu", "gelu"), help="MLP activation, for state dicts whose config is inferred")
     parser.add_argument("--images", required=True, help="folder of images, optionally one sub-folder per class")

@@ -33,19 +33,22 @@ class CaptionSet:
 
 def read_caption_csv(path: str | os.PathLike, *, image_key: str = "filepath", caption_key: str = "title",
                      separator: str | None = None, root: str | os.PathLike | None = None) -> CaptionSet:
-    """Group a caption CSV by image. Image paths are relative to `root` (default: the CSV's folder)."""
+    """Group a caption CSV by image. A relative image path is looked up under `root` (default: the CSV's
+    folder), then in the working directory."""
     table = CaptionCsvDataset(path, transform=lambda image: image, image_key=image_key, caption_key=caption_key,
                               separator=separator, root=root)
     index: dict[str, int] = {}
     images, captions, text_to_image, skipped = [], [], [], 0
-    for image, caption in zip(table.images, table.captions):
+    for row, (image, caption) in enumerate(zip(table.images, table.captions)):
         image, caption = image.strip(), caption.strip()
         if not image or not caption:
             skipped += 1
             continue
         if image not in index:
             index[image] = len(images)
-            images.append(table.root / image)
+            # the CSV's folder (or root), then the working directory, as training resolves paths; a
+            # missing image keeps its first candidate, so the error that follows names a real place
+            images.append(table.image_path(row) or table.root / image)
         captions.append(caption)
         text_to_image.append(index[image])
     if not captions:
