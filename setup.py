@@ -8,7 +8,9 @@ Environment switches:
   FASTCLIP_SKIP_EXTENSION=1   build no extension at all (pure-PyTorch install)
   FASTCLIP_SKIP_CUDA=1        build the C++ extension only
   FASTCLIP_FORCE_CUDA=1       fail instead of silently skipping CUDA when it cannot be built
-  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0": A100 and H100/H200)
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0+PTX": A100 and H100/H200 code, plus
+                              PTX that newer GPUs, sm_100/sm_120, compile at load instead of failing
+                              with "no kernel image")
   MAX_JOBS                    parallel compile jobs (honoured by torch's BuildExtension / ninja)
   DEBUG=1                     -O0 -g, with device debug info (-G) in CUDA sources
 """
@@ -50,7 +52,7 @@ def _extensions() -> tuple[list, dict]:
     print(f"fastclip setup: building C++ extension, CUDA={'yes' if build_cuda else 'no'}", file=sys.stderr)
 
     if build_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("kernels/*.cu"))
         nvcc_flags = ["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]
         nvcc_flags += ["--expt-relaxed-constexpr", "-DFASTCLIP_WITH_CUDA"]

@@ -95,8 +95,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
   const auto f32 = img.options().dtype(at::kFloat);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
+  std::optional<glue::TileScaling> scaling;  // fp16 tiles only
+  // |s * G_ij| = |s| * |gr_i * P_row + gc_j * P_col| <= |s| * (max |gr| + max |gc|), as P_row, P_col <= 1.
+  if (type == cuda::ElementType::kFloat16)
+    scaling = glue::fp16_tile_scaling(scale.abs() * (gr.abs().max() + gc.abs().max()));
   std::vector<at::Tensor> scale_partials;
-  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(img, txt, [&](const glue::GradientBlock& block) {
+  const auto launch = [&](const glue::GradientBlock& block) {
     auto partial = at::empty({block.ctas}, f32);
     cuda::LseBackwardArgs args{};
     args.image = block.image, args.text = block.text;
@@ -108,11 +112,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
     args.grad_row = gr.data_ptr<float>() + block.r0, args.row_lse = rl.data_ptr<float>() + block.r0;
     args.grad_col = gc.data_ptr<float>() + block.c0, args.col_lse = cl.data_ptr<float>() + block.c0;
     args.col_splits = block.col_splits;
-    args.grad_tile = block.grad_tile;
+    args.grad_tile = block.grad_tile, args.tile_scale = block.tile_scale;
     args.scale_partial = partial.data_ptr<float>();
     C10_CUDA_CHECK(cuda::launch_lse_backward(type, glue::float32_mode(), args, stream));
     scale_partials.push_back(partial);
-  });
+  };
+  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(img, txt, scaling, launch);
   return {grad_img, grad_txt, glue::sum_partials(scale_partials, logit_scale)};
 }
 

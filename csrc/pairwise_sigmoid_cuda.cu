@@ -68,8 +68,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_back
   const auto f32 = img.options().dtype(at::kFloat);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
+  std::optional<glue::TileScaling> scaling;  // fp16 tiles only
+  // |s * G_ij| = |s| * |g_i| * sigmoid(-+L_ij) <= |s| * max |g|, as a sigmoid is at most 1.
+  if (type == cuda::ElementType::kFloat16) scaling = glue::fp16_tile_scaling(scale.abs() * g.abs().max());
   std::vector<at::Tensor> scale_partials, bias_partials;
-  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(img, txt, [&](const glue::GradientBlock& block) {
+  const auto launch = [&](const glue::GradientBlock& block) {
     auto scale_partial = at::empty({block.ctas}, f32), bias_partial = at::empty({block.ctas}, f32);
     cuda::SigmoidBackwardArgs args{};
     args.image = block.image, args.text = block.text;
@@ -78,12 +81,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_back
     args.grad_row = g.data_ptr<float>() + block.r0;
     args.row_labels = rl.data_ptr<int64_t>() + block.r0, args.col_labels = cl.data_ptr<int64_t>() + block.c0;
     args.col_splits = block.col_splits;
-    args.grad_tile = block.grad_tile;
+    args.grad_tile = block.grad_tile, args.tile_scale = block.tile_scale;
     args.scale_partial = scale_partial.data_ptr<float>(), args.bias_partial = bias_partial.data_ptr<float>();
     C10_CUDA_CHECK(cuda::launch_sigmoid_backward(type, glue::float32_mode(), args, stream));
     scale_partials.push_back(scale_partial);
     bias_partials.push_back(bias_partial);
-  });
+  };
+  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(img, txt, scaling, launch);
   return {grad_img, grad_txt, glue::sum_partials(scale_partials, logit_scale),
           glue::sum_partials(bias_partials, logit_bias)};
 }

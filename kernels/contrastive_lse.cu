@@ -4,7 +4,8 @@
 // 64 x 64 similarity tile comes from the shared tile machinery (similarity_tile.cuh: tensor cores, fp32
 // accumulation, staged through shared memory) and is consumed there:
 //  - forward: online (running max, sum) per row across tiles, and per-tile (max, sum) per column;
-//  - backward: G = gr * P_row + gc * P_col written (times s) to the caller's gradient tile.
+//  - backward: G = gr * P_row + gc * P_col written (times s and the tile scale) to the caller's gradient
+//    tile.
 // Both directions of the loss share the one tile. Exponentials run in base 2 (ex2.approx) with the
 // scale pre-multiplied by log2(e); results are converted back to natural logs before they are written.
 // A masked diagonal (j - i == diagonal) is dropped entry by entry: its value counts as -inf in the
@@ -32,8 +33,8 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(LseForwardArgs ar
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowBlock;
   const int split = blockIdx.y;
   const float scale2 = *args.scale * kLog2e;  // S in base-2 units
-  int64_t tile_begin, tile_end;
-  split_range(args.cols, args.col_splits, split, tile_begin, tile_end);
+  int tile_count;
+  const int64_t tile_begin = split_range(args.cols, args.col_splits, split, tile_count);
 
   // Row statistics: warp w owns rows 16w..16w+15; lane l sees columns l and l + 32 of every tile and
   // keeps its own running (max, sum), merged across lanes at the end.
@@ -42,8 +43,8 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(LseForwardArgs ar
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) run_max[i] = -INFINITY, run_sum[i] = 0.f;
 
-  for (int64_t t = tile_begin; t < tile_end; ++t) {
-    const int64_t col0 = t * kColBlock;
+  for (int t = 0; t < tile_count; ++t) {
+    const int64_t col0 = (tile_begin + t) * kColBlock;
     similarity_tile<T, kMode, kVectorized>(tiles, image, text, row0, args.rows, col0, args.cols, args.dim);
 
     const bool lo_ok = col0 + lane < args.cols, hi_ok = col0 + lane + 32 < args.cols;
@@ -116,20 +117,21 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(LseBackwardArgs 
   T* grad_tile = static_cast<T*>(args.grad_tile);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowBlock;
   const float scale = *args.scale, scale2 = scale * kLog2e;
+  const float tile_mul = scale * tile_scale(args.tile_scale);  // exact: the tile scale is a power of two
   for (int r = threadIdx.x; r < kRowBlock; r += kThreads) {
     const bool ok = row0 + r < args.rows;
     row_lse2[r] = ok ? args.row_lse[row0 + r] * kLog2e : 0.f;
     row_grad[r] = ok ? args.grad_row[row0 + r] : 0.f;
   }  // visible after the barriers inside similarity_tile
-  int64_t tile_begin, tile_end;
-  split_range(args.cols, args.col_splits, blockIdx.y, tile_begin, tile_end);
+  int tile_count;
+  const int64_t tile_begin = split_range(args.cols, args.col_splits, blockIdx.y, tile_count);
 
   // Thread owns column c of every tile and rows g, g + 2, ...: a warp reads and writes 32 consecutive
   // columns of one row at a time (conflict-free shared memory, coalesced stores).
   const int c = threadIdx.x % kColBlock, g = threadIdx.x / kColBlock;
   float scale_grad = 0.f;  // sum of G * <image_i, text_j>
-  for (int64_t t = tile_begin; t < tile_end; ++t) {
-    const int64_t col0 = t * kColBlock, col = col0 + c;
+  for (int t = 0; t < tile_count; ++t) {
+    const int64_t col0 = (tile_begin + t) * kColBlock, col = col0 + c;
     similarity_tile<T, kMode, kVectorized>(tiles, image, text, row0, args.rows, col0, args.cols, args.dim);
     if (col >= args.cols) continue;
     const float col_lse2 = args.col_lse[col] * kLog2e, col_grad = args.grad_col[col];
@@ -144,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(LseBackwardArgs 
       const float dot = tiles.sim[r][c], v = scale2 * dot;
       const float grad = row_grad[r] * fast_exp2(v - row_lse2[r]) + col_grad * fast_exp2(v - col_lse2);
       scale_grad = fmaf(grad, dot, scale_grad);
-      grad_tile[row * args.cols + col] = from_float<T>(scale * grad);
+      grad_tile[row * args.cols + col] = from_float<T>(tile_mul * grad);
     }
   }
   store_cta_sum(scale_grad, args.scale_partial);

@@ -6,7 +6,9 @@
 //   per row and split : (max, sum exp(S - max)) over the split's columns       -> row_max/row_sum [splits, rows]
 //   per row block, col: (max, sum exp(S - max)) over the block's rows          -> col_max/col_sum [row_blocks, cols]
 // which the host merges into log-sum-exps. Backward: per tile, recompute S and write
-//   grad_tile = s * (gr[i] * exp(S - row_lse[i]) + gc[j] * exp(S - col_lse[j]))  [rows, cols]
+//   grad_tile = tile_scale * s * (gr[i] * exp(S - row_lse[i]) + gc[j] * exp(S - col_lse[j]))  [rows, cols]
+// (both exponentials are at most 1 for the true log-sum-exps, so |entry| <= tile_scale * |s| *
+// (max |gr| + max |gc|): the bound the host picks tile_scale from)
 // plus one partial sum of G * <image_i, text_j> per CTA (the logit_scale gradient); the host turns the
 // gradient tile into feature gradients with two GEMMs.
 // With mask_diagonal the entries (i, j) with j - i == diagonal (indices local to the arguments' rows and
@@ -49,7 +51,8 @@ struct LseBackwardArgs {
   const float* grad_col;  // [cols]
   const float* col_lse;   // [cols]
   int col_splits;
-  void* grad_tile;        // [rows, cols], same element type as the inputs, holds s * G
+  void* grad_tile;        // [rows, cols], same element type as the inputs, holds tile_scale * s * G
+  const float* tile_scale;  // device scalar, a power of two keeping fp16 tiles in range; nullptr: 1
   float* scale_partial;   // [ceil(rows / kRowBlock) * col_splits]
 };
 

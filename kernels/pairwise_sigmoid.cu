@@ -6,8 +6,8 @@
 //  - forward: per row, the sum over the tile's columns of softplus(-z * L), L = s * dot + b, added to a
 //    compensated (Kahan) running sum: a row sums up to N positive terms in fp32, and compensation keeps
 //    the result at fp32 accuracy whatever N is. Only [splits, rows] partials leave the CTA.
-//  - backward: G = -g * z * sigmoid(-z * L) written (times s) to the caller's gradient tile, plus the
-//    CTA's sums of G * dot and of G (the logit_scale and logit_bias gradients).
+//  - backward: G = -g * z * sigmoid(-z * L) written (times s and the tile scale) to the caller's gradient
+//    tile, plus the CTA's sums of G * dot and of G (the logit_scale and logit_bias gradients).
 // Both functions are evaluated from exp(-|u|) <= 1, so large logits of either sign neither overflow nor
 // lose the small terms; the log uses the accurate log1pf (the exponential's relative error barely moves
 // the final value, the log's would).
@@ -24,6 +24,13 @@ namespace {
 
 using namespace tile;
 
+// CTAs per SM the kernels are built for. 16-bit inputs get an explicit 4 (at most 128 registers a
+// thread): left to itself, ptxas aims at more CTAs and spills (the bf16 forward's Kahan sums at 96
+// registers, the fp16 backward on sm_80). fp32, which needs far more registers for its 3xTF32 split,
+// keeps ptxas's own choice.
+template <typename T>
+constexpr int kMinBlocksPerSm = std::is_same_v<T, float> ? 1 : 4;
+
 // softplus(u) = log(1 + e^u) = max(u, 0) + log1p(e^-|u|).
 __device__ __forceinline__ float softplus(float u) { return fmaxf(u, 0.f) + log1pf(fast_exp2(-fabsf(u) * kLog2e)); }
 
@@ -35,7 +42,7 @@ __device__ __forceinline__ float sigmoid(float u) {
 }
 
 template <typename T, Float32Mode kMode, bool kVectorized>
-__global__ void __launch_bounds__(kThreads) sigmoid_forward_kernel(SigmoidForwardArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<T>) sigmoid_forward_kernel(SigmoidForwardArgs args) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   SharedTiles<T>& tiles = shared_tiles<T>();
   __shared__ int64_t row_label[kRowBlock];
@@ -48,8 +55,8 @@ __global__ void __launch_bounds__(kThreads) sigmoid_forward_kernel(SigmoidForwar
   for (int r = threadIdx.x; r < kRowBlock; r += kThreads)
     row_label[r] = row0 + r < args.rows ? args.row_labels[row0 + r] : 0;
   // row_label is visible after the barriers inside similarity_tile (every split has at least one tile).
-  int64_t tile_begin, tile_end;
-  split_range(args.cols, args.col_splits, split, tile_begin, tile_end);
+  int tile_count;
+  const int64_t tile_begin = split_range(args.cols, args.col_splits, split, tile_count);
 
   // Warp w owns rows 16w..16w+15; lane l sees columns l and l + 32 of every tile and keeps its own
   // running sums, added across lanes at the end.
@@ -58,8 +65,8 @@ __global__ void __launch_bounds__(kThreads) sigmoid_forward_kernel(SigmoidForwar
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) run_sum[i] = 0.f, run_err[i] = 0.f;
 
-  for (int64_t t = tile_begin; t < tile_end; ++t) {
-    const int64_t col0 = t * kColBlock;
+  for (int t = 0; t < tile_count; ++t) {
+    const int64_t col0 = (tile_begin + t) * kColBlock;
     similarity_tile<T, kMode, kVectorized>(tiles, image, text, row0, args.rows, col0, args.cols, args.dim);
 
     const bool lo_ok = col0 + lane < args.cols, hi_ok = col0 + lane + 32 < args.cols;
@@ -94,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_forward_kernel(SigmoidForwar
 }
 
 template <typename T, Float32Mode kMode, bool kVectorized>
-__global__ void __launch_bounds__(kThreads) sigmoid_backward_kernel(SigmoidBackwardArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<T>) sigmoid_backward_kernel(SigmoidBackwardArgs args) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   SharedTiles<T>& tiles = shared_tiles<T>();
   __shared__ int64_t row_label[kRowBlock];
@@ -104,20 +111,21 @@ __global__ void __launch_bounds__(kThreads) sigmoid_backward_kernel(SigmoidBackw
   T* grad_tile = static_cast<T*>(args.grad_tile);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowBlock;
   const float scale = *args.scale, bias = *args.bias;
+  const float tile_mul = scale * tile_scale(args.tile_scale);  // exact: the tile scale is a power of two
   for (int r = threadIdx.x; r < kRowBlock; r += kThreads) {
     const bool ok = row0 + r < args.rows;
     row_label[r] = ok ? args.row_labels[row0 + r] : 0;
     row_grad[r] = ok ? args.grad_row[row0 + r] : 0.f;
   }  // visible after the barriers inside similarity_tile
-  int64_t tile_begin, tile_end;
-  split_range(args.cols, args.col_splits, blockIdx.y, tile_begin, tile_end);
+  int tile_count;
+  const int64_t tile_begin = split_range(args.cols, args.col_splits, blockIdx.y, tile_count);
 
   // Thread owns column c of every tile and rows g, g + 2, ...: a warp reads and writes 32 consecutive
   // columns of one row at a time (conflict-free shared memory, coalesced stores).
   const int c = threadIdx.x % kColBlock, g = threadIdx.x / kColBlock;
   float scale_grad = 0.f, bias_grad = 0.f;  // sums of G * <image_i, text_j> and of G
-  for (int64_t t = tile_begin; t < tile_end; ++t) {
-    const int64_t col0 = t * kColBlock, col = col0 + c;
+  for (int t = 0; t < tile_count; ++t) {
+    const int64_t col0 = (tile_begin + t) * kColBlock, col = col0 + c;
     similarity_tile<T, kMode, kVectorized>(tiles, image, text, row0, args.rows, col0, args.cols, args.dim);
     if (col >= args.cols) continue;
     const int64_t label = args.col_labels[col];
@@ -129,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_backward_kernel(SigmoidBackw
       const float grad = row_label[r] == label ? -row_grad[r] * sigmoid(-logit) : row_grad[r] * sigmoid(logit);
       scale_grad = fmaf(grad, dot, scale_grad);
       bias_grad += grad;
-      grad_tile[row * args.cols + col] = from_float<T>(scale * grad);
+      grad_tile[row * args.cols + col] = from_float<T>(tile_mul * grad);
     }
   }
 

@@ -5,7 +5,8 @@
 // tile by tile (never stored):
 //   forward : per row and column split, sum_j softplus(-z_ij * L_ij) over the split's columns
 //             -> row_partial [splits, rows], which the host sums into the row losses;
-//   backward: G_ij = -g_i * z_ij * sigmoid(-z_ij * L_ij), written as grad_tile = s * G [rows, cols], plus
+//   backward: G_ij = -g_i * z_ij * sigmoid(-z_ij * L_ij), written as grad_tile = tile_scale * s * G
+//             [rows, cols] (a sigmoid is at most 1, so |entry| <= tile_scale * |s| * max |g|), plus
 //             per-CTA partial sums of G * <image_i, text_j> (the logit_scale gradient) and of G (the
 //             logit_bias gradient); the host turns the tile into feature gradients with two GEMMs.
 #pragma once
@@ -41,7 +42,8 @@ struct SigmoidBackwardArgs {
   const int64_t* row_labels;  // [rows]
   const int64_t* col_labels;  // [cols]
   int col_splits;
-  void* grad_tile;            // [rows, cols], same element type as the inputs, holds s * G
+  void* grad_tile;            // [rows, cols], same element type as the inputs, holds tile_scale * s * G
+  const float* tile_scale;    // device scalar, a power of two keeping fp16 tiles in range; nullptr: 1
   float* scale_partial;       // [ceil(rows / kRowBlock) * col_splits]: sum of G * <image_i, text_j>
   float* bias_partial;        // [ceil(rows / kRowBlock) * col_splits]: sum of G
 };

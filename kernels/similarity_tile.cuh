@@ -83,6 +83,10 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// The multiplier of a stored gradient tile: a device scalar (a power of two chosen by the host so that
+// fp16 tiles neither flush to zero nor overflow), or 1 without one.
+__device__ __forceinline__ float tile_scale(const float* scale) { return scale ? *scale : 1.f; }
+
 __device__ __forceinline__ float fast_exp2(float x) {  // exp2(-inf) = +0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -209,12 +213,15 @@ __device__ __forceinline__ void similarity_tile(SharedTiles<T>& tiles, const T* 
   __syncthreads();
 }
 
-// The column tiles [begin, end) that split `split` of `splits` sweeps (see plan_col_splits).
-__device__ __forceinline__ void split_range(int64_t cols, int splits, int split, int64_t& begin, int64_t& end) {
+// The column tiles [begin, begin + count) that split `split` of `splits` sweeps (see plan_col_splits). A
+// 32-bit count (2^31 tiles would be 1.4e11 columns) keeps the loop bound in one register: with a 64-bit
+// end, ptxas spilled it in the bf16/fp16 contrastive kernels on sm_90.
+__device__ __forceinline__ int64_t split_range(int64_t cols, int splits, int split, int& count) {
   const int64_t tiles = (cols + kColBlock - 1) / kColBlock;
   const int64_t per_split = (tiles + splits - 1) / splits;
-  begin = split * per_split;
-  end = begin + per_split < tiles ? begin + per_split : tiles;
+  const int64_t begin = split * per_split;
+  count = static_cast<int>((begin + per_split < tiles ? begin + per_split : tiles) - begin);
+  return begin;
 }
 
 // Thread 0 writes the sum of `value` over the CTA's threads to out[blockIdx.y * gridDim.x + blockIdx.x]:

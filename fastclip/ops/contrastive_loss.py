@@ -35,7 +35,8 @@ from fastclip.ops._checks import (
     check_unit_interval,
 )
 from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
-from fastclip.ops.positives import class_ids, same_label_dots
+from fastclip.ops.linear_terms import linear_terms
+from fastclip.ops.positives import class_ids
 
 
 def contrastive_loss(
@@ -120,18 +121,21 @@ def _assemble_loss(
     label_smoothing: float,
     labels: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The O(N * D) rest of the loss (see the module docstring), accumulated in fp32 (or float64)."""
+    """The O(N * D) rest of the loss (see the module docstring), accumulated in fp32 (or float64).
+
+    The feature terms run in row chunks (fastclip.ops.linear_terms): no whole fp32 copy of bf16/fp16
+    features is made, nor saved for backward.
+    """
     n, num_pairs = image.shape[0], text.shape[0]
     # fp32 at least (float64 for float64 inputs or log-sum-exps), whatever dtype the lse arrived in
     acc = torch.promote_types(accumulate_dtype(image.dtype), torch.promote_types(row_lse.dtype, col_lse.dtype))
     scale = logit_scale.to(acc).reshape(())
-    img, txt = image.to(acc), text.to(acc)
-    if labels is None:
-        positives = scale * (img * txt[offset : offset + n]).sum()  # sum_i S_i,offset+i
-    else:  # sum_i (1/|P(i)|) sum_{j in P(i)} S_ij over this rank's rows i
-        ids, counts = class_ids(labels)
-        row_ids = ids[offset : offset + n]
-        positives = scale * (same_label_dots(img, txt, row_ids, ids, acc) / counts[row_ids]).sum()
-    total = scale * (img.sum(0) @ txt.sum(0))  # sum over this rank's rows of sum_j S_ij
+    col_ids = row_weights = None
+    if labels is not None:  # each row's target spread over its positives P(i): weights 1/|P(i)|
+        col_ids, counts = class_ids(labels)
+        row_weights = 1.0 / counts[col_ids[offset : offset + n]].to(acc)
+    # sum_i S_i,offset+i (or its label form) and sum over this rank's rows of sum_j S_ij, over s
+    positives, total = linear_terms(image, text, offset, acc, col_ids, row_weights)
     lse_terms = weight * row_lse.to(acc).sum() + (1.0 - weight) * col_lse[offset : offset + n].to(acc).sum()
-    return (lse_terms - (1.0 - label_smoothing) * positives - (label_smoothing / num_pairs) * total) / num_pairs
+    smoothing = (label_smoothing / num_pairs) * total
+    return (lse_terms - scale * ((1.0 - label_smoothing) * positives + smoothing)) / num_pairs
