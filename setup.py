@@ -72,7 +72,19 @@ def _extensions() -> tuple[list, dict]:
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _incremental(BuildExtension.with_options(use_ninja=True))}
+
+
+def _incremental(build_ext: type) -> type:
+    """build_ext with its object files in build/ (git-ignored) instead of pip's temporary folder, so that
+    ninja recompiles only the sources that changed when the package is installed again."""
+
+    class IncrementalBuildExt(build_ext):
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", f"temp-{sys.implementation.cache_tag}")
+
+    return IncrementalBuildExt
 
 
 ext_modules, cmdclass = _extensions()
