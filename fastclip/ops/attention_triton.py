@@ -28,6 +28,7 @@ reason. `INTERPRET` records the mode the kernels were defined in.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -383,6 +384,42 @@ _DKDV_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3),
                  (32, 128, 8, 2), (64, 128, 8, 2)]
 _DQ_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2),
                (128, 32, 8, 3), (128, 64, 8, 2)]
+
+# Configs that spill registers, per (kernel, GPU family, BLOCK_D): measured with bf16 and fp16 inputs,
+# Triton 3.6 and 3.9, by tools/check_triton_compile.py (ptxas -v; spill bytes noted are the worst case).
+# A spill puts accumulator or operand values in local memory inside the key/query loop, so such a config
+# is slower than a smaller tile that fits: it is never compiled or timed. The sets are irregular (ptxas's
+# allocation is not monotonic in the tile size), hence lists rather than a register formula.
+_SPILLS: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
+    # sm_80 forward: only two odd cases (255 registers, 4 and 32 B with Triton 3.9).
+    ("fwd", 80, 32): {(64, 64, 4, 3)},
+    ("fwd", 80, 128): {(128, 64, 8, 3)},
+    # sm_90 forward: a 64x128 score tile at head dim 64 (8 B); at 128 the 4-warp tiles (4-52 B).
+    ("fwd", 90, 64): {(64, 128, 8, 2)},
+    ("fwd", 90, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3)},
+    # sm_80 dK/dV holds k, v, dk and dv of a whole key block besides the score tiles: at head dims 32 and
+    # 64 most 64-row query blocks spill (12-296 B); at 128 the 128-key blocks and 64x64/4 warps (188-16188 B).
+    ("dkdv", 80, 32): {(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)},
+    ("dkdv", 80, 64): {(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)},
+    ("dkdv", 80, 128): {(32, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)},
+    # sm_90 dK/dV fits up to head dim 64; at 128 all but 64x32/4 warps and 64x64/8 warps spill (16-248 B).
+    ("dkdv", 90, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)},
+    # sm_80 dQ holds q, dO and dq of a query block: 64x64 and 128x64 tiles spill at head dim 64 (8-32 B),
+    # 64x64/4 warps and the 128-row tiles at 128 (12-716 B).
+    ("dq", 80, 64): {(64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2)},
+    ("dq", 80, 128): {(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)},
+}
+# fp32 configs over the shared memory of a block (sm_80: 163 KiB, sm_90: 227 KiB), with TF32 or IEEE dots:
+# the staged K/V (or Q/dO) tiles take twice the bytes of bf16 and only fit at head dims up to 64. Such a
+# config would only fail to launch. Measured like _SPILLS (some of these also spill).
+_FP32_SHARED: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
+    ("fwd", 80, 128): {(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2)},  # 176-225 KiB
+    ("fwd", 90, 128): {(128, 64, 8, 3), (64, 128, 8, 2)},  # 256 and 288 KiB
+    ("dkdv", 80, 128): {(64, 32, 4, 3), (64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2)},  # 169-225 KiB
+    ("dkdv", 90, 128): {(64, 128, 8, 2)},  # 256.5 KiB
+    ("dq", 80, 128): {(32, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)},  # 168-224 KiB
+    ("dq", 90, 128): {(128, 64, 8, 2)},  # 256 KiB
+}
 # Under the interpreter: one fixed config, no benchmarking (fast and reproducible on a CPU).
 INTERPRET_BLOCK = (32, 32)
 _AUTOTUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_MASK", "DOT_PRECISION"]
@@ -395,26 +432,57 @@ def _configs(table: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles far longer than the sequence (pure waste) and the largest tiles at head dim 128."""
+def _config_key(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _arch_family(q) -> int:
+    """The rule family of Q's GPU: 80 (Ampere, Ada: mma.sync) or 90 (Hopper and newer), 0 if not CUDA.
+
+    The rules were measured on sm_80 and sm_90; other GPUs follow the nearest (sm_86/89 have less shared
+    memory: a config over it fails to launch and Triton's autotuner skips it). CPU tensors (the
+    interpreter) get no rule.
+    """
+    if not isinstance(q, torch.Tensor) or q.device.type != "cuda":
+        return 0
+    return 90 if torch.cuda.get_device_capability(q.device)[0] >= 9 else 80
+
+
+def _prune(
+    configs: list[triton.Config], named_args: dict, *, kernel: str = "", arch: int | None = None, **kwargs,
+) -> list[triton.Config]:
+    """The configs worth compiling and timing for one launch of `kernel` ("fwd", "dkdv" or "dq").
+
+    Drops, in order: the largest tiles at head dim 128, configs that spill registers on the GPU's family
+    (`_SPILLS`), fp32 configs over its shared memory (`_FP32_SHARED`), and then tiles longer than the
+    sequence (pure waste). If the length leaves nothing, the smallest usable tile runs. `arch` overrides the
+    family read from Q's device (the ahead-of-time compile check runs without a GPU).
+    """
     seq_q = max(16, named_args.get("SEQ_Q_BUCKET", kwargs.get("SEQ_Q_BUCKET", 16)))
     seq_k = max(16, named_args.get("SEQ_K_BUCKET", kwargs.get("SEQ_K_BUCKET", 16)))
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    kept = [
+    q = named_args.get("Q", kwargs.get("Q"))
+    family = _arch_family(q) if arch is None else arch
+    dropped = _SPILLS.get((kernel, family, block_d), set())
+    if isinstance(q, torch.Tensor) and q.element_size() == 4:
+        dropped = dropped | _FP32_SHARED.get((kernel, family, block_d), set())
+    usable = [
         c for c in configs
-        if c.kwargs["BLOCK_M"] <= seq_q and c.kwargs["BLOCK_N"] <= seq_k
+        if _config_key(c) not in dropped
         and not (block_d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64 * 2)
-    ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    ] or configs  # never empty: with every config ruled out, run one rather than fail
+    kept = [c for c in usable if c.kwargs["BLOCK_M"] <= seq_q and c.kwargs["BLOCK_N"] <= seq_k]
+    return kept or [min(usable, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def _tuned(kernel, table):
-    return triton.autotune(configs=_configs(table), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+def _tuned(kernel, table: list[tuple[int, int, int, int]], name: str):
+    prune = functools.partial(_prune, kernel=name)
+    return triton.autotune(configs=_configs(table), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS)
-_dkdv_tuned = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS)
-_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_CONFIGS)
+_fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS, "fwd")
+_dkdv_tuned = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, "dkdv")
+_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_CONFIGS, "dq")
 _PREPROCESS_BLOCK = 64
 
 
