@@ -243,6 +243,7 @@ def test_demo_command_end_to_end(tmp_path: Path, capsys) -> None:
     assert "zero-shot accuracy on held-out images, 40 classes" in out and "chance 2.5%" in out
     assert "pairs never seen in training" in out
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / "predictions.png").is_file() and f"predictions: {tmp_path / 'predictions.png'}" in out
 
 
 def test_train_command_with_config_file(tmp_path: Path, capsys) -> None:

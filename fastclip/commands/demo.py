@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from fastclip.commands import device_argument
 from fastclip.train.config import TrainConfig
 
 DEMO_STEPS = 600
+GALLERY = "predictions.png"  # written beside curves.png at the end
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -50,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from fastclip.train.loop import train
 
     config = demo_config(args)
+    if config.overwrite:  # the gallery is the demo's own file in the folder: an interrupted run leaves no stale one
+        (Path(config.output_dir) / GALLERY).unlink(missing_ok=True)
     start = time.perf_counter()
     try:
         result = train(config)
@@ -66,5 +70,53 @@ def run(args: argparse.Namespace) -> int:
     for split, title in (("seen", "colour-shape pairs seen in training"), ("unseen", "pairs never seen in training")):
         top1, top5 = final[f"{split}_top1"], final[f"{split}_top5"]
         print(f"  {title:<38} top-1 {top1:6.1%} ({top1 / chance:4.1f}x chance)   top-5 {top5:6.1%}")
-    print(f"curves: {result.output_dir / 'curves.png'}   model: {result.model_path}")
+    gallery = save_predictions(config, result.model_path, result.output_dir / GALLERY)
+    print(f"curves: {result.output_dir / 'curves.png'}   predictions: {gallery}   model: {result.model_path}")
     return 0
+
+
+def save_predictions(config: TrainConfig, model_path: Path, path: Path, per_split: int = 4) -> Path:
+    """Draw `per_split` held-out images of each split (seen pairs, then never-seen pairs) beside their top-5
+    zero-shot labels: the evaluation's images, classes and templates, drawn by `save_gallery`."""
+    import tempfile
+
+    import torch
+
+    from fastclip.data import synthetic
+    from fastclip.data.transforms import CLIPPreprocess
+    from fastclip.evaluate.predictions import save_gallery, top_predictions
+    from fastclip.model.factory import create_model
+    from fastclip.tokenizer import ClipTokenizer
+    from fastclip.train.evaluate import SYNTHETIC_TEMPLATES
+    from fastclip.zero_shot import build_classifier, classify
+
+    device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(config.model, pretrained=model_path, device=device).eval()
+    preprocess = CLIPPreprocess(model.image_size)
+    names = synthetic.class_names()
+    unseen = {synthetic.class_index(*pair) for pair in synthetic.HELDOUT_PAIRS}
+    seed = config.seed + 1  # the evaluation's held-out images
+    test = synthetic.SyntheticShapes(10 * per_split, model.image_size, seed=seed, split="test")
+    heldout = synthetic.SyntheticShapes(10 * per_split, model.image_size, seed=seed, split="heldout")
+    chosen = []
+    with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
+        classifier = build_classifier(model, ClipTokenizer(context_length=model.config.text.context_length), names,
+                                      SYNTHETIC_TEMPLATES, device=device)
+        logit_scale = min(model.logit_scale.exp().item(), 100.0)
+        for dataset, allowed in ((test, lambda label: label not in unseen), (heldout, lambda label: True)):
+            indices, labels = [], []  # the first images of `per_split` different classes
+            for i in range(len(dataset)):
+                label = dataset.label_of(i)
+                if allowed(label) and label not in labels and len(indices) < per_split:
+                    indices.append(i)
+                    labels.append(label)
+            files, images = [], []
+            for i in indices:
+                image = dataset.render(i)[0]
+                files.append(Path(folder) / f"{dataset.split}_{i}.png")
+                image.save(files[-1])  # save_gallery draws images from files
+                images.append(preprocess(image))
+            probabilities = classify(model.encode_image(torch.stack(images).to(device)).float(), classifier, logit_scale)
+            chosen += top_predictions(probabilities.cpu(), names, files, labels, k=5)
+        return save_gallery(chosen, path, title=f"zero-shot top-5 of {len(names)} classes: rows 1-{per_split // 2} pairs "
+                                                f"seen in training, rows {per_split // 2 + 1}-{per_split} pairs never seen")
