@@ -84,6 +84,13 @@ def _incremental(build_ext: type) -> type:
             super().finalize_options()
             self.build_temp = os.path.join(ROOT, "build", f"temp-{sys.implementation.cache_tag}")
 
+        def build_extension(self, ext) -> None:
+            # ninja writes each object (and its .d file) into a folder per source folder, which not every
+            # setuptools version creates first
+            for folder in {os.path.dirname(source) for source in ext.sources}:
+                os.makedirs(os.path.join(self.build_temp, folder), exist_ok=True)
+            super().build_extension(ext)
+
     return IncrementalBuildExt
 
 
