@@ -342,10 +342,11 @@ def report(results: list[Result], archs: list[int], seconds: float) -> int:
     ok = [r for r in results if not r.error]
     low = sum(r.spills for r in ok if r.job.low_precision)
     fp32 = sum(r.spills for r in ok if not r.job.low_precision)
-    cached = sum(r.cached for r in results)
+    over = sum(r.shared > SHARED_LIMIT[r.job.arch] for r in ok)
     print(f"triton {triton.__version__}: {len(ok)} kernels compiled for {', '.join(f'sm_{a}' for a in archs)}; "
-          f"{low} bf16/fp16 spill, {fp32} fp32 spill (report only); max shared {max((r.shared for r in ok), default=0)} B; "
-          f"{len(results) - len(ok)} errors; {cached} from cache; {seconds:.0f} s")
+          f"{low} bf16/fp16 spill, {fp32} fp32 spill (report only); max shared {max((r.shared for r in ok), default=0)} B, "
+          f"{over} over the limit; {len(results) - len(ok)} errors ({sum(r.cached for r in results)} results cached, "
+          f"{seconds:.0f} s)")
     return 1 if failures else 0
 
 
