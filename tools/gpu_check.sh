@@ -42,7 +42,8 @@ snapshot() {
   tar -czf "$OUT/results.tar.gz.part" -C benchmarks/results "$device" && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
 }
 
-# step NAME LIMIT_S COMMAND...: run under a time limit (exit 124 when cut), report, snapshot.
+# step NAME LIMIT_S COMMAND...: run under a time limit (exit 124 when cut), report, snapshot. COMMAND is a
+# program, not a shell function: timeout execs it.
 step() {
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
@@ -52,12 +53,6 @@ step() {
   echo "== step $name: exit code $rc in $((SECONDS - start)) s"
   snapshot
   return $rc
-}
-
-bench() {  # bench NAME ARGS...: benchmarks/NAME.py on the GPU, writing into the results folder
-  local name=$1
-  shift
-  python3 "benchmarks/$name.py" --device cuda --out "$results" "$@"
 }
 
 # The loss tests first (the kernels this project exists for), then the attention and model tests.
@@ -97,13 +92,13 @@ SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -
     done
   fi
   if want loss; then
-    step loss 150 bench bench_loss --loss clip --dtypes bf16,fp32 --dims 512,768 --sizes 4096,16384,65536 --budget-s 2 "$@"
+    step loss 150 python3 benchmarks/bench_loss.py --device cuda --out "$results" --loss clip --dtypes bf16,fp32 --dims 512,768 --sizes 4096,16384,65536 --budget-s 2 "$@"
   fi
   if want profile; then
     if command -v ncu >/dev/null; then
       for kernel in forward backward; do  # one launch of each kernel, inside tools/profile_loss.py's profiled call
         rep=$results/ncu_loss_${kernel}_n65536_d768_bf16
-        step "profile_$kernel" 90 ncu --profile-from-start off --kernel-name "lse_${kernel}_kernel" --launch-count 1 \
+        step "profile_$kernel" 90 ncu --profile-from-start off --kernel-name "regex:lse_${kernel}_kernel" --launch-count 1 \
           --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
           --section Occupancy --section LaunchStats --section WarpStateStats -f -o "$rep" \
           python3 tools/profile_loss.py --n 65536 --dim 768 --dtype bf16 \
@@ -119,11 +114,11 @@ SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -
   fi
   # SigLIP fused vs eager forward+backward in bf16 at D = 768 up to N = 65536 (eager peaks near 18 bytes per
   # logit in bf16, ~77 GiB at 65536^2, inside an H200's 139 GiB; an OOM is recorded as such, not fatal)
-  want siglip && step siglip 150 bench bench_loss --loss siglip --dtypes bf16 --dims 768 --sizes 4096,16384,65536 --budget-s 2
-  want attention && step attention 120 bench bench_attention --dtypes bf16 --warmup 3 --reps 10
+  want siglip && step siglip 150 python3 benchmarks/bench_loss.py --device cuda --out "$results" --loss siglip --dtypes bf16 --dims 768 --sizes 4096,16384,65536 --budget-s 2
+  want attention && step attention 120 python3 benchmarks/bench_attention.py --device cuda --out "$results" --dtypes bf16 --warmup 3 --reps 10
   # ViT-B-16 bf16 training step, each side's batch swept 64, 128, ... until out of memory (<= 4096)
-  want train && step train 210 bench bench_train --model ViT-B-16 --precision bf16 --max-batch 4096 --budget-s 4
-  want model && step model 120 bench bench_model --models ViT-B-16,ViT-L-14 --precision bf16 --batch-sizes 256,1024 --budget-s 2
+  want train && step train 210 python3 benchmarks/bench_train.py --device cuda --out "$results" --model ViT-B-16 --precision bf16 --max-batch 4096 --budget-s 4
+  want model && step model 120 python3 benchmarks/bench_model.py --device cuda --out "$results" --models ViT-B-16,ViT-L-14 --precision bf16 --batch-sizes 256,1024 --budget-s 2
   echo "== done in $SECONDS s"
 } 2>&1 | tee "$log"
 snapshot
