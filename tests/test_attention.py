@@ -295,13 +295,14 @@ def test_kernels_compile_for_hopper() -> None:
                 if name in consts: sig[name] = "constexpr"
                 elif name in POINTERS: sig[name] = "*" + dtype
                 elif name == "Mask": sig[name] = "*u8"
+                elif name == "Lengths": sig[name] = "*i32"
                 elif name in ("Lse", "Delta", "DLse"): sig[name] = "*fp32"
                 elif name in ("qk_scale", "scale"): sig[name] = "fp32"
                 else: sig[name] = "i32"
             src = ASTSource(kernel, sig, constexprs=consts)
             return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
         for dtype in ("bf16", "fp16"):
-            flags = dict(HEAD_DIM=80, BLOCK_D=128, CAUSAL=True, HAS_MASK=True, DOT_PRECISION="tf32")
+            flags = dict(HEAD_DIM=80, BLOCK_D=128, CAUSAL=True, HAS_MASK=True, HAS_LENGTHS=True, DOT_PRECISION="tf32")
             compile_(at._fwd_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=64), 4, 3)
             compile_(at._bwd_dkdv_kernel, dtype, dict(flags, BLOCK_M=32, BLOCK_N=64), 4, 2)
             compile_(at._bwd_dq_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=32), 4, 3)

@@ -5,6 +5,10 @@ Batches are trimmed to their longest text before the transformer. This changes n
 causal mask a token only sees tokens before it, the pooled end-of-text token is at or before the last
 non-zero token of its row, and padding (id 0) comes only after it. Captions average 15-20 of 77
 tokens, so this saves most of the text tower's work.
+
+For the same reason each row's attention ends at its own end-of-text token: the transformer gets the
+lengths (end-of-text position + 1), and the attention kernels skip every tile past them. The rows past a
+caption's end then hold other values than in a full run, but no pooled feature reads them.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ class TextTransformer(nn.Module):
         seq = text.shape[1]
         x = self.token_embedding(text) + self.positional_embedding[:seq]  # (B, L, W)
         x = x.to(self.text_projection.dtype)
-        x = self.ln_final(self.transformer(x))  # (B, L, W)
         eot = text.argmax(dim=-1)  # (B,) the end-of-text token has the highest id
+        x = self.ln_final(self.transformer(x, lengths=eot + 1))  # (B, L, W)
         x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, embed_dim)
         return nn.functional.normalize(x, dim=-1) if normalize else x
 

@@ -63,12 +63,15 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's default init
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, seq, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, S, 3W)
         qkv = qkv.view(batch, seq, 3, self.heads, width // self.heads)  # (B, S, 3, H, Dh)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, Dh), strided views, no copy
-        out = attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, backend=self.backend)
+        out = attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, lengths=lengths,
+                        backend=self.backend)
         out = out.transpose(1, 2).reshape(batch, seq, width)  # (B, S, W); free for the Triton output layout
         return self.out_proj(out)
 
@@ -93,8 +96,10 @@ class ResidualAttentionBlock(nn.Module):
             ])
         )
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), key_padding_mask)
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), key_padding_mask, lengths)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -122,12 +127,15 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * self.width) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, S, W) -> (B, S, W)."""
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, S, W) -> (B, S, W). `lengths` [B] ends each sequence: attention skips the positions past
+        it, whose outputs are then not those of the full sequence (see `fastclip.ops.attention`)."""
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations in the backward.
-                x = checkpoint(block, x, key_padding_mask, use_reentrant=False)
+                x = checkpoint(block, x, key_padding_mask, lengths, use_reentrant=False)
             else:
-                x = block(x, key_padding_mask)
+                x = block(x, key_padding_mask, lengths)
         return x

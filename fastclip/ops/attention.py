@@ -7,6 +7,9 @@ Conventions (the same on every backend and in `attention_reference`):
 - `causal=True` is top-left aligned, as SDPA's `is_causal`: query i sees keys j <= i;
 - `key_padding_mask` is a bool [B, Sk] tensor, True where the key is padding and must be ignored
   (nn.MultiheadAttention's convention; the opposite of SDPA's boolean `attn_mask`);
+- `lengths` is an integer [B] tensor of valid lengths (values are clamped to [0, S]): for sequence b,
+  keys at positions >= lengths[b] are ignored and query rows there get output 0. CLIP's text tower
+  passes its end-of-text positions + 1, so the kernels skip every tile past a caption's end;
 - a query row that sees no key at all (e.g. every key of its sequence padded) gets output 0 and
   passes no gradient, instead of the NaN of a plain softmax.
 
@@ -88,7 +91,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 
 def check_attention_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
+    lengths: torch.Tensor | None = None,
 ) -> None:
     """Shapes, dtypes and devices; raises TypeError/ValueError naming the argument and the expectation."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -113,6 +117,7 @@ def check_attention_inputs(
         )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _check_lengths(lengths, q)
     if key_padding_mask is None:
         return
     if not isinstance(key_padding_mask, torch.Tensor):
@@ -127,6 +132,20 @@ def check_attention_inputs(
         raise ValueError(f"key_padding_mask must have shape [batch, seq_k] = {list(expected)}, got {tuple(key_padding_mask.shape)}")
     if key_padding_mask.device != q.device:
         raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), got {key_padding_mask.device}")
+
+
+def _check_lengths(lengths: torch.Tensor | None, q: torch.Tensor) -> None:
+    """Shape, dtype and device only: the values are clamped, never read on the host (no device sync)."""
+    if lengths is None:
+        return
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be a torch.Tensor or None, got {type(lengths).__name__}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lengths must be an int32 or int64 tensor of sequence lengths, got {lengths.dtype}")
+    if tuple(lengths.shape) != (q.shape[0],):
+        raise ValueError(f"lengths must have shape [batch] = [{q.shape[0]}], got {tuple(lengths.shape)}")
+    if lengths.device != q.device:
+        raise ValueError(f"lengths must be on the device of q ({q.device}), got {lengths.device}")
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:
@@ -147,6 +166,7 @@ def attention(
     *,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -154,20 +174,40 @@ def attention(
 
     Any strides are accepted (views of a fused qkv projection need no copy); the Triton path stores the
     output as [B, Sq, H, D], so `out.transpose(1, 2).reshape(B, Sq, H * D)` is free. `key_padding_mask`
-    [B, Sk] is True at padded keys; rows with no visible key return 0. Differentiable in q, k and v.
+    [B, Sk] is True at padded keys; rows with no visible key return 0. `lengths` [B] ends each sequence:
+    keys past it are ignored, rows past it return 0 (the Triton kernels skip their work). Differentiable
+    in q, k and v.
     """
-    check_attention_inputs(q, k, v, key_padding_mask, causal)
+    check_attention_inputs(q, k, v, key_padding_mask, causal, lengths)
     scale = resolve_scale(scale, q.shape[-1])
     if resolve_backend(backend, q) == "torch":
-        return attention_torch(q, k, v, causal, key_padding_mask, scale)
-    out, _ = torch.ops.fastclip.attention(q, k, v, key_padding_mask, causal, scale)
+        return attention_torch(q, k, v, causal, key_padding_mask, scale, lengths)
+    out, _ = torch.ops.fastclip.attention(q, k, v, key_padding_mask, causal, scale, lengths)
     return out
 
 
 def attention_torch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None, scale: float,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The PyTorch path: SDPA, with `is_causal` (its fastest kernels) whenever there is no padding mask."""
+    if lengths is None:
+        return _sdpa(q, k, v, causal, key_padding_mask, scale)
+    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    ends = lengths[:, None]  # (B, 1)
+    if not (causal and seq_q <= seq_k):
+        # With a top-left causal mask a row before the end sees only keys before it: no key mask needed.
+        past_end = torch.arange(seq_k, device=q.device) >= ends  # (B, Sk)
+        key_padding_mask = past_end if key_padding_mask is None else key_padding_mask | past_end
+    out = _sdpa(q, k, v, causal, key_padding_mask, scale)
+    rows_past_end = torch.arange(seq_q, device=q.device) >= ends  # (B, Sq)
+    return out.masked_fill(rows_past_end[:, None, :, None], 0.0)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """SDPA with fastclip's mask convention; rows that see no key return 0."""
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     visible = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk); SDPA's bool mask is True = attend
@@ -206,50 +246,55 @@ def _check_triton_mode(q: torch.Tensor):
 @torch.library.custom_op(
     "fastclip::attention",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale, Tensor? lengths=None) "
+    "-> (Tensor, Tensor)",
 )
-def _attention_op(q, k, v, key_padding_mask, causal, scale):
+def _attention_op(q, k, v, key_padding_mask, causal, scale, lengths=None):
     """(out [B, H, Sq, D] in [B, Sq, H, D] memory order, lse [B, H, Sq] fp32, natural log)."""
-    return _check_triton_mode(q).forward(q, k, v, key_padding_mask, causal, scale)
+    return _check_triton_mode(q).forward(q, k, v, key_padding_mask, causal, scale, lengths=lengths)
 
 
 @torch.library.custom_op(
     "fastclip::attention_backward",
     mutates_args=(),
     schema="(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+    "Tensor? key_padding_mask, bool causal, float scale, Tensor? lengths=None) -> (Tensor, Tensor, Tensor)",
 )
-def _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale):
-    return _check_triton_mode(q).backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale)
+def _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, lengths=None):
+    return _check_triton_mode(q).backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale,
+                                          lengths=lengths)
 
 
 @_attention_op.register_fake
-def _(q, k, v, key_padding_mask, causal, scale):
+def _(q, k, v, key_padding_mask, causal, scale, lengths=None):
     batch, heads, seq_q, head_dim = q.shape
     out = q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)  # same layout as the kernel's
     return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale):
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, lengths=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, causal, scale = inputs
+    q, k, v, key_padding_mask, causal, scale, lengths = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, lengths)
     ctx.causal, ctx.scale = causal, scale
+    # An unused output's gradient arrives as None rather than a materialised zero tensor: the model
+    # never uses the log-sum-exp, and a zero [B, H, S] tensor per layer would be allocated and read.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, lengths = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.fastclip.attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale, lengths
     )
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -5,8 +5,9 @@
 Computed in the inputs' dtype (the tests upcast to float64 for the reference, and run it in fp16/bf16
 for the "same-dtype plain PyTorch" error that low-precision tolerances are measured against).
 Conventions shared with every backend: causal is top-left (key j visible to query i iff j <= i, as
-SDPA's `is_causal`); `key_padding_mask` [batch, seq_k] is True where a key is padding (ignored); a row
-with no visible key gets output 0, log-sum-exp -inf and zero gradients.
+SDPA's `is_causal`); `key_padding_mask` [batch, seq_k] is True where a key is padding (ignored);
+`lengths` [batch] hides every key and query at or past a sequence's length; a row with no visible key
+gets output 0, log-sum-exp -inf and zero gradients.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 
 def visible_keys(
-    seq_q: int, seq_k: int, causal: bool, key_padding_mask: torch.Tensor | None, device: torch.device
+    seq_q: int, seq_k: int, causal: bool, key_padding_mask: torch.Tensor | None, device: torch.device,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean [batch or 1, 1, seq_q or 1, seq_k] mask, True where query i may attend to key j; None = all."""
     visible = None
@@ -24,6 +26,10 @@ def visible_keys(
     if key_padding_mask is not None:
         keys = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
         visible = keys if visible is None else keys & visible
+    if lengths is not None:
+        ends = lengths[:, None, None, None]  # (B, 1, 1, 1)
+        inside = (torch.arange(seq_q, device=device)[:, None] < ends) & (torch.arange(seq_k, device=device) < ends)
+        visible = inside if visible is None else inside & visible  # (B, 1, Sq, Sk)
     return visible
 
 
@@ -34,11 +40,12 @@ def attention_scores_reference(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked scores (-inf where hidden) [B, H, Sq, Sk] and the rows that see any key [B or 1, 1, Sq, 1]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
-    visible = visible_keys(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
+    visible = visible_keys(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device, lengths)
     if visible is None:
         return scores, torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -53,9 +60,12 @@ def attention_reference(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + masks) v for q [B, H, Sq, D], k and v [B, H, Sk, D]; differentiable."""
-    scores, has_key = attention_scores_reference(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    scores, has_key = attention_scores_reference(
+        q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, lengths=lengths
+    )
     # An empty row would softmax to NaN: give it finite scores, then zero its probabilities, so neither
     # the output nor any gradient sees a NaN.
     probs = scores.masked_fill(~has_key, 0.0).softmax(-1).masked_fill(~has_key, 0.0)  # (B, H, Sq, Sk)
@@ -69,8 +79,11 @@ def attention_lse_reference(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log sum_j exp(score_ij) over the visible keys [B, H, Sq]; -inf for a row with none."""
-    scores, has_key = attention_scores_reference(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    scores, has_key = attention_scores_reference(
+        q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, lengths=lengths
+    )
     lse = scores.masked_fill(~has_key, 0.0).logsumexp(-1)  # finite first, so the gradient has no NaN
     return lse.masked_fill(~has_key[..., 0], float("-inf"))

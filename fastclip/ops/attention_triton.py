@@ -8,6 +8,8 @@ Algorithm (FlashAttention-2, as in Triton's tutorial 06), adapted to what CLIP n
   extra lanes are masked to zero on load (80 runs as 128; the padding costs FLOPs, not memory traffic);
 - top-left causal mask (key j is visible to query i iff j <= i, as SDPA's `is_causal`);
 - optional boolean key padding mask [batch, seq_k], True = padded (ignored), as nn.MultiheadAttention;
+- optional per-sequence lengths [batch]: a program whose query block starts past its sequence's end
+  writes zeros and exits, key loops stop at the end (CLIP's text tower: captions end long before 77);
 - a query row that sees no key at all (every key padded) gets output 0 and log-sum-exp -inf, and
   contributes nothing to any gradient: defined values, never NaN;
 - q, k, v, the output gradient and the mask are read through their strides, so views of a fused qkv
@@ -18,7 +20,9 @@ Softmax runs in base 2 (exp2; scores pre-multiplied by scale * log2(e)), all acc
 the forward saves the natural-log log-sum-exp per query row for the backward, which recomputes the
 probability tiles: a preprocess kernel (delta = rowsum(dO * O) - dLSE), a dK/dV kernel (one program per
 key block, looping over query blocks) and a dQ kernel (one program per query block, looping over key
-blocks); no atomics, so every kernel is deterministic and safe to re-run while autotuning.
+blocks); no atomics, so every kernel is deterministic and safe to re-run while autotuning. Every grid is
+(batch * heads, blocks along the sequence): axis 0 takes 2^31 - 1 programs, axis 1 only 65535.
+fp32 inputs use TF32 tensor-core dots, or 3xTF32 (fp32 accuracy) at matmul precision "highest".
 
 Importing this module imports Triton and defines the kernels. Triton decides *at definition time*
 whether a kernel is compiled or interpreted (`TRITON_INTERPRET=1`, for CPU tensors), so that variable
@@ -28,6 +32,7 @@ reason. `INTERPRET` records the mode the kernels were defined in.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -46,7 +51,7 @@ LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literal
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Mask, Out, Lse,
+    Q, K, V, Mask, Lengths, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -55,11 +60,11 @@ def _fwd_kernel(
     num_heads, seq_q, seq_k, qk_scale,  # qk_scale = scale * log2(e): scores in base-2 units
     SEQ_Q_BUCKET, SEQ_K_BUCKET,  # autotune keys only (power-of-two buckets of the lengths)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: axis 1 stops at 65535
+    pid_m = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of big fused-qkv views pass 2^31
     off_h = (pid_bh % num_heads).to(tl.int64)
     start_m = pid_m * BLOCK_M
@@ -79,35 +84,60 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Key blocks [0, full_hi) need no bounds or causal mask; [full_hi, hi) do. A causal query block
-    # sees keys up to its last row only, and a key block is wholly visible iff its last key <= start_m.
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M)
-        full_hi = (tl.minimum(seq_k, start_m + 1) // BLOCK_N) * BLOCK_N
-    else:
-        hi = seq_k
-        full_hi = (seq_k // BLOCK_N) * BLOCK_N
+    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
+    full_hi, hi = _key_range(start_m, q_end, k_end, CAUSAL, HAS_LENGTHS, BLOCK_M, BLOCK_N)
     for start_n in range(0, full_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
             CAUSAL, HAS_MASK, False, DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
             CAUSAL, HAS_MASK, True, DOT_PRECISION,
         )
 
-    # l_i == 0 only for a row that saw no key (l_i >= 1 otherwise: the max term is exp2(0)).
+    # l_i == 0 only for a row that saw no key (l_i >= 1 otherwise: the max term is exp2(0)); rows past
+    # the sequence's length are empty by definition (with causal they saw the keys before them).
     empty = l_i == 0.0
+    if HAS_LENGTHS:
+        empty = empty | (offs_m >= q_end)
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # natural log
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS: tl.constexpr):
+    """(query end, key end) of sequence `off_b`: its length clamped to [0, seq], else the full lengths."""
+    if HAS_LENGTHS:
+        length = tl.maximum(tl.load(Lengths + off_b), 0)
+        return tl.minimum(length, seq_q), tl.minimum(length, seq_k)
+    else:
+        return seq_q, seq_k
+
+
+@triton.jit
+def _key_range(start_m, q_end, k_end, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_hi, hi) for the query block at start_m: key blocks [0, full_hi) need no bounds or causal
+    mask, [full_hi, hi) do. A causal query block sees keys up to its last row only, and a key block is
+    wholly visible iff its last key <= start_m. A block past its sequence's length reads no key."""
+    if CAUSAL:
+        hi = tl.minimum(k_end, start_m + BLOCK_M)
+        full_hi = (tl.minimum(k_end, start_m + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = k_end
+        full_hi = (k_end // BLOCK_N) * BLOCK_N
+    if HAS_LENGTHS:
+        hi = tl.where(start_m < q_end, hi, 0)
+        full_hi = tl.minimum(full_hi, hi)
+    return full_hi, hi
 
 
 @triton.jit
@@ -158,8 +188,8 @@ def _bwd_preprocess(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta_i = sum_d dO_id * O_id - dLSE_i: the softmax-backward row term (dLSE folds in the lse's gradient)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: axis 1 stops at 65535
+    pid_m = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -188,7 +218,7 @@ def _load_row_stats(Lse, Delta, rows, rows_ok):
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DK, DV,
+    Q, K, V, Mask, Lengths, DO, Lse, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -199,12 +229,12 @@ def _bwd_dkdv_kernel(
     num_heads, seq_q, seq_k, qk_scale, scale,
     SEQ_Q_BUCKET, SEQ_K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one key block: dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta), dP = dO V^T."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -224,11 +254,15 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # Rows past seq_q load q = dO = 0 and lse = +inf, so their P is 0 and they add nothing: only the
-    # query blocks that straddle the causal diagonal need an explicit mask. Causal: rows >= start_n only.
+    # Rows past the query end load q = dO = 0 and lse = +inf, so their P is 0 and they add nothing: only
+    # the query blocks that straddle the causal diagonal need an explicit mask. Causal: rows >= start_n
+    # only. A key block past its sequence's length reads no query.
+    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
+    if HAS_LENGTHS:
+        q_end = tl.where(start_n < k_end, q_end, 0)
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, tl.cdiv(seq_q, BLOCK_M) * BLOCK_M)
+        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, tl.cdiv(q_end, BLOCK_M) * BLOCK_M)
         mid = tl.maximum(mid, lo)  # a key block past the last query (seq_k > seq_q): both loops empty
     else:
         lo = 0
@@ -236,15 +270,18 @@ def _bwd_dkdv_kernel(
     for start_m in range(lo, mid, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
-            stride_qm, stride_qd, stride_dom, stride_dod, seq_q, qk_scale, True, DOT_PRECISION,
+            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale, True, DOT_PRECISION,
         )
-    for start_m in range(mid, seq_q, BLOCK_M):
+    for start_m in range(mid, q_end, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
-            stride_qm, stride_qd, stride_dom, stride_dod, seq_q, qk_scale, False, DOT_PRECISION,
+            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale, False, DOT_PRECISION,
         )
 
     dk = dk * scale
+    if HAS_LENGTHS:  # keys past the length are ignored: no gradient (their rows above hold stray sums)
+        dk = tl.where(offs_n[:, None] < k_end, dk, 0.0)
+        dv = tl.where(offs_n[:, None] < k_end, dv, 0.0)
     if HAS_MASK:
         # A padded key has P = 0 in every row, so its gradients are 0. Rows of dK/dV are independent, so
         # selecting here (not multiplying) also discards any overflow computed for those keys above.
@@ -282,7 +319,7 @@ def _bwd_dkdv_tile(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DQ,
+    Q, K, V, Mask, Lengths, DO, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -292,12 +329,12 @@ def _bwd_dq_kernel(
     num_heads, seq_q, seq_k, qk_scale, scale,
     SEQ_Q_BUCKET, SEQ_K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one query block: dQ = scale * dS K, looping over key blocks like the forward."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: axis 1 stops at 65535
+    pid_m = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
     start_m = pid_m * BLOCK_M
@@ -317,24 +354,21 @@ def _bwd_dq_kernel(
     mask_base = Mask + off_b * stride_mb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Same split as the forward. Here bounds masking of keys is essential: a key past seq_k loads as 0,
-    # its P = exp2(-lse) can overflow, and inf * 0 in dS @ K would poison the whole row of dQ.
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M)
-        full_hi = (tl.minimum(seq_k, start_m + 1) // BLOCK_N) * BLOCK_N
-    else:
-        hi = seq_k
-        full_hi = (seq_k // BLOCK_N) * BLOCK_N
+    # Same split as the forward. Here bounds masking of keys is essential: a key past the end loads as 0,
+    # its P = exp2(-lse) can overflow, and inf * 0 in dS @ K would poison the whole row of dQ. Rows past
+    # the query end have lse = -inf (P = 0), so they get dQ = 0.
+    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
+    full_hi, hi = _key_range(start_m, q_end, k_end, CAUSAL, HAS_LENGTHS, BLOCK_M, BLOCK_N)
     for start_n in range(0, full_hi, BLOCK_N):
         dq = _bwd_dq_tile(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
             CAUSAL, HAS_MASK, False, DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _bwd_dq_tile(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
             CAUSAL, HAS_MASK, True, DOT_PRECISION,
         )
     dq = dq * scale
@@ -422,7 +456,7 @@ _FP32_SHARED: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
 }
 # Under the interpreter: one fixed config, no benchmarking (fast and reproducible on a CPU).
 INTERPRET_BLOCK = (32, 32)
-_AUTOTUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_MASK", "DOT_PRECISION"]
+_AUTOTUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_LENGTHS", "DOT_PRECISION"]
 
 
 def _configs(table: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -490,11 +524,39 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+# CUDA's grid limits: axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535. batch * heads reaches
+# 65536 at ViT-L/14 with batch 4096, so it goes on axis 0 and the blocks along the sequence on axis 1.
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_Y = 65535
+
+
+def launch_grid(batch_heads: int, length: int, block: int) -> tuple[int, int]:
+    """(batch * heads, blocks of `block` along `length`): the grid of every attention kernel."""
+    blocks = triton.cdiv(length, block)
+    if batch_heads > MAX_GRID_X:
+        raise ValueError(f"batch * heads = {batch_heads} exceeds the {MAX_GRID_X} programs a CUDA grid axis takes; "
+                         "split the batch")
+    if blocks > MAX_GRID_Y:
+        raise ValueError(f"a sequence of {length} tokens needs {blocks} blocks of {block}, over CUDA's "
+                         f"{MAX_GRID_Y}; use backend='torch'")
+    return batch_heads, blocks
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get true fp32 products unless the user allowed TF32 matmuls (as for torch.matmul)."""
+    """fp32 inputs: TF32 products if the user allowed TF32 matmuls (as for torch.matmul), else 3xTF32.
+
+    3xTF32 splits each operand into a TF32 high part and a TF32 remainder and sums three tensor-core
+    products: about fp32's accuracy (relative error ~1e-6 rather than TF32's ~1e-3). True fp32 ("ieee")
+    dots run on the FMA units instead and their tiles spill tens of KB per thread.
+    """
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
+        return "tf32x3"
     return "tf32"  # ignored for fp16/bf16 operands
+
+
+def _device_guard(t: torch.Tensor):
+    """Launch on t's GPU, not the current one (a model on cuda:1 without torch.cuda.set_device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _mask_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
@@ -503,6 +565,13 @@ def _mask_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tupl
         return like, 0, 0, False
     mask = key_padding_mask.view(torch.uint8)
     return mask, mask.stride(0), mask.stride(1), True
+
+
+def _lengths_arg(lengths: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The per-sequence lengths as int32 (the kernels clamp them to [0, seq]); a dummy pointer when absent."""
+    if lengths is None:
+        return like, False
+    return lengths.to(torch.int32).contiguous(), True
 
 
 def _block_kwargs(block: tuple[int, int] | None) -> dict:
@@ -519,6 +588,7 @@ def forward(
     causal: bool,
     scale: float,
     block: tuple[int, int] | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output [b, h, s_q, d] (stored as [b, s_q, h, d]) and fp32 log-sum-exp [b, h, s_q] of checked inputs.
 
@@ -529,16 +599,17 @@ def forward(
     out = torch.empty((batch, seq_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     mask, stride_mb, stride_mn, has_mask = _mask_arg(key_padding_mask, q)
+    lengths, has_lengths = _lengths_arg(lengths, q)
     kernel = _fwd_tuned if block is None else _fwd_kernel
-    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
-    kernel[grid](
-        q, k, v, mask, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *out.stride(),
-        heads, seq_q, seq_k, scale * LOG2E, _bucket(seq_q), _bucket(seq_k),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)),
-        CAUSAL=causal, HAS_MASK=has_mask, DOT_PRECISION=_dot_precision(q.dtype),
-        **_block_kwargs(block),
-    )
+    with _device_guard(q):
+        kernel[lambda meta: launch_grid(batch * heads, seq_q, meta["BLOCK_M"])](
+            q, k, v, mask, lengths, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *out.stride(),
+            heads, seq_q, seq_k, scale * LOG2E, _bucket(seq_q), _bucket(seq_k),
+            HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)),
+            CAUSAL=causal, HAS_MASK=has_mask, HAS_LENGTHS=has_lengths, DOT_PRECISION=_dot_precision(q.dtype),
+            **_block_kwargs(block),
+        )
     return out, lse
 
 
@@ -554,8 +625,14 @@ def backward(
     causal: bool,
     scale: float,
     block: tuple[int, int] | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (like q, k, v) from the output gradient and, optionally, the log-sum-exp's gradient."""
+    with _device_guard(q):
+        return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, block, lengths)
+
+
+def _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, block, lengths):
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     block_d = max(16, _bucket(head_dim))
@@ -563,26 +640,27 @@ def backward(
     delta = torch.empty_like(lse)
     has_dlse = grad_lse is not None
     dlse = grad_lse.to(torch.float32).contiguous() if has_dlse else delta
-    _bwd_preprocess[(triton.cdiv(seq_q, _PREPROCESS_BLOCK), batch * heads)](
+    _bwd_preprocess[launch_grid(batch * heads, seq_q, _PREPROCESS_BLOCK)](
         out, grad_out, dlse, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_DLSE=has_dlse, BLOCK_M=_PREPROCESS_BLOCK,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask, stride_mb, stride_mn, has_mask = _mask_arg(key_padding_mask, q)
+    lengths, has_lengths = _lengths_arg(lengths, q)
     common = dict(
-        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_MASK=has_mask,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_MASK=has_mask, HAS_LENGTHS=has_lengths,
         DOT_PRECISION=_dot_precision(q.dtype), **_block_kwargs(block),
     )
     shape_args = (heads, seq_q, seq_k, scale * LOG2E, scale, _bucket(seq_q), _bucket(seq_k))
     dkdv = _dkdv_tuned if block is None else _bwd_dkdv_kernel
-    dkdv[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads)](
-        q, k, v, mask, grad_out, lse, delta, dk, dv,
+    dkdv[lambda meta: launch_grid(batch * heads, seq_k, meta["BLOCK_N"])](
+        q, k, v, mask, lengths, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
         *dk.stride(), *dv.stride(), *shape_args, **common,
     )
     dq_kernel = _dq_tuned if block is None else _bwd_dq_kernel
-    dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)](
-        q, k, v, mask, grad_out, lse, delta, dq,
+    dq_kernel[lambda meta: launch_grid(batch * heads, seq_q, meta["BLOCK_M"])](
+        q, k, v, mask, lengths, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
         *dq.stride(), *shape_args, **common,
     )

@@ -1,0 +1,140 @@
+"""How the Triton attention kernels are launched: the grid, the dot precision of fp32 inputs and the
+device. Pure Python around the launchers (the kernels are replaced by recorders where a launch would
+need a GPU), so it runs anywhere Triton imports; the cuda tests check the same on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from fastclip.ops import attention_triton as at  # noqa: E402
+
+KERNELS = ("_fwd_tuned", "_bwd_preprocess", "_dkdv_tuned", "_dq_tuned")
+
+
+class _Recorder:
+    """Stands in for a kernel: records `kernel[grid](...)` launches instead of running them."""
+
+    def __init__(self, name: str, launches: list) -> None:
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, grid, kwargs))
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> list:
+    recorded: list = []
+    for name in KERNELS:
+        monkeypatch.setattr(at, name, _Recorder(name, recorded))
+    return recorded
+
+
+def _forward_backward(batch: int, heads: int, seq: int, head_dim: int = 64, dtype=torch.bfloat16) -> None:
+    """One forward and backward of meta tensors laid out as a fused qkv projection (nothing allocated)."""
+    qkv = torch.empty(batch, seq, 3, heads, head_dim, dtype=dtype, device="meta")
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    out, lse = at.forward(q, k, v, None, False, head_dim**-0.5)
+    at.backward(torch.empty_like(out), None, q, k, v, out, lse, None, False, head_dim**-0.5)
+
+
+def _grid(grid, block_m: int, block_n: int) -> tuple[int, ...]:
+    return grid({"BLOCK_M": block_m, "BLOCK_N": block_n}) if callable(grid) else tuple(grid)
+
+
+@pytest.mark.parametrize("batch, heads, seq", [(4096, 16, 257), (5462, 12, 197), (1, 1, 1), (3, 5, 577)])
+def test_batch_times_heads_goes_on_grid_axis_0(launches: list, batch: int, heads: int, seq: int) -> None:
+    """ViT-L/14 at batch 4096 (65,536 heads) and ViT-B/16 from batch 5,462 overflow grid axis 1 (65,535)."""
+    _forward_backward(batch, heads, seq)
+    assert [name for name, _, _ in launches] == list(KERNELS)
+    for name, grid, _ in launches:
+        for block in (16, 32, 64, 128):
+            x, y = _grid(grid, block, block)
+            assert x == batch * heads, name
+            assert y == triton.cdiv(seq, block if name != "_bwd_preprocess" else at._PREPROCESS_BLOCK), name
+            assert y <= at.MAX_GRID_Y
+
+
+def test_launch_grid_limits() -> None:
+    assert at.launch_grid(65536, 257, 64) == (65536, 5)
+    assert at.launch_grid(at.MAX_GRID_X, 16, 16) == (at.MAX_GRID_X, 1)
+    with pytest.raises(ValueError, match="batch \\* heads = 2147483648 exceeds"):
+        at.launch_grid(at.MAX_GRID_X + 1, 16, 16)
+    with pytest.raises(ValueError, match="needs 65536 blocks of 16"):
+        at.launch_grid(1, 16 * 65536, 16)
+
+
+@pytest.mark.parametrize("precision, dtype, expected", [
+    ("highest", torch.float32, "tf32x3"),  # fp32 accuracy on tensor cores; "ieee" spills tens of KB
+    ("high", torch.float32, "tf32"),
+    ("medium", torch.float32, "tf32"),
+    ("highest", torch.bfloat16, "tf32"),  # ignored by bf16/fp16 dots: one compiled variant, not two
+    ("highest", torch.float16, "tf32"),
+])
+def test_dot_precision_follows_the_matmul_precision(launches: list, precision: str, dtype, expected: str) -> None:
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        _forward_backward(2, 2, 50, dtype=dtype)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    tuned = [kwargs for name, _, kwargs in launches if name != "_bwd_preprocess"]
+    assert len(tuned) == 3 and all(kwargs["DOT_PRECISION"] == expected for kwargs in tuned)
+
+
+def test_launches_run_on_the_device_of_q(launches: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every launch happens inside the device guard of q, whatever the current device."""
+    entered: list = []
+
+    @contextlib.contextmanager
+    def guard(t: torch.Tensor):
+        entered.append(t.device)
+        count = len(launches)
+        yield
+        assert len(launches) > count  # the launches happened inside
+
+    monkeypatch.setattr(at, "_device_guard", guard)
+    _forward_backward(2, 2, 50)
+    assert entered == [torch.device("meta")] * 2  # forward, backward
+
+
+def test_device_guard_names_the_tensors_gpu() -> None:
+    """A tensor on cuda:1 gets torch.cuda.device(1) (constructing it touches no GPU); CPU tensors none."""
+    guard = at._device_guard(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(at._device_guard(torch.empty(1)), contextlib.nullcontext)
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_highest_is_fp32_accurate() -> None:
+    """3xTF32 dots: fp32 inputs at matmul precision "highest" within 1e-5 of float64 (TF32 is ~1e-3 off)."""
+    from fastclip.ops.attention import attention
+    from fastclip.ops.attention_reference import attention_reference
+
+    q, k, v = (torch.randn(4, 12, 197, 64, device="cuda") for _ in range(3))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        out = attention(q, k, v, backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    want = attention_reference(q.double(), k.double(), v.double())
+    assert (out.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.cuda
+def test_cuda_more_heads_than_grid_axis_1_takes() -> None:
+    """65,536 (batch, head) pairs launch and match SDPA (grid axis 1 would have refused them)."""
+    from fastclip.ops.attention import attention
+
+    q, k, v = (torch.randn(4096, 16, 8, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, backend="triton")
+    out.float().sum().backward()
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
