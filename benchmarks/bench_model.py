@@ -8,8 +8,11 @@ For every model, tower and batch size, times `model.encode_image(images)` (image
   triton  fastclip's fused Triton kernel (CUDA only; autotuned in an untimed first call),
   torch   F.scaled_dot_product_attention (which picks its own kernel).
 The model is in eval mode with its parameters in --precision (bf16 on CUDA, fp32 on a CPU), the same
-weights for every backend. Inputs: random images and random token ids in [1, 49406] with the end-of-text
-id 49407 at a random position, so every caption fills the context (no trimming). Time: median of
+weights for every backend. Inputs: random images; token rows as the tokenizer makes them for realistic
+captions: lengths from `common.caption_lengths` (log-normal, mean ~18 of 77 tokens, clipped to [2, 77]), each
+row the start token 49406, random ids in [1, 49406), the end-of-text id 49407 at its length - 1, zeros after.
+So encode_text runs what it runs on real captions: the batch trimmed to its longest caption, and each row's
+attention ended at its own end-of-text token (the `lengths` the text tower passes). Time: median of
 `common.time_fn`. Reports the ratio triton / torch and the largest difference between the two backends'
 (normalised) embeddings. Writes bench_model.json and bench_model.png into --out.
 """
@@ -26,37 +29,67 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastclip from a checkout
 
-from bench_train import random_batch  # noqa: E402  (the training benchmark's inputs)
-from common import DEFAULT_OUT, DTYPES, environment_header, plot_lines, time_fn, write_results  # noqa: E402
-from fastclip.model.clip import CLIP  # noqa: E402
-from fastclip.model.factory import create_model  # noqa: E402
+from bench_train import EOT_ID, random_batch
+from common import (
+    CAPTION_LENGTHS,
+    DEFAULT_OUT,
+    DTYPES,
+    caption_lengths,
+    environment_header,
+    length_summary,
+    plot_lines,
+    time_fn,
+    write_results,
+)
+
+from fastclip.model.clip import CLIP
+from fastclip.model.factory import create_model
 
 TOWERS = {"image": "images/s", "text": "captions/s"}
+SOT_ID = 49406  # start of text; word ids lie below it, the end-of-text id EOT_ID = 49407 above
 DEFAULTS = {
-    "cuda": {"models": "ViT-B-16,ViT-L-14", "batch_sizes": "64,256,1024", "precision": "bf16", "backends": "triton,torch"},
+    "cuda": {"models": "ViT-B-16,ViT-L-14", "batch_sizes": "64,256,1024", "precision": "bf16",
+             "backends": "triton,torch"},
     "cpu": {"models": "tiny-ViT,demo-ViT", "batch_sizes": "8,32", "precision": "fp32", "backends": "torch"},
 }
 
 
-def encoder(model: CLIP, tower: str, batch: int, device: str) -> Callable[[], torch.Tensor]:
-    """A zero-argument call embedding one random batch with `tower` (inputs made once, outside the timing)."""
-    images, tokens = random_batch(batch, model.image_size, model.config.text.context_length, device)
+def caption_tokens(lengths: torch.Tensor, context: int, seed: int = 0) -> torch.Tensor:
+    """[B, context] int64 rows as the tokenizer writes captions of `lengths` tokens (start and end included):
+    SOT_ID, random word ids, EOT_ID at position length - 1, then zeros. Made on the CPU from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = lengths.numel()
+    tokens = torch.randint(1, SOT_ID, (batch, context), generator=generator)
+    tokens[:, 0] = SOT_ID
+    tokens[torch.arange(context)[None, :] >= lengths[:, None]] = 0
+    tokens[torch.arange(batch), lengths - 1] = EOT_ID
+    return tokens
+
+
+def encoder(model: CLIP, tower: str, batch: int, device: str) -> tuple[Callable[[], torch.Tensor], dict]:
+    """A zero-argument call embedding one batch with `tower` (inputs made once, outside the timing), and a
+    description of its inputs for the row (text: the caption lengths)."""
+    context = model.config.text.context_length
     if tower == "image":
+        images, _ = random_batch(batch, model.image_size, context, device)
         images = images.to(model.dtype)  # encode_image would cast them in every call
-        return lambda: model.encode_image(images)
-    return lambda: model.encode_text(tokens)
+        return (lambda: model.encode_image(images)), {}
+    lengths = caption_lengths(batch, context)
+    tokens = caption_tokens(lengths, context).to(device)
+    return (lambda: model.encode_text(tokens)), {"caption_lengths": length_summary(lengths)}
 
 
 def measure_tower(model: CLIP, tower: str, batch: int, backends: list[str], args: argparse.Namespace) -> dict:
     """Throughput of every backend on the same inputs, the ratio to torch, and the embeddings' agreement."""
-    embed = encoder(model, tower, batch, args.device)
-    row: dict = {"tower": tower, "batch": batch, "results": {}}
+    embed, inputs = encoder(model, tower, batch, args.device)
+    row: dict = {"tower": tower, "batch": batch, **inputs, "results": {}}
     outputs = {}
     for backend in backends:
         model.set_attn_backend(backend)
         with torch.inference_mode():
             outputs[backend] = embed().float()  # untimed: lazy init and autotuning
-            timing = time_fn(embed, args.device, warmup=args.warmup, reps=args.reps, budget_s=args.budget_s, warmed=True)
+            timing = time_fn(embed, args.device, warmup=args.warmup, reps=args.reps, budget_s=args.budget_s,
+                             warmed=True)
         row["results"][backend] = {**timing, "per_s": batch / (timing["median_ms"] / 1e3)}
     if "torch" in outputs:
         for backend, result in row["results"].items():
@@ -87,7 +120,9 @@ def format_row(row: dict) -> str:
         if backend != "torch" and "ratio_vs_torch" in r:
             ratio = f" ({r['ratio_vs_torch']:.2f}x, diff {r['max_abs_diff_vs_torch']:.1e})"
         cells.append(f"{backend} {r['median_ms']:8.2f} ms {r['per_s']:9.1f} {TOWERS[row['tower']]}{ratio}")
-    return f"{row['model']:>10} {row['tower']:>5} {row['batch']:>5}  " + " | ".join(cells)
+    lengths = row.get("caption_lengths")
+    note = f"  (captions: mean {lengths['mean']:.1f} tokens, trimmed to {lengths['max']})" if lengths else ""
+    return f"{row['model']:>10} {row['tower']:>5} {row['batch']:>5}  " + " | ".join(cells) + note
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -98,14 +133,15 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
             mine = [r for r in rows if (r["model"], r["tower"]) == (model, tower)]
             backends = dict.fromkeys(b for r in mine for b in r["results"])
             series = {b: ([r["batch"] for r in mine], [r["results"][b]["per_s"] for r in mine]) for b in backends}
-            panels.append({"title": f"{model} encode_{tower}", "xlabel": "batch", "ylabel": TOWERS[tower], "series": series})
+            panels.append({"title": f"{model} encode_{tower}", "xlabel": "batch", "ylabel": TOWERS[tower],
+                           "series": series})
     return plot_lines(path, panels, ncols=2, title=title)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 2)[2])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
     parser.add_argument("--models", help="comma-separated config names "
                                            "(default: ViT-B-16,ViT-L-14 on cuda, tiny-ViT,demo-ViT on cpu)")
@@ -116,8 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backends", help="comma-separated of triton,torch (default: both on cuda, torch on cpu)")
     parser.add_argument("--warmup", type=int, help="untimed calls before the timed ones (default: 5 cuda, 1 cpu)")
     parser.add_argument("--reps", type=int, help="timed calls per point (default: 20 cuda, 5 cpu)")
-    parser.add_argument("--budget-s", type=float, help="fewer reps (at least 3) for slow points, to take about this many "
-                                                       "seconds (default: 3 cuda, 1 cpu)")
+    parser.add_argument("--budget-s", type=float, help="fewer reps (at least 3) for slow points, to take about this "
+                                                       "many seconds (default: 3 cuda, 1 cpu)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:
@@ -141,7 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     header = environment_header()
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config["inputs"] = "randn images; token ids uniform in [1, 49407) with 49407 at a random position, full context"
+    config["inputs"] = (
+        f"randn images; caption token rows (start 49406, ids uniform in [1, 49406), end-of-text 49407 at length - 1, "
+        f"zeros after) with lengths {CAPTION_LENGTHS}"
+    )
     rows: list[dict] = []
     payload = {"benchmark": "model_inference", "environment": header, "config": config, "rows": rows}
     print(f"device: {header['device']}; {args.precision}; backends {args.backends}")
@@ -150,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_results(args.out, "bench_model", payload)  # after every model: a killed run keeps its data
     path = write_results(args.out, "bench_model", payload)
     print(f"results: {path}")
-    png = plot(rows, Path(args.out) / "bench_model.png", f"CLIP embedding throughput, {args.precision}, on {header['device']}")
+    title = f"CLIP embedding throughput, {args.precision}, on {header['device']}"
+    png = plot(rows, Path(args.out) / "bench_model.png", title)
     if png:
         print(f"plot: {png}")
     return payload

@@ -12,6 +12,7 @@ import gc
 import importlib.util
 import inspect
 import json
+import math
 import os
 import platform
 import statistics
@@ -100,6 +101,37 @@ def time_fn(
             pass
     times = _cuda_events_ms(fn, warmup, reps)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps, "timer": "cuda_events"}
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+CAPTION_MEAN_TOKENS = 18.0  # start + text + end-of-text: the mean CLIP caption fills ~18 of its 77 positions
+CAPTION_LOG_SIGMA = 0.5  # spread of log(length): 90% of captions 7-36 tokens, a thin tail of long ones
+CAPTION_LENGTHS = (
+    f"log-normal, mean {CAPTION_MEAN_TOKENS:g} tokens (start and end-of-text included), sigma {CAPTION_LOG_SIGMA:g} "
+    "in log space, rounded and clipped to [2, context]; seed 0"
+)
+
+
+def caption_lengths(batch: int, context: int = 77, seed: int = 0) -> torch.Tensor:
+    """Token counts of `batch` realistic captions (CPU int64, [batch]): see CAPTION_LENGTHS.
+
+    Log-normal because caption lengths are positive and right-skewed (many short captions, a few long ones);
+    a symmetric normal would put the mean at the mode. Mean ~18 of 77 is what CLIP's text tower sees, so a
+    benchmark at full length would time ~4x the useful work. Fixed seed: every run and competitor gets the same
+    rows (the realised mean of a small batch strays from 18: report it, see `length_summary`).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    log_mean = math.log(CAPTION_MEAN_TOKENS) - CAPTION_LOG_SIGMA**2 / 2  # so that E[length] = CAPTION_MEAN_TOKENS
+    lengths = (torch.randn(batch, generator=generator, dtype=torch.float64) * CAPTION_LOG_SIGMA + log_mean).exp()
+    return lengths.round().clamp(2, context).long()
+
+
+def length_summary(lengths: torch.Tensor) -> dict:
+    """Mean, min and max of a lengths tensor, and the distribution they were drawn from (for the JSON)."""
+    values = lengths.double()
+    return {"mean": values.mean().item(), "min": int(values.min()), "max": int(values.max()),
+            "distribution": CAPTION_LENGTHS}
 
 
 # --------------------------------------------------------------------------------------------- memory

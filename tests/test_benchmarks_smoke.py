@@ -48,6 +48,36 @@ def test_bench_model_writes_results(tmp_path: Path) -> None:
     assert (tmp_path / "bench_model.png").exists()
 
 
+def test_bench_attention_writes_results(tmp_path: Path) -> None:
+    import bench_attention
+
+    bench_attention.main(["--device", "cpu", "--shapes", "vit_b32,text", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "attention_cpu.json").read_text())
+    assert {"environment", "rows", "target_summary"} <= payload.keys()
+    rows = {r["shape"]: r for r in payload["rows"]}
+    assert set(rows) == {"vit_b32", "text"} and all(r["dtype"] == "fp32" for r in rows.values())
+    assert {"fastclip", "sdpa", "sdpa_math"} <= rows["vit_b32"]["results"].keys()
+    text = rows["text"]
+    expected = {"fastclip", "fastclip_mask", "fastclip_dense", "sdpa", "sdpa_mask", "sdpa_mask_math"}
+    assert expected <= text["results"].keys()
+    assert len(text["lengths"]) == text["batch"] and all(2 <= n <= text["seq"] for n in text["lengths"])
+    assert text["length_stats"]["mean"] == sum(text["lengths"]) / text["batch"]
+    assert text["fwd_flops"] < text["dense_fwd_flops"]  # useful work: only the pairs inside each caption
+    ran = [label for label, r in text["results"].items() if "skipped" not in r]
+    assert {"fastclip_dense", "sdpa", "sdpa_mask", "sdpa_math"} <= set(ran)
+    if bench_attention.HAS_LENGTHS:
+        assert "fastclip" in ran and text["fwd_bwd_speedup_vs_best_sdpa"] > 0
+    for row in rows.values():
+        for label, result in row["results"].items():
+            if "skipped" in result:
+                assert result["skipped"], label  # a skipped competitor says why
+            else:
+                assert result["fwd_bwd"]["median_ms"] > 0 and result["max_abs_diff"] < 1e-4, (row["shape"], label)
+    assert [t["shape"] for t in payload["target_summary"]] == list(bench_attention.TARGETS)
+    assert all(t["met"] is None for t in payload["target_summary"])  # no target is judged on a CPU
+    assert (tmp_path / "attention_cpu.png").exists()
+
+
 def test_bench_loss_family_writes_results(tmp_path: Path, monkeypatch) -> None:
     import bench_loss
 

@@ -110,12 +110,13 @@ SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -
     step profile_timing 60 python3 tools/profile_loss.py --n 65536 --dim 768 --dtype bf16 --reps 5
   fi
   if want attention_tests; then
-    step attention_tests 200 python3 -m pytest tests/test_attention.py tests/test_model.py -m cuda -q -p no:cacheprovider --maxfail=5
+    step attention_tests 240 python3 -m pytest tests/test_attention.py tests/test_attention_launch.py tests/test_attention_lengths.py tests/test_model.py -m cuda -q -p no:cacheprovider --maxfail=5
   fi
   # SigLIP fused vs eager forward+backward in bf16 at D = 768 up to N = 65536 (eager peaks near 18 bytes per
   # logit in bf16, ~77 GiB at 65536^2, inside an H200's 139 GiB; an OOM is recorded as such, not fatal)
   want siglip && step siglip 150 python3 benchmarks/bench_loss.py --device cuda --out "$results" --loss siglip --dtypes bf16 --dims 768 --sizes 4096,16384,65536 --budget-s 2
-  want attention && step attention 120 python3 benchmarks/bench_attention.py --device cuda --out "$results" --dtypes bf16 --warmup 3 --reps 10
+  # the shapes with a target first (the JSON is rewritten after each shape, so a cut-off run keeps them)
+  want attention && step attention 180 python3 benchmarks/bench_attention.py --device cuda --out "$results" --dtypes bf16 --warmup 3 --reps 10 --shapes vit_b16,vit_l14,text
   # ViT-B-16 bf16 training step, each side's batch swept 64, 128, ... until out of memory (<= 4096)
   want train && step train 210 python3 benchmarks/bench_train.py --device cuda --out "$results" --model ViT-B-16 --precision bf16 --max-batch 4096 --budget-s 4
   want model && step model 120 python3 benchmarks/bench_model.py --device cuda --out "$results" --models ViT-B-16,ViT-L-14 --precision bf16 --batch-sizes 256,1024 --budget-s 2
