@@ -56,6 +56,7 @@ from fastclip.train.state import (
     saved_checkpoints_at_peak,
     weight_bytes,
 )
+from fastclip.train.warmup import warm_up_attention
 
 MAX_LOG_SCALE = math.log(100.0)  # logit_scale (CLIP's, or SigLIP's) is clamped to [0, ln 100] after every step, as in CLIP
 MAX_CONSECUTIVE_NONFINITE = 20  # with nonfinite="skip": past this many in a row the run is broken, not unlucky
@@ -91,13 +92,18 @@ def setup_distributed(device_option: str | None) -> tuple[int, int, torch.device
     return rank, world_size, device
 
 
-def autocast_for(precision: str, device: torch.device):
-    """A context-manager factory: autocast in bf16/fp16, or nothing for fp32."""
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the matmuls run in: "auto" is bf16 on CUDA, fp32 elsewhere."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context-manager factory: autocast in bf16/fp16, or nothing for fp32."""
+    dtype = compute_dtype(precision, device)
+    if dtype == torch.float32:
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
@@ -266,6 +272,8 @@ def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainRes
                                           optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss=learned_loss)
         if is_main:
             drop_rows_after(output_dir, progress.step)
+    # Every rank autotunes the attention kernels here, together, rather than at random steps later.
+    warm_up_attention(model, config.batch_size, device, autocast, compute_dtype(config.precision, device))
     ddp = world_size > 1
     trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     _set_train_mode(model, config)
