@@ -94,6 +94,61 @@ void backward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t scale, s
   });
 }
 
+// The loss coefficients of contrastive_loss_backward (contrastive_lse.h), as raw pointers.
+template <typename acc_t>
+struct LossCoefficients {
+  const acc_t *grad_row, *grad_col, *grad_positive;
+  acc_t grad_uniform;
+  const int64_t *row_ids, *col_ids, *partner;
+};
+
+// G of the whole loss for rows [row_begin, row_end) into grad_tile, with each pair entry left at 0 and
+// its ingredients collected instead: row_rest[r] (P_row over the row's other entries), the block's
+// column partials col_rest[b * cols + j] (P_col over its rows but pair entries) and pair_dot[r].
+template <typename acc_t>
+void loss_backward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t scale, std::optional<int64_t> diagonal,
+                         int64_t row_begin, int64_t row_end, const LossCoefficients<acc_t>& k, const acc_t* row_lse,
+                         const acc_t* col_lse, acc_t* grad_tile, acc_t* row_rest, acc_t* col_rest, acc_t* pair_dot,
+                         double* scale_partial) {
+  const int64_t cols = txt.size(0);
+  cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
+    double ds = 0;  // sum of G * <image_i, text_j>
+    acc_t rest[kRowBlock];
+    for (int64_t i = 0; i < rows; ++i) rest[i] = 0;
+    acc_t* col_part = col_rest + b * cols;
+    visit_tiles([&](int64_t c0, int64_t tc, const acc_t* tile) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = r0 + i;
+        acc_t* g_row = grad_tile + (r - row_begin) * cols + c0;
+        const int64_t masked = masked_column(diagonal, r, cols) - c0;
+        const int64_t pair = k.partner[r] - c0;  // in this tile if 0 <= pair < tc
+        const acc_t gr = k.grad_row[r], gp = k.grad_positive[r];
+        const int64_t id = k.row_ids[r];
+        for (int64_t j = 0; j < tc; ++j) {
+          const acc_t dot = tile[i * tc + j];
+          if (j == masked || j == pair) {  // no entry, or one filled in from the rests afterwards
+            g_row[j] = 0;
+            if (j == pair) pair_dot[r] = dot;
+            continue;
+          }
+          const int64_t c = c0 + j;
+          const acc_t s = scale * dot, gc = k.grad_col[c];
+          const acc_t p_row = std::exp(s - row_lse[r]);
+          const acc_t p_col = gc != 0 ? std::exp(s - col_lse[c]) : acc_t(0);  // SupCon has no column terms
+          rest[i] += p_row;
+          col_part[c] += p_col;
+          const acc_t target = (id == k.col_ids[c] ? gp : acc_t(0)) + k.grad_uniform;
+          const acc_t g = gr * p_row + gc * p_col - target;
+          g_row[j] = g;
+          ds += g * dot;
+        }
+      }
+    });
+    for (int64_t i = 0; i < rows; ++i) row_rest[r0 + i] = rest[i];
+    scale_partial[b] = ds;
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& image, const at::Tensor& text,
                                                        const at::Tensor& logit_scale,
                                                        std::optional<int64_t> masked_diagonal) {
@@ -146,11 +201,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cpu(
   return {grad_img.to(image.scalar_type()), grad_txt.to(text.scalar_type()), grad_scale};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cpu(
+    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& grad_positive,
+    const at::Tensor& grad_uniform, const at::Tensor& grad_pair, const at::Tensor& image, const at::Tensor& text,
+    const at::Tensor& logit_scale, const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_ids,
+    const at::Tensor& col_ids, const at::Tensor& partner, std::optional<int64_t> masked_diagonal) {
+  check_lse_inputs(image, text, logit_scale);
+  check_lse_backward_inputs(grad_row, grad_col, image, text, row_lse, col_lse);
+  check_loss_backward_inputs(grad_positive, grad_uniform, grad_pair, row_ids, col_ids, partner, image, text);
+  const auto acc_type = cpu::accumulate_type(image.scalar_type());
+  const auto img = image.detach().to(acc_type).contiguous(), txt = text.detach().to(acc_type).contiguous();
+  const auto as_acc = [&](const at::Tensor& t) { return t.detach().to(acc_type).contiguous(); };
+  const auto gr = as_acc(grad_row), gc = as_acc(grad_col), gp = as_acc(grad_positive), ge = as_acc(grad_pair);
+  const auto rl = as_acc(row_lse), cl = as_acc(col_lse);
+  const auto rid = row_ids.contiguous(), cid = col_ids.contiguous(), pid = partner.contiguous();
+  const int64_t n = img.size(0), N = txt.size(0);
+  auto grad_img = at::empty_like(img), grad_txt = at::zeros_like(txt);
+  auto row_rest = at::zeros({n}, img.options()), col_rest = at::zeros({N}, img.options());
+  auto pair_dot = at::zeros({n}, img.options());
+  at::Tensor grad_scale;
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "contrastive_loss_backward_cpu", [&] {
+    const auto scale = static_cast<scalar_t>(logit_scale.item<double>());
+    const LossCoefficients<scalar_t> k{gr.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(),
+                                       static_cast<scalar_t>(grad_uniform.item<double>()), rid.data_ptr<int64_t>(),
+                                       cid.data_ptr<int64_t>(), pid.data_ptr<int64_t>()};
+    std::vector<double> partials;
+    cpu::backward_through_gradient_tiles<scalar_t>(img, txt, scale, grad_img, grad_txt, [&](int64_t r0, int64_t r1, scalar_t* g) {
+      std::vector<double> chunk_partials(cpu::row_blocks(r1 - r0));
+      auto col_parts = at::zeros({cpu::row_blocks(r1 - r0), N}, img.options());
+      loss_backward_chunk<scalar_t>(img, txt, scale, masked_diagonal, r0, r1, k, rl.data_ptr<scalar_t>(),
+                                    cl.data_ptr<scalar_t>(), g, row_rest.data_ptr<scalar_t>(),
+                                    col_parts.data_ptr<scalar_t>(), pair_dot.data_ptr<scalar_t>(), chunk_partials.data());
+      col_rest.add_(col_parts.sum(0));
+      partials.insert(partials.end(), chunk_partials.begin(), chunk_partials.end());
+    });
+    grad_scale = at::scalar_tensor(cpu::ordered_sum(partials), img.options().dtype(at::kDouble));
+  });
+  grad_scale += add_pair_entries(img, txt, logit_scale.to(acc_type).reshape({}), gr, gc, ge, pid, row_rest, col_rest,
+                                 pair_dot, grad_img, grad_txt);
+  // Unrounded (accumulation dtype): the caller rounds each gradient once, after any sums of its own.
+  return {grad_img, grad_txt, grad_scale.to(acc_type)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("contrastive_lse", &contrastive_lse_cpu);
   m.impl("contrastive_lse_backward", &contrastive_lse_backward_cpu);
+  m.impl("contrastive_loss_backward", &contrastive_loss_backward_cpu);
 }
 
 }  // namespace fastclip

@@ -121,11 +121,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
   return {grad_img, grad_txt, glue::sum_partials(scale_partials, logit_scale)};
 }
 
+// contrastive_loss_backward (contrastive_lse.h): the backward above with the loss's target terms folded
+// into the tile, then the pair entries from the rests the kernel collects, added to fp32 gradient sums
+// that are returned unrounded.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(
+    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& grad_positive,
+    const at::Tensor& grad_uniform, const at::Tensor& grad_pair, const at::Tensor& image, const at::Tensor& text,
+    const at::Tensor& logit_scale, const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_ids,
+    const at::Tensor& col_ids, const at::Tensor& partner, std::optional<int64_t> masked_diagonal) {
+  check_cuda_inputs(image, text, logit_scale);
+  check_lse_backward_inputs(grad_row, grad_col, image, text, row_lse, col_lse);
+  check_loss_backward_inputs(grad_positive, grad_uniform, grad_pair, row_ids, col_ids, partner, image, text);
+  const c10::cuda::CUDAGuard guard(image.device());
+  const auto type = glue::element_type(image, kOp);
+  const auto img = image.contiguous(), txt = text.contiguous();
+  const auto scale = logit_scale.to(at::kFloat).contiguous();
+  const auto as_f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const auto gr = as_f32(grad_row), gc = as_f32(grad_col), gp = as_f32(grad_positive), ge = as_f32(grad_pair);
+  const auto gu = as_f32(grad_uniform).reshape({}), rl = as_f32(row_lse), cl = as_f32(col_lse);
+  const auto rid = row_ids.contiguous(), cid = col_ids.contiguous(), pid = partner.contiguous();
+  const int64_t n = img.size(0), N = txt.size(0), D = img.size(1);
+  const auto diagonal = effective_diagonal(masked_diagonal, n, N);
+  const auto f32 = img.options().dtype(at::kFloat);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto row_rest = at::zeros({n}, f32), col_rest = at::zeros({N}, f32), pair_dot = at::zeros({n}, f32);
+
+  std::optional<glue::TileScaling> scaling;  // fp16 tiles only
+  // |s * G_ij| <= |s| * (max |gr| + max |gc| + max |gp| + |gu|), as P_row, P_col <= 1.
+  if (type == cuda::ElementType::kFloat16)
+    scaling = glue::fp16_tile_scaling(scale.abs() * (gr.abs().max() + gc.abs().max() + gp.abs().max() + gu.abs()));
+  std::vector<at::Tensor> scale_partials;
+  const auto launch = [&](const glue::GradientBlock& block) {
+    const int64_t blocks = glue::row_blocks_of(block.rows);
+    auto partial = at::empty({block.ctas}, f32);
+    auto row_part = at::empty({block.col_splits, block.rows}, f32), col_part = at::empty({2 * blocks, block.cols}, f32);
+    cuda::LossBackwardArgs args{};
+    args.image = block.image, args.text = block.text;
+    args.rows = block.rows, args.cols = block.cols, args.dim = D;
+    args.scale = scale.data_ptr<float>();
+    args.mask_diagonal = diagonal.has_value();
+    args.diagonal = diagonal ? *diagonal + block.r0 - block.c0 : 0;
+    args.grad_row = gr.data_ptr<float>() + block.r0, args.row_lse = rl.data_ptr<float>() + block.r0;
+    args.grad_col = gc.data_ptr<float>() + block.c0, args.col_lse = cl.data_ptr<float>() + block.c0;
+    args.col_splits = block.col_splits;
+    args.grad_tile = block.grad_tile, args.tile_scale = block.tile_scale;
+    args.scale_partial = partial.data_ptr<float>();
+    args.loss.grad_positive = gp.data_ptr<float>() + block.r0;
+    args.loss.grad_uniform = gu.data_ptr<float>();
+    args.loss.row_ids = rid.data_ptr<int64_t>() + block.r0, args.loss.col_ids = cid.data_ptr<int64_t>() + block.c0;
+    args.loss.partner = pid.data_ptr<int64_t>() + block.r0, args.loss.col_offset = block.c0;
+    args.loss.row_rest = row_part.data_ptr<float>(), args.loss.col_rest = col_part.data_ptr<float>();
+    args.loss.pair_dot = pair_dot.data_ptr<float>() + block.r0;
+    C10_CUDA_CHECK(cuda::launch_loss_backward(type, glue::float32_mode(), args, stream));
+    scale_partials.push_back(partial);
+    row_rest.narrow(0, block.r0, block.rows).add_(row_part.sum(0));
+    col_rest.narrow(0, block.c0, block.cols).add_(col_part.sum(0));
+  };
+  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(img, txt, scaling, launch, /*keep_fp32=*/true);
+  auto grad_scale = at::cat(scale_partials).sum(at::kDouble);
+  // 16-bit features promote to fp32 inside (row by row), no whole fp32 copy.
+  grad_scale += add_pair_entries(img, txt, scale.reshape({}), gr, gc, ge, pid, row_rest, col_rest, pair_dot, grad_img,
+                                 grad_txt);
+  return {grad_img, grad_txt, grad_scale.to(at::kFloat)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
   m.impl("contrastive_lse", &contrastive_lse_cuda);
   m.impl("contrastive_lse_backward", &contrastive_lse_backward_cuda);
+  m.impl("contrastive_loss_backward", &contrastive_loss_backward_cuda);
 }
 
 }  // namespace fastclip

@@ -150,7 +150,8 @@ struct GradientBlock {
 // Feature gradients {grad_image, grad_text} (input dtype) of an op whose backward is "s * G, then the two
 // GEMMs": launch(block) must enqueue, on the current stream, the kernel that writes the (scaled) s * G
 // for `block`. img and txt are contiguous [n, D] and [N, D] on one CUDA device; the caller holds its
-// device guard.
+// device guard. With keep_fp32 both come back as fp32 sums, unrounded, for a caller that adds terms of
+// its own before the one rounding (this keeps a whole fp32 [n, D] for grad_image too).
 //
 // Rows are the outer loop: a row block of grad_image is final after its columns loop and is rounded to
 // the input dtype right away (its fp32 sum is one [block_rows, D] buffer). Every column of grad_text is
@@ -160,7 +161,7 @@ struct GradientBlock {
 template <typename Launch>
 std::pair<at::Tensor, at::Tensor> backward_through_gradient_blocks(const at::Tensor& img, const at::Tensor& txt,
                                                                    const std::optional<TileScaling>& scaling,
-                                                                   Launch&& launch) {
+                                                                   Launch&& launch, bool keep_fp32 = false) {
   const int64_t n = img.size(0), N = txt.size(0), D = img.size(1);
   const bool fp32 = img.scalar_type() == at::kFloat;
   const auto f32 = img.options().dtype(at::kFloat);
@@ -168,17 +169,17 @@ std::pair<at::Tensor, at::Tensor> backward_through_gradient_blocks(const at::Ten
   // One scratch tile for every block: the stream orders each kernel after the previous block's GEMMs.
   auto grad_tile = at::empty({block_rows * block_cols}, img.options());
   // A gradient that is one block's product (and has no scaling to undo) is written by its GEMM directly.
-  const bool direct_img = fp32 || (block_cols >= N && !scaling);
-  const bool direct_txt = fp32 || (block_rows >= n && !scaling);
-  auto grad_img = at::empty_like(img);
+  const bool direct_img = fp32 || (block_cols >= N && !scaling && !keep_fp32);
+  const bool direct_txt = fp32 || (block_rows >= n && !scaling && !keep_fp32);
+  auto grad_img = direct_img || !keep_fp32 ? at::empty_like(img) : at::empty({n, D}, f32);
   auto grad_txt = direct_txt ? at::empty_like(txt) : at::Tensor();
-  auto row_sum = direct_img ? at::Tensor() : at::empty({block_rows, D}, f32);
+  auto row_sum = direct_img || keep_fp32 ? at::Tensor() : at::empty({block_rows, D}, f32);
   std::vector<at::Tensor> col_sums;  // fp32 [cols, D] per column block, unless direct_txt
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, n - r0);
     const auto img_rows = img.narrow(0, r0, rows);
     auto grad_img_rows = grad_img.narrow(0, r0, rows);
-    auto img_sum = direct_img ? grad_img_rows : row_sum.narrow(0, 0, rows);
+    auto img_sum = direct_img || keep_fp32 ? grad_img_rows : row_sum.narrow(0, 0, rows);
     for (int64_t c0 = 0, b = 0; c0 < N; c0 += block_cols, ++b) {
       const int64_t cols = std::min(block_cols, N - c0);
       const auto txt_cols = txt.narrow(0, c0, cols);
@@ -198,7 +199,11 @@ std::pair<at::Tensor, at::Tensor> backward_through_gradient_blocks(const at::Ten
         add_product(col_sums[b], r0 == 0, g.t(), img_rows);
       }
     }
-    if (!direct_img) grad_img_rows.copy_(scaling ? img_sum.mul_(scaling->inverse) : img_sum);
+    if (!direct_img && keep_fp32) {
+      if (scaling) img_sum.mul_(scaling->inverse);
+    } else if (!direct_img) {
+      grad_img_rows.copy_(scaling ? img_sum.mul_(scaling->inverse) : img_sum);
+    }
   }
   grad_tile.reset();
   row_sum.reset();
@@ -208,7 +213,7 @@ std::pair<at::Tensor, at::Tensor> backward_through_gradient_blocks(const at::Ten
     std::vector<at::Tensor> rounded;
     for (auto& sum : col_sums) {
       if (scaling) sum.mul_(scaling->inverse);
-      rounded.push_back(sum.to(txt.scalar_type()));
+      rounded.push_back(keep_fp32 ? sum : sum.to(txt.scalar_type()));
       sum.reset();
     }
     grad_txt = rounded.size() == 1 ? rounded.front() : at::cat(rounded);

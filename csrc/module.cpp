@@ -37,6 +37,42 @@ void check_lse_backward_inputs(const at::Tensor& grad_row, const at::Tensor& gra
                 ", got one on ", t->device());
 }
 
+void check_loss_backward_inputs(const at::Tensor& grad_positive, const at::Tensor& grad_uniform,
+                                const at::Tensor& grad_pair, const at::Tensor& row_ids, const at::Tensor& col_ids,
+                                const at::Tensor& partner, const at::Tensor& image, const at::Tensor& text) {
+  const auto n = image.size(0), N = text.size(0);
+  TORCH_CHECK(grad_positive.dim() == 1 && grad_positive.size(0) == n, "grad_positive must be [", n, "], got ",
+              grad_positive.sizes());
+  TORCH_CHECK(grad_pair.dim() == 1 && grad_pair.size(0) == n, "grad_pair must be [", n, "], got ", grad_pair.sizes());
+  TORCH_CHECK(grad_uniform.numel() == 1, "grad_uniform must hold one value, got shape ", grad_uniform.sizes());
+  TORCH_CHECK(row_ids.dim() == 1 && row_ids.size(0) == n, "row_ids must be [", n, "], got ", row_ids.sizes());
+  TORCH_CHECK(partner.dim() == 1 && partner.size(0) == n, "partner must be [", n, "], got ", partner.sizes());
+  TORCH_CHECK(col_ids.dim() == 1 && col_ids.size(0) == N, "col_ids must be [", N, "], got ", col_ids.sizes());
+  for (const auto* t : {&row_ids, &col_ids, &partner})
+    TORCH_CHECK(t->scalar_type() == at::kLong, "row_ids, col_ids and partner must be int64, got ", t->scalar_type());
+  for (const auto* t : {&grad_positive, &grad_uniform, &grad_pair, &row_ids, &col_ids, &partner})
+    TORCH_CHECK(t->device() == image.device(), "contrastive_loss_backward: every tensor must be on ", image.device(),
+                ", got one on ", t->device());
+  // One host read: an out-of-range partner would index out of bounds in the kernels.
+  TORCH_CHECK(n == 0 || (partner.min().item<int64_t>() >= -1 && partner.max().item<int64_t>() < N),
+              "partner entries must lie in [-1, ", N, ")");
+}
+
+at::Tensor add_pair_entries(const at::Tensor& img, const at::Tensor& txt, const at::Tensor& scale,
+                            const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& grad_pair,
+                            const at::Tensor& partner, const at::Tensor& row_rest, const at::Tensor& col_rest,
+                            const at::Tensor& pair_dot, at::Tensor& grad_img, at::Tensor& grad_txt) {
+  const auto target = partner.clamp_min(0);
+  // P - 1 at a pair entry is minus the rest of its row (column): a sum of small terms, exact where 1 - P
+  // is below fp32's spacing near 1 (a nearly solved batch) and exp(S - lse) - 1 would be pure rounding.
+  auto pair_grad = grad_pair - grad_row * row_rest - grad_col.index_select(0, target) * col_rest.index_select(0, target);
+  pair_grad = at::where(partner >= 0, pair_grad, at::zeros_like(pair_grad));
+  const auto weight = (scale * pair_grad).unsqueeze(1);
+  grad_img.add_(txt.index_select(0, target) * weight);
+  grad_txt.index_add_(0, target, img * weight);
+  return (pair_grad * pair_dot).sum().to(at::kDouble);
+}
+
 void check_sigmoid_inputs(const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale,
                           const at::Tensor& logit_bias, const at::Tensor& row_labels, const at::Tensor& col_labels) {
   check_lse_inputs(image, text, logit_scale);
@@ -84,6 +120,13 @@ TORCH_LIBRARY(fastclip, m) {
   m.def(
       "contrastive_lse_backward(Tensor grad_row_lse, Tensor grad_col_lse, Tensor image, Tensor text, "
       "Tensor logit_scale, Tensor row_lse, Tensor col_lse, int? masked_diagonal=None) -> (Tensor grad_image, "
+      "Tensor grad_text, Tensor grad_logit_scale)");
+  // The gradient of a whole contrastive loss (contrastive_lse.h): G folds the target terms in before any
+  // rounding, pair entries from the rests of their row and column; outputs in the accumulation dtype.
+  m.def(
+      "contrastive_loss_backward(Tensor grad_row, Tensor grad_col, Tensor grad_positive, Tensor grad_uniform, "
+      "Tensor grad_pair, Tensor image, Tensor text, Tensor logit_scale, Tensor row_lse, Tensor col_lse, "
+      "Tensor row_ids, Tensor col_ids, Tensor partner, int? masked_diagonal=None) -> (Tensor grad_image, "
       "Tensor grad_text, Tensor grad_logit_scale)");
   // row_loss[i] = sum_j softplus(-z_ij * (s * <image_i, text_j> + b)), z_ij = +1 if row_labels[i] ==
   // col_labels[j] else -1: SigLIP's sigmoid loss, one row at a time.

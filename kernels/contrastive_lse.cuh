@@ -39,6 +39,23 @@ struct LseForwardArgs {
   float* col_sum;
 };
 
+// The target terms of contrastive_loss_backward (csrc/contrastive_lse.h): the kernel writes
+//   G = gr P_row + gc P_col - grad_positive[i] (row_ids[i] == col_ids[j]) - *grad_uniform
+// and leaves the pair entries (j + col_offset == partner[i]) at 0, collecting their ingredients instead
+// for the host: the rests of P_row (per row and column split) and of P_col (per row block, thread group
+// and column) over the other entries, and the pair's dot product.
+struct LossTerms {
+  const float* grad_positive;  // [rows]; nullptr: contrastive_lse_backward (the fields below unused)
+  const float* grad_uniform;   // device scalar
+  const int64_t* row_ids;      // [rows]
+  const int64_t* col_ids;      // [cols]
+  const int64_t* partner;      // [rows]: a column of the whole matrix, or -1
+  int64_t col_offset;          // this block's first column in the whole matrix
+  float* row_rest;             // [col_splits, rows]
+  float* col_rest;             // [2 * ceil(rows / kRowBlock), cols]
+  float* pair_dot;             // [rows]: written where the pair entry lies in this block
+};
+
 struct LseBackwardArgs {
   const void* image;   // [rows, dim]: the rows of this block
   const void* text;    // [cols, dim]: the columns of this block
@@ -56,8 +73,16 @@ struct LseBackwardArgs {
   float* scale_partial;   // [ceil(rows / kRowBlock) * col_splits]
 };
 
+// contrastive_loss_backward's kernel: the backward's arguments plus the loss's. (A struct of its own: a
+// larger LseBackwardArgs changed the log-sum-exp kernels' register allocation.)
+struct LossBackwardArgs : LseBackwardArgs {
+  LossTerms loss;
+};
+
 cudaError_t launch_lse_forward(ElementType type, Float32Mode mode, const LseForwardArgs& args, cudaStream_t stream);
 cudaError_t launch_lse_backward(ElementType type, Float32Mode mode, const LseBackwardArgs& args, cudaStream_t stream);
+// contrastive_loss_backward's kernel (contrastive_loss.cu).
+cudaError_t launch_loss_backward(ElementType type, Float32Mode mode, const LossBackwardArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastclip

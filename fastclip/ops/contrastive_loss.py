@@ -34,7 +34,8 @@ from fastclip.ops._checks import (
     check_offset,
     check_unit_interval,
 )
-from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
+from fastclip.ops.contrastive_gradient import LossTerms, attach_fused_gradient, clip_terms
+from fastclip.ops.contrastive_lse import dispatch_contrastive_lse, resolve_backend
 from fastclip.ops.linear_terms import linear_terms
 from fastclip.ops.positives import class_ids
 
@@ -64,8 +65,17 @@ def contrastive_loss(
     if labels is not None:
         labels = check_labels("labels", labels, text_features.shape[0], text_features.device)
     scale = as_logit_scale(logit_scale, image_features.device)
-    row_lse, col_lse = dispatch_contrastive_lse(image_features, text_features, scale, backend)
-    return _assemble_loss(image_features, text_features, scale, row_lse, col_lse, 0, weight, label_smoothing, labels)
+    backend = resolve_backend(backend, image_features.device, image_features.dtype)
+    # The value from detached inputs (unchanged arithmetic); the gradient from one fused backward that
+    # folds the target terms in before its one rounding (fastclip.ops.contrastive_gradient).
+    image, text = image_features.detach(), text_features.detach()
+    row_lse, col_lse = dispatch_contrastive_lse(image, text, scale.detach(), backend)
+    value = _assemble_loss(image, text, scale.detach(), row_lse, col_lse, 0, weight, label_smoothing, labels)
+
+    def terms() -> LossTerms:
+        return clip_terms(image.shape[0], labels, weight, label_smoothing, row_lse.dtype, image.device)
+
+    return attach_fused_gradient(value, image_features, text_features, scale, row_lse, col_lse, terms, backend)
 
 
 def contrastive_loss_from_lse(

@@ -32,24 +32,32 @@ def diagonal_in_chunk(r0: int, rows: int, num_cols: int, masked_diagonal: int | 
     return rows_hit - r0, rows_hit + masked_diagonal
 
 
+def tiled_lse(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, masked_diagonal: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward sweep: row (n,) and column (N,) log-sum-exps in the accumulation dtype, no autograd."""
+    acc = accumulate_dtype(image.dtype)
+    img, txt, scale = image.detach().to(acc), text.detach().to(acc), logit_scale.detach().to(acc).reshape(())
+    chunk = chunk_rows(txt.shape[0], txt.element_size())
+    row_lse = torch.empty(img.shape[0], dtype=acc, device=img.device)
+    col_lse = None
+    for r0 in range(0, img.shape[0], chunk):
+        sim = (img[r0 : r0 + chunk] @ txt.T).mul_(scale)  # (chunk, N)
+        masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
+        if masked is not None:
+            sim[masked] = float("-inf")
+        row_lse[r0 : r0 + chunk] = sim.logsumexp(1)
+        part = sim.logsumexp(0)
+        col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
+    return row_lse, col_lse
+
+
 class TiledContrastiveLse(torch.autograd.Function):
     """(image [n, D], text [N, D], scale [], d) -> (row_lse [n], col_lse [N]) with a recomputing backward."""
 
     @staticmethod
     def forward(ctx, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, masked_diagonal: int | None):
-        acc = accumulate_dtype(image.dtype)
-        img, txt, scale = image.to(acc), text.to(acc), logit_scale.to(acc).reshape(())
-        chunk = chunk_rows(txt.shape[0], txt.element_size())
-        row_lse = torch.empty(img.shape[0], dtype=acc, device=img.device)
-        col_lse = None
-        for r0 in range(0, img.shape[0], chunk):
-            sim = (img[r0 : r0 + chunk] @ txt.T).mul_(scale)  # (chunk, N)
-            masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
-            if masked is not None:
-                sim[masked] = float("-inf")
-            row_lse[r0 : r0 + chunk] = sim.logsumexp(1)
-            part = sim.logsumexp(0)
-            col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
+        row_lse, col_lse = tiled_lse(image, text, logit_scale, masked_diagonal)
         ctx.masked_diagonal = masked_diagonal
         ctx.save_for_backward(image, text, logit_scale, row_lse, col_lse)
         return row_lse, col_lse
@@ -90,3 +98,76 @@ def contrastive_lse_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled PyTorch `contrastive_lse` (inputs already checked)."""
     return TiledContrastiveLse.apply(image, text, logit_scale, masked_diagonal)
+
+
+def tiled_loss_gradient(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    coefficients: tuple[torch.Tensor, ...],
+    ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    masked_diagonal: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tiled PyTorch `contrastive_loss_backward` (see fastclip.ops.contrastive_gradient for the math).
+
+    `coefficients` = (grad_row [n], grad_col [N], grad_positive [n], grad_uniform [], grad_pair [n]) and
+    `ids` = (row_ids [n], col_ids [N], partner [n]). Returns the feature and scale gradients unrounded,
+    in the accumulation dtype: the caller rounds each once.
+    """
+    acc = row_lse.dtype
+    grad_row, grad_col, grad_positive, grad_uniform, grad_pair = (c.to(acc) for c in coefficients)
+    row_ids, col_ids, partner = ids
+    img, txt, scale = image.detach().to(acc), text.detach().to(acc), logit_scale.detach().to(acc).reshape(())
+    n, num_cols = img.shape[0], txt.shape[0]
+    grad_img, grad_txt = torch.empty_like(img), torch.zeros_like(txt)
+    grad_scale = torch.zeros((), dtype=acc, device=img.device)
+    row_rest = torch.empty(n, dtype=acc, device=img.device)  # sum of P_row over the row but its pair entry
+    col_rest = torch.zeros(num_cols, dtype=acc, device=img.device)  # the same for P_col down each column
+    pair_dot = torch.empty(n, dtype=acc, device=img.device)  # <image_i, text_partner(i)>
+    columns = torch.arange(num_cols, device=img.device)
+    chunk = chunk_rows(num_cols, txt.element_size())
+    for r0 in range(0, n, chunk):
+        rows = slice(r0, r0 + chunk)
+        dot = img[rows] @ txt.T  # (chunk, N)
+        sim = dot * scale
+        p_row = (sim - row_lse[rows, None]).exp_()
+        p_col = (sim - col_lse[None, :]).exp_()
+        pair = columns[None, :] == partner[rows, None]  # (chunk, N): the entries filled in from the rests
+        left_out = pair.clone()
+        masked = diagonal_in_chunk(r0, sim.shape[0], num_cols, masked_diagonal, sim.device)
+        if masked is not None:
+            left_out[masked] = True  # and masked entries have no gradient (exp(S + inf) would not be 0)
+        p_row.masked_fill_(left_out, 0.0)
+        p_col.masked_fill_(left_out, 0.0)
+        row_rest[rows] = p_row.sum(1)
+        col_rest += p_col.sum(0)
+        pair_dot[rows] = torch.where(pair, dot, 0.0).sum(1)
+        # G = gr P_row + gc P_col - gp [same class] - gu, all in fp32 before anything is rounded
+        grad_sim = p_row.mul_(grad_row[rows, None]).addcmul_(p_col, grad_col[None, :])
+        positive = row_ids[rows, None] == col_ids[None, :]
+        grad_sim.sub_(torch.where(positive, grad_positive[rows, None], 0.0) + grad_uniform).masked_fill_(left_out, 0.0)
+        grad_scale += (grad_sim * dot).sum()
+        grad_img[rows] = (grad_sim @ txt).mul_(scale)
+        grad_txt.addmm_(grad_sim.T, img[rows], alpha=scale)
+    add_pair_entries(img, txt, scale, (grad_row, grad_col, grad_pair), partner, row_rest, col_rest, pair_dot,
+                     grad_img, grad_txt, grad_scale)
+    return grad_img, grad_txt, grad_scale
+
+
+def add_pair_entries(img, txt, scale, coefficients, partner, row_rest, col_rest, pair_dot, grad_img, grad_txt,
+                     grad_scale) -> None:
+    """Add the pair entries G_i,partner(i) = grad_pair_i - gr_i row_rest_i - gc_p col_rest_p in place.
+
+    P - 1 at a pair entry is minus the rest of its row (column): a sum of small terms, exact where 1 - P is
+    below fp32's spacing near 1 (a nearly solved batch), where exp(S - lse) - 1 would be pure rounding.
+    """
+    grad_row, grad_col, grad_pair = coefficients
+    has_pair = partner >= 0
+    target = partner.clamp(min=0)
+    pair_grad = grad_pair - grad_row * row_rest - grad_col[target] * col_rest[target]
+    pair_grad = torch.where(has_pair, pair_grad, 0.0)  # (n,)
+    grad_img.add_(txt[target] * (scale * pair_grad)[:, None])
+    grad_txt.index_add_(0, target, img * (scale * pair_grad)[:, None])
+    grad_scale.add_((pair_grad * pair_dot).sum())

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from fastclip.ops._checks import one_value, accumulate_dtype, check_features, check_labels
-from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
+from fastclip.ops.contrastive_gradient import attach_fused_gradient, supcon_terms
+from fastclip.ops.contrastive_lse import dispatch_contrastive_lse, resolve_backend
 from fastclip.ops.positives import class_ids, same_label_dots
 
 
@@ -62,9 +63,15 @@ def supcon_loss(
         "labels", labels, features.shape[0], device
     )
     scale = as_temperature_scale(temperature, device, features.dtype)
+    backend = resolve_backend(backend, device, features.dtype)
+    # The value from detached inputs (unchanged arithmetic); the gradient from one fused backward that
+    # folds the positives in before its one rounding (fastclip.ops.contrastive_gradient).
+    detached = features.detach()
     # A view as the second operand: torch.compile cannot trace one tensor passed twice to an autograd.Function.
-    row_lse, _ = dispatch_contrastive_lse(features, features.view_as(features), scale, backend, 0)
-    return supcon_loss_share(features, features, scale, row_lse, labels, offset=0)
+    row_lse, col_lse = dispatch_contrastive_lse(detached, detached.view_as(detached), scale.detach(), backend, 0)
+    value = supcon_loss_share(detached, detached, scale.detach(), row_lse, labels, offset=0)
+    return attach_fused_gradient(value, features, None, scale, row_lse, col_lse,
+                                 lambda: supcon_terms(labels, row_lse.dtype), backend)
 
 
 def supcon_loss_share(
