@@ -59,7 +59,7 @@ supcon_loss_reference) on the same rounded inputs; a loss error above tol * max(
 5e-2 bf16/fp16 or fp32 with --tf32) is printed as CHECK FAILED and makes the exit code 1 — for a fastclip
 backend always, for a naive baseline in fp32 (in bf16/fp16 its rounded N x N logits may legitimately miss).
 
-The GPU target of issue 9 (SigLIP, bf16, N = 65536, D = 768: the fused forward+backward at least 2x faster
+The SigLIP GPU target (bf16, N = 65536, D = 768: the fused forward+backward at least 2x faster
 than the naive loss and under 5% of its memory) is evaluated when that point was measured and written to
 bench_loss_siglip.json as "target" (tools/gpu_check.sh runs it).
 """
@@ -98,7 +98,7 @@ CHECK_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}  # loss error / max
 DEFAULT_SIZES = {"cpu": [256, 1024, 2048, 4096], "cuda": [2**k for k in (10, 12, 13, 14, 15, 16, 17, 18)]}
 LOSSES = ("clip", "siglip", "supcon")
 BASELINES = ("naive", "infcl")  # the competitors that are not fastclip's
-# issue 9's GPU acceptance for SigLIP: (dtype, D, N), fwd+bwd speedup at least, memory fraction below
+# The SigLIP GPU target: at (dtype, D, N), fwd+bwd speed-up at least, memory fraction below
 SIGLIP_TARGET = {"dtype": "bf16", "d": 768, "n": 65536, "backend": "cuda", "min_speedup": 2.0, "max_memory_fraction": 0.05}
 
 
@@ -371,7 +371,7 @@ def plot(rows: list[dict], groups: list[tuple[str, int]], backends: list[str], r
 
 
 def siglip_target(rows: list[dict]) -> dict:
-    """Issue 9's SigLIP acceptance at its point, from this run's rows (met None when not measured)."""
+    """The SigLIP target at its point, from this run's rows (met None when not measured)."""
     t = SIGLIP_TARGET
     at = {r["backend"]: r for r in rows if (r["dtype"], r["d"], r["n"]) == (t["dtype"], t["d"], t["n"])}
     fused, naive = at.get(t["backend"]), at.get("naive")
