@@ -302,7 +302,7 @@ def test_kernels_compile_for_hopper() -> None:
             src = ASTSource(kernel, sig, constexprs=consts)
             return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
         for dtype in ("bf16", "fp16"):
-            flags = dict(HEAD_DIM=80, BLOCK_D=128, CAUSAL=True, HAS_MASK=True, HAS_LENGTHS=True, DOT_PRECISION="tf32")
+            flags = dict(HEAD_DIM=80, BLOCK_D=128, CAUSAL=True, HAS_MASK=True, HAS_LENGTHS=True)
             compile_(at._fwd_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=64), 4, 3)
             compile_(at._bwd_dkdv_kernel, dtype, dict(flags, BLOCK_M=32, BLOCK_N=64), 4, 2)
             compile_(at._bwd_dq_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=32), 4, 3)
@@ -373,7 +373,7 @@ def test_triton_input_limits() -> None:
         attention(q, q, q, backend="triton")
     assert attention(q, q, q).shape == q.shape  # "auto" takes the torch path for what the kernel lacks
     q64 = torch.randn(1, 1, 4, 16, dtype=torch.float64)
-    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+    with pytest.raises(TypeError, match="supports float32, float16, bfloat16 inputs on cpu, got torch.float64"):
         attention(q64, q64, q64, backend="triton")
 
 
@@ -390,7 +390,7 @@ def test_forcing_triton_without_it_raises(monkeypatch: pytest.MonkeyPatch) -> No
 
 # ------------------------------------------------------------------------------------ GPU (pytest -m cuda)
 
-CUDA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CUDA_DTYPES = (torch.bfloat16, torch.float16)  # fp32 goes to SDPA on a GPU (test_cuda_fp32_goes_to_sdpa)
 CLIP_SHAPES = [(50, False), (77, True), (197, False), (257, False), (577, False)]  # (seq, causal): ViT-B/32 .. @336
 
 
@@ -436,7 +436,7 @@ class _FixedTiles(torch.autograd.Function):
     (8, 8, 77, 64, True, True, torch.bfloat16),  # text encoder with padding
     (4, 16, 257, 80, False, False, torch.float16),  # ViT-H/14
     (2, 16, 577, 64, False, False, torch.bfloat16),  # ViT-L/14@336
-    (3, 2, 50, 128, False, True, torch.float32),
+    (3, 2, 50, 128, False, True, torch.bfloat16),
 ])
 def test_cuda_autotuned_public_path(batch, heads, seq, head_dim, causal, masked, dtype) -> None:
     """`attention` with backend="auto" picks the (autotuned) Triton kernel on CUDA and matches the reference."""

@@ -53,6 +53,19 @@ def test_attention_auto_backend_follows_capability(gpu, cc, fused) -> None:
             attention_module.resolve_backend("triton", q)
 
 
+@pytest.mark.parametrize("dtype, auto", [(torch.bfloat16, "triton"), (torch.float16, "triton"),
+                                         (torch.float32, "torch"), (torch.float64, "torch")], ids=str)
+def test_attention_dtypes_on_a_gpu(gpu, dtype, auto) -> None:
+    """On a GPU the Triton kernels take fp16/bf16 only (compiled for fp32 they spill registers): "auto"
+    sends fp32 to SDPA and a forced "triton" says why it cannot run it."""
+    gpu["capability"] = (9, 0)
+    q = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(2, 12, 197, 64))
+    assert attention_module.resolve_backend("auto", q) == auto
+    if auto == "torch":
+        with pytest.raises(TypeError, match=r"supports float16, bfloat16 inputs on cuda \(its fp32 kernels would spill"):
+            attention_module.resolve_backend("triton", q)
+
+
 def test_cpu_tensors_never_ask_for_a_capability(monkeypatch) -> None:
     def no_gpu(device=None):
         raise AssertionError("a CPU tensor asked for a CUDA capability")

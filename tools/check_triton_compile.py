@@ -1,19 +1,20 @@
 """Compile every attention kernel ahead of time for sm_80 and sm_90, without a GPU, and check its resources.
 
 Each Triton kernel of `fastclip.ops.attention_triton` (forward, backward preprocess, dK/dV, dQ) is compiled
-per dtype (bf16, fp16, fp32 with TF32 or IEEE dots), head dim (32, 64, 80, 128), causal/mask variant and
+per dtype the kernels take on a GPU (bf16, fp16; fp32 goes to SDPA), head dim (32, 64, 80, 128), causal/mask/lengths variant and
 autotune config that the runtime's `_prune` keeps for the architecture at long sequence lengths, with the
 exact signature the runtime builds: the launchers' arguments are captured from a CPU call of `forward` and
 `backward` and specialised by Triton's own rule (pointer alignment, strides of 1, multiples of 16).
 
 Shared memory comes from the kernel's metadata; registers and spills from the `ptxas -v` report of
 Triton's own ptxas run (a compiled kernel's `n_regs`/`n_spills` exist only once it is loaded on a GPU).
-Exit 1 on a compile error, on shared memory over the architecture's per-block limit, or on a bf16/fp16
-spill; fp32 spills are reported only. Results are recorded per compile key under --cache-dir (Triton's
+Exit 1 on a compile error, on shared memory over the architecture's per-block limit, or on any register
+spill (the runtime prunes the configs that spill, so none may be left). Results are recorded per compile key under --cache-dir (Triton's
 cache key: source, signature, options, Triton build), so a rerun is fast.
 
-By default bf16 compiles in both variants (no mask; causal with mask) and fp16 and fp32 in the second
-only (see `default_matrix`); --full compiles every variant, --quick bf16 only.
+By default bf16 compiles in every variant (the image towers' plain attention, the text tower's causal
+attention with lengths, and causal with mask and lengths, which holds every code path), fp16 in the last
+(see `default_matrix`); --full compiles every variant, --quick bf16 only.
 
     python tools/check_triton_compile.py [--arch 80,90] [--jobs 2] [--quick | --full]
 """
@@ -42,12 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
 SHARED_LIMIT = {80: 166912, 90: 232448}
 KERNELS = {"fwd": "_fwd_tuned", "dkdv": "_dkdv_tuned", "dq": "_dq_tuned", "pre": "_bwd_preprocess"}
-DTYPES = {"bf16": ("bfloat16", "high"), "fp16": ("float16", "high"), "fp32/tf32": ("float32", "high"),
-          "fp32/ieee": ("float32", "highest")}  # label: (torch dtype, float32 matmul precision)
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # label: torch dtype
 HEAD_DIMS = (32, 64, 80, 128)
-# (causal, key padding mask): the plain path, and the one that holds every masked branch (a causal kernel
-# also has the unmasked full-tile loop, so the two together compile every code path).
-VARIANTS = ((False, False), (True, True))
+# (causal, key padding mask, lengths): the image towers' plain path, the text tower's, and the one that holds
+# every masked branch (a causal kernel also has the unmasked full-tile loop, so the first and the last
+# together compile every code path).
+VARIANTS = ((False, False, False), (True, False, True), (True, True, True))
 # A CLIP-like launch: 12 heads, ViT-L/14@336's 577 tokens (long enough that no config is pruned by length).
 BATCH, HEADS, SEQ = 2, 12, 577
 
@@ -61,6 +62,7 @@ class Job:
     head_dim: int
     causal: bool
     mask: bool
+    lengths: bool
     config: str  # "BLOCK_MxBLOCK_N wW sS" (the preprocess: its fixed block and default options)
     arch: int
     fn_name: str  # the @triton.jit function in attention_triton
@@ -75,13 +77,9 @@ class Job:
         block_m, _, block_n = self.config.split()[0].partition("x")
         return int(block_m), int(block_n or 1)
 
-    @property
-    def low_precision(self) -> bool:
-        return self.dtype in ("bf16", "fp16")
-
     def label(self) -> str:
-        variant = ("causal" if self.causal else "-") + (" mask" if self.mask else " -")
-        return f"sm_{self.arch} {self.kernel:<4} {self.dtype:<9} d={self.head_dim:<3} {variant:<11} {self.config:<14}"
+        variant = ("causal" if self.causal else "-") + (" mask" if self.mask else " -") + (" len" if self.lengths else " -")
+        return f"sm_{self.arch} {self.kernel:<4} {self.dtype:<11} d={self.head_dim:<3} {variant:<15} {self.config:<14}"
 
 
 @dataclasses.dataclass
@@ -91,6 +89,7 @@ class Result:
     spill_stores: int = 0
     spill_loads: int = 0
     shared: int = 0
+    wgmma: bool | None = None  # whether the PTX holds Hopper's warpgroup MMA (sm_90: else mma.sync)
     error: str | None = None
     cached: bool = False
 
@@ -104,7 +103,7 @@ class Result:
             return "compile error"
         if self.shared > SHARED_LIMIT[self.job.arch]:
             return f"shared memory {self.shared} B > {SHARED_LIMIT[self.job.arch]} B"
-        if self.spills and self.job.low_precision:
+        if self.spills:
             return "spills"
         return None
 
@@ -122,7 +121,7 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.name, args, kwargs))
 
 
-def _capture_launches(at, dtype, causal: bool, mask: bool, head_dim: int, matmul_precision: str) -> list:
+def _capture_launches(at, dtype, causal: bool, mask: bool, lengths: bool, head_dim: int) -> list:
     """The kernel launches of one forward + backward on CPU tensors laid out as in a CLIP model."""
     import torch
     from unittest import mock
@@ -131,19 +130,15 @@ def _capture_launches(at, dtype, causal: bool, mask: bool, head_dim: int, matmul
     qkv = torch.empty(BATCH, SEQ, 3, HEADS, head_dim, dtype=dtype).permute(2, 0, 3, 1, 4)  # fused-qkv views
     q, k, v = qkv.unbind(0)
     padding = torch.zeros(BATCH, SEQ, dtype=torch.bool) if mask else None
+    ends = torch.full((BATCH,), SEQ, dtype=torch.int32) if lengths else None
     scale = head_dim ** -0.5
     patches = [mock.patch.object(at, name, _Recorder(name, launches)) for name in KERNELS.values()]
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(matmul_precision)
-    try:
-        with contextlib.ExitStack() as stack:
-            for patch in patches:
-                stack.enter_context(patch)
-            out, lse = at.forward(q, k, v, padding, causal, scale)
-            for grad_lse in (None, torch.empty_like(lse)):  # the preprocess with and without an lse gradient
-                at.backward(torch.empty_like(out), grad_lse, q, k, v, out, lse, padding, causal, scale)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        out, lse = at.forward(q, k, v, padding, causal, scale, lengths=ends)
+        for grad_lse in (None, torch.empty_like(lse)):  # the preprocess with and without an lse gradient
+            at.backward(torch.empty_like(out), grad_lse, q, k, v, out, lse, padding, causal, scale, lengths=ends)
     return launches
 
 
@@ -178,16 +173,15 @@ def _config_label(block_m: int, block_n: int | None, warps: int | None, stages: 
     return f"{tile} w{warps or 4} s{stages or 3}"  # 4 warps, 3 stages: Triton's defaults when not given
 
 
-def build_jobs(archs: list[int], matrix: list[tuple[str, int, bool, bool]]) -> list[Job]:
-    """Every compile the runtime could need for `matrix` (dtype, head dim, causal, mask) on `archs`."""
+def build_jobs(archs: list[int], matrix: list[tuple[str, int, bool, bool, bool]]) -> list[Job]:
+    """Every compile the runtime could need for `matrix` (dtype, head dim, causal, mask, lengths) on `archs`."""
     import torch
     from fastclip.ops import attention_triton as at
 
     assert not at.INTERPRET, "TRITON_INTERPRET must be unset: the interpreter compiles nothing"
     jobs: dict[tuple, Job] = {}
-    for label, head_dim, causal, mask in matrix:
-        dtype_name, matmul_precision = DTYPES[label]
-        launches = _capture_launches(at, getattr(torch, dtype_name), causal, mask, head_dim, matmul_precision)
+    for label, head_dim, causal, mask, lengths in matrix:
+        launches = _capture_launches(at, getattr(torch, DTYPES[label]), causal, mask, lengths, head_dim)
         for name, args, kwargs in launches:
             short = next(k for k, v in KERNELS.items() if v == name)
             kernel = getattr(at, name)
@@ -199,13 +193,14 @@ def build_jobs(archs: list[int], matrix: list[tuple[str, int, bool, bool]]) -> l
                 # with the GPU family given (the tensors here are on the CPU).
                 configs = kernel.early_config_prune(kernel.configs, named, arch=arch, **kwargs) if tuned else [None]
                 for config in configs:
-                    job = _job(short, label, head_dim, causal, mask, arch, fn, args, kwargs, config)
+                    job = _job(short, label, head_dim, (causal, mask, lengths), arch, fn, args, kwargs, config)
                     key = (job.fn_name, job.arch, job.signature, job.constexprs, job.attrs, job.options)
-                    jobs.setdefault(key, job)  # e.g. the preprocess is the same for TF32 and IEEE
+                    jobs.setdefault(key, job)  # e.g. the preprocess is the same with and without a mask
     return list(jobs.values())
 
 
-def _job(kernel: str, label: str, head_dim: int, causal: bool, mask: bool, arch: int, fn, args, kwargs, config) -> Job:
+def _job(kernel: str, label: str, head_dim: int, variant: tuple[bool, bool, bool], arch: int, fn, args, kwargs,
+         config) -> Job:
     """The compile of one captured launch with one autotune config (None: a plain launch)."""
     call = dict(kwargs, **(config.all_kwargs() if config else {}))
     options = {k: call.pop(k) for k in ("num_warps", "num_stages") if call.get(k) is not None}
@@ -215,21 +210,21 @@ def _job(kernel: str, label: str, head_dim: int, causal: bool, mask: bool, arch:
     signature, constexprs, attrs = _specialize(fn, bound)
     config_label = _config_label(bound["BLOCK_M"], bound.get("BLOCK_N"), options.get("num_warps"), options.get("num_stages"))
     return Job(
-        kernel=kernel, dtype=label, head_dim=head_dim, causal=causal, mask=mask,
+        kernel=kernel, dtype=label, head_dim=head_dim, causal=variant[0], mask=variant[1], lengths=variant[2],
         config=config_label + (" dlse" if bound.get("HAS_DLSE") else ""),
         arch=arch, fn_name=fn.fn.__name__, signature=tuple(signature.items()), constexprs=tuple(constexprs.items()),
         attrs=tuple(attrs.items()), options=tuple(sorted(options.items())),
     )
 
 
-def default_matrix(full: bool) -> list[tuple[str, int, bool, bool]]:
-    """(dtype, head dim, causal, mask) to compile. bf16 gates spills in both variants; fp16 compiled to the
-    same spills as bf16 in every measured case and fp32 spills are only reported, so by default those
-    compile the variant that holds every code path (compile errors, shared memory); `full`: every variant."""
+def default_matrix(full: bool) -> list[tuple[str, int, bool, bool, bool]]:
+    """(dtype, head dim, causal, mask, lengths) to compile. bf16, what CLIP trains in, in every variant; fp16
+    compiled to the same registers as bf16 in every measured case, so it compiles the variant with every
+    code path only (compile errors, shared memory); `full`: every variant."""
     return [
-        (label, head_dim, causal, mask)
-        for label in DTYPES for head_dim in HEAD_DIMS for causal, mask in VARIANTS
-        if full or label == "bf16" or (causal, mask) == VARIANTS[-1]
+        (label, head_dim, *variant)
+        for label in DTYPES for head_dim in HEAD_DIMS for variant in VARIANTS
+        if full or label == "bf16" or variant == VARIANTS[-1]
     ]
 
 
@@ -275,7 +270,9 @@ def compile_job(job: Job, records: Path) -> Result:
     key = get_cache_key(src, backend, backend.parse_options(dict(job.options)), get_cache_invalidating_env_vars())
     record = records / (hashlib.sha256(key.encode()).hexdigest() + ".json")
     if record.exists():
-        return Result(job, cached=True, **json.loads(record.read_text()))
+        values = json.loads(record.read_text())
+        if "wgmma" in values:  # a record from before the wgmma field: compile again
+            return Result(job, cached=True, **values)
 
     # Triton runs `ptxas -v` for the cubin anyway: read that very run (its binary and flags). A hit in
     # Triton's own cache would skip it, so compile afresh; the records above make a rerun fast instead.
@@ -291,16 +288,17 @@ def compile_job(job: Job, records: Path) -> Result:
     if stats is None:
         return Result(job, error="no register report from ptxas -v")
     registers, stores, loads = stats
-    values = dict(registers=registers, spill_stores=stores, spill_loads=loads, shared=int(compiled.metadata.shared))
+    values = dict(registers=registers, spill_stores=stores, spill_loads=loads, shared=int(compiled.metadata.shared),
+                  wgmma="wgmma.mma_async" in compiled.asm["ptx"])
     record.write_text(json.dumps(values))
     return Result(job, **values)
 
 
 def _cost(job: Job) -> tuple:
-    """Slowest first, so that no long compile is left running alone at the end: IEEE fp32 dots compile to
-    long FMA chains (several times a bf16 compile), and bigger tiles unroll more."""
+    """Slowest first, so that no long compile is left running alone at the end: dK/dV has the most dots,
+    and bigger tiles unroll more."""
     block_m, block_n = job.tile
-    return job.dtype == "fp32/ieee", job.kernel == "dkdv", block_m * block_n
+    return job.kernel == "dkdv", block_m * block_n
 
 
 def run_jobs(jobs: list[Job], records: Path, workers: int) -> list[Result]:
@@ -325,7 +323,7 @@ def report(results: list[Result], archs: list[int], seconds: float) -> int:
 
     order = {k: i for i, k in enumerate(KERNELS)}
     results.sort(key=lambda r: (r.job.arch, order[r.job.kernel], list(DTYPES).index(r.job.dtype), r.job.head_dim,
-                                r.job.causal, r.job.mask, r.job.tile, r.job.config))
+                                r.job.causal, r.job.mask, r.job.lengths, r.job.tile, r.job.config))
     failures = []
     for r in results:
         why = r.failure()
@@ -333,18 +331,18 @@ def report(results: list[Result], archs: list[int], seconds: float) -> int:
             line = f"{r.job.label()} ERROR {r.error.splitlines()[0][:160]}"
         else:
             spill = f"spill {r.spill_stores}/{r.spill_loads} B" if r.spills else "no spill"
-            line = f"{r.job.label()} regs {r.registers:>3}  {spill:<17} smem {r.shared:>6} B"
+            mma = "" if r.job.arch < 90 else "  wgmma" if r.wgmma else "  mma.sync"
+            line = f"{r.job.label()} regs {r.registers:>3}  {spill:<17} smem {r.shared:>6} B{mma}"
         print(line + (f"  FAIL: {why}" if why else ""))
         if why:
             failures.append((r, why))
     for r, why in failures:
         print(f"FAILED {r.job.label().strip()}: {why}" + (f"\n{r.error}" if r.error else ""), file=sys.stderr)
     ok = [r for r in results if not r.error]
-    low = sum(r.spills for r in ok if r.job.low_precision)
-    fp32 = sum(r.spills for r in ok if not r.job.low_precision)
+    spills = sum(r.spills for r in ok)
     over = sum(r.shared > SHARED_LIMIT[r.job.arch] for r in ok)
     print(f"triton {triton.__version__}: {len(ok)} kernels compiled for {', '.join(f'sm_{a}' for a in archs)}; "
-          f"{low} bf16/fp16 spill, {fp32} fp32 spill (report only); max shared {max((r.shared for r in ok), default=0)} B, "
+          f"{spills} spill; max shared {max((r.shared for r in ok), default=0)} B, "
           f"{over} over the limit; {len(results) - len(ok)} errors ({sum(r.cached for r in results)} results cached, "
           f"{seconds:.0f} s)")
     return 1 if failures else 0
@@ -356,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma separated, of {', '.join(DTYPES)}")
     parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma separated")
-    parser.add_argument("--full", action="store_true", help="every dtype in both causal/mask variants")
+    parser.add_argument("--full", action="store_true", help="every dtype in every causal/mask/lengths variant")
     parser.add_argument("--quick", action="store_true", help="bf16 only (the spill gate), a few minutes less")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "triton-compile",
                         help="Triton's cache and the recorded results (default .cache/triton-compile)")

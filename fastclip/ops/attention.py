@@ -16,7 +16,8 @@ Conventions (the same on every backend and in `attention_reference`):
 Backends: "triton" (the fused kernels of `attention_triton`, registered as the `fastclip::attention`
 custom op with fake and autograd kernels) and "torch" (`F.scaled_dot_product_attention`, which picks its
 own best kernel). "auto" takes Triton for CUDA tensors on a GPU of compute capability 8.0 or newer
-when Triton imports and the kernel covers the inputs (fp32/fp16/bf16, head dim <= 128), else "torch". Forcing a backend that cannot run raises.
+when Triton imports and the kernel covers the inputs (fp16/bf16, head dim <= 128), else "torch": fp32
+goes to SDPA (the kernels compiled for fp32 spill registers). Forcing a backend that cannot run raises.
 `backend="triton"` also runs on CPU tensors when `TRITON_INTERPRET=1` was set before Triton kernels were
 first defined: that is how CI tests the kernel without a GPU.
 """
@@ -34,7 +35,8 @@ from fastclip.ops import capability
 from fastclip.ops._checks import FLOAT_DTYPES
 
 BACKENDS = ("auto", "triton", "torch")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = (torch.float16, torch.bfloat16)  # on a GPU: fp32 kernels spill registers at every tile size
+INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # CPU tensors under TRITON_INTERPRET (tests)
 TRITON_MAX_HEAD_DIM = 128  # = attention_triton.MAX_HEAD_DIM, repeated here so dispatch never imports Triton
 
 
@@ -65,7 +67,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
     head_dim = q.shape[-1]
-    covered = q.dtype in TRITON_DTYPES and head_dim <= TRITON_MAX_HEAD_DIM
+    dtypes = INTERPRETER_DTYPES if q.device.type == "cpu" else TRITON_DTYPES
+    covered = q.dtype in dtypes and head_dim <= TRITON_MAX_HEAD_DIM
     if backend == "auto":  # the one rule: CUDA tensor on a supported GPU + Triton + inputs the kernel covers
         return "triton" if covered and capability.supports_fused_kernels(q.device) and triton_available() else "torch"
     if not triton_available():
@@ -80,8 +83,11 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         )
     if q.device.type == "cuda" and not capability.supports_fused_kernels(q.device):
         raise RuntimeError(f"backend='triton' cannot run here: {capability.unsupported_reason(q.device)}; use backend='torch'")
-    if q.dtype not in TRITON_DTYPES:
-        raise TypeError(f"backend='triton' supports float32, float16 and bfloat16 inputs, got {q.dtype}; use backend='torch'")
+    if q.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        why = " (its fp32 kernels would spill registers; autocast to bf16 runs it)" if q.device.type == "cuda" else ""
+        raise TypeError(f"backend='triton' supports {names} inputs on {q.device.type}{why}, got {q.dtype}; "
+                        "use backend='torch'")
     if head_dim > TRITON_MAX_HEAD_DIM:
         raise ValueError(
             f"backend='triton' supports head_dim <= {TRITON_MAX_HEAD_DIM} (q, k, v's last dim), got {head_dim}; "
@@ -187,8 +193,8 @@ def attention(
 
 
 def attention_torch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None, scale: float,
-    lengths: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None,
+    scale: float, lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The PyTorch path: SDPA, with `is_causal` (its fastest kernels) whenever there is no padding mask."""
     if lengths is None:

@@ -22,7 +22,10 @@ probability tiles: a preprocess kernel (delta = rowsum(dO * O) - dLSE), a dK/dV 
 key block, looping over query blocks) and a dQ kernel (one program per query block, looping over key
 blocks); no atomics, so every kernel is deterministic and safe to re-run while autotuning. Every grid is
 (batch * heads, blocks along the sequence): axis 0 takes 2^31 - 1 programs, axis 1 only 65535.
-fp32 inputs use TF32 tensor-core dots, or 3xTF32 (fp32 accuracy) at matmul precision "highest".
+On a GPU the kernels take fp16 and bf16. Compiled for fp32 with fp32 accuracy (3xTF32 dots; IEEE dots are
+worse) they spill registers in 33 of 44 configs of tiles up to 64x32 (ptxas, sm_80/sm_90), so fp32 goes to
+SDPA (`fastclip.ops.attention` dispatches). The interpreter runs fp32 too, which is how the tests hold the
+kernels to float64 math.
 
 Importing this module imports Triton and defines the kernels. Triton decides *at definition time*
 whether a kernel is compiled or interpreted (`TRITON_INTERPRET=1`, for CPU tensors), so that variable
@@ -60,7 +63,7 @@ def _fwd_kernel(
     num_heads, seq_q, seq_k, qk_scale,  # qk_scale = scale * log2(e): scores in base-2 units
     SEQ_Q_BUCKET, SEQ_K_BUCKET,  # autotune keys only (power-of-two buckets of the lengths)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: axis 1 stops at 65535
@@ -90,13 +93,13 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
-            CAUSAL, HAS_MASK, False, DOT_PRECISION,
+            CAUSAL, HAS_MASK, False,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
-            CAUSAL, HAS_MASK, True, DOT_PRECISION,
+            CAUSAL, HAS_MASK, True,
         )
 
     # l_i == 0 only for a row that saw no key (l_i >= 1 otherwise: the max term is exp2(0)); rows past
@@ -144,7 +147,7 @@ def _key_range(start_m, q_end, k_end, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.cons
 def _fwd_tile(
     acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
 ):
     """One key block of the online softmax; MASKED tiles apply the bounds and causal masks."""
     cols = start_n + offs_n
@@ -157,7 +160,7 @@ def _fwd_tile(
     else:
         kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+    s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
     if MASKED:
         visible = col_ok[None, :]
         if CAUSAL:
@@ -172,7 +175,7 @@ def _fwd_tile(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_new
 
 
@@ -229,7 +232,7 @@ def _bwd_dkdv_kernel(
     num_heads, seq_q, seq_k, qk_scale, scale,
     SEQ_Q_BUCKET, SEQ_K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one key block: dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta), dP = dO V^T."""
@@ -270,12 +273,12 @@ def _bwd_dkdv_kernel(
     for start_m in range(lo, mid, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
-            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale, True, DOT_PRECISION,
+            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale, True,
         )
     for start_m in range(mid, q_end, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
-            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale, False, DOT_PRECISION,
+            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale, False,
         )
 
     dk = dk * scale
@@ -298,7 +301,7 @@ def _bwd_dkdv_kernel(
 def _bwd_dkdv_tile(
     dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
     stride_qm, stride_qd, stride_dom, stride_dod, seq_q, qk_scale,
-    CAUSAL_TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL_TILE: tl.constexpr,
 ):
     rows = start_m + offs_m
     rows_ok = rows < seq_q
@@ -306,14 +309,14 @@ def _bwd_dkdv_tile(
     qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=tile_ok, other=0.0)  # (D, M)
     dot_ = tl.load(do_base + rows[None, :] * stride_dom + offs_d[:, None] * stride_dod, mask=tile_ok, other=0.0)
     lse2, delta = _load_row_stats(Lse, Delta, stats_base + rows, rows_ok)
-    st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): S^T, base 2
+    st = tl.dot(k, qt) * qk_scale  # (BLOCK_N, BLOCK_M): S^T, base 2
     pt = tl.exp2(st - lse2[None, :])
     if CAUSAL_TILE:
         pt = tl.where(offs_n[:, None] <= rows[None, :], pt, 0.0)
-    dv = tl.dot(pt.to(dot_.dtype), tl.trans(dot_), dv, input_precision=DOT_PRECISION)
-    dpt = tl.dot(v, dot_, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): (dO V^T)^T
+    dv = tl.dot(pt.to(dot_.dtype), tl.trans(dot_), dv)
+    dpt = tl.dot(v, dot_)  # (BLOCK_N, BLOCK_M): (dO V^T)^T
     dst = pt * (dpt - delta[None, :])
-    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
     return dk, dv
 
 
@@ -329,7 +332,7 @@ def _bwd_dq_kernel(
     num_heads, seq_q, seq_k, qk_scale, scale,
     SEQ_Q_BUCKET, SEQ_K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one query block: dQ = scale * dS K, looping over key blocks like the forward."""
@@ -363,13 +366,13 @@ def _bwd_dq_kernel(
         dq = _bwd_dq_tile(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
-            CAUSAL, HAS_MASK, False, DOT_PRECISION,
+            CAUSAL, HAS_MASK, False,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _bwd_dq_tile(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
-            CAUSAL, HAS_MASK, True, DOT_PRECISION,
+            CAUSAL, HAS_MASK, True,
         )
     dq = dq * scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -380,7 +383,7 @@ def _bwd_dq_kernel(
 def _bwd_dq_tile(
     dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
 ):
     cols = start_n + offs_n
     col_ok = cols < seq_k
@@ -392,7 +395,7 @@ def _bwd_dq_tile(
     else:
         kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
         vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.dot(q, kt) * qk_scale
     p = tl.exp2(s - lse2[:, None])  # (BLOCK_M, BLOCK_N)
     if MASKED:
         visible = col_ok[None, :]
@@ -402,9 +405,9 @@ def _bwd_dq_tile(
     if HAS_MASK:
         padded = tl.load(mask_base + cols * stride_mn, mask=col_ok, other=1)
         p = tl.where(padded[None, :] != 0, 0.0, p)
-    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, vt)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
 
 
 # ------------------------------------------------------------------------------------- tuning + launchers
@@ -425,9 +428,9 @@ _DQ_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (
 # is slower than a smaller tile that fits: it is never compiled or timed. The sets are irregular (ptxas's
 # allocation is not monotonic in the tile size), hence lists rather than a register formula.
 _SPILLS: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
-    # sm_80 forward: only two odd cases (255 registers, 4 and 32 B with Triton 3.9).
-    ("fwd", 80, 32): {(64, 64, 4, 3)},
-    ("fwd", 80, 128): {(128, 64, 8, 3)},
+    # sm_80 forward: odd cases of 4-32 B (Triton 3.9); at head dim 80 (BLOCK_D 128) with lengths, 4-12 B.
+    ("fwd", 80, 32): {(64, 64, 4, 3), (128, 64, 8, 3)},
+    ("fwd", 80, 128): {(128, 64, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)},
     # sm_90 forward: a 64x128 score tile at head dim 64 (8 B); at 128 the 4-warp tiles (4-52 B).
     ("fwd", 90, 64): {(64, 128, 8, 2)},
     ("fwd", 90, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3)},
@@ -440,23 +443,18 @@ _SPILLS: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
     ("dkdv", 90, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)},
     # sm_80 dQ holds q, dO and dq of a query block: 64x64 and 128x64 tiles spill at head dim 64 (8-32 B),
     # 64x64/4 warps and the 128-row tiles at 128 (12-716 B).
+    ("dq", 80, 32): {(64, 64, 4, 3)},  # with lengths (4 B)
     ("dq", 80, 64): {(64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2)},
     ("dq", 80, 128): {(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)},
+    ("dq", 90, 32): {(32, 64, 4, 3)},  # causal with mask and lengths (255 registers, 28 B)
 }
-# fp32 configs over the shared memory of a block (sm_80: 163 KiB, sm_90: 227 KiB), with TF32 or IEEE dots:
-# the staged K/V (or Q/dO) tiles take twice the bytes of bf16 and only fit at head dims up to 64. Such a
-# config would only fail to launch. Measured like _SPILLS (some of these also spill).
-_FP32_SHARED: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
-    ("fwd", 80, 128): {(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2)},  # 176-225 KiB
-    ("fwd", 90, 128): {(128, 64, 8, 3), (64, 128, 8, 2)},  # 256 and 288 KiB
-    ("dkdv", 80, 128): {(64, 32, 4, 3), (64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2)},  # 169-225 KiB
-    ("dkdv", 90, 128): {(64, 128, 8, 2)},  # 256.5 KiB
-    ("dq", 80, 128): {(32, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)},  # 168-224 KiB
-    ("dq", 90, 128): {(128, 64, 8, 2)},  # 256 KiB
-}
+# Hopper's warpgroup MMA (wgmma) works on 64-row blocks: a program whose resident block (the queries of
+# the forward and dQ, the keys of dK/dV) has fewer rows compiles to Ampere's mma.sync on sm_90 (read from
+# the PTX by tools/check_triton_compile.py), so those configs are not timed there.
+_WGMMA_MIN_ROWS = 64
 # Under the interpreter: one fixed config, no benchmarking (fast and reproducible on a CPU).
 INTERPRET_BLOCK = (32, 32)
-_AUTOTUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_LENGTHS", "DOT_PRECISION"]
+_AUTOTUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_LENGTHS"]
 
 
 def _configs(table: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -488,9 +486,9 @@ def _prune(
     """The configs worth compiling and timing for one launch of `kernel` ("fwd", "dkdv" or "dq").
 
     Drops, in order: the largest tiles at head dim 128, configs that spill registers on the GPU's family
-    (`_SPILLS`), fp32 configs over its shared memory (`_FP32_SHARED`), and then tiles longer than the
-    sequence (pure waste). If the length leaves nothing, the smallest usable tile runs. `arch` overrides the
-    family read from Q's device (the ahead-of-time compile check runs without a GPU).
+    (`_SPILLS`), on sm_90 blocks too small for wgmma, and then tiles longer than the sequence (pure
+    waste). If the length leaves nothing, the smallest usable tile runs. `arch` overrides the family
+    read from Q's device (the ahead-of-time compile check runs without a GPU).
     """
     seq_q = max(16, named_args.get("SEQ_Q_BUCKET", kwargs.get("SEQ_Q_BUCKET", 16)))
     seq_k = max(16, named_args.get("SEQ_K_BUCKET", kwargs.get("SEQ_K_BUCKET", 16)))
@@ -498,15 +496,24 @@ def _prune(
     q = named_args.get("Q", kwargs.get("Q"))
     family = _arch_family(q) if arch is None else arch
     dropped = _SPILLS.get((kernel, family, block_d), set())
-    if isinstance(q, torch.Tensor) and q.element_size() == 4:
-        dropped = dropped | _FP32_SHARED.get((kernel, family, block_d), set())
+    max_tile = 64 * 64 * 2 if block_d >= 128 else None  # the largest tiles at head dim 128
     usable = [
         c for c in configs
-        if _config_key(c) not in dropped
-        and not (block_d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64 * 2)
+        if _config_key(c) not in dropped and (max_tile is None or _area(c) <= max_tile)
     ] or configs  # never empty: with every config ruled out, run one rather than fail
+    if family >= 90:
+        usable = [c for c in usable if _resident_rows(kernel, c) >= _WGMMA_MIN_ROWS] or usable
     kept = [c for c in usable if c.kwargs["BLOCK_M"] <= seq_q and c.kwargs["BLOCK_N"] <= seq_k]
-    return kept or [min(usable, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept or [min(usable, key=_area)]
+
+
+def _area(config: triton.Config) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+
+
+def _resident_rows(kernel: str, config: triton.Config) -> int:
+    """Rows of the block a program keeps (the M of its dots): keys for dK/dV, queries otherwise."""
+    return config.kwargs["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"]
 
 
 def _tuned(kernel, table: list[tuple[int, int, int, int]], name: str):
@@ -540,18 +547,6 @@ def launch_grid(batch_heads: int, length: int, block: int) -> tuple[int, int]:
         raise ValueError(f"a sequence of {length} tokens needs {blocks} blocks of {block}, over CUDA's "
                          f"{MAX_GRID_Y}; use backend='torch'")
     return batch_heads, blocks
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: TF32 products if the user allowed TF32 matmuls (as for torch.matmul), else 3xTF32.
-
-    3xTF32 splits each operand into a TF32 high part and a TF32 remainder and sums three tensor-core
-    products: about fp32's accuracy (relative error ~1e-6 rather than TF32's ~1e-3). True fp32 ("ieee")
-    dots run on the FMA units instead and their tiles spill tens of KB per thread.
-    """
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "tf32x3"
-    return "tf32"  # ignored for fp16/bf16 operands
 
 
 def _device_guard(t: torch.Tensor):
@@ -607,7 +602,7 @@ def forward(
             *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *out.stride(),
             heads, seq_q, seq_k, scale * LOG2E, _bucket(seq_q), _bucket(seq_k),
             HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)),
-            CAUSAL=causal, HAS_MASK=has_mask, HAS_LENGTHS=has_lengths, DOT_PRECISION=_dot_precision(q.dtype),
+            CAUSAL=causal, HAS_MASK=has_mask, HAS_LENGTHS=has_lengths,
             **_block_kwargs(block),
         )
     return out, lse
@@ -649,7 +644,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, s
     lengths, has_lengths = _lengths_arg(lengths, q)
     common = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_MASK=has_mask, HAS_LENGTHS=has_lengths,
-        DOT_PRECISION=_dot_precision(q.dtype), **_block_kwargs(block),
+        **_block_kwargs(block),
     )
     shape_args = (heads, seq_q, seq_k, scale * LOG2E, scale, _bucket(seq_q), _bucket(seq_k))
     dkdv = _dkdv_tuned if block is None else _bwd_dkdv_kernel

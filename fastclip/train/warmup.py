@@ -62,7 +62,8 @@ def warm_up_attention(
         return 0
     image = torch.zeros(batch_size, 3, model.image_size, model.image_size, device=device)
     inputs: list[tuple[Callable, torch.Tensor]] = [(model.encode_image, image)]
-    inputs += [(model.encode_text, _captions(batch_size, n, device)) for n in text_lengths_to_tune(model.context_length)]
+    lengths = text_lengths_to_tune(model.context_length)
+    inputs += [(model.encode_text, _captions(batch_size, n, device)) for n in lengths]
     training = model.training
     model.eval()  # batch norm (the modified ResNet) must not learn running statistics from these batches
     try:
