@@ -71,11 +71,23 @@ def test_config_file_errors(tmp_path: Path, text: str, match: str) -> None:
         ({"grad_clip": -1.0}, "grad_clip"),
         ({"loss_weight": 2.0}, "loss_weight"),
         ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"crop_scale": 0.0}, "crop_scale"),
+        ({"crop_scale": 1.5}, "crop_scale"),
     ],
 )
 def test_config_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_crop_scale_flag_sets_the_training_crop() -> None:
+    from fastclip.tokenizer import ClipTokenizer
+    from fastclip.train.data import build_train_data
+
+    config = parse_train_flags(["--crop-scale", "0.8", "--workers", "0"])
+    data = build_train_data(config, 32, ClipTokenizer(context_length=32), rank=0, world_size=1)
+    assert config.crop_scale == 0.8 and data.seeded.dataset.transform.scale == (0.8, 1.0)
+    assert TrainConfig().crop_scale == 0.5  # the default crop is unchanged for every other run
 
 
 def test_missing_config_file_is_a_user_error(tmp_path: Path, capsys) -> None:

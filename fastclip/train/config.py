@@ -38,6 +38,7 @@ class TrainConfig:
     csv_label_key: str = "label"  # CSV column with integer class ids (read with use_labels)
     synthetic_samples: int = 50_000  # samples per epoch of the synthetic dataset
     jitter: float = 0.4  # colour-jitter strength of the training augmentation (0 disables it)
+    crop_scale: float = 0.5  # smallest area share of the training random resized crop, in (0, 1] (1: whole image)
     batch_size: int = 64  # pairs per device per optimizer step (before accumulation)
     accum_steps: int = 1  # micro-batches per step: the loss still sees the whole accumulated batch
     workers: int = 2  # DataLoader worker processes per device
@@ -91,6 +92,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"crop_scale must lie in (0, 1] (the smallest crop's share of the image area), "
+                             f"got {self.crop_scale}")
         if not 0.0 <= self.loss_weight <= 1.0 or not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError("loss_weight and label_smoothing must lie in [0, 1]")
         if self.loss not in LOSSES:

@@ -154,7 +154,7 @@ def _own_process_group(worker_id: int) -> None:
 
 def build_train_data(config: TrainConfig, image_size: int, tokenizer, *, rank: int, world_size: int) -> TrainData:
     take_skip_reasons()  # reasons noted by reads before this run (a dataset indexed by hand) are not its own
-    transform = TrainTransform(image_size, jitter=config.jitter)
+    transform = TrainTransform(image_size, scale=(config.crop_scale, 1.0), jitter=config.jitter)
     collate = make_collate(tokenizer)
     loader_options = dict(batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate,
                           drop_last=True, pin_memory=torch.cuda.is_available(),
