@@ -16,4 +16,4 @@ install "${TRITON36_DIR:-.cache/triton-3.6.0}" triton==3.6.0
 install .cache/numpy-2.3 numpy==2.3.5
 export PYTHONPATH=${TRITON36_DIR:-.cache/triton-3.6.0}:.cache/numpy-2.3${PYTHONPATH:+:$PYTHONPATH}
 python -c "import numpy, triton; assert triton.__version__ == '3.6.0', triton.__version__; print('triton', triton.__version__, 'numpy', numpy.__version__)"
-python -m pytest tests/test_attention.py -m "not cuda" -q -p no:cacheprovider "$@"
+python -m pytest tests/test_attention.py tests/test_attention_lengths.py -m "not cuda" -q -p no:cacheprovider "$@"
