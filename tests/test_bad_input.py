@@ -1,6 +1,6 @@
 """Audit: every public entry point given bad input raises a clear exception naming the argument.
 
-DESIGN.md ("Errors"): bad input gets a Python exception naming the argument and what was expected,
+docs/design.md ("Errors"): bad input gets a Python exception naming the argument and what was expected,
 never a crash deep inside, a silent NaN or a wrong answer. Each table row is one call, the exception
 type it must raise and a pattern its message must contain. Inputs that are unusual but valid
 (expanded, strided, transposed or shared-storage tensors) must instead give the reference's answer.

@@ -536,5 +536,5 @@ def test_attention_matches_reference(backend: str, device: str, dtypes, data) ->
 @given(data=st.data())
 def test_triton_attention_interpreted_matches_reference(data) -> None:
     """The Triton kernels under TRITON_INTERPRET=1: fp32/fp16 only (the interpreter gives garbage for
-    bf16, see DESIGN.md), few and small examples (it is slow)."""
+    bf16, see docs/design.md), few and small examples (it is slow)."""
     check_attention("triton", "cpu", (torch.float32, torch.float16), data)
