@@ -210,7 +210,7 @@ OP_CASES = {
     "attn-triton-on-meta": Case(lambda f: attend(*(qkv(**META) for _ in range(3)), backend="triton"), RuntimeError, r"backend='triton' cannot run here"),
 }
 TRITON_CASES = {  # need Triton importable (and, on a CPU, the interpreter conftest selects)
-    "attn-triton-float64": Case(lambda f: attend(*(qkv(dtype=torch.float64) for _ in range(3)), backend="triton"), TypeError, r"supports float32, float16 and bfloat16 inputs, got torch\.float64"),
+    "attn-triton-float64": Case(lambda f: attend(*(qkv(dtype=torch.float64) for _ in range(3)), backend="triton"), TypeError, r"supports float32, float16, bfloat16 inputs on cpu, got torch\.float64"),
     "attn-triton-head-dim-160": Case(lambda f: attend(*(torch.randn(1, 1, 4, 160) for _ in range(3)), backend="triton"), ValueError, r"head_dim <= 128 .* got 160"),
 }
 CLIP_LOSS_CASES = {
