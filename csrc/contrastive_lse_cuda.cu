@@ -78,6 +78,26 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cuda(const at::Tensor& image,
   return {row_lse, col_lse};
 }
 
+// The log-sum-exp backward's arguments for one gradient block; contrastive_loss_backward's kernel takes
+// the same and its loss terms besides.
+cuda::LseBackwardArgs lse_backward_args(const glue::GradientBlock& block, int64_t dim, const at::Tensor& scale,
+                                        std::optional<int64_t> diagonal, const at::Tensor& gr, const at::Tensor& rl,
+                                        const at::Tensor& gc, const at::Tensor& cl, at::Tensor& partial) {
+  cuda::LseBackwardArgs args{};
+  args.image = block.image, args.text = block.text;
+  args.rows = block.rows, args.cols = block.cols, args.dim = dim;
+  args.scale = scale.data_ptr<float>();
+  args.mask_diagonal = diagonal.has_value();
+  // Block row i is matrix row r0 + i and block column j is column c0 + j: j == i + d + r0 - c0.
+  args.diagonal = diagonal ? *diagonal + block.r0 - block.c0 : 0;
+  args.grad_row = gr.data_ptr<float>() + block.r0, args.row_lse = rl.data_ptr<float>() + block.r0;
+  args.grad_col = gc.data_ptr<float>() + block.c0, args.col_lse = cl.data_ptr<float>() + block.c0;
+  args.col_splits = block.col_splits;
+  args.grad_tile = block.grad_tile, args.tile_scale = block.tile_scale;
+  args.scale_partial = partial.data_ptr<float>();
+  return args;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& image, const at::Tensor& text,
     const at::Tensor& logit_scale, const at::Tensor& row_lse, const at::Tensor& col_lse,
@@ -102,18 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
   std::vector<at::Tensor> scale_partials;
   const auto launch = [&](const glue::GradientBlock& block) {
     auto partial = at::empty({block.ctas}, f32);
-    cuda::LseBackwardArgs args{};
-    args.image = block.image, args.text = block.text;
-    args.rows = block.rows, args.cols = block.cols, args.dim = D;
-    args.scale = scale.data_ptr<float>();
-    args.mask_diagonal = diagonal.has_value();
-    // Block row i is matrix row r0 + i and block column j is column c0 + j: j == i + d + r0 - c0.
-    args.diagonal = diagonal ? *diagonal + block.r0 - block.c0 : 0;
-    args.grad_row = gr.data_ptr<float>() + block.r0, args.row_lse = rl.data_ptr<float>() + block.r0;
-    args.grad_col = gc.data_ptr<float>() + block.c0, args.col_lse = cl.data_ptr<float>() + block.c0;
-    args.col_splits = block.col_splits;
-    args.grad_tile = block.grad_tile, args.tile_scale = block.tile_scale;
-    args.scale_partial = partial.data_ptr<float>();
+    const auto args = lse_backward_args(block, D, scale, diagonal, gr, rl, gc, cl, partial);
     C10_CUDA_CHECK(cuda::launch_lse_backward(type, glue::float32_mode(), args, stream));
     scale_partials.push_back(partial);
   };
@@ -156,16 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(
     auto partial = at::empty({block.ctas}, f32);
     auto row_part = at::empty({block.col_splits, block.rows}, f32), col_part = at::empty({2 * blocks, block.cols}, f32);
     cuda::LossBackwardArgs args{};
-    args.image = block.image, args.text = block.text;
-    args.rows = block.rows, args.cols = block.cols, args.dim = D;
-    args.scale = scale.data_ptr<float>();
-    args.mask_diagonal = diagonal.has_value();
-    args.diagonal = diagonal ? *diagonal + block.r0 - block.c0 : 0;
-    args.grad_row = gr.data_ptr<float>() + block.r0, args.row_lse = rl.data_ptr<float>() + block.r0;
-    args.grad_col = gc.data_ptr<float>() + block.c0, args.col_lse = cl.data_ptr<float>() + block.c0;
-    args.col_splits = block.col_splits;
-    args.grad_tile = block.grad_tile, args.tile_scale = block.tile_scale;
-    args.scale_partial = partial.data_ptr<float>();
+    static_cast<cuda::LseBackwardArgs&>(args) = lse_backward_args(block, D, scale, diagonal, gr, rl, gc, cl, partial);
     args.loss.grad_positive = gp.data_ptr<float>() + block.r0;
     args.loss.grad_uniform = gu.data_ptr<float>();
     args.loss.row_ids = rid.data_ptr<int64_t>() + block.r0, args.loss.col_ids = cid.data_ptr<int64_t>() + block.c0;

@@ -70,7 +70,8 @@ class TextTransformer(nn.Module):
         x = self.token_embedding(text) + self.positional_embedding[:seq]  # (B, L, W)
         x = x.to(self.text_projection.dtype)
         eot = text.argmax(dim=-1)  # (B,) the end-of-text token has the highest id
-        x = self.ln_final(self.transformer(x, lengths=eot + 1))  # (B, L, W)
+        lengths = (eot + 1).to(torch.int32)  # the kernels' index type: converted once, not in every layer
+        x = self.ln_final(self.transformer(x, lengths=lengths))  # (B, L, W)
         x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, embed_dim)
         return nn.functional.normalize(x, dim=-1) if normalize else x
 
