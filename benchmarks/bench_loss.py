@@ -28,7 +28,7 @@ O(N * D)):
               loss = -F.logsigmoid(z * logits.float()).sum() / N
           (open_clip builds z as 2 * eye - ones, three transient N x N buffers; this one allocates one,
           so the baseline is, if anything, leaner than open_clip's.)
-          fastclip: fastclip.ops.sigmoid_loss(image, text, scale, bias, backend=...).
+          fastclip: fastclip.sigmoid_loss(image, text, scale, bias, backend=...).
           Inputs: image, text [N, D]; s = 10, b = -10 (SigLIP's initialisation, t' = log 10, b = -10).
   supcon  naive (Khosla et al.'s SupConLoss, with base_temperature = temperature so the loss is L_out
           itself; the similarity upcast after the matmul as under autocast):
@@ -37,7 +37,7 @@ O(N * D)):
               logits_mask = ones_like(mask).scatter_(1, arange(N)[:, None], 0); mask = mask * logits_mask
               log_prob = logits - log((exp(logits) * logits_mask).sum(1, keepdim=True))
               loss = -((mask * log_prob).sum(1) / mask.sum(1)).mean()
-          fastclip: fastclip.ops.supcon_loss(f, None, temperature=T, backend=...) (NT-Xent labels).
+          fastclip: fastclip.supcon_loss(f, None, temperature=T, backend=...) (NT-Xent labels).
           Inputs: f [N, D], M = N rows stacked as [view1; view2] of N/2 images; T = 0.1. N is the
           number of rows of the N x N similarity, so every loss's N means the same matrix size.
 All features are independent random rows, L2-normalised, in the benchmarked dtype; every tensor input
@@ -85,7 +85,7 @@ from common import (  # noqa: E402
     DEFAULT_OUT, DTYPES, cpu_peak_extra_bytes, cuda_peak_extra_bytes, environment_header, is_oom,
     matmul_rate_tflops, plot_lines, time_fn, write_results,
 )
-from fastclip.ops.contrastive_lse import resolve_backend  # noqa: E402
+from fastclip.backends import resolve_loss_backend  # noqa: E402
 from fastclip.ops.reference import (  # noqa: E402
     contrastive_loss_reference, sigmoid_loss_reference, supcon_loss_reference,
 )
@@ -189,14 +189,14 @@ SPECS = {
     "siglip": LossSpec(
         name="siglip", benchmark="sigmoid_loss", result_name="bench_loss_siglip", title="SigLIP sigmoid loss",
         op="pairwise_sigmoid", naive=naive_sigmoid_loss,
-        fused=lambda b: lambda image, text, scale, bias: fastclip.ops.sigmoid_loss(image, text, scale, bias, backend=b),
+        fused=lambda b: lambda image, text, scale, bias: fastclip.sigmoid_loss(image, text, scale, bias, backend=b),
         reference=sigmoid_loss_reference, features=_pair_inputs, scalars=(SIGLIP_SCALE, SIGLIP_BIAS),
         naive_bytes_per_logit=40,
         config={
             "logit_scale": SIGLIP_SCALE, "logit_bias": SIGLIP_BIAS,
             "naive": "logits = scale * image @ text.T + bias (input dtype); z = full((N, N), -1.0).fill_diagonal_(1.0) "
                      "(fp32); -logsigmoid(z * logits.float()).sum() / N  (open_clip SigLipLoss)",
-            "fastclip": "fastclip.ops.sigmoid_loss(image, text, scale, bias, backend=...)",
+            "fastclip": "fastclip.sigmoid_loss(image, text, scale, bias, backend=...)",
             "reference": "fastclip.ops.reference.sigmoid_loss_reference",
             "target": SIGLIP_TARGET,
         },
@@ -204,7 +204,7 @@ SPECS = {
     "supcon": LossSpec(
         name="supcon", benchmark="supcon_loss", result_name="bench_loss_supcon", title="SupCon / NT-Xent loss",
         op="contrastive_lse", naive=naive_supcon_loss,
-        fused=lambda b: lambda f: fastclip.ops.supcon_loss(f, None, temperature=SUPCON_TEMPERATURE, backend=b),
+        fused=lambda b: lambda f: fastclip.supcon_loss(f, None, temperature=SUPCON_TEMPERATURE, backend=b),
         reference=lambda f: supcon_loss_reference(f, None, SUPCON_TEMPERATURE),
         features=lambda n, d, gen, device: [_features(n, d, gen, device)], scalars=(),
         naive_bytes_per_logit=48,
@@ -213,7 +213,7 @@ SPECS = {
             "layout": "N rows = [view1; view2] of N/2 images (NT-Xent labels: row i and i + N/2 are positives)",
             "naive": "Khosla et al. SupConLoss (base_temperature = temperature): (f @ f.T).float() / T, row max "
                      "subtracted, self-mask, log_prob, mean over positives, mean over anchors",
-            "fastclip": "fastclip.ops.supcon_loss(f, None, temperature=T, backend=...)",
+            "fastclip": "fastclip.supcon_loss(f, None, temperature=T, backend=...)",
             "reference": "fastclip.ops.reference.supcon_loss_reference(f, None, T)",
         },
     ),
@@ -266,7 +266,7 @@ def unavailable(backend: str, device: str, dtype: str, loss: str = "clip") -> st
     if backend == "infcl":
         return _infcl_unavailable(device, loss)
     try:
-        resolve_backend(backend, torch.device(device), DTYPES[dtype], SPECS[loss].op)
+        resolve_loss_backend(backend, torch.device(device), DTYPES[dtype], SPECS[loss].op)
     except (RuntimeError, ValueError) as error:
         return str(error).split(":")[0]
     return None

@@ -45,8 +45,7 @@ from common import (  # noqa: E402
     DEFAULT_OUT, cpu_peak_extra_bytes, cuda_peak_extra_bytes, environment_header, is_oom, plot_lines, time_fn, write_results,
 )
 from fastclip.model.factory import create_model  # noqa: E402
-from fastclip.ops.attention import resolve_backend as resolve_attention_backend  # noqa: E402
-from fastclip.ops.contrastive_lse import resolve_backend as resolve_loss_backend  # noqa: E402
+from fastclip.backends import resolve_attention_backend, resolve_loss_backend  # noqa: E402
 from fastclip.ops.reference import contrastive_loss_reference  # noqa: E402
 from fastclip.train.optim import make_optimizer  # noqa: E402
 

@@ -1,10 +1,10 @@
 """fastclip: CLIP for PyTorch, built for speed and memory."""
 
 from fastclip.checkpoint import load_checkpoint, save_checkpoint
-from fastclip.info import info
+from fastclip.environment import info
 from fastclip.loss import ClipLoss, SigLipLoss, SupConLoss
 from fastclip.model import CLIP, create_model, create_model_and_transforms, list_models
-from fastclip.ops import attention, contrastive_loss, sigmoid_loss, supcon_loss
+from fastclip.functional import attention, contrastive_loss, sigmoid_loss, supcon_loss
 from fastclip.tokenizer import ClipTokenizer, get_tokenizer, tokenize
 from fastclip.version import __version__
 

@@ -17,15 +17,16 @@ import torch.distributed as dist
 from torch import nn
 
 from fastclip.distributed import all_reduce_logsumexp, average_gradient, gather_rows, row_counts, world_size
-from fastclip.ops import contrastive_loss, contrastive_loss_from_lse, contrastive_lse, sigmoid_loss, sigmoid_loss_share
+from fastclip.backends import check_loss_backend
+from fastclip.functional import (
+    contrastive_loss,
+    contrastive_loss_from_lse,
+    contrastive_lse,
+    sigmoid_loss,
+    sigmoid_loss_share,
+)
 from fastclip.ops._checks import check_labels, check_unit_interval
-from fastclip.ops.contrastive_lse import BACKENDS
 from fastclip.ops.supcon_loss import as_temperature_scale, supcon_loss, supcon_loss_share, view_labels
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:  # checked at construction, so a typo fails there, not at the first step
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip's exchange strategies, one loss
@@ -123,7 +124,7 @@ class ClipLoss(nn.Module):
         _check_open_clip_args("ClipLoss", rank, world_size, use_horovod, group)
         check_unit_interval("weight", weight)
         check_unit_interval("label_smoothing", label_smoothing)
-        _check_backend(backend)
+        check_loss_backend(backend)  # at construction, so a typo fails there, not at the first step
         self.weight, self.label_smoothing, self.backend, self.group = weight, label_smoothing, backend, group
 
     def forward(
@@ -214,7 +215,7 @@ class SigLipLoss(nn.Module):
         for name, value in (("init_logit_scale", init_logit_scale), ("init_logit_bias", init_logit_bias)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        _check_backend(backend)
+        check_loss_backend(backend)  # at construction, so a typo fails there, not at the first step
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.backend, self.group = backend, group
@@ -269,7 +270,7 @@ class SupConLoss(nn.Module):
     ) -> None:
         super().__init__()
         as_temperature_scale(temperature, torch.device("cpu"), torch.float32)  # validates
-        _check_backend(backend)
+        check_loss_backend(backend)  # at construction, so a typo fails there, not at the first step
         self.temperature, self.backend, self.group = temperature, backend, group
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import importlib
 import textwrap
 from pathlib import Path
 
@@ -23,8 +22,9 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:  # before anything defines the Triton kernels (see the module docstring)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-attention_module = importlib.import_module("fastclip.ops.attention")  # the package's `attention` is the function
-from fastclip.ops.attention import attention, resolve_backend, triton_available  # noqa: E402
+from fastclip import backends  # noqa: E402
+from fastclip.backends import resolve_attention_backend as resolve_backend, triton_available  # noqa: E402
+from fastclip.ops.attention import attention  # noqa: E402
 from fastclip.ops.attention_reference import attention_lse_reference, attention_reference  # noqa: E402
 
 interpreted = pytest.mark.skipif(
@@ -367,7 +367,7 @@ def test_argument_errors(override: dict, error: type, match: str) -> None:
 def test_triton_input_limits() -> None:
     from fastclip.ops import attention_triton
 
-    assert attention_triton.MAX_HEAD_DIM == attention_module.TRITON_MAX_HEAD_DIM
+    assert attention_triton.MAX_HEAD_DIM == backends.TRITON_MAX_HEAD_DIM
     q = torch.randn(1, 1, 4, 160)
     with pytest.raises(ValueError, match="head_dim <= 128"):
         attention(q, q, q, backend="triton")
@@ -379,11 +379,11 @@ def test_triton_input_limits() -> None:
 
 def test_forcing_triton_without_it_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     q = torch.randn(1, 1, 4, 16)
-    monkeypatch.setattr(attention_module, "triton_available", lambda: False)
+    monkeypatch.setattr(backends, "triton_available", lambda: False)
     with pytest.raises(RuntimeError, match="Triton does not import"):
         attention(q, q, q, backend="triton")
-    monkeypatch.setattr(attention_module, "triton_available", lambda: True)
-    monkeypatch.setattr(attention_module, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(backends, "triton_available", lambda: True)
+    monkeypatch.setattr(backends, "triton_interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         attention(q, q, q, backend="triton")
 

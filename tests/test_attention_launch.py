@@ -107,7 +107,8 @@ def test_cuda_more_heads_than_grid_axis_1_takes() -> None:
 
 @pytest.mark.cuda
 def test_cuda_fp32_goes_to_sdpa() -> None:
-    from fastclip.ops.attention import attention, resolve_backend
+    from fastclip.backends import resolve_attention_backend as resolve_backend
+    from fastclip.ops.attention import attention
 
     q = torch.randn(2, 3, 50, 64, device="cuda")
     assert resolve_backend("auto", q) == "torch"

@@ -17,7 +17,8 @@ import torch
 if not torch.cuda.is_available():  # before anything defines the Triton kernels (see test_attention.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastclip.ops.attention import attention, triton_available  # noqa: E402
+from fastclip.backends import triton_available  # noqa: E402
+from fastclip.ops.attention import attention  # noqa: E402
 from fastclip.ops.attention_reference import attention_reference  # noqa: E402
 
 interpreted = pytest.mark.skipif(

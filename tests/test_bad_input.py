@@ -41,8 +41,8 @@ from fastclip.data import (
     TarShardDataset,
     load_image,
 )
-from fastclip.ops import attention, contrastive_loss_from_lse, contrastive_lse
-from fastclip.ops.attention import triton_available
+from fastclip.backends import triton_available
+from fastclip.functional import attention, contrastive_loss_from_lse, contrastive_lse
 from fastclip.ops.attention_reference import attention_reference
 from fastclip.ops.reference import contrastive_loss_reference, contrastive_lse_reference
 from fastclip.tokenizer import NUM_MERGES, ClipTokenizer

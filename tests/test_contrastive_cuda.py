@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastclip
-from fastclip.ops import contrastive_lse
+from fastclip.functional import contrastive_lse
 from fastclip.ops.reference import sigmoid_loss_reference
 from loss_helpers import (
     LossAndGrads,

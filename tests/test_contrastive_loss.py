@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastclip
-from fastclip.ops import contrastive_lse, contrastive_loss_from_lse
+from fastclip.functional import contrastive_lse, contrastive_loss_from_lse
 from fastclip.ops.reference import contrastive_lse_reference
 from loss_helpers import (
     LOSS_TARGETS,

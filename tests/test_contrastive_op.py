@@ -9,7 +9,7 @@ import torch
 
 import fastclip
 from fastclip import _extension
-from fastclip.ops import contrastive_lse, contrastive_loss_from_lse
+from fastclip.functional import contrastive_lse, contrastive_loss_from_lse
 from loss_helpers import CLIP_SCALE, assert_matches, features, loss_and_grads, pair, reference, scale_tensor
 
 needs_extension = pytest.mark.skipif(not _extension.is_loaded(), reason="fastclip._C not built")
@@ -53,7 +53,7 @@ def test_torch_compile_fullgraph(backend: str, device: str) -> None:
 
 
 def test_auto_backend_on_cpu_is_the_tiled_fallback() -> None:
-    from fastclip.ops.contrastive_lse import resolve_backend
+    from fastclip.backends import resolve_loss_backend as resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
 

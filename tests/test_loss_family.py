@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 import fastclip
 from fastclip import _extension
-from fastclip.ops import contrastive_lse, contrastive_loss_from_lse, pairwise_sigmoid, sigmoid_loss_share, supcon_loss_share
+from fastclip.functional import (
+    contrastive_loss_from_lse,
+    contrastive_lse,
+    pairwise_sigmoid,
+    sigmoid_loss_share,
+    supcon_loss_share,
+)
 from fastclip.ops.reference import label_contrastive_loss_reference, sigmoid_loss_reference, supcon_loss_reference
 from fastclip.ops.supcon_loss import as_temperature_scale
 from loss_helpers import LOSS_TARGETS, LOW_PRECISION, RELATIVE_TOLERANCE, _natural_size, error, features, scale_tensor

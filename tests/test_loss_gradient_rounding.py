@@ -30,7 +30,8 @@ from test_properties import fixed_settings
 
 import fastclip
 from fastclip import _extension
-from fastclip.ops import contrastive_lse, contrastive_lse_torch
+from fastclip.functional import contrastive_lse
+from fastclip.ops import contrastive_lse_torch
 from fastclip.ops.reference import label_contrastive_loss_reference, supcon_loss_reference
 
 DTYPES = (torch.bfloat16, torch.float16)

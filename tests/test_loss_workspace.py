@@ -15,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fastclip.ops import contrastive_loss_from_lse, linear_terms
+from fastclip.functional import contrastive_loss_from_lse
+from fastclip.ops import linear_terms
 from fastclip.ops.reference import _soft_targets, contrastive_lse_reference
 from loss_helpers import features
 

@@ -27,7 +27,7 @@ import fastclip.model.config as config_module  # noqa: E402
 from fastclip.model import CLIP, CLIPConfig, create_model, get_model_config, list_models, register_model_config  # noqa: E402
 from fastclip.model.text_transformer import trimmed_length  # noqa: E402
 from fastclip.model.transformer import QuickGELU  # noqa: E402
-from fastclip.ops.attention import triton_available  # noqa: E402
+from fastclip.backends import triton_available  # noqa: E402
 
 TINY = ("tiny-ViT", "tiny-RN")
 EOT = 49407

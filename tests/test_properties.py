@@ -41,8 +41,8 @@ from hypothesis import strategies as st
 from loss_helpers import CLIP_SCALE, LOSS_TARGETS, RELATIVE_TOLERANCE
 
 import fastclip
-from fastclip.ops import attention, contrastive_loss_from_lse, contrastive_lse
-from fastclip.ops.attention import triton_available
+from fastclip.backends import triton_available
+from fastclip.functional import attention, contrastive_loss_from_lse, contrastive_lse
 from fastclip.ops.attention_reference import (
     attention_reference,
     attention_scores_reference,

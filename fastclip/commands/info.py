@@ -13,7 +13,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastclip.info import format_info, info
+    from fastclip.environment import format_info, info
 
     report = info()
     print(json.dumps(report, indent=2) if args.json else format_info(report))

@@ -12,7 +12,8 @@ from torch import nn
 from fastclip.model.config import CLIPConfig
 from fastclip.model.modified_resnet import AttentionPool2d, ModifiedResNet
 from fastclip.model.text_transformer import TextTransformer
-from fastclip.model.transformer import MultiheadSelfAttention, Transformer, check_backend
+from fastclip.backends import check_attention_backend
+from fastclip.model.transformer import MultiheadSelfAttention, Transformer
 from fastclip.model.vision_transformer import VisionTransformer
 
 MAX_LOGIT_SCALE = 100.0  # s = exp(logit_scale) is clamped to this in `logits`, as in CLIP training
@@ -20,7 +21,7 @@ MAX_LOGIT_SCALE = 100.0  # s = exp(logit_scale) is clamped to this in `logits`, 
 
 class CLIP(TextTransformer):
     def __init__(self, config: CLIPConfig, *, attn_backend: str = "auto") -> None:
-        check_backend(attn_backend)
+        check_attention_backend(attn_backend)
         super().__init__(config.text, config.embed_dim, act=config.act, backend=attn_backend)
         self.config = config
         if config.vision.is_resnet:
@@ -60,7 +61,7 @@ class CLIP(TextTransformer):
 
     def set_attn_backend(self, backend: str) -> None:
         """Backend of every attention call: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch"."""
-        check_backend(backend)
+        check_attention_backend(backend)
         for module in self.modules():
             if isinstance(module, (MultiheadSelfAttention, AttentionPool2d)):
                 module.backend = backend

@@ -12,18 +12,11 @@ import torch
 
 from fastclip.model.clip import CLIP
 from fastclip.model.config import CLIPConfig, resolve_config
-from fastclip.model.transformer import check_backend
+from fastclip.backends import check_attention_backend, parse_dtype
 
 if TYPE_CHECKING:
     from fastclip.data.transforms import CLIPPreprocess
     from fastclip.tokenizer import ClipTokenizer
-
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp64": torch.float64, "float64": torch.float64,
-}
 
 
 def create_model(
@@ -57,8 +50,8 @@ def create_model(
     """
     from fastclip import checkpoint as ckpt  # checkpoint imports the model package: import late
 
-    check_backend(attn_backend)
-    dtype = _resolve_dtype(dtype)
+    check_attention_backend(attn_backend)
+    dtype = parse_dtype(dtype)
     device = resolve_device(device)
     if name_or_config is None and pretrained is None:
         raise ValueError("create_model needs a model name/config, a pretrained checkpoint, or both")
@@ -150,14 +143,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ValueError(f"device '{resolved}' was asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return resolved
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 def _without_act(config: CLIPConfig) -> dict[str, Any]:

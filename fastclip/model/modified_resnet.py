@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastclip.model.config import VisionConfig
-from fastclip.model.transformer import check_backend
+from fastclip.backends import check_attention_backend
 from fastclip.model.vision_transformer import _check_image
 from fastclip.ops.attention import attention
 
@@ -58,7 +58,7 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, grid: int, width: int, heads: int, output_dim: int, backend: str = "auto") -> None:
         super().__init__()
-        self.heads, self.backend = heads, check_backend(backend)
+        self.heads, self.backend = heads, check_attention_backend(backend)
         self.positional_embedding = nn.Parameter(torch.randn(grid**2 + 1, width) / width**0.5)
         self.k_proj = nn.Linear(width, width)
         self.q_proj = nn.Linear(width, width)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastclip.ops.attention import BACKENDS, attention
+from fastclip.backends import check_attention_backend
+from fastclip.ops.attention import attention
 
 
 class LayerNorm(nn.LayerNorm):
@@ -43,12 +44,6 @@ def make_activation(name: str) -> nn.Module:
     raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {name!r}")
 
 
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
 class MultiheadSelfAttention(nn.Module):
     """Self-attention with nn.MultiheadAttention's parameters, computed by `fastclip.ops.attention`."""
 
@@ -56,7 +51,7 @@ class MultiheadSelfAttention(nn.Module):
         super().__init__()
         if width % heads:
             raise ValueError(f"width ({width}) must be a multiple of heads ({heads})")
-        self.heads, self.causal, self.backend = heads, causal, check_backend(backend)
+        self.heads, self.causal, self.backend = heads, causal, check_attention_backend(backend)
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: q, k, v
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)

@@ -1,20 +1,7 @@
-"""fastclip's operators: each dispatches to a fused kernel (CUDA, Triton or C++) or PyTorch (`backend=`)."""
+"""fastclip's operators, one per module; `fastclip.functional` exports them as functions.
 
-from fastclip.ops.attention import attention
-from fastclip.ops.contrastive_lse import contrastive_lse
-from fastclip.ops.contrastive_loss import contrastive_loss, contrastive_loss_from_lse
-from fastclip.ops.pairwise_sigmoid import pairwise_sigmoid
-from fastclip.ops.sigmoid_loss import sigmoid_loss, sigmoid_loss_share
-from fastclip.ops.supcon_loss import supcon_loss, supcon_loss_share
-
-__all__ = [
-    "attention",
-    "contrastive_lse",
-    "contrastive_loss",
-    "contrastive_loss_from_lse",
-    "pairwise_sigmoid",
-    "sigmoid_loss",
-    "sigmoid_loss_share",
-    "supcon_loss",
-    "supcon_loss_share",
-]
+- `attention`: the encoders' attention (Triton kernels in `attention_triton`, SDPA);
+- `contrastive_lse`: the fused log-sum-exps of the CLIP loss (C++/CUDA op, tiled PyTorch);
+- `contrastive_loss`, `supcon_loss`: the losses built on it, with their fused gradient (`contrastive_gradient`);
+- `pairwise_sigmoid`, `sigmoid_loss`: SigLIP's sigmoid loss.
+"""

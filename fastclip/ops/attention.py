@@ -1,4 +1,4 @@
-"""`attention`: scaled dot-product attention for the CLIP encoders, with one dispatch rule.
+"""`attention`: scaled dot-product attention for the CLIP encoders.
 
     out = softmax(q @ k^T * scale + masks) @ v,   q [B, H, Sq, D], k and v [B, H, Sk, D]
 
@@ -15,86 +15,20 @@ Conventions (the same on every backend and in `attention_reference`):
 
 Backends: "triton" (the fused kernels of `attention_triton`, registered as the `fastclip::attention`
 custom op with fake and autograd kernels) and "torch" (`F.scaled_dot_product_attention`, which picks its
-own best kernel). "auto" takes Triton for CUDA tensors on a GPU of compute capability 8.0 or newer
-when Triton imports and the kernel covers the inputs (fp16/bf16, head dim <= 128), else "torch": fp32
-goes to SDPA (the kernels compiled for fp32 spill registers). Forcing a backend that cannot run raises.
-`backend="triton"` also runs on CPU tensors when `TRITON_INTERPRET=1` was set before Triton kernels were
+own best kernel), or "auto": `fastclip.backends` says which runs where (fp32 goes to SDPA on a GPU: the
+kernels compiled for fp32 spill registers). `backend="triton"` also runs on CPU tensors when `TRITON_INTERPRET=1` was set before Triton kernels were
 first defined: that is how CI tests the kernel without a GPU.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from fastclip.ops import capability
+from fastclip.backends import resolve_attention_backend
 from fastclip.ops._checks import FLOAT_DTYPES
-
-BACKENDS = ("auto", "triton", "torch")
-TRITON_DTYPES = (torch.float16, torch.bfloat16)  # on a GPU: fp32 kernels spill registers at every tile size
-INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # CPU tensors under TRITON_INTERPRET (tests)
-TRITON_MAX_HEAD_DIM = 128  # = attention_triton.MAX_HEAD_DIM, repeated here so dispatch never imports Triton
-
-
-@functools.cache
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401  (importability is the question)
-    except ImportError as error:  # not only ModuleNotFoundError: a broken install counts as unavailable
-        return str(error)
-    return None
-
-
-@torch.compiler.assume_constant_result  # fixed for the process: torch.compile evaluates it at trace time
-def triton_available() -> bool:
-    return _triton_import_error() is None
-
-
-@torch.compiler.assume_constant_result
-def triton_interpreting() -> bool:
-    """Whether TRITON_INTERPRET asks for the interpreter (so the kernels take CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend that will run for `q` (already checked); raises if a forced one cannot."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    head_dim = q.shape[-1]
-    dtypes = INTERPRETER_DTYPES if q.device.type == "cpu" else TRITON_DTYPES
-    covered = q.dtype in dtypes and head_dim <= TRITON_MAX_HEAD_DIM
-    if backend == "auto":  # the one rule: CUDA tensor on a supported GPU + Triton + inputs the kernel covers
-        return "triton" if covered and capability.supports_fused_kernels(q.device) and triton_available() else "torch"
-    if not triton_available():
-        raise RuntimeError(
-            f"backend='triton' cannot run here: Triton does not import ({_triton_import_error()}). "
-            "Install it with `pip install triton` (or the `fastclip[triton]` extra), or use backend='torch'."
-        )
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpreting()):
-        raise RuntimeError(
-            f"backend='triton' cannot run here: the tensors are on {q.device}; the Triton kernel needs CUDA "
-            "tensors, or CPU tensors with TRITON_INTERPRET=1 set before Triton kernels are defined (testing only)."
-        )
-    if q.device.type == "cuda" and not capability.supports_fused_kernels(q.device):
-        raise RuntimeError(f"backend='triton' cannot run here: {capability.unsupported_reason(q.device)}; use backend='torch'")
-    if q.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        why = " (its fp32 kernels would spill registers; autocast to bf16 runs it)" if q.device.type == "cuda" else ""
-        raise TypeError(f"backend='triton' supports {names} inputs on {q.device.type}{why}, got {q.dtype}; "
-                        "use backend='torch'")
-    if head_dim > TRITON_MAX_HEAD_DIM:
-        raise ValueError(
-            f"backend='triton' supports head_dim <= {TRITON_MAX_HEAD_DIM} (q, k, v's last dim), got {head_dim}; "
-            "use backend='torch'"
-        )
-    return "triton"
-
 
 def check_attention_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
@@ -186,7 +120,7 @@ def attention(
     """
     check_attention_inputs(q, k, v, key_padding_mask, causal, lengths)
     scale = resolve_scale(scale, q.shape[-1])
-    if resolve_backend(backend, q) == "torch":
+    if resolve_attention_backend(backend, q) == "torch":
         return attention_torch(q, k, v, causal, key_padding_mask, scale, lengths)
     out, _ = torch.ops.fastclip.attention(q, k, v, key_padding_mask, causal, scale, lengths)
     return out

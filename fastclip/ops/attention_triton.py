@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+from fastclip.backends import triton_interpreting
+
+INTERPRET: bool = triton_interpreting()
 MAX_HEAD_DIM = 128  # register/shared-memory budget of one [BLOCK, head_dim] tile set; SDPA covers larger
 
 LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals (plain globals are not visible to jit code)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from fastclip.backends import resolve_loss_backend
 from fastclip.ops._checks import (
     accumulate_dtype,
     as_logit_scale,
@@ -35,7 +36,7 @@ from fastclip.ops._checks import (
     check_unit_interval,
 )
 from fastclip.ops.contrastive_gradient import LossTerms, attach_fused_gradient, clip_terms
-from fastclip.ops.contrastive_lse import dispatch_contrastive_lse, resolve_backend
+from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
 from fastclip.ops.linear_terms import linear_terms
 from fastclip.ops.positives import class_ids
 
@@ -65,7 +66,7 @@ def contrastive_loss(
     if labels is not None:
         labels = check_labels("labels", labels, text_features.shape[0], text_features.device)
     scale = as_logit_scale(logit_scale, image_features.device)
-    backend = resolve_backend(backend, image_features.device, image_features.dtype)
+    backend = resolve_loss_backend(backend, image_features.device, image_features.dtype)
     # The value from detached inputs (unchanged arithmetic); the gradient from one fused backward that
     # folds the target terms in before its one rounding (fastclip.ops.contrastive_gradient).
     image, text = image_features.detach(), text_features.detach()

@@ -1,4 +1,4 @@
-"""`contrastive_lse`: the fused part of the CLIP loss, with one dispatch rule.
+"""`contrastive_lse`: the fused part of the CLIP loss.
 
 Given S = s * image @ text.T (never stored), returns the row log-sum-exps (n,) and the column
 log-sum-exps (N,) over the rows given, in fp32 (float64 for float64 inputs). The contrastive losses are
@@ -8,10 +8,7 @@ through its registered backward, of the backward.
 With `masked_diagonal=d` the entries (i, i + d) are left out of both log-sum-exps, as if they were -inf:
 the self-pairs of SupCon/NT-Xent, where both operands are one matrix (d is the rows' offset into it).
 
-Backends: "cuda" (the fused CUDA kernel, CUDA tensors), "cpp" (the C++ CPU kernel), "torch" (tiled
-PyTorch, any device). "auto" takes the CUDA kernel for CUDA tensors on a GPU of compute capability 8.0
-or newer when it is built, else "torch".
-Forcing a backend that cannot run raises; nothing falls back silently.
+Backends: "cuda", "cpp", "torch" or "auto"; `fastclip.backends` says which runs where.
 """
 
 from __future__ import annotations
@@ -19,35 +16,11 @@ from __future__ import annotations
 import torch
 
 from fastclip import _extension
-from fastclip.ops import capability
+from fastclip.backends import resolve_loss_backend
 from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_features, check_index
 from fastclip.ops.contrastive_lse_torch import contrastive_lse_torch
 
 OP = "contrastive_lse"
-BACKENDS = ("auto", "cuda", "cpp", "torch")
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: str = OP) -> str:
-    """The backend that will run fastclip::`op` for tensors on `device`; raises if a forced one cannot."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    cuda_ok = device.type == "cuda" and dtype != torch.float64 and _extension.has_kernel(op, "CUDA")
-    if backend == "auto":
-        return "cuda" if cuda_ok and capability.supports_fused_kernels(device) else "torch"
-    if backend == "cuda" and cuda_ok and not capability.supports_fused_kernels(device):
-        raise RuntimeError(f"backend='cuda' cannot run here: {capability.unsupported_reason(device)}; use backend='torch'")
-    if backend == "cuda" and not cuda_ok:
-        raise RuntimeError(
-            f"backend='cuda' cannot run here: tensors are on {device} with dtype {dtype}; the CUDA kernel needs "
-            f"CUDA tensors in float32/bfloat16/float16 and a CUDA build of fastclip._C "
-            f"(CUDA kernel built: {_extension.has_kernel(op, 'CUDA')}). See `python -m fastclip info`."
-        )
-    if backend == "cpp" and not (device.type == "cpu" and _extension.has_kernel(op, "CPU")):
-        raise RuntimeError(
-            f"backend='cpp' cannot run here: it needs CPU tensors (got {device}) and fastclip._C "
-            f"(load error: {_extension.load_error()}). See `python -m fastclip info`."
-        )
-    return backend
 
 
 def contrastive_lse(
@@ -78,7 +51,7 @@ def dispatch_contrastive_lse(
     masked_diagonal: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the chosen backend on already-checked inputs."""
-    if resolve_backend(backend, image.device, image.dtype) == "torch":
+    if resolve_loss_backend(backend, image.device, image.dtype, OP) == "torch":
         return contrastive_lse_torch(image, text, logit_scale, masked_diagonal)
     return torch.ops.fastclip.contrastive_lse(image, text, logit_scale, masked_diagonal)
 

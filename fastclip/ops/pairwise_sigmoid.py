@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from fastclip import _extension
+from fastclip.backends import resolve_loss_backend
 from fastclip.ops._checks import accumulate_dtype, as_logit_bias, as_logit_scale, check_features, check_labels
-from fastclip.ops.contrastive_lse import register_first_order_only, resolve_backend
+from fastclip.ops.contrastive_lse import register_first_order_only
 from fastclip.ops.pairwise_sigmoid_torch import pairwise_sigmoid_torch
 
 OP = "pairwise_sigmoid"
@@ -45,7 +46,7 @@ def pairwise_sigmoid(
 
 def dispatch_pairwise_sigmoid(image, text, logit_scale, logit_bias, row_labels, col_labels, backend: str) -> torch.Tensor:
     """Run the chosen backend on already-checked inputs (labels int64)."""
-    if resolve_backend(backend, image.device, image.dtype, OP) == "torch":
+    if resolve_loss_backend(backend, image.device, image.dtype, OP) == "torch":
         return pairwise_sigmoid_torch(image, text, logit_scale, logit_bias, row_labels, col_labels)
     return torch.ops.fastclip.pairwise_sigmoid(image, text, logit_scale, logit_bias, row_labels, col_labels)
 

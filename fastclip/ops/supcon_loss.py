@@ -19,7 +19,8 @@ import torch
 
 from fastclip.ops._checks import one_value, accumulate_dtype, check_features, check_labels
 from fastclip.ops.contrastive_gradient import attach_fused_gradient, supcon_terms
-from fastclip.ops.contrastive_lse import dispatch_contrastive_lse, resolve_backend
+from fastclip.backends import resolve_loss_backend
+from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
 from fastclip.ops.positives import class_ids, same_label_dots
 
 
@@ -63,7 +64,7 @@ def supcon_loss(
         "labels", labels, features.shape[0], device
     )
     scale = as_temperature_scale(temperature, device, features.dtype)
-    backend = resolve_backend(backend, device, features.dtype)
+    backend = resolve_loss_backend(backend, device, features.dtype)
     # The value from detached inputs (unchanged arithmetic); the gradient from one fused backward that
     # folds the positives in before its one rounding (fastclip.ops.contrastive_gradient).
     detached = features.detach()

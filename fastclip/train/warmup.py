@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from fastclip.model.transformer import MultiheadSelfAttention
-from fastclip.ops.attention import resolve_backend
+from fastclip.backends import resolve_attention_backend
 
 START_OF_TEXT, END_OF_TEXT = 49406, 49407
 
@@ -28,7 +28,7 @@ def runs_triton_attention(model: torch.nn.Module, device: torch.device, dtype: t
     head_dim = attention.in_proj_weight.shape[1] // attention.heads
     probe = torch.empty(1, 1, 1, head_dim, device=device, dtype=dtype)
     try:
-        return resolve_backend(attention.backend, probe) == "triton"
+        return resolve_attention_backend(attention.backend, probe) == "triton"
     except (RuntimeError, TypeError, ValueError):  # a forced backend that cannot run fails in the first step
         return False
 

@@ -49,7 +49,7 @@ def _compiled_op_state(op: str, cuda_device: str | None) -> dict[str, str]:
 
 
 def _triton_attention_state(cuda_device: str | None) -> str:
-    from fastclip.ops.attention import triton_available, triton_interpreting
+    from fastclip.backends import triton_available, triton_interpreting
 
     if not triton_available():
         return "Triton not installed"
