@@ -1,8 +1,10 @@
 """Build fastclip and its extension `fastclip._C`.
 
-The C++ sources (op schemas, argument checks, CPU kernels) are always built. The CUDA sources
-(`kernels/*.cu` device code + `csrc/*.cu` ATen glue) are added when a CUDA build of PyTorch and a CUDA
+The C++ sources (`csrc/**/*.cpp`: the module in csrc/module.cpp, op schemas and argument checks in
+csrc/ops/, shared helpers in csrc/common.cpp, CPU kernels in csrc/cpu/) are always built. The CUDA sources
+(`kernels/*.cu` device code + `csrc/cuda/*.cu` ATen glue) are added when a CUDA build of PyTorch and a CUDA
 toolkit are present, never because a GPU happens to be visible, so a GPU-less machine can cross-compile.
+Sources include each other by paths relative to csrc/ (e.g. "ops/contrastive_lse.h") or kernels/.
 
 Environment switches:
   FASTCLIP_SKIP_EXTENSION=1   build no extension at all (pure-PyTorch install)
@@ -39,7 +41,7 @@ def _extensions() -> tuple[list, dict]:
     debug = _flag("DEBUG")
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fopenmp"]  # the C++ standard is torch's choice (C++17 or C++20 by version)
-    sources = sorted(glob.glob("csrc/*.cpp"))
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
 
     cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
     build_cuda = cuda_possible and not _flag("FASTCLIP_SKIP_CUDA")
@@ -53,7 +55,7 @@ def _extensions() -> tuple[list, dict]:
 
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        sources += sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("kernels/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("kernels/*.cu"))
         nvcc_flags = ["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]
         nvcc_flags += ["--expt-relaxed-constexpr", "-DFASTCLIP_WITH_CUDA"]
         ext = CUDAExtension(

@@ -39,7 +39,7 @@ struct LseForwardArgs {
   float* col_sum;
 };
 
-// The target terms of contrastive_loss_backward (csrc/contrastive_lse.h): the kernel writes
+// The target terms of contrastive_loss_backward (csrc/ops/contrastive_loss_backward.h): the kernel writes
 //   G = gr P_row + gc P_col - grad_positive[i] (row_ids[i] == col_ids[j]) - *grad_uniform
 // and leaves the pair entries (j + col_offset == partner[i]) at 0, collecting their ingredients instead
 // for the host: the rests of P_row (per row and column split) and of P_col (per row block, thread group

@@ -7,7 +7,7 @@
 #  - ptxas -v on all of it: a table per architecture (tools/ptxas_report.py). A spill in a bf16/fp16
 #    kernel of the shipped code (sm_80, sm_90) fails the check; fp32 spills and those of the PTX
 #    targets, which the driver's own JIT decides, are reported.
-#  - csrc/*.cu: the ATen glue, against the installed torch's headers, for sm_80 only (it has no device
+#  - csrc/cuda/*.cu: the ATen glue, against the installed torch's headers, for sm_80 only (it has no device
 #    code; each more target only parses the headers again). A CPU build of torch lacks one generated
 #    header of c10/cuda (cuda_cmake_macros.h); a one-line stand-in makes the check possible.
 # The four compiles run in parallel: about a minute on two idle cores.
@@ -43,7 +43,7 @@ printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/shim/c10/cud
 read -r -a torch_includes < <(python -c \
   "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
 python_include=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-compile_glue() {  # $1: csrc/x.cu; its warnings are shown, not fatal
+compile_glue() {  # $1: csrc/cuda/x.cu; its warnings are shown, not fatal
   local log="$out/$(basename "$1").log"
   "$NVCC" -std=c++20 "${common[@]}" -gencode=arch=compute_80,code=sm_80 -I"$out/shim" "${torch_includes[@]}" \
     -I"$python_include" -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions -c "$1" -o "$out/$(basename "$1").o" \
@@ -52,7 +52,7 @@ compile_glue() {  # $1: csrc/x.cu; its warnings are shown, not fatal
 }
 
 pids=() names=()
-for src in csrc/*.cu; do compile_glue "$src" & pids+=($!) names+=("$src (ATen glue, sm_80)"); done
+for src in csrc/cuda/*.cu; do compile_glue "$src" & pids+=($!) names+=("$src (ATen glue, sm_80)"); done
 for src in kernels/*.cu; do
   compile_kernels "$src" & pids+=($!) names+=("$src (sm_80, sm_90, compute_90 PTX -> ${jit_archs[*]})")
 done

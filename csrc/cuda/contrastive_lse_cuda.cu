@@ -13,9 +13,11 @@
 #include <optional>
 #include <vector>
 
+#include "common.h"
 #include "contrastive_lse.cuh"
-#include "contrastive_lse.h"
-#include "cuda_glue.h"
+#include "cuda/cuda_glue.h"
+#include "ops/contrastive_loss_backward.h"
+#include "ops/contrastive_lse.h"
 
 namespace fastclip {
 namespace {
@@ -130,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
   return {grad_img, grad_txt, glue::sum_partials(scale_partials, logit_scale)};
 }
 
-// contrastive_loss_backward (contrastive_lse.h): the backward above with the loss's target terms folded
+// contrastive_loss_backward (ops/contrastive_loss_backward.h): the backward above with the loss's target terms folded
 // into the tile, then the pair entries from the rests the kernel collects, added to fp32 gradient sums
 // that are returned unrounded.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(

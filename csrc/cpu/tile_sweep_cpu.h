@@ -15,7 +15,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "contrastive_lse.h"
+#include "common.h"
 
 namespace fastclip {
 namespace cpu {

@@ -10,8 +10,8 @@
 #include <cmath>
 #include <vector>
 
-#include "contrastive_lse.h"
-#include "tile_sweep_cpu.h"
+#include "cpu/tile_sweep_cpu.h"
+#include "ops/pairwise_sigmoid.h"
 
 namespace fastclip {
 namespace {

@@ -13,8 +13,8 @@
 
 #include <vector>
 
-#include "contrastive_lse.h"
-#include "cuda_glue.h"
+#include "cuda/cuda_glue.h"
+#include "ops/pairwise_sigmoid.h"
 #include "pairwise_sigmoid.cuh"
 
 namespace fastclip {

@@ -17,8 +17,10 @@
 #include <optional>
 #include <vector>
 
-#include "contrastive_lse.h"
-#include "tile_sweep_cpu.h"
+#include "common.h"
+#include "cpu/tile_sweep_cpu.h"
+#include "ops/contrastive_loss_backward.h"
+#include "ops/contrastive_lse.h"
 
 namespace fastclip {
 namespace {
@@ -94,7 +96,7 @@ void backward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t scale, s
   });
 }
 
-// The loss coefficients of contrastive_loss_backward (contrastive_lse.h), as raw pointers.
+// The loss coefficients of contrastive_loss_backward (ops/contrastive_loss_backward.h), as raw pointers.
 template <typename acc_t>
 struct LossCoefficients {
   const acc_t *grad_row, *grad_col, *grad_positive;
