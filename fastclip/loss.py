@@ -25,7 +25,7 @@ from fastclip.functional import (
     sigmoid_loss,
     sigmoid_loss_share,
 )
-from fastclip.ops._checks import check_labels, check_unit_interval
+from fastclip.ops._checks import check_labels, check_matched_pairs, check_unit_interval
 from fastclip.ops.supcon_loss import as_temperature_scale, supcon_loss, supcon_loss_share, view_labels
 
 
@@ -54,14 +54,6 @@ def _check_open_clip_args(module: str, rank: int | None, world_size: int | None,
                 f"{module}: {name}={given} but {where} {real}; fastclip takes the ranks from torch.distributed "
                 "(call init_process_group before building the loss)"
             )
-
-
-def _check_matched(image: torch.Tensor, text: torch.Tensor) -> None:
-    if image.shape[0] != text.shape[0]:
-        raise ValueError(
-            f"image_features and text_features must have the same number of rows on each rank, got "
-            f"{image.shape[0]} and {text.shape[0]}"
-        )
 
 
 def _gather_with_labels(
@@ -160,7 +152,7 @@ class ClipLoss(nn.Module):
         labels: torch.Tensor | None,
         ranks: int,
     ) -> torch.Tensor:
-        _check_matched(image, text)
+        check_matched_pairs(image, text, " on this rank")
         all_text, offset, labels = _gather_with_labels(text, labels, self.group)
         row_lse, partial_col_lse = contrastive_lse(image, all_text, logit_scale, backend=self.backend)
         col_lse = all_reduce_logsumexp(partial_col_lse, self.group)
@@ -244,7 +236,7 @@ class SigLipLoss(nn.Module):
                 image_features, text_features, logit_scale, logit_bias, labels=labels, backend=self.backend
             )
         else:
-            _check_matched(image_features, text_features)
+            check_matched_pairs(image_features, text_features, " on this rank")
             all_text, offset, labels = _gather_with_labels(text_features, labels, self.group)
             share = sigmoid_loss_share(
                 image_features, all_text, logit_scale, logit_bias, offset=offset, labels=labels, backend=self.backend

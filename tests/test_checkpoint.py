@@ -26,11 +26,10 @@ from fastclip.checkpoint import (
     CheckpointError,
     download_pretrained,
     infer_config,
-    load_checkpoint,
     load_state_dict,
     save_checkpoint,
 )
-from fastclip.model import CLIP, create_model
+from fastclip.model import CLIP, create_model, load_checkpoint
 
 TINY = ("tiny-ViT", "tiny-RN")
 EOT = 49407

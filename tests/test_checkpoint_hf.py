@@ -26,7 +26,8 @@ from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, CLIPToken
 from transformers import CLIPConfig as HFCLIPConfig
 
 import fastclip
-from fastclip.checkpoint import CheckpointError, load_checkpoint, save_transformers
+from fastclip.checkpoint import CheckpointError, save_transformers
+from fastclip.model import load_checkpoint
 from fastclip.cli import main as cli_main
 from fastclip.data import CLIPPreprocess
 from fastclip.model import CLIP, create_model

@@ -29,6 +29,13 @@ def first_keys(keys: list[str]) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > _SHOW else shown
 
 
+def raise_key_problems(what: str, problems: dict[str, list[str]]) -> None:
+    """A CheckpointError "`what`: label: keys; ..." for each non-empty list of keys, if any."""
+    found = [f"{label}: {first_keys(keys)}" for label, keys in problems.items() if keys]
+    if found:
+        raise CheckpointError(f"{what}: " + "; ".join(found))
+
+
 def to_fastclip_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A state dict in fastclip's (= OpenAI's) names from what a checkpoint file held."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # open_clip training checkpoints
@@ -141,17 +148,12 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         for k, v in state.items()
         if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {first_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {first_keys(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {first_keys(mismatched)}")
-    if wrong_dtype:
-        problems.append(f"non-floating tensors for floating parameters: {first_keys(wrong_dtype)}")
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    raise_key_problems(f"{source} does not fit the model", {
+        "missing keys": missing,
+        "unexpected keys": unexpected,
+        "shape mismatches": mismatched,
+        "non-floating tensors for floating parameters": wrong_dtype,
+    })
     # NaN/inf weights (e.g. saved after a diverged step) would make every feature NaN, and a zero-shot
     # argmax over NaN silently picks class 0: refuse them here, naming the tensors.
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fastclip.checkpoint.convert import first_keys
+from fastclip.checkpoint.convert import first_keys, raise_key_problems
 from fastclip.checkpoint.files import CheckpointError
 from fastclip.model.config import ACTIVATIONS, CLIPConfig, TextConfig, VisionConfig
 
@@ -99,15 +99,10 @@ def from_transformers_state_dict(
     names = {p.hf for p in pairs}
     missing = [p.hf for p in pairs if p.hf not in state]
     unexpected = [k for k in state if k not in names and k not in IGNORED_KEYS]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {first_keys(missing)}")
-    if unexpected:
-        problems.append(f"keys fastclip's CLIP has no place for: {first_keys(unexpected)}")
-    if problems:
-        raise CheckpointError(
-            f"{source} does not fit its config.json as a transformers CLIPModel: " + "; ".join(problems)
-        )
+    raise_key_problems(f"{source} does not fit its config.json as a transformers CLIPModel", {
+        "missing keys": missing,
+        "keys fastclip's CLIP has no place for": unexpected,
+    })
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for p in pairs:

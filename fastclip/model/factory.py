@@ -10,6 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastclip.checkpoint import (
+    CheckpointError,
+    download_pretrained,
+    infer_config,
+    list_pretrained,
+    load_into,
+    load_state_dict,
+)
 from fastclip.model.clip import CLIP
 from fastclip.model.config import CLIPConfig, resolve_config
 from fastclip.backends import check_attention_backend, parse_dtype
@@ -48,8 +56,6 @@ def create_model(
 
     The model is in training mode, like any new nn.Module: call `.eval()` for inference.
     """
-    from fastclip import checkpoint as ckpt  # checkpoint imports the model package: import late
-
     check_attention_backend(attn_backend)
     dtype = parse_dtype(dtype)
     device = resolve_device(device)
@@ -63,24 +69,53 @@ def create_model(
     if pretrained is not None:
         path = _resolve_pretrained(name_or_config, pretrained, cache_dir)
         source = f"checkpoint {path}"
-        state, stored = ckpt.load_state_dict(path)
+        state, stored = load_state_dict(path)
         if stored is not None and config is not None and _without_act(stored) != _without_act(config):
             raise ValueError(f"{source} was saved for a different config than the one requested: {_diff(stored, config)}")
         if stored is not None:  # the file knows what its weights were trained with (e.g. the activation)
             config = stored
         elif config is None:
-            config = ckpt.infer_config(state, act=act or "quick_gelu", source=source)
+            config = infer_config(state, act=act or "quick_gelu", source=source)
     if act is not None:
         config = dataclasses.replace(config, act=act)
 
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = CLIP(config, attn_backend=attn_backend)
     if state is not None:
-        ckpt.load_into(model, state, source=source)
+        load_into(model, state, source=source)
     if dtype is not None:
         model = model.to(dtype)
     model.set_grad_checkpointing(grad_checkpointing)
     return model
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    config: CLIPConfig | None = None,
+    act: str | None = None,
+    attn_backend: str = "auto",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> CLIP:
+    """A CLIP model with the weights of `path`.
+
+    `path` is a checkpoint file or a Hugging Face transformers CLIPModel folder (config.json and
+    model.safetensors or pytorch_model.bin). The config is the one stored with the weights (fastclip's
+    format; transformers' config.json), else `config`, else one inferred from the tensors' shapes (see
+    `fastclip.checkpoint.infer_config`). A stored config and a different `config` raise. `act` overrides
+    the activation: the shapes cannot tell it, and inference assumes QuickGELU, which OpenAI's weights
+    need; open_clip's models without "-quickgelu" in their name need act="gelu".
+    The model is returned in training mode, as PyTorch creates modules: call `.eval()` for inference.
+
+        model = load_checkpoint("ViT-B-32.pt")            # OpenAI's TorchScript archive: config from the shapes
+        model = load_checkpoint("epoch_32.pt")            # open_clip training checkpoint ({"state_dict": ...})
+        model = load_checkpoint("clip-vit-base-patch32")  # transformers folder: config.json + weights
+        model = load_checkpoint("model.safetensors")      # fastclip's file: config read from it
+    """
+    return create_model(
+        config, pretrained=os.fspath(path), act=act, attn_backend=attn_backend, device=device, dtype=dtype
+    )
 
 
 def create_model_and_transforms(
@@ -106,8 +141,6 @@ def create_model_and_transforms(
 
 
 def _resolve_pretrained(name: Any, pretrained: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Path:
-    from fastclip.checkpoint import download_pretrained, list_pretrained
-
     path = Path(pretrained).expanduser()
     if path.is_file():
         return path
@@ -124,8 +157,6 @@ def _resolve_pretrained(name: Any, pretrained: str | os.PathLike, cache_dir: str
     if path.is_dir():  # a Hugging Face transformers model folder; the checkpoint package says if it is not
         return path
     if path.exists():  # e.g. a socket or a broken device: say so, rather than "does not exist"
-        from fastclip.checkpoint import CheckpointError
-
         raise CheckpointError(f"pretrained checkpoint {pretrained} is not a regular file")
     raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist")
 

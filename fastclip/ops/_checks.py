@@ -31,13 +31,17 @@ def check_features(image: torch.Tensor, text: torch.Tensor, names: tuple[str, st
         )
 
 
-def check_matched_pairs(image: torch.Tensor, text: torch.Tensor, share_function: str) -> None:
-    """Row i of each is pair i: the batch sizes must agree (`share_function` serves one rank's rows)."""
+def check_matched_pairs(image: torch.Tensor, text: torch.Tensor, hint: str = "") -> None:
+    """Row i of each is pair i: the batch sizes must agree (`hint` ends the message: what to do instead)."""
     if image.shape[0] != text.shape[0]:
         raise ValueError(
             f"image_features and text_features must have the same batch size (pair i is the positive), got "
-            f"{image.shape[0]} and {text.shape[0]}; for a rank's rows of a larger batch use {share_function} with offset"
+            f"{image.shape[0]} and {text.shape[0]}{hint}"
         )
+
+
+def share_hint(share_function: str) -> str:
+    return f"; for a rank's rows of a larger batch use {share_function} with offset"
 
 
 def check_offset(offset: int, rows: int, num_pairs: int) -> None:
@@ -112,3 +116,26 @@ def check_unit_interval(name: str, value: float, *, upper_open: bool = False) ->
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for fp32/bf16/fp16 inputs; float64 stays float64 (for gradcheck and references)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_fake_inputs(
+    image: torch.Tensor, text: torch.Tensor, scalars: dict[str, torch.Tensor],
+    rows: dict[str, torch.Tensor] | None = None, columns: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The shape checks of the compiled pairwise ops, for their fake (meta) kernels.
+
+    `torch._check`, as the C++ checks' twin: a traced graph with mismatched shapes fails at trace time
+    instead of inside the kernel, and symbolic sizes stay symbolic. `scalars` hold one value each;
+    `rows` are [n] vectors (one per image row), `columns` [N] vectors (one per text row).
+    """
+    torch._check(image.dim() == 2 and text.dim() == 2,
+                 lambda: f"image and text must be 2-D, got shapes {tuple(image.shape)} and {tuple(text.shape)}")
+    torch._check(image.shape[1] == text.shape[1],
+                 lambda: f"feature dims differ: image has D={image.shape[1]}, text has D={text.shape[1]}")
+    torch._check(image.dtype == text.dtype, lambda: f"image and text dtypes differ: {image.dtype} and {text.dtype}")
+    for name, value in scalars.items():
+        torch._check(value.numel() == 1, lambda name=name, value=value: f"{name} must hold one value, got {value.shape}")
+    for size, vectors in ((image.shape[0], rows or {}), (text.shape[0], columns or {})):
+        for name, vector in vectors.items():
+            torch._check(vector.dim() == 1 and vector.shape[0] == size,
+                         lambda name=name, vector=vector, size=size: f"{name} must be [{size}], got {tuple(vector.shape)}")

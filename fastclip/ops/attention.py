@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from fastclip.backends import resolve_attention_backend
 from fastclip.ops._checks import FLOAT_DTYPES
+from fastclip.ops.attention_masks import visible_keys
 
 def check_attention_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
@@ -131,28 +132,15 @@ def attention_torch(
     scale: float, lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The PyTorch path: SDPA, with `is_causal` (its fastest kernels) whenever there is no padding mask."""
-    if lengths is None:
-        return _sdpa(q, k, v, causal, key_padding_mask, scale)
     seq_q, seq_k = q.shape[-2], k.shape[-2]
-    ends = lengths[:, None]  # (B, 1)
-    if not (causal and seq_q <= seq_k):
-        # With a top-left causal mask a row before the end sees only keys before it: no key mask needed.
-        past_end = torch.arange(seq_k, device=q.device) >= ends  # (B, Sk)
-        key_padding_mask = past_end if key_padding_mask is None else key_padding_mask | past_end
-    out = _sdpa(q, k, v, causal, key_padding_mask, scale)
-    rows_past_end = torch.arange(seq_q, device=q.device) >= ends  # (B, Sq)
-    return out.masked_fill(rows_past_end[:, None, :, None], 0.0)
-
-
-def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """SDPA with fastclip's mask convention; rows that see no key return 0."""
-    if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    visible = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk); SDPA's bool mask is True = attend
-    if causal:
-        visible = visible & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    # With a top-left causal mask a row before its end sees only keys before it: lengths need no key mask.
+    if key_padding_mask is None and (lengths is None or (causal and seq_q <= seq_k)):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        if lengths is None:
+            return out
+        rows_past_end = torch.arange(seq_q, device=q.device) >= lengths[:, None]  # (B, Sq)
+        return out.masked_fill(rows_past_end[:, None, :, None], 0.0)
+    visible = visible_keys(seq_q, seq_k, causal, key_padding_mask, q.device, lengths)  # SDPA's True = attend
     has_key = visible.any(-1, keepdim=True)  # (B, 1, Sq or 1, 1)
     # Let rows with no key attend everywhere (finite, no NaN in the forward or backward), then zero them.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key, scale=scale)

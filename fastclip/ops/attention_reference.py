@@ -12,25 +12,11 @@ gets output 0, log-sum-exp -inf and zero gradients.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-
-def visible_keys(
-    seq_q: int, seq_k: int, causal: bool, key_padding_mask: torch.Tensor | None, device: torch.device,
-    lengths: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Boolean [batch or 1, 1, seq_q or 1, seq_k] mask, True where query i may attend to key j; None = all."""
-    visible = None
-    if causal:
-        visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril()  # (Sq, Sk)
-    if key_padding_mask is not None:
-        keys = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
-        visible = keys if visible is None else keys & visible
-    if lengths is not None:
-        ends = lengths[:, None, None, None]  # (B, 1, 1, 1)
-        inside = (torch.arange(seq_q, device=device)[:, None] < ends) & (torch.arange(seq_k, device=device) < ends)
-        visible = inside if visible is None else inside & visible  # (B, 1, Sq, Sk)
-    return visible
+from fastclip.ops.attention_masks import visible_keys
 
 
 def attention_scores_reference(
@@ -52,38 +38,18 @@ def attention_scores_reference(
     return scores, visible.any(-1, keepdim=True)
 
 
-def attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    lengths: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """softmax(q k^T * scale + masks) v for q [B, H, Sq, D], k and v [B, H, Sk, D]; differentiable."""
-    scores, has_key = attention_scores_reference(
-        q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, lengths=lengths
-    )
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **masks: Any) -> torch.Tensor:
+    """softmax(q k^T * scale + masks) v for q [B, H, Sq, D], k and v [B, H, Sk, D]; differentiable.
+    `masks`: causal, key_padding_mask, scale, lengths, as `attention_scores_reference` takes them."""
+    scores, has_key = attention_scores_reference(q, k, **masks)
     # An empty row would softmax to NaN: give it finite scores, then zero its probabilities, so neither
     # the output nor any gradient sees a NaN.
     probs = scores.masked_fill(~has_key, 0.0).softmax(-1).masked_fill(~has_key, 0.0)  # (B, H, Sq, Sk)
     return probs @ v
 
 
-def attention_lse_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    lengths: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """log sum_j exp(score_ij) over the visible keys [B, H, Sq]; -inf for a row with none."""
-    scores, has_key = attention_scores_reference(
-        q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, lengths=lengths
-    )
+def attention_lse_reference(q: torch.Tensor, k: torch.Tensor, **masks: Any) -> torch.Tensor:
+    """log sum_j exp(score_ij) over the visible keys [B, H, Sq]; -inf for a row with none (`masks` as above)."""
+    scores, has_key = attention_scores_reference(q, k, **masks)
     lse = scores.masked_fill(~has_key, 0.0).logsumexp(-1)  # finite first, so the gradient has no NaN
     return lse.masked_fill(~has_key[..., 0], float("-inf"))

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from fastclip import _extension
-from fastclip.ops._checks import accumulate_dtype
+from fastclip.ops._checks import accumulate_dtype, check_fake_inputs
 from fastclip.ops.contrastive_lse import register_first_order_only
 from fastclip.ops.contrastive_lse_torch import tiled_loss_gradient
 from fastclip.ops.positives import class_ids
@@ -189,6 +189,10 @@ def _register_compiled_op() -> None:
     @torch.library.register_fake(f"fastclip::{OP}")
     def _(grad_row, grad_col, grad_positive, grad_uniform, grad_pair, image, text, logit_scale, row_lse, col_lse,
           row_ids, col_ids, partner, masked_diagonal=None):
+        check_fake_inputs(image, text, {"logit_scale": logit_scale, "grad_uniform": grad_uniform},
+                          rows={"grad_row": grad_row, "grad_positive": grad_positive, "grad_pair": grad_pair,
+                                "row_lse": row_lse, "row_ids": row_ids, "partner": partner},
+                          columns={"grad_col": grad_col, "col_lse": col_lse, "col_ids": col_ids})
         acc = accumulate_dtype(image.dtype)
         return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
                 logit_scale.new_empty((), dtype=acc))

@@ -32,6 +32,7 @@ from fastclip.ops._checks import (
     check_features,
     check_labels,
     check_matched_pairs,
+    share_hint,
     check_offset,
     check_unit_interval,
 )
@@ -60,7 +61,7 @@ def contrastive_loss(
     matrix is stored on any backend.
     """
     check_features(image_features, text_features)
-    check_matched_pairs(image_features, text_features, "contrastive_loss_from_lse")
+    check_matched_pairs(image_features, text_features, share_hint("contrastive_loss_from_lse"))
     check_unit_interval("weight", weight)
     check_unit_interval("label_smoothing", label_smoothing)
     if labels is not None:

@@ -17,7 +17,7 @@ import torch
 
 from fastclip import _extension
 from fastclip.backends import resolve_loss_backend
-from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_features, check_index
+from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_fake_inputs, check_features, check_index
 from fastclip.ops.contrastive_lse_torch import contrastive_lse_torch
 
 OP = "contrastive_lse"
@@ -74,11 +74,14 @@ def _register_compiled_op() -> None:
 
     @torch.library.register_fake(f"fastclip::{OP}")
     def _(image, text, logit_scale, masked_diagonal=None):
+        check_fake_inputs(image, text, {"logit_scale": logit_scale})
         acc = accumulate_dtype(image.dtype)
         return image.new_empty(image.shape[0], dtype=acc), text.new_empty(text.shape[0], dtype=acc)
 
     @torch.library.register_fake(f"fastclip::{OP}_backward")
     def _(grad_row, grad_col, image, text, logit_scale, row_lse, col_lse, masked_diagonal=None):
+        check_fake_inputs(image, text, {"logit_scale": logit_scale}, rows={"grad_row_lse": grad_row, "row_lse": row_lse},
+                          columns={"grad_col_lse": grad_col, "col_lse": col_lse})
         return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
 
     def setup_context(ctx, inputs, output):

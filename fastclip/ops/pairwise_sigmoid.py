@@ -15,7 +15,14 @@ import torch
 
 from fastclip import _extension
 from fastclip.backends import resolve_loss_backend
-from fastclip.ops._checks import accumulate_dtype, as_logit_bias, as_logit_scale, check_features, check_labels
+from fastclip.ops._checks import (
+    accumulate_dtype,
+    as_logit_bias,
+    as_logit_scale,
+    check_fake_inputs,
+    check_features,
+    check_labels,
+)
 from fastclip.ops.contrastive_lse import register_first_order_only
 from fastclip.ops.pairwise_sigmoid_torch import pairwise_sigmoid_torch
 
@@ -56,10 +63,14 @@ def _register_compiled_op() -> None:
 
     @torch.library.register_fake(f"fastclip::{OP}")
     def _(image, text, logit_scale, logit_bias, row_labels, col_labels):
+        check_fake_inputs(image, text, {"logit_scale": logit_scale, "logit_bias": logit_bias},
+                          rows={"row_labels": row_labels}, columns={"col_labels": col_labels})
         return image.new_empty(image.shape[0], dtype=accumulate_dtype(image.dtype))
 
     @torch.library.register_fake(f"fastclip::{OP}_backward")
     def _(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels):
+        check_fake_inputs(image, text, {"logit_scale": logit_scale, "logit_bias": logit_bias},
+                          rows={"grad_row_loss": grad_row, "row_labels": row_labels}, columns={"col_labels": col_labels})
         return (torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale),
                 torch.empty_like(logit_bias))
 

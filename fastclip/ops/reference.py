@@ -94,3 +94,30 @@ def sigmoid_loss_reference(
     positive = _soft_targets(labels, logits.shape[0], logits.device, logits.dtype) > 0
     z = positive.to(logits.dtype) * 2 - 1
     return -F.logsigmoid(z * logits).sum() / logits.shape[0]
+
+
+def naive_clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    weight: float = 0.5,
+    label_smoothing: float = 0.0,
+    scale_logits: bool = False,
+) -> torch.Tensor:
+    """CLIP's loss as written without fastclip (open_clip's ClipLoss): the N x N logits materialised in the
+    input dtype, cross-entropy over rows and columns in float32, as autocast runs it. Unlike the references
+    above it keeps the input dtype: it is the baseline that benchmarks time and low-precision tests bound by.
+
+    The logits are `logit_scale * image @ text.T` (the scale on the image features, open_clip's order);
+    `scale_logits=True` multiplies `image @ text.T` by the scale cast to the input dtype instead.
+    """
+    if scale_logits:
+        logits = (image @ text.T) * logit_scale.to(image.dtype)
+    else:
+        logits = logit_scale * image @ text.T
+    target = torch.arange(logits.shape[0], device=logits.device)
+    # one float32 copy per direction, as a user's code makes them (the benchmarks measure its memory)
+    per_image = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    per_text = F.cross_entropy(logits.float().T, target, label_smoothing=label_smoothing)
+    return weight * per_image + (1.0 - weight) * per_text

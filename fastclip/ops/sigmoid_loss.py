@@ -18,6 +18,7 @@ from fastclip.ops._checks import (
     check_features,
     check_labels,
     check_matched_pairs,
+    share_hint,
     check_offset,
 )
 from fastclip.ops.pairwise_sigmoid import dispatch_pairwise_sigmoid
@@ -39,7 +40,7 @@ def sigmoid_loss(
     differentiable in both features, s and b; no N x N matrix is stored on any backend.
     """
     check_features(image_features, text_features)
-    check_matched_pairs(image_features, text_features, "sigmoid_loss_share")
+    check_matched_pairs(image_features, text_features, share_hint("sigmoid_loss_share"))
     return sigmoid_loss_share(image_features, text_features, logit_scale, logit_bias, labels=labels, backend=backend)
 
 
