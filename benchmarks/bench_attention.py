@@ -45,18 +45,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file (also when imported)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from common import (
-    DEFAULT_OUT,
-    caption_lengths,
-    environment_header,
-    length_summary,
-    time_fn,
-    write_results,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file, however this is run
+import common  # noqa: E402
+from common import Column, Table  # noqa: E402
 
-from fastclip.ops.attention import attention
+from fastclip.backends import DTYPES, SHORT_DTYPE_NAMES  # noqa: E402
+from fastclip.ops.attention import attention  # noqa: E402
 
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> out [B, H, S, D]
 
@@ -86,7 +80,6 @@ TARGETS = {
     "text": 1.5,  # S=77 causal, realistic caption lengths (fastclip on its ragged path)
 }
 TARGET_DTYPE = "bf16"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 HAS_LENGTHS = "lengths" in inspect.signature(attention).parameters  # the ragged path, in this checkout or not
 
@@ -126,7 +119,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) ->
     grad_out = torch.randn(shape.batch, shape.seq, shape.heads * shape.head_dim, generator=gen).to(device, dtype)
     if not shape.padded:
         return Inputs(qkv, grad_out)
-    lengths = caption_lengths(shape.batch, shape.seq)
+    lengths = common.caption_lengths(shape.batch, shape.seq)
     valid = torch.arange(shape.seq)[None, :] < lengths[:, None]  # [B, S]
     visible = valid[:, None, None, :]  # keys: [B, 1, 1, S]
     if shape.causal:
@@ -243,7 +236,8 @@ def measure(fn: Attn, inputs: Inputs, device: str, warmup: int, reps: int) -> di
             return {"skipped": _skip_reason(error, caught)}
     # warmed: both already ran once just above (autotuning included), so time_fn skips its lazy-init call
     timing = {"warmup": warmup, "reps": reps, "warmed": True}
-    result = {"fwd": time_fn(forward, device, **timing), "fwd_bwd": time_fn(forward_backward, device, **timing)}
+    result = {"fwd": common.time_fn(forward, device, **timing),
+              "fwd_bwd": common.time_fn(forward_backward, device, **timing)}
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -297,15 +291,14 @@ def run_shape(name: str, shape: Shape, dtype_name: str, device: str, warmup: int
             result["max_abs_diff"] = max_abs_diff(out, reference, inputs.valid)
             add_rates(result, work)
         rows[label] = result
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        common.free_memory(device)
     best, ratios = speedups(rows)
     row = {"shape": name, **asdict(shape), "dtype": dtype_name, **work, "diff_reference": reference_label,
            "results": rows, "best_sdpa": best, "speedups_vs_best_sdpa": ratios,
            "fwd_bwd_speedup_vs_best_sdpa": ratios.get("fastclip")}
     if lengths is not None:
         row["lengths"] = lengths
-        row["length_stats"] = length_summary(inputs.lengths)
+        row["length_stats"] = common.length_summary(inputs.lengths)
     row["target"] = target_verdict(name, dtype_name, device, row["fwd_bwd_speedup_vs_best_sdpa"])
     return row
 
@@ -370,75 +363,71 @@ def format_speedups(row: dict) -> list[str]:
     return lines
 
 
+def format_shape(row: dict) -> list[str]:
+    """The printed lines of one shape and dtype: caption lengths, every competitor, the speed-ups."""
+    name, dtype_name = row["shape"], row["dtype"]
+    lines = []
+    if "length_stats" in row:
+        stats = row["length_stats"]
+        lines.append(f"{name:12} {dtype_name:5} caption lengths: mean {stats['mean']:.1f}, "
+                     f"min {stats['min']}, max {stats['max']} of {row['seq']}")
+    lines += [format_result(name, dtype_name, label, result) for label, result in row["results"].items()]
+    return lines + format_speedups(row)
+
+
+TARGETS_TABLE = Table(Column("target (fwd+bwd vs best SDPA)", 36, align="<"), Column("required", 9),
+                      Column("measured", 9), Column("verdict", 0, align="<"))
+
+
 def format_targets(summary: list[dict]) -> list[str]:
-    lines = [f"{'target (fwd+bwd vs best SDPA)':36} {'required':>9} {'measured':>9}  verdict"]
+    lines = [TARGETS_TABLE.header()]
     for t in summary:
         measured = f"{t['speedup']:.2f}x" if t["speedup"] is not None else "-"
         verdict = t["note"] if t["met"] is None else ("met" if t["met"] else "MISSED")
-        lines.append(f"{t['shape'] + ' ' + t['dtype']:36} {'>= ' + str(t['min_speedup']) + 'x':>9} {measured:>9}  "
-                     f"{verdict}")
+        lines.append(TARGETS_TABLE.line(f"{t['shape']} {t['dtype']}", f">= {t['min_speedup']}x", measured, verdict))
     return lines
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> Path | None:
     """Grouped bars: fwd+bwd speed-up of every competitor over the best SDPA one, per shape and dtype."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    labels = [f"{r['shape']}\n{r['dtype']}" for r in rows]
     names = list(dict.fromkeys(n for r in rows for n in r["results"]))
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(rows)), 4.5))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        values = []
-        for r in rows:
-            best = r["results"].get(r["best_sdpa"], {}).get("fwd_bwd")
-            mine = r["results"].get(name, {}).get("fwd_bwd")
-            values.append(best["median_ms"] / mine["median_ms"] if mine and best else 0.0)
-        ax.bar([j + i * width for j in range(len(rows))], values, width, label=name)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=8)
-    ax.set_ylabel("fwd+bwd speed-up over the best SDPA competitor")
-    ax.set_title("Attention on CLIP shapes (higher is better; 0 = does not apply)")
-    ax.legend(fontsize=6, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")
+    speedups = {name: [_speedup(r, name) for r in rows] for name in names}
+    groups = [f"{r['shape']}\n{r['dtype']}" for r in rows]
+    return common.plot_bars(path, groups, speedups, reference=1.0,
+                            ylabel="fwd+bwd speed-up over the best SDPA competitor",
+                            title="Attention on CLIP shapes (higher is better; 0 = does not apply)")
+
+
+def _speedup(row: dict, name: str) -> float:
+    """`name`'s fwd+bwd speed-up over the best SDPA competitor in `row`; 0 where either did not run."""
+    best = row["results"].get(row["best_sdpa"], {}).get("fwd_bwd")
+    mine = row["results"].get(name, {}).get("fwd_bwd")
+    return best["median_ms"] / mine["median_ms"] if mine and best else 0.0
 
 
 # --------------------------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--dtypes", default="bf16,fp16", help=f"comma-separated, of {list(DTYPES)}")
+    parser = common.benchmark_parser(__doc__)
+    common.add_device_argument(parser, auto=True)
+    parser.add_argument("--dtypes", type=common.dtype_list, default="bf16,fp16",
+                        help=f"comma-separated, of {','.join(SHORT_DTYPE_NAMES)} (default: %(default)s)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {list(SHAPES)}")
     parser.add_argument("--batch", type=int, default=None, help="override every shape's batch size")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    args = parser.parse_args(argv)
+    common.add_timing_arguments(parser, warmup=5, reps=20)
+    common.add_out_argument(parser)
+    args = common.parse_benchmark_args(parser, argv)
     unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    args.device = "cpu" if device == "auto" else device
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device visible")
     return args
 
 
 def selected_shapes(args: argparse.Namespace) -> tuple[dict[str, Shape], list[str]]:
     """The shapes and dtypes to run: on a CPU tiny shapes in fp32 with few reps (a smoke test)."""
     shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
-    dtypes = args.dtypes.split(",")
+    dtypes = args.dtypes
     if args.device == "cpu":
         print("no CUDA device: tiny shapes, fastclip on its PyTorch path (a smoke test, not a measurement)")
         shapes = {name: dataclasses.replace(s, batch=2, heads=2) for name, s in shapes.items()}
@@ -453,36 +442,26 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = args.device
     shapes, dtypes = selected_shapes(args)
-    rows: list[dict] = []
     payload = {
-        "benchmark": "attention", "environment": environment_header(), "device": device,
+        "benchmark": "attention", "environment": common.environment_header(), "device": device,
         "warmup": args.warmup, "reps": args.reps, "has_lengths": HAS_LENGTHS,
         "inputs": "strided q/k/v views of one packed [B, S, 3, H, D] leaf; backward to that leaf; output merged "
                   "to [B, S, H*D]",
         "flops": "tflops: useful FLOPs (visible pairs of real tokens); tflops_dense_equiv: every caption at full "
                  "length (text only); backward counted as 2.5x forward",
         "targets": TARGETS, "target_dtype": TARGET_DTYPE, "target_summary": targets_summary([], list(shapes), device),
-        "rows": rows,
+        "rows": [],
     }
+    record = common.Record(args.out, f"attention_{device}", payload)
     print("TFLOP/s: useful FLOPs (text: causal pairs inside each caption), [dense] = dense-equivalent; "
           "diff: max |out - first competitor| at real tokens")
     for name, shape in shapes.items():
         for dtype_name in dtypes:
             row = run_shape(name, shape, dtype_name, device, args.warmup, args.reps)
-            rows.append(row)
-            if "length_stats" in row:
-                stats = row["length_stats"]
-                print(f"{name:12} {dtype_name:5} caption lengths: mean {stats['mean']:.1f}, "
-                      f"min {stats['min']}, max {stats['max']} of {shape.seq}")
-            for label, result in row["results"].items():
-                print(format_result(name, dtype_name, label, result))
-            print("\n".join(format_speedups(row)), flush=True)
-            payload["target_summary"] = targets_summary(rows, list(shapes), device)
-            write_results(args.out, f"attention_{device}", payload)  # after every shape: a killed run keeps its data
+            payload["target_summary"] = targets_summary([*record.rows, row], list(shapes), device)
+            record.add(row, *format_shape(row))
     print("\n".join(format_targets(payload["target_summary"])))
-    path = write_results(args.out, f"attention_{device}", payload)
-    print(f"results: {path}")
-    plot(rows, args.out / f"attention_{device}.png")
+    record.finish(lambda path: plot(record.rows, path))
     return payload
 
 

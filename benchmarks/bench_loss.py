@@ -67,27 +67,27 @@ bench_loss_siglip.json as "target" (tools/gpu_check.sh runs it).
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import sys
 from collections.abc import Callable
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastclip from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file, however this is run
+import common  # noqa: E402
+from common import ByDevice, Column, Table, matmul_rate_tflops  # noqa: E402
 
 import fastclip  # noqa: E402
-from common import (  # noqa: E402
-    DEFAULT_OUT, DTYPES, cpu_peak_extra_bytes, cuda_peak_extra_bytes, environment_header, is_oom,
-    matmul_rate_tflops, plot_lines, time_fn, write_results,
-)
-from fastclip.backends import resolve_loss_backend  # noqa: E402
+from fastclip.backends import DTYPES, resolve_loss_backend  # noqa: E402
 from fastclip.ops.reference import (  # noqa: E402
-    contrastive_loss_reference, sigmoid_loss_reference, supcon_loss_reference,
+    contrastive_loss_reference,
+    naive_clip_loss,
+    sigmoid_loss_reference,
+    supcon_loss_reference,
 )
 
 LOGIT_SCALE = 100.0  # CLIP
@@ -99,17 +99,12 @@ DEFAULT_SIZES = {"cpu": [256, 1024, 2048, 4096], "cuda": [2**k for k in (10, 12,
 LOSSES = ("clip", "siglip", "supcon")
 BASELINES = ("naive", "infcl")  # the competitors that are not fastclip's
 # The SigLIP GPU target: at (dtype, D, N), fwd+bwd speed-up at least, memory fraction below
-SIGLIP_TARGET = {"dtype": "bf16", "d": 768, "n": 65536, "backend": "cuda", "min_speedup": 2.0, "max_memory_fraction": 0.05}
+SIGLIP_TARGET = {
+    "dtype": "bf16", "d": 768, "n": 65536, "backend": "cuda", "min_speedup": 2.0, "max_memory_fraction": 0.05,
+}
 
 
 # ------------------------------------------------------------------------------------------ the naive losses
-
-
-def naive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """CLIP baseline: materialised logits in the input dtype, fp32 cross-entropy over rows and columns."""
-    logits = scale * image @ text.T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.float().T, labels)) / 2
 
 
 def infcl_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -119,7 +114,9 @@ def infcl_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> 
     return (cal_flash_loss(image, text, scale=scale).mean() + cal_flash_loss(text, image, scale=scale).mean()) / 2
 
 
-def naive_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def naive_sigmoid_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """SigLIP baseline (open_clip's SigLipLoss): logits in the input dtype, fp32 labels z and log-sigmoid."""
     logits = scale * image @ text.T + bias
     n = logits.shape[0]
@@ -175,13 +172,14 @@ class LossSpec(NamedTuple):
 SPECS = {
     "clip": LossSpec(
         name="clip", benchmark="contrastive_loss", result_name="bench_loss", title="contrastive loss (CLIP)",
-        op="contrastive_lse", naive=naive_loss,
+        op="contrastive_lse", naive=naive_clip_loss,
         fused=lambda b: lambda image, text, scale: fastclip.contrastive_loss(image, text, scale, backend=b),
         reference=contrastive_loss_reference, features=_pair_inputs, scalars=(LOGIT_SCALE,),
         naive_bytes_per_logit=24,  # measured ~17 bytes per logit at fp32
         config={
             "logit_scale": LOGIT_SCALE,
-            "naive": "logits = scale * image @ text.T (input dtype); (CE(logits.float(), arange) + CE(logits.float().T, arange)) / 2",
+            "naive": "logits = scale * image @ text.T (input dtype); "
+                     "(CE(logits.float(), arange) + CE(logits.float().T, arange)) / 2",
             "fastclip": "fastclip.contrastive_loss(image, text, scale, backend=...)",
             "reference": "fastclip.ops.reference.contrastive_loss_reference",
         },
@@ -194,8 +192,9 @@ SPECS = {
         naive_bytes_per_logit=40,
         config={
             "logit_scale": SIGLIP_SCALE, "logit_bias": SIGLIP_BIAS,
-            "naive": "logits = scale * image @ text.T + bias (input dtype); z = full((N, N), -1.0).fill_diagonal_(1.0) "
-                     "(fp32); -logsigmoid(z * logits.float()).sum() / N  (open_clip SigLipLoss)",
+            "naive": "logits = scale * image @ text.T + bias (input dtype); "
+                     "z = full((N, N), -1.0).fill_diagonal_(1.0) (fp32); "
+                     "-logsigmoid(z * logits.float()).sum() / N  (open_clip SigLipLoss)",
             "fastclip": "fastclip.sigmoid_loss(image, text, scale, bias, backend=...)",
             "reference": "fastclip.ops.reference.sigmoid_loss_reference",
             "target": SIGLIP_TARGET,
@@ -236,7 +235,9 @@ def make_inputs(n: int, d: int, dtype: str, device: str, seed: int = 0, loss: st
     return tuple(x.requires_grad_() for x in (*features, *scalars))
 
 
-def make_step(backend: str, n: int, d: int, dtype: str, device: str, backward: bool = True, loss: str = "clip") -> Callable[[], object]:
+def make_step(
+    backend: str, n: int, d: int, dtype: str, device: str, backward: bool = True, loss: str = "clip"
+) -> Callable[[], object]:
     """One forward (+ backward) on fresh inputs; module-level so the CPU memory child can import it."""
     return _step(backend, make_inputs(n, d, dtype, device, loss=loss), backward=backward, loss=loss)
 
@@ -255,8 +256,10 @@ def check_error(backend: str, inputs: tuple[torch.Tensor, ...], loss: str = "cli
     leaves = [x.detach().double().requires_grad_() for x in inputs]
     ref = SPECS[loss].reference(*leaves)
     ref_grads = torch.autograd.grad(ref, leaves)
-    grad_rel = max(((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(grads, ref_grads))
-    return {"loss": value.item(), "ref_loss": ref.item(), "loss_abs_err": abs(value.item() - ref.item()), "grad_rel_err": grad_rel}
+    grad_rel = max(((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+                   for g, r in zip(grads, ref_grads, strict=True))
+    return {"loss": value.item(), "ref_loss": ref.item(), "loss_abs_err": abs(value.item() - ref.item()),
+            "grad_rel_err": grad_rel}
 
 
 def unavailable(backend: str, device: str, dtype: str, loss: str = "clip") -> str | None:
@@ -293,7 +296,9 @@ def naive_too_big_for_cpu(n: int, loss: str = "clip") -> bool:
     return SPECS[loss].naive_bytes_per_logit * n * n > available / 2
 
 
-def run_point(backend: str, n: int, d: int, dtype: str, device: str, args: argparse.Namespace, loss: str = "clip") -> dict:
+def run_point(
+    backend: str, n: int, d: int, dtype: str, device: str, args: argparse.Namespace, loss: str = "clip"
+) -> dict:
     """Memory, correctness and timings of one competitor at one size; raises on OOM."""
     inputs = make_inputs(n, d, dtype, device, loss=loss)
     fwd_bwd = _step(backend, inputs, backward=True, loss=loss)
@@ -301,10 +306,10 @@ def run_point(backend: str, n: int, d: int, dtype: str, device: str, args: argpa
     result = {"status": "ok"}
     if device == "cuda":
         fwd_bwd()  # first, untimed: lazy init, and an OOM shows up after one call, not after the timings
-        result["peak_extra_bytes"] = cuda_peak_extra_bytes(fwd_bwd, warm=False)
+        result["peak_extra_bytes"] = common.cuda_peak_extra_bytes(fwd_bwd, warm=False)
     elif getattr(args, "cpu_memory", True):
         kwargs = {"backend": backend, "n": n, "d": d, "dtype": dtype, "device": device, "loss": loss}
-        result["peak_extra_bytes"] = cpu_peak_extra_bytes(make_step, kwargs, warmup_kwargs={**kwargs, "n": 64})
+        result["peak_extra_bytes"] = common.cpu_peak_extra_bytes(make_step, kwargs, warmup_kwargs={**kwargs, "n": 64})
     else:
         result["peak_extra_bytes"] = None
     if n <= CHECK_MAX_N[device]:
@@ -313,8 +318,8 @@ def run_point(backend: str, n: int, d: int, dtype: str, device: str, args: argpa
         tol *= max(1.0, abs(result["check"]["ref_loss"]))
         result["check"]["ok"] = bool(result["check"]["loss_abs_err"] <= tol)  # NaN fails
     timing = {"warmup": args.warmup, "reps": args.reps, "budget_s": args.budget_s, "warmed": True}
-    result["fwd_bwd"] = time_fn(fwd_bwd, device, **timing)
-    result["fwd"] = time_fn(fwd, device, **timing)
+    result["fwd_bwd"] = common.time_fn(fwd_bwd, device, **timing)
+    result["fwd"] = common.time_fn(fwd, device, **timing)
     return result
 
 
@@ -330,29 +335,33 @@ def add_ratios(row: dict, naive: dict | None, rate_tflops: float) -> None:
         row["memory_vs_naive"] = row["peak_extra_bytes"] / naive["peak_extra_bytes"]
 
 
-COLUMNS = (
-    f"{'loss':>6} {'dtype':>5} {'D':>5} {'N':>7} {'backend':>7} {'fwd ms':>9} {'f+b ms':>9} {'TFLOP/s':>8} {'%mm':>5} "
-    f"{'peak MiB':>9} {'x naive':>8} {'mem/naive':>9} {'loss err':>9}"
+TABLE = Table(
+    Column("loss", 6), Column("dtype", 5), Column("D", 5), Column("N", 7), Column("backend", 7),
+    Column("fwd ms", 9, ".2f"), Column("f+b ms", 9, ".2f"), Column("TFLOP/s", 8, ".3f"), Column("%mm", 5, ".1f"),
+    Column("peak MiB", 9, ".2f"), Column("x naive", 8, ".2f"), Column("mem/naive", 9, ".4f"),
+    Column("loss err", 9, ".1e"),
 )
 
 
 def format_row(row: dict) -> str:
-    head = f"{row.get('loss', 'clip'):>6} {row['dtype']:>5} {row['d']:>5} {row['n']:>7} {row['backend']:>7}"
+    """One line of the printed table (a point that did not run: its status and why)."""
+    head = (row.get("loss", "clip"), row["dtype"], row["d"], row["n"], row["backend"])
     if row["status"] != "ok":
-        return f"{head} {row['status']}: {row.get('reason', '')}"[:170]
-    fb, check = row["fwd_bwd"], row.get("check")
-    peak = row["peak_extra_bytes"]
-    cells = [
-        f"{row['fwd']['median_ms']:9.2f}", f"{fb['median_ms']:9.2f}", f"{fb['tflops']:8.3f}", f"{100 * fb['matmul_fraction']:5.1f}",
-        f"{peak / 2**20:9.2f}" if peak is not None else f"{'n/a':>9}",
-        f"{fb['speedup_vs_naive']:8.2f}" if "speedup_vs_naive" in fb else f"{'':>8}",
-        f"{row['memory_vs_naive']:9.4f}" if "memory_vs_naive" in row else f"{'':>9}",
-        (f"{check['loss_abs_err']:9.1e}" + ("" if check["ok"] else " FAIL")) if check else "",
-    ]
-    return " ".join([head, *cells])
+        return common.status_line(TABLE.line(*head), row)
+    fb, check, peak = row["fwd_bwd"], row.get("check"), row["peak_extra_bytes"]
+    error = ""
+    if check:
+        error = f"{check['loss_abs_err']:9.1e}" + ("" if check["ok"] else " FAIL")
+    return TABLE.line(
+        *head, row["fwd"]["median_ms"], fb["median_ms"], fb["tflops"], 100 * fb["matmul_fraction"],
+        peak / 2**20 if peak is not None else None, fb.get("speedup_vs_naive", ""), row.get("memory_vs_naive", ""),
+        error,
+    )
 
 
-def plot(rows: list[dict], groups: list[tuple[str, int]], backends: list[str], rates: dict, path: Path, title: str) -> Path | None:
+def plot(
+    rows: list[dict], groups: list[tuple[str, int]], backends: list[str], rates: dict, path: Path, title: str
+) -> Path | None:
     """Per (dtype, D): fwd+bwd time vs N (with the matmul-rate limit) and peak extra memory vs N, log-log."""
     panels = []
     for dtype, d in groups:
@@ -362,12 +371,18 @@ def plot(rows: list[dict], groups: list[tuple[str, int]], backends: list[str], r
         for backend in backends:
             ok = {r["n"]: r for r in mine if r["backend"] == backend and r["status"] == "ok"}
             times[backend] = (sizes, [ok[n]["fwd_bwd"]["median_ms"] if n in ok else None for n in sizes])
-            memory[backend] = (sizes, [ok[n]["peak_extra_bytes"] / 2**20 if n in ok and ok[n]["peak_extra_bytes"] else None for n in sizes])
+            memory[backend] = (sizes, [_mib(ok[n]["peak_extra_bytes"]) if n in ok else None for n in sizes])
         times["matmul limit"] = (sizes, [8 * n * n * d / (rates[dtype] * 1e12) * 1e3 for n in sizes])
         limit_style = {"matmul limit": {"color": "black", "linestyle": "--", "marker": None}}
-        panels.append({"title": f"{dtype}, D={d}: forward+backward", "xlabel": "N", "ylabel": "ms", "series": times, "styles": limit_style})
-        panels.append({"title": f"{dtype}, D={d}: peak extra memory", "xlabel": "N", "ylabel": "MiB", "series": memory})
-    return plot_lines(path, panels, ncols=2, title=title)
+        panels.append({"title": f"{dtype}, D={d}: forward+backward", "xlabel": "N", "ylabel": "ms", "series": times,
+                       "styles": limit_style})
+        panels.append({"title": f"{dtype}, D={d}: peak extra memory", "xlabel": "N", "ylabel": "MiB",
+                       "series": memory})
+    return common.plot_lines(path, panels, ncols=2, title=title)
+
+
+def _mib(count: int | None) -> float | None:
+    return count / 2**20 if count else None  # 0 or unmeasured: no point on a log scale
 
 
 def siglip_target(rows: list[dict]) -> dict:
@@ -391,127 +406,131 @@ def siglip_target(rows: list[dict]) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    parser = common.benchmark_parser(__doc__)
     parser.add_argument("--loss", default="clip", help="comma-separated of clip,siglip,supcon, or all (default: clip)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtypes", help="comma-separated of fp32,bf16,fp16 (default: bf16,fp32 on cuda, fp32 on cpu)")
-    parser.add_argument("--dims", help="comma-separated feature dims D (default: 512,1024 on cuda, 512 on cpu)")
-    parser.add_argument("--sizes", help="comma-separated batch sizes N (default: cpu 256..4096, cuda 1024..262144)")
+    common.add_device_argument(parser)
+    parser.add_argument("--dtypes", type=common.dtype_list, default=ByDevice(["bf16", "fp32"], ["fp32"]),
+                        help="comma-separated of fp32,bf16,fp16 (default: %(default)s)")
+    parser.add_argument("--dims", type=common.int_list, default=ByDevice([512, 1024], [512]),
+                        help="comma-separated feature dims D (default: %(default)s)")
+    parser.add_argument("--sizes", type=common.int_list,
+                        help="comma-separated batch sizes N (default: cpu 256..4096, cuda 1024..262144)")
     parser.add_argument("--max-n", type=int, help="cut the default sweep at this N, or extend it by doubling up to it")
-    parser.add_argument("--backends", help="comma-separated of naive,infcl,torch,cpp,cuda (default: all that run on the device)")
-    parser.add_argument("--warmup", type=int, help="warm-up calls per measurement (default: 5 cuda, 1 cpu)")
-    parser.add_argument("--reps", type=int, help="timed calls per measurement (default: 20 cuda, 5 cpu)")
-    parser.add_argument("--budget-s", type=float, default=5.0, help="fewer reps (at least 3) for calls too slow to fit this many seconds")
+    parser.add_argument("--backends", type=common.name_list,
+                        help="comma-separated of naive,infcl,torch,cpp,cuda (default: all that run on the device)")
+    common.add_timing_arguments(parser, warmup=ByDevice(5, 1), reps=ByDevice(20, 5), budget_s=5.0)
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls (CUDA kernel and cuBLAS)")
-    parser.add_argument("--no-cpu-memory", dest="cpu_memory", action="store_false",
-                        help="on a CPU, skip the peak-memory measurement (one fresh process per point)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not cuda:
-        parser.error("--device cuda: no CUDA device visible")
+    common.add_cpu_memory_argument(parser)
+    common.add_out_argument(parser)
+    args = common.parse_benchmark_args(parser, argv)
     args.losses = list(LOSSES) if args.loss == "all" else list(dict.fromkeys(args.loss.split(",")))
     if unknown := [x for x in args.losses if x not in SPECS]:
         parser.error(f"--loss: unknown {unknown}; choose from {','.join(LOSSES)} or all")
-    gpu = args.device == "cuda"
-    args.dtypes = (args.dtypes or ("bf16,fp32" if gpu else "fp32")).split(",")
-    args.dims = [int(x) for x in (args.dims or ("512,1024" if gpu else "512")).split(",")]
-    if args.sizes:
-        args.sizes = [int(x) for x in args.sizes.split(",")]
-    else:
-        args.sizes = DEFAULT_SIZES[args.device]
-        if args.max_n:
-            args.sizes = [n for n in args.sizes if n <= args.max_n]
-            while args.sizes and args.sizes[-1] * 2 <= args.max_n:
-                args.sizes.append(args.sizes[-1] * 2)
+    if not args.sizes:
+        sizes = DEFAULT_SIZES[args.device]
+        args.sizes = common.doubled(sizes, args.max_n) if args.max_n else sizes
     if "supcon" in args.losses and (odd := [n for n in args.sizes if n % 2]):
         parser.error(f"--sizes: supcon stacks two views, N must be even, got {odd}")
-    args.explicit_backends = args.backends.split(",") if args.backends else None
-    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    args.reps = args.reps if args.reps is not None else (20 if gpu else 5)
     return args
 
 
 def backends_for(loss: str, args: argparse.Namespace) -> list[str]:
     """The competitors for `loss`: --backends, or all that can run it on the device; naive first."""
-    backends = list(args.explicit_backends or [
+    backends = list(args.backends or [
         b for b in ("naive", "infcl", "torch", "cpp", "cuda") if unavailable(b, args.device, "fp32", loss) is None
     ])
     backends.sort(key=lambda b: b != "naive")  # naive first: the others' ratios need it
     return backends
 
 
-def run_loss(loss: str, args: argparse.Namespace, header: dict, rates: dict) -> list[dict]:
-    """The sweep of one loss; writes <out>/<result_name>.json after every point and the PNG at the end."""
-    spec, device = SPECS[loss], args.device
-    backends = backends_for(loss, args)
-    groups = [(dtype, d) for dtype in args.dtypes for d in args.dims]
-    config = {
-        "loss": loss, "device": device, "dtypes": args.dtypes, "dims": args.dims, "sizes": args.sizes, "backends": backends,
-        "warmup": args.warmup, "reps": args.reps, "budget_s": args.budget_s, "tf32": args.tf32, **spec.config,
+def loss_config(loss: str, args: argparse.Namespace, backends: list[str]) -> dict:
+    """The JSON's "config": what was run, and how each figure is defined."""
+    spec = SPECS[loss]
+    return {
+        "loss": loss, "device": args.device, "dtypes": args.dtypes, "dims": args.dims, "sizes": args.sizes,
+        "backends": backends, "warmup": args.warmup, "reps": args.reps, "budget_s": args.budget_s, "tf32": args.tf32,
+        **spec.config,
         "inputs": "independent randn rows, L2-normalised, in the benchmarked dtype; features and the scalars "
                   f"{list(spec.scalars)} (fp32) require grad",
-        "flops": "fwd 2*N^2*D, fwd_bwd 8*N^2*D for every backend (the fused algorithm's work; naive actually does 6*N^2*D)",
+        "flops": "fwd 2*N^2*D, fwd_bwd 8*N^2*D for every backend (the fused algorithm's work; naive actually does "
+                 "6*N^2*D)",
         "memory": "CUDA: max_memory_allocated - memory_allocated before; CPU: VmHWM - VmRSS in a fresh process",
-        "check": f"loss and grads vs fp64 reference for N <= {CHECK_MAX_N[device]}; ok if |err| <= tol * max(1, |loss|), "
-                 f"tol {CHECK_TOLERANCE} (bf16's with --tf32)",
+        "check": f"loss and grads vs fp64 reference for N <= {CHECK_MAX_N[args.device]}; ok if |err| <= tol * "
+                 f"max(1, |loss|), tol {CHECK_TOLERANCE} (bf16's with --tf32)",
     }
-    rows: list[dict] = []
-    points = [(dtype, d, n, b) for dtype, d in groups for n in args.sizes for b in backends]
+
+
+def not_run(loss: str, backend: str, dtype: str, d: int, n: int, device: str, naive_oom_at: dict) -> dict | None:
+    """The status of a point that is not measured (its backend cannot run, or naive would not fit), else None."""
+    if reason := unavailable(backend, device, dtype, loss):
+        return {"status": "unavailable", "reason": reason}
+    if backend != "naive":
+        return None
+    if (dtype, d) in naive_oom_at:
+        return {"status": "skipped", "reason": f"naive ran out of memory at N={naive_oom_at[(dtype, d)]}"}
+    if device == "cpu" and naive_too_big_for_cpu(n, loss):
+        gib = SPECS[loss].naive_bytes_per_logit * n * n / 2**30
+        return {"status": "skipped", "reason": f"naive needs ~{gib:.1f} GiB"}
+    return None
+
+
+def point_row(loss: str, dtype: str, d: int, n: int, backend: str, args: argparse.Namespace,
+              naive_oom_at: dict) -> dict:
+    """One point's row: measured (status "ok", or "oom" when it ran out of memory), or why it was not run."""
+    row = {"loss": loss, "dtype": dtype, "d": d, "n": n, "backend": backend, "fwd_flops": 2 * n * n * d,
+           "fwd_bwd_flops": 8 * n * n * d}
+    measure = functools.partial(run_point, backend, n, d, dtype, args.device, args, loss)
+    row.update(not_run(loss, backend, dtype, d, n, args.device, naive_oom_at)
+               or common.measure_or_oom(measure, args.device))
+    return row
+
+
+def run_loss(loss: str, args: argparse.Namespace, header: dict, rates: dict) -> list[dict]:
+    """The sweep of one loss; writes <out>/<result_name>.json after every point and the PNG at the end.
+
+    A point that runs out of memory is recorded as such and the sweep goes on; naive, once out of memory at
+    some N, is skipped at the larger N of that dtype and D.
+    """
+    spec = SPECS[loss]
+    backends = backends_for(loss, args)
+    groups = [(dtype, d) for dtype in args.dtypes for d in args.dims]
+    payload = {"benchmark": spec.benchmark, "environment": header, "config": loss_config(loss, args, backends),
+               "matmul_tflops": rates, "points": []}
+    record = common.Record(args.out, spec.result_name, payload, rows="points")
     naive_oom_at: dict[tuple[str, int], int] = {}
     naive_rows: dict[tuple[str, int, int], dict | None] = {}
-    tqdm.write(COLUMNS)
+    points = [(dtype, d, n, b) for dtype, d in groups for n in args.sizes for b in backends]
+    tqdm.write(TABLE.header())
     for dtype, d, n, backend in tqdm(points, desc=f"bench_loss {loss}", disable=None, leave=False):
-        row = {"loss": loss, "dtype": dtype, "d": d, "n": n, "backend": backend, "fwd_flops": 2 * n * n * d, "fwd_bwd_flops": 8 * n * n * d}
-        reason = unavailable(backend, device, dtype, loss)
-        if reason:
-            row.update(status="unavailable", reason=reason)
-        elif backend == "naive" and (dtype, d) in naive_oom_at:
-            row.update(status="skipped", reason=f"naive ran out of memory at N={naive_oom_at[(dtype, d)]}")
-        elif backend == "naive" and device == "cpu" and naive_too_big_for_cpu(n, loss):
-            row.update(status="skipped", reason=f"naive needs ~{spec.naive_bytes_per_logit * n * n / 2**30:.1f} GiB")
-        else:
-            try:
-                row.update(run_point(backend, n, d, dtype, device, args, loss))
-            except RuntimeError as error:
-                if not is_oom(error):
-                    raise
-                row.update(status="oom", reason=str(error).splitlines()[0][:200])
-            if backend == "naive" and row["status"] == "oom":
-                naive_oom_at[(dtype, d)] = n
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()  # each point starts from an empty cache, whatever naive left
+        row = point_row(loss, dtype, d, n, backend, args, naive_oom_at)
         if backend == "naive":
+            if row["status"] == "oom":
+                naive_oom_at[(dtype, d)] = n
             naive_rows[(dtype, d, n)] = row if row["status"] == "ok" else None
         if row["status"] == "ok":
             add_ratios(row, naive_rows.get((dtype, d, n)) if backend != "naive" else None, rates[dtype])
-        rows.append(row)
-        tqdm.write(format_row(row))
-        payload = {"benchmark": spec.benchmark, "environment": header, "config": config, "matmul_tflops": rates, "points": rows}
         if loss == "siglip":
-            payload["target"] = siglip_target(rows)
-        json_path = write_results(args.out, spec.result_name, payload)  # after every point: a killed run keeps its data
-    print(f"results: {json_path}")
-    if loss == "siglip" and payload["target"]["fused_status"] is not None:
+            payload["target"] = siglip_target([*record.rows, row])
+        record.add(row, format_row(row))
+    if payload.get("target", {}).get("fused_status") is not None:
         print(f"SigLIP target: {payload['target']}")
-    png = plot(rows, groups, backends, rates, Path(args.out) / f"{spec.result_name}.png", f"{spec.title} on {header['device']}")
-    if png:
-        print(f"plot: {png}")
-    return rows
+    title = f"{spec.title} on {header['device']}"
+    record.finish(lambda path: plot(record.rows, groups, backends, rates, path, title))
+    return record.rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    header = environment_header()
+    header = common.environment_header()
     rates = {dtype: matmul_rate_tflops(args.device, DTYPES[dtype]) for dtype in args.dtypes}
     print(f"device: {header['device']}; losses: {','.join(args.losses)}; matmul rate (TFLOP/s): "
           + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
     rows = [row for loss in args.losses for row in run_loss(loss, args, header, rates)]
     # a fastclip backend off its reference fails the run; so does a baseline in fp32 (a wrong baseline
     # would make every ratio meaningless), while bf16/fp16 naive may miss by its rounded N x N logits
-    failed = [r for r in rows if r.get("check") and not r["check"]["ok"] and (r["backend"] not in BASELINES or r["dtype"] == "fp32")]
+    failed = [r for r in rows if r.get("check") and not r["check"]["ok"]
+              and (r["backend"] not in BASELINES or r["dtype"] == "fp32")]
     for r in failed:
         print(f"CHECK FAILED: {r['loss']} {r['backend']} {r['dtype']} D={r['d']} N={r['n']}: {r['check']}")
     return 1 if failed else 0

@@ -26,32 +26,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastclip from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file, however this is run
+import common  # noqa: E402
+from bench_train import EOT_ID, random_batch  # noqa: E402
+from common import ByDevice  # noqa: E402
 
-from bench_train import EOT_ID, random_batch
-from common import (
-    CAPTION_LENGTHS,
-    DEFAULT_OUT,
-    DTYPES,
-    caption_lengths,
-    environment_header,
-    length_summary,
-    plot_lines,
-    time_fn,
-    write_results,
-)
-
-from fastclip.model.clip import CLIP
-from fastclip.model.factory import create_model
+from fastclip.backends import DTYPES  # noqa: E402
+from fastclip.model.clip import CLIP  # noqa: E402
+from fastclip.model.factory import create_model  # noqa: E402
 
 TOWERS = {"image": "images/s", "text": "captions/s"}
 SOT_ID = 49406  # start of text; word ids lie below it, the end-of-text id EOT_ID = 49407 above
-DEFAULTS = {
-    "cuda": {"models": "ViT-B-16,ViT-L-14", "batch_sizes": "64,256,1024", "precision": "bf16",
-             "backends": "triton,torch"},
-    "cpu": {"models": "tiny-ViT,demo-ViT", "batch_sizes": "8,32", "precision": "fp32", "backends": "torch"},
-}
 
 
 def caption_tokens(lengths: torch.Tensor, context: int, seed: int = 0) -> torch.Tensor:
@@ -74,9 +59,9 @@ def encoder(model: CLIP, tower: str, batch: int, device: str) -> tuple[Callable[
         images, _ = random_batch(batch, model.image_size, context, device)
         images = images.to(model.dtype)  # encode_image would cast them in every call
         return (lambda: model.encode_image(images)), {}
-    lengths = caption_lengths(batch, context)
+    lengths = common.caption_lengths(batch, context)
     tokens = caption_tokens(lengths, context).to(device)
-    return (lambda: model.encode_text(tokens)), {"caption_lengths": length_summary(lengths)}
+    return (lambda: model.encode_text(tokens)), {"caption_lengths": common.length_summary(lengths)}
 
 
 def measure_tower(model: CLIP, tower: str, batch: int, backends: list[str], args: argparse.Namespace) -> dict:
@@ -88,8 +73,8 @@ def measure_tower(model: CLIP, tower: str, batch: int, backends: list[str], args
         model.set_attn_backend(backend)
         with torch.inference_mode():
             outputs[backend] = embed().float()  # untimed: lazy init and autotuning
-            timing = time_fn(embed, args.device, warmup=args.warmup, reps=args.reps, budget_s=args.budget_s,
-                             warmed=True)
+            timing = common.time_fn(embed, args.device, warmup=args.warmup, reps=args.reps,
+                                    budget_s=args.budget_s, warmed=True)
         row["results"][backend] = {**timing, "per_s": batch / (timing["median_ms"] / 1e3)}
     if "torch" in outputs:
         for backend, result in row["results"].items():
@@ -98,18 +83,16 @@ def measure_tower(model: CLIP, tower: str, batch: int, backends: list[str], args
     return row
 
 
-def run_model(name: str, args: argparse.Namespace, rows: list[dict]) -> None:
+def run_model(name: str, args: argparse.Namespace, record: common.Record) -> None:
     """All towers and batch sizes of one model (built once: every backend shares its weights)."""
     torch.manual_seed(0)
     model = create_model(name, dtype=DTYPES[args.precision], device=args.device).eval()
     for tower in args.towers:
         for batch in args.batch_sizes:
             row = {"model": name, **measure_tower(model, tower, batch, args.backends, args)}
-            rows.append(row)
-            print(format_row(row), flush=True)
+            record.add(row, format_row(row))
     del model
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
+    common.free_memory(args.device)
 
 
 def format_row(row: dict) -> str:
@@ -135,64 +118,46 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
             series = {b: ([r["batch"] for r in mine], [r["results"][b]["per_s"] for r in mine]) for b in backends}
             panels.append({"title": f"{model} encode_{tower}", "xlabel": "batch", "ylabel": TOWERS[tower],
                            "series": series})
-    return plot_lines(path, panels, ncols=2, title=title)
+    return common.plot_lines(path, panels, ncols=2, title=title)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    parser.add_argument("--models", help="comma-separated config names "
-                                           "(default: ViT-B-16,ViT-L-14 on cuda, tiny-ViT,demo-ViT on cpu)")
-    parser.add_argument("--towers", default="image,text", help="comma-separated of image,text")
-    parser.add_argument("--batch-sizes", help="comma-separated (default: 64,256,1024 on cuda, 8,32 on cpu)")
-    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
-                        help="parameter dtype (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--backends", help="comma-separated of triton,torch (default: both on cuda, torch on cpu)")
-    parser.add_argument("--warmup", type=int, help="untimed calls before the timed ones (default: 5 cuda, 1 cpu)")
-    parser.add_argument("--reps", type=int, help="timed calls per point (default: 20 cuda, 5 cpu)")
-    parser.add_argument("--budget-s", type=float, help="fewer reps (at least 3) for slow points, to take about this "
-                                                       "many seconds (default: 3 cuda, 1 cpu)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not cuda:
-        parser.error("--device cuda: no CUDA device visible")
-    gpu, defaults = args.device == "cuda", DEFAULTS[args.device]
-    args.models = (args.models or defaults["models"]).split(",")
-    args.towers = args.towers.split(",")
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or defaults["batch_sizes"]).split(",")]
-    args.precision = args.precision or defaults["precision"]
-    args.backends = (args.backends or defaults["backends"]).split(",")
-    if not gpu and "triton" in args.backends:
+    parser = common.benchmark_parser(__doc__)
+    common.add_device_argument(parser)
+    parser.add_argument("--models", type=common.name_list,
+                        default=ByDevice(["ViT-B-16", "ViT-L-14"], ["tiny-ViT", "demo-ViT"]),
+                        help="comma-separated config names (default: %(default)s)")
+    parser.add_argument("--towers", type=common.name_list, default="image,text", help="comma-separated of image,text")
+    parser.add_argument("--batch-sizes", type=common.int_list, default=ByDevice([64, 256, 1024], [8, 32]),
+                        help="comma-separated (default: %(default)s)")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=ByDevice("bf16", "fp32"),
+                        help="parameter dtype (default: %(default)s)")
+    parser.add_argument("--backends", type=common.name_list, default=ByDevice(["triton", "torch"], ["torch"]),
+                        help="comma-separated of triton,torch (default: %(default)s)")
+    common.add_timing_arguments(parser, warmup=ByDevice(5, 1), reps=ByDevice(20, 5), budget_s=ByDevice(3.0, 1.0))
+    common.add_out_argument(parser)
+    args = common.parse_benchmark_args(parser, argv)
+    if args.device == "cpu" and "triton" in args.backends:
         parser.error("the triton backend needs --device cuda (on a CPU it only runs in the slow interpreter)")
-    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    args.reps = args.reps if args.reps is not None else (20 if gpu else 5)
-    args.budget_s = args.budget_s if args.budget_s is not None else (3.0 if gpu else 1.0)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the payload written to bench_model.json."""
     args = parse_args(argv)
-    header = environment_header()
+    header = common.environment_header()
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["inputs"] = (
         f"randn images; caption token rows (start 49406, ids uniform in [1, 49406), end-of-text 49407 at length - 1, "
-        f"zeros after) with lengths {CAPTION_LENGTHS}"
+        f"zeros after) with lengths {common.CAPTION_LENGTHS}"
     )
-    rows: list[dict] = []
-    payload = {"benchmark": "model_inference", "environment": header, "config": config, "rows": rows}
+    payload = {"benchmark": "model_inference", "environment": header, "config": config, "rows": []}
+    record = common.Record(args.out, "bench_model", payload)
     print(f"device: {header['device']}; {args.precision}; backends {args.backends}")
     for name in args.models:
-        run_model(name, args, rows)
-        write_results(args.out, "bench_model", payload)  # after every model: a killed run keeps its data
-    path = write_results(args.out, "bench_model", payload)
-    print(f"results: {path}")
+        run_model(name, args, record)
     title = f"CLIP embedding throughput, {args.precision}, on {header['device']}"
-    png = plot(rows, Path(args.out) / "bench_model.png", title)
-    if png:
-        print(f"plot: {png}")
+    record.finish(lambda path: plot(record.rows, path, title))
     return payload
 
 

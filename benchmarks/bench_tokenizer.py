@@ -13,7 +13,6 @@ is measured too: the engine fastclip considered and did not ship (it was slower 
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import os
@@ -27,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file (also when imported)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastclip from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file, however this is run
+import common  # noqa: E402
+from common import Column, Table  # noqa: E402
 
-from common import DEFAULT_OUT, environment_header, write_results  # noqa: E402
 from fastclip import tokenizer as tk  # noqa: E402
 
 Tokenize = Callable[[list[str]], torch.Tensor]
@@ -129,38 +128,44 @@ def _version(package: str) -> str | None:
         return None
 
 
-def plot(payload: dict, path: Path) -> None:
-    """Warm texts/s per corpus and tokenizer, log scale (skipped without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+def plot(payload: dict, path: Path) -> Path | None:
+    """Warm texts/s per corpus and tokenizer, log scale."""
     corpora = payload["corpora"]
     names = list(next(iter(corpora.values()))["results"])
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        rates = [c["results"][name]["warm_texts_per_s"] for c in corpora.values()]
-        ax.bar([x + i * width for x in range(len(corpora))], rates, width, label=name)
-    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(corpora))], list(corpora))
-    ax.set_yscale("log")
-    ax.set_ylabel("texts / s (warm, batch)")
-    ax.set_title(f"CLIP tokenizer throughput ({payload['environment'].get('cpu_count')} CPUs)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    rates = {name: [c["results"][name]["warm_texts_per_s"] for c in corpora.values()] for name in names}
+    title = f"CLIP tokenizer throughput ({payload['environment'].get('cpu_count')} CPUs)"
+    return common.plot_bars(path, list(corpora), rates, ylabel="texts / s (warm, batch)", title=title, logy=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+TABLE = Table(Column("tokenizer", 36, align="<"), Column("cold/s", 10, ".0f"), Column("warm/s", 10, ".0f"),
+              Column("x cold", 7, ".1f"), Column("x warm", 7, ".1f"), Column("same ids", 9), indent="  ")
+
+
+def compare(results: dict[str, dict], baseline: str) -> None:
+    """Add to every tokenizer's results whether its ids equal `baseline`'s and its speed-ups over it."""
+    reference = results[baseline]["output"]
+    for r in results.values():
+        r["identical_ids"] = bool(torch.equal(r.pop("output"), reference))
+    base = results[baseline]
+    for r in results.values():
+        r["speedup_cold"] = r["cold_texts_per_s"] / base["cold_texts_per_s"]
+        r["speedup_warm"] = r["warm_texts_per_s"] / base["warm_texts_per_s"]
+
+
+def format_corpus(corpus_name: str, texts: list[str], results: dict[str, dict]) -> list[str]:
+    lines = [f"\n{corpus_name}: {len(texts)} texts", TABLE.header()]
+    for name, r in results.items():
+        lines.append(TABLE.line(name, r["cold_texts_per_s"], r["warm_texts_per_s"], r["speedup_cold"],
+                                r["speedup_warm"], r["identical_ids"]))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = common.benchmark_parser(__doc__)
     parser.add_argument("--n", type=int, default=20000, help="captions per corpus")
     parser.add_argument("--repeats", type=int, default=3, help="fresh instances per tokenizer (median)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    args = parser.parse_args()
+    common.add_out_argument(parser)
+    args = parser.parse_args(argv)
 
     open_clip_tokenizer = load_open_clip()
     competitors: dict[str, Callable[[], Tokenize]] = {
@@ -174,34 +179,24 @@ def main() -> None:
         "ascii": make_corpus(args.n, unicode_share=0.0, entity_share=0.0),
         "unicode": make_corpus(args.n, unicode_share=1.0, entity_share=0.0),
     }
-    header = environment_header()
+    header = common.environment_header()
     header.update({p: _version(p) for p in ("ftfy", "regex", "tokenizers", "open_clip_torch")})
-    payload = {"benchmark": "tokenizer", "environment": header, "config": vars(args) | {"out": str(args.out)}, "corpora": {}}
+    config = vars(args) | {"out": str(args.out)}
+    payload = {"benchmark": "tokenizer", "environment": header, "config": config, "corpora": {}}
+    record = common.Record(args.out, "tokenizer", payload, rows=None)
 
     for corpus_name, texts in corpora.items():
         results = measure(competitors, texts, args.repeats)
-        reference = results["open_clip SimpleTokenizer"]["output"]
-        for r in results.values():
-            r["identical_ids"] = bool(torch.equal(r.pop("output"), reference))
-        base = results["open_clip SimpleTokenizer"]
-        for r in results.values():
-            r["speedup_cold"] = r["cold_texts_per_s"] / base["cold_texts_per_s"]
-            r["speedup_warm"] = r["warm_texts_per_s"] / base["warm_texts_per_s"]
+        compare(results, "open_clip SimpleTokenizer")
         payload["corpora"][corpus_name] = {
             "n_texts": len(texts),
             "mean_words": sum(len(t.split()) for t in texts) / len(texts),
             "share_non_ascii": sum(not t.isascii() for t in texts) / len(texts),
             "results": results,
         }
-        print(f"\n{corpus_name}: {len(texts)} texts")
-        print(f"  {'tokenizer':36s} {'cold/s':>10s} {'warm/s':>10s} {'x cold':>7s} {'x warm':>7s}  same ids")
-        for name, r in results.items():
-            print(f"  {name:36s} {r['cold_texts_per_s']:10.0f} {r['warm_texts_per_s']:10.0f} "
-                  f"{r['speedup_cold']:7.1f} {r['speedup_warm']:7.1f}  {r['identical_ids']}")
-
-    path = write_results(args.out, "tokenizer", payload)
-    plot(payload, args.out / "tokenizer.png")
-    print(f"\nwrote {path}")
+        print("\n".join(format_corpus(corpus_name, texts, results)))
+    print()
+    record.finish(lambda path: plot(payload, path))
 
 
 if __name__ == "__main__":

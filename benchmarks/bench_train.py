@@ -12,12 +12,12 @@ Competitors, each measured in the same run on the same weights (same seed) and t
             logits, then cross-entropy over rows and columns).
 One step = forward, loss, backward and an AdamW step (fastclip's training optimizer and CLIP's
 hyper-parameters), under bf16 autocast on CUDA (fp32 on a CPU; --precision). Inputs, made on the device
-from a fixed seed (the same for both): random images [B, 3, R, R] and random token ids [B, context] in [1, 49406] with the
-end-of-text id 49407 at a random position (argmax pooling finds it); every position holds a token, so the
-text tower always runs its full context. Time: median of `common.time_fn`. Memory of one step after the
-first: on CUDA the allocator's peak (`peak_bytes`: what decides whether a batch fits) and its peak beyond the
-resting state of weights, optimizer state and inputs (`peak_extra_bytes`); on a CPU only the latter, as the
-RSS high-water mark in a fresh process (skip with --no-cpu-memory: seconds per point).
+from a fixed seed (the same for both): random images [B, 3, R, R] and random token ids [B, context] in
+[1, 49406] with the end-of-text id 49407 at a random position (argmax pooling finds it); every position holds
+a token, so the text tower always runs its full context. Time: median of `common.time_fn`. Memory of one
+step after the first: on CUDA the allocator's peak (`peak_bytes`: what decides whether a batch fits) and its
+peak beyond the resting state of weights, optimizer state and inputs (`peak_extra_bytes`); on a CPU only the
+latter, as the RSS high-water mark in a fresh process (skip with --no-cpu-memory: seconds per point).
 
 On CUDA without --batch-sizes each competitor's sweep doubles from 64 until it runs out of memory or passes
 --max-batch, then bisects (--refine steps), to find its largest batch; on a CPU it runs only the listed
@@ -30,22 +30,20 @@ bench_train.png into --out.
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastclip from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file, however this is run
+import common  # noqa: E402
+from common import ByDevice, Column, Table  # noqa: E402
 
 import fastclip  # noqa: E402
-from common import (  # noqa: E402
-    DEFAULT_OUT, cpu_peak_extra_bytes, cuda_peak_extra_bytes, environment_header, is_oom, plot_lines, time_fn, write_results,
-)
-from fastclip.model.factory import create_model  # noqa: E402
 from fastclip.backends import resolve_attention_backend, resolve_loss_backend  # noqa: E402
+from fastclip.model.factory import create_model  # noqa: E402
 from fastclip.ops.reference import contrastive_loss_reference  # noqa: E402
 from fastclip.train.optim import make_optimizer  # noqa: E402
 
@@ -56,7 +54,6 @@ TARGET_BATCH_RATIO = 2.0  # and largest batch that fits vs the baseline's
 EOT_ID = 49407  # the highest id: argmax pooling takes the end-of-text token
 OPTIMIZER = {"lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6}  # CLIP's
 DEFAULT_BATCHES = {"cuda": [64, 128, 256, 512, 1024, 2048], "cpu": [8, 16, 32]}
-DEFAULT_MODEL = {"cuda": "ViT-B-16", "cpu": "demo-ViT"}
 REFINE_MULTIPLE = 8  # bisected batch sizes are multiples of this
 SEED = 0
 
@@ -125,85 +122,39 @@ def make_warm_step(**kwargs) -> Callable[[], torch.Tensor]:
 # -------------------------------------------------------------------------------------------- measure
 
 
-def free_memory(device: str) -> None:
-    """Give what the last point allocated back, so that the next one starts from an empty cache."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
 def measure_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
     """Memory and time of one competitor at one batch size; raises on out-of-memory."""
     step = make_step(impl, args.model, batch, args.precision, args.grad_checkpointing, args.device)
     first_loss = step().item()  # untimed: lazy init, autotuning, AdamW's state; an OOM shows up here
-    row: dict = {"status": "ok", "first_loss": first_loss, "peak_bytes": None, "state_bytes": None, "peak_extra_bytes": None}
+    row: dict = {"status": "ok", "first_loss": first_loss, "peak_bytes": None, "state_bytes": None,
+                 "peak_extra_bytes": None}
     if args.device == "cuda":
         # one step of its own, before the timings: do_bench's L2-flush buffer must not count
-        row["peak_extra_bytes"] = cuda_peak_extra_bytes(step, warm=False)
+        row["peak_extra_bytes"] = common.cuda_peak_extra_bytes(step, warm=False)
         row["peak_bytes"] = torch.cuda.max_memory_allocated()
         row["state_bytes"] = row["peak_bytes"] - row["peak_extra_bytes"]  # weights, AdamW state, inputs
     elif args.cpu_memory:
         kwargs = {"impl": impl, "model": args.model, "batch": batch, "precision": args.precision,
                   "grad_checkpointing": args.grad_checkpointing, "device": "cpu"}
         # no separate warm-up call in the child: make_warm_step's own first step loads what is lazy
-        row["peak_extra_bytes"] = cpu_peak_extra_bytes(make_warm_step, kwargs)
+        row["peak_extra_bytes"] = common.cpu_peak_extra_bytes(make_warm_step, kwargs)
     timing = {"warmup": args.warmup, "reps": args.steps, "budget_s": args.budget_s, "warmed": True}
-    row["step"] = time_fn(step, args.device, **timing)
+    row["step"] = common.time_fn(step, args.device, **timing)
     row["samples_per_s"] = batch / (row["step"]["median_ms"] / 1e3)
     return row
 
 
-def run_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
-    """`measure_point`, with an out-of-memory error recorded as status "oom" and the memory given back."""
-    reason = None
-    try:
-        row = measure_point(impl, batch, args)
-    except RuntimeError as error:  # torch.OutOfMemoryError is one
-        if not is_oom(error):
-            raise
-        reason = str(error).splitlines()[0][:200]
-    # outside the except block: the traceback (and the tensors its frames hold) is gone by now
-    free_memory(args.device)
-    if reason is not None:
-        return {"status": "oom", "reason": reason}
-    return row
-
-
-def batch_sizes(args: argparse.Namespace) -> list[int]:
-    """The sizes to try: the list, then (CUDA sweep) doubling up to --max-batch."""
-    sizes = list(args.batch_sizes)
-    while args.sweep and sizes[-1] * 2 <= args.max_batch:
-        sizes.append(sizes[-1] * 2)
-    return sizes
-
-
-def sweep(impl: str, args: argparse.Namespace, rows: list[dict], save: Callable[[], None]) -> None:
-    """Run one competitor over its batch sizes, appending rows; stops at its first out-of-memory.
-
-    After an out-of-memory in a CUDA sweep, --refine bisection steps between the last batch that fit and
-    the first that did not narrow the largest batch down from the doubling's factor 2.
-    """
+def sweep(impl: str, args: argparse.Namespace, record: common.Record) -> None:
+    """Run one competitor over its batch sizes until its first out-of-memory; on a CUDA sweep, --refine
+    bisection steps then narrow its largest batch down from the doubling's factor 2."""
     def point(batch: int) -> bool:
-        row = {"impl": impl, "batch": batch, **run_point(impl, batch, args)}
-        rows.append(row)
-        print(format_row(row), flush=True)
-        save()
+        measure = functools.partial(measure_point, impl, batch, args)
+        row = {"impl": impl, "batch": batch, **common.measure_or_oom(measure, args.device)}
+        record.add(row, format_row(row))
         return row["status"] == "ok"
 
-    fits, too_big = None, None
-    for batch in batch_sizes(args):
-        if not point(batch):
-            too_big = batch
-            break  # larger batches need more memory still
-        fits = batch
-    for _ in range(args.refine if args.sweep and fits and too_big else 0):
-        batch = (fits + too_big) // 2 // REFINE_MULTIPLE * REFINE_MULTIPLE
-        if batch <= fits:
-            break
-        if point(batch):
-            fits = batch
-        else:
-            too_big = batch
+    sizes = common.doubled(args.batch_sizes, args.max_batch) if args.sweep else args.batch_sizes
+    common.sweep_until_oom(sizes, point, refine=args.refine if args.sweep else 0, multiple=REFINE_MULTIPLE)
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -243,28 +194,27 @@ def summarize(rows: list[dict]) -> dict:
             "throughput_ratio": TARGET_THROUGHPUT_RATIO,
             "throughput_rule": "fastclip/baseline samples/s at the largest batch both fit",
             "largest_batch_ratio": TARGET_BATCH_RATIO,
-            "largest_batch_rule": "largest fitting batch, fastclip/baseline; undecided unless both sweeps ran out of memory "
-                                  "(or fastclip's reached the ratio)",
+            "largest_batch_rule": "largest fitting batch, fastclip/baseline; undecided unless both sweeps ran out of "
+                                  "memory (or fastclip's reached the ratio)",
         },
         "throughput_target_met": throughput_met,
         "largest_batch_target_met": batch_met,
     }
 
 
-COLUMNS = f"{'impl':>8} {'batch':>6} {'ms/step':>9} {'samples/s':>10} {'peak MiB':>9} {'extra MiB':>9} {'1st loss':>9}"
-
-
-def _mib(value: int | None) -> str:
-    return f"{value / 2**20:9.0f}" if value is not None else f"{'n/a':>9}"
+TABLE = Table(
+    Column("impl", 8), Column("batch", 6), Column("ms/step", 9, ".2f"), Column("samples/s", 10, ".1f"),
+    Column("peak MiB", 9, ".0f"), Column("extra MiB", 9, ".0f"), Column("1st loss", 9, ".4f"),
+)
 
 
 def format_row(row: dict) -> str:
     """One line of the printed table."""
-    head = f"{row['impl']:>8} {row['batch']:>6}"
+    head = (row["impl"], row["batch"])
     if row["status"] != "ok":
-        return f"{head} {row['status']}: {row.get('reason', '')}"[:160]
-    return (f"{head} {row['step']['median_ms']:9.2f} {row['samples_per_s']:10.1f} {_mib(row['peak_bytes'])} "
-            f"{_mib(row['peak_extra_bytes'])} {row['first_loss']:9.4f}")
+        return common.status_line(TABLE.line(*head), row)
+    mib = [row[key] / 2**20 if row[key] is not None else None for key in ("peak_bytes", "peak_extra_bytes")]
+    return TABLE.line(*head, row["step"]["median_ms"], row["samples_per_s"], *mib, row["first_loss"])
 
 
 def _verdict(met: bool | None) -> str:
@@ -282,7 +232,8 @@ def print_summary(summary: dict) -> None:
     if diff is not None:  # a large difference means the two do different work
         print(f"first-step loss, fastclip vs baseline (same weights and inputs): max |diff| {diff:.2e}")
     stopped = " (no out-of-memory: the sweep stopped first)"
-    print("largest batch that fit: " + ", ".join(f"{impl} {largest[impl]}{'' if oom[impl] else stopped}" for impl in IMPLEMENTATIONS))
+    print("largest batch that fit: "
+          + ", ".join(f"{impl} {largest[impl]}{'' if oom[impl] else stopped}" for impl in IMPLEMENTATIONS))
     at = summary["throughput_ratio_at"]
     shown = f"{ratios[at]:.2f}x at B={at}" if at is not None else "n/a"
     print(f"target: >= {TARGET_THROUGHPUT_RATIO}x the baseline's throughput at equal batch: {shown} "
@@ -302,11 +253,12 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
         mine = sorted((r for r in ok if r["impl"] == impl), key=lambda r: r["batch"])
         speed[impl] = ([r["batch"] for r in mine], [r["samples_per_s"] for r in mine])
         memory[impl] = ([r["batch"] for r in mine], [r[memory_key] / 2**20 if r[memory_key] else None for r in mine])
-    panels = [{"title": "training-step throughput", "xlabel": "batch per device", "ylabel": "samples / s", "series": speed}]
+    panels = [{"title": "training-step throughput", "xlabel": "batch per device", "ylabel": "samples / s",
+               "series": speed}]
     if any(r[memory_key] for r in ok):
         label = "peak allocated (MiB)" if memory_key == "peak_bytes" else "peak beyond weights + optimizer (MiB)"
         panels.append({"title": "peak memory", "xlabel": "batch per device", "ylabel": label, "series": memory})
-    return plot_lines(path, panels, ncols=len(panels), title=title)
+    return common.plot_lines(path, panels, ncols=len(panels), title=title)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -321,47 +273,35 @@ def fastclip_backends(device: str, precision: str) -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    parser.add_argument("--model", help="model config name (default: ViT-B-16 on cuda, demo-ViT on cpu)")
-    parser.add_argument("--batch-sizes", help="comma-separated, run exactly these (default: cuda 64, 128, ... doubling "
-                                              "until out of memory or --max-batch; cpu 8,16,32)")
+    parser = common.benchmark_parser(__doc__)
+    common.add_device_argument(parser)
+    parser.add_argument("--model", default=ByDevice("ViT-B-16", "demo-ViT"),
+                        help="model config name (default: %(default)s)")
+    parser.add_argument("--batch-sizes", type=common.int_list,
+                        help="comma-separated, run exactly these (default: cuda 64, 128, ... doubling until out of "
+                             "memory or --max-batch; cpu 8,16,32)")
     parser.add_argument("--max-batch", type=int, default=32768, help="cuda sweep: largest batch to try (default 32768)")
-    parser.add_argument("--refine", type=int, default=2, help="cuda sweep: bisection steps after the first out-of-memory "
-                                                               "(default 2: the largest batch to within a quarter)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast dtype (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute residual blocks in the backward (both)")
-    parser.add_argument("--warmup", type=int, help="untimed steps before the timed ones (default: 3 cuda, 1 cpu)")
-    parser.add_argument("--steps", type=int, help="timed steps per point (default: 10 cuda, 3 cpu)")
-    parser.add_argument("--budget-s", type=float, help="fewer timed steps (at least 3) for slow points, to take about "
-                                                       "this many seconds (default: 10 cuda, 3 cpu)")
-    parser.add_argument("--no-cpu-memory", dest="cpu_memory", action="store_false",
-                        help="cpu: skip the memory measurement (a fresh process per point, seconds each)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not cuda:
-        parser.error("--device cuda: no CUDA device visible")
-    gpu = args.device == "cuda"
-    args.model = args.model or DEFAULT_MODEL[args.device]
-    args.precision = args.precision or ("bf16" if gpu else "fp32")
-    args.sweep = gpu and not args.batch_sizes  # only a GPU sweeps until out of memory
-    if args.batch_sizes:
-        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    else:
+    parser.add_argument("--refine", type=int, default=2,
+                        help="cuda sweep: bisection steps after the first out-of-memory (default 2: the largest "
+                             "batch to within a quarter)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=ByDevice("bf16", "fp32"),
+                        help="autocast dtype (default: %(default)s)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute residual blocks in the backward (both)")
+    common.add_timing_arguments(parser, warmup=ByDevice(3, 1), reps=ByDevice(10, 3), budget_s=ByDevice(10.0, 3.0),
+                                unit="steps", reps_flag="--steps")
+    common.add_cpu_memory_argument(parser)
+    common.add_out_argument(parser)
+    args = common.parse_benchmark_args(parser, argv)
+    args.sweep = args.device == "cuda" and not args.batch_sizes  # only a GPU sweeps until out of memory
+    if not args.batch_sizes:
         args.batch_sizes = [b for b in DEFAULT_BATCHES[args.device] if b <= args.max_batch] or [args.max_batch]
-    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    args.steps = args.steps if args.steps is not None else (10 if gpu else 3)
-    args.budget_s = args.budget_s if args.budget_s is not None else (10.0 if gpu else 3.0)
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark; returns the payload written to bench_train.json."""
-    args = parse_args(argv)
-    header = environment_header()
-    config = {
+def train_config(args: argparse.Namespace) -> dict:
+    """The JSON's "config": what was run, and how each figure is defined."""
+    return {
         "device": args.device, "model": args.model, "precision": args.precision,
         "grad_checkpointing": args.grad_checkpointing, "batch_sizes": args.batch_sizes, "sweep_until_oom": args.sweep,
         "max_batch": args.max_batch if args.sweep else None,
@@ -369,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
         "budget_s": args.budget_s, "optimizer": {"name": "AdamW (fastclip.train.optim.make_optimizer)", **OPTIMIZER},
         "implementations": {
             "fastclip": "create_model(attn_backend='auto') + fastclip.ClipLoss()",
-            "baseline": "create_model(attn_backend='torch') (SDPA) + contrastive_loss_reference (N x N logits + cross-entropy)",
+            "baseline": "create_model(attn_backend='torch') (SDPA) + contrastive_loss_reference "
+                        "(N x N logits + cross-entropy)",
         },
         "fastclip_resolved_backends": fastclip_backends(args.device, args.precision),
         "inputs": f"randn images; token ids uniform in [1, {EOT_ID}) with {EOT_ID} at a random position, full context",
@@ -377,28 +318,27 @@ def main(argv: list[str] | None = None) -> dict:
                   "before it (peak_extra_bytes); cpu: VmHWM - VmRSS of one step in a fresh process (peak_extra_bytes)"
                   + ("" if args.cpu_memory or args.device == "cuda" else " (skipped: --no-cpu-memory)"),
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the payload written to bench_train.json."""
+    args = parse_args(argv)
+    header = common.environment_header()
+    config = train_config(args)
     resolved = config["fastclip_resolved_backends"]
     print(f"device: {header['device']}; model {args.model}, {args.precision}"
           f"{', gradient checkpointing' if args.grad_checkpointing else ''}; fastclip runs attention on "
-          f"{resolved['attention']!r} and the loss on {resolved['loss']!r}\n{COLUMNS}")
+          f"{resolved['attention']!r} and the loss on {resolved['loss']!r}\n{TABLE.header()}")
     if resolved["attention"] == "torch":
         print("(attention on 'torch' for both: the competitors differ only in the loss)")
-    rows: list[dict] = []
-    payload = {"benchmark": "train_step", "environment": header, "config": config, "rows": rows}
-    out = Path(args.out)
-
-    def save() -> None:  # after every point: a killed run keeps its data
-        write_results(out, "bench_train", payload)
-
+    payload = {"benchmark": "train_step", "environment": header, "config": config, "rows": []}
+    record = common.Record(args.out, "bench_train", payload)
     for impl in IMPLEMENTATIONS:
-        sweep(impl, args, rows, save)
-    payload["summary"] = summarize(rows)
-    path = write_results(out, "bench_train", payload)
+        sweep(impl, args, record)
+    payload["summary"] = summarize(record.rows)
     print_summary(payload["summary"])
-    print(f"results: {path}")
-    png = plot(rows, out / "bench_train.png", f"{args.model} training step, {args.precision}, on {header['device']}")
-    if png:
-        print(f"plot: {png}")
+    title = f"{args.model} training step, {args.precision}, on {header['device']}"
+    record.finish(lambda path: plot(record.rows, path, title))
     return payload
 
 

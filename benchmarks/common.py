@@ -1,11 +1,14 @@
-"""Shared benchmark helpers: timing, peak memory, the environment header, a matmul reference rate, output.
+"""The benchmark harness: timing, peak memory, the out-of-memory sweep, the environment header, a matmul
+reference rate, the shared command-line arguments, and the output (JSON record, console table, plots).
 
-Used by the `bench_*.py` scripts next to this file; every helper works on a CPU and on a CUDA device.
-Run as a script only by `cpu_peak_extra_bytes`, to measure one call's memory in a fresh process.
+Used by the `bench_*.py` scripts next to this file, which keep only what they measure (competitors, shapes,
+targets); every helper works on a CPU and on a CUDA device. Run as a script only by `cpu_peak_extra_bytes`,
+to measure one call's memory in a fresh process.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import gc
@@ -20,14 +23,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # fastclip from the checkout, installed or not
+
+from fastclip.backends import DTYPES, SHORT_DTYPE_NAMES, dtype_name  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "local"  # gitignored
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -225,6 +234,60 @@ def _rss_child(spec_json: str) -> None:
     print(json.dumps({"peak_extra_bytes": (_proc_status_kb("VmHWM") - before) * 1024}))
 
 
+# --------------------------------------------------------------------------------------------- sweeps
+
+
+def free_memory(device: str) -> None:
+    """Give back what the last point allocated, so that the next one starts from an empty cache."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_or_oom(measure: Callable[[], dict], device: str) -> dict:
+    """`measure()`'s row, or {"status": "oom", "reason": ...} when it ran out of memory; memory given back."""
+    reason = None
+    try:
+        row = measure()
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not is_oom(error):
+            raise
+        reason = str(error).splitlines()[0][:200]
+    # outside the except block: the traceback (and the tensors its frames hold) is gone by now
+    free_memory(device)
+    if reason is not None:
+        return {"status": "oom", "reason": reason}
+    return row
+
+
+def doubled(sizes: list[int], limit: int) -> list[int]:
+    """`sizes` up to `limit`, extended by doubling the last one while that stays within `limit`."""
+    sizes = [n for n in sizes if n <= limit]
+    while sizes and sizes[-1] * 2 <= limit:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+def sweep_until_oom(sizes: list[int], fits: Callable[[int], bool], refine: int = 0, multiple: int = 1) -> None:
+    """Run `fits(size)` (False: out of memory) over `sizes` until one does not fit, as a larger one would not
+    either; then `refine` bisection steps between the last size that fit and the first that did not (sizes
+    multiples of `multiple`) narrow the largest size down from the sweep's step."""
+    largest, too_big = None, None
+    for size in sizes:
+        if not fits(size):
+            too_big = size
+            break
+        largest = size
+    for _ in range(refine if largest and too_big else 0):
+        size = (largest + too_big) // 2 // multiple * multiple
+        if size <= largest:
+            break
+        if fits(size):
+            largest = size
+        else:
+            too_big = size
+
+
 # ---------------------------------------------------------------------------------------- environment
 
 
@@ -303,6 +366,94 @@ def matmul_rate_tflops(device: str | torch.device, dtype: torch.dtype, n: int | 
     return _matmul_rate(device, dtype, n, torch.backends.cuda.matmul.allow_tf32)
 
 
+# ---------------------------------------------------------------------------------------- command line
+
+
+class ByDevice(NamedTuple):
+    """An argument's default that depends on --device; `parse_benchmark_args` puts in the chosen device's."""
+
+    cuda: Any
+    cpu: Any
+
+    def __str__(self) -> str:  # in --help, through %(default)s
+        return f"{_shown(self.cuda)} on cuda, {_shown(self.cpu)} on cpu"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def int_list(value: str) -> list[int]:
+    """A comma-separated list of integers (argparse type)."""
+    return [int(x) for x in value.split(",")]
+
+
+def name_list(value: str) -> list[str]:
+    """A comma-separated list of names (argparse type)."""
+    return value.split(",")
+
+
+def dtype_list(value: str) -> list[str]:
+    """A comma-separated list of fastclip's dtype names (argparse type), each as its short name ("bf16")."""
+    unknown = [name for name in value.split(",") if name not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtypes {unknown}; choose from {','.join(SHORT_DTYPE_NAMES)}")
+    return [dtype_name(DTYPES[name]) for name in value.split(",")]
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser that shows the script's docstring: its first paragraph, then (after the usage) the rest."""
+    summary, _usage, details = doc.split("\n\n", 2)
+    return argparse.ArgumentParser(description=summary, epilog=details,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_device_argument(parser: argparse.ArgumentParser, *, auto: bool = False) -> None:
+    """--device: cuda when a GPU is visible, else cpu; with `auto`, that choice is the value "auto"."""
+    if auto:
+        parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    else:
+        parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_timing_arguments(
+    parser: argparse.ArgumentParser, warmup: Any, reps: Any, budget_s: Any = None, *, unit: str = "calls",
+    reps_flag: str = "--reps",
+) -> None:
+    """--warmup, --reps (or `reps_flag`) and, given its default, --budget-s: `time_fn`'s settings per point."""
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help=f"untimed {unit} before the timed ones (default: %(default)s)")
+    parser.add_argument(reps_flag, type=int, default=reps, help=f"timed {unit} per point (default: %(default)s)")
+    if budget_s is not None:
+        parser.add_argument("--budget-s", type=float, default=budget_s,
+                            help=f"fewer timed {unit} (at least 3) for slow points, to take about this many "
+                                 "seconds (default: %(default)s)")
+
+
+def add_cpu_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-cpu-memory", dest="cpu_memory", action="store_false",
+                        help="on a CPU, skip the peak-memory measurement (a fresh process per point, seconds each)")
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`: the device resolved ("auto": cuda when visible) and checked, ByDevice defaults filled in."""
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible")
+    for name, value in list(vars(args).items()):
+        if isinstance(value, ByDevice):
+            setattr(args, name, getattr(value, args.device))
+    return args
+
+
 # --------------------------------------------------------------------------------------------- output
 
 
@@ -317,12 +468,74 @@ def write_results(out_dir: str | Path, name: str, payload: dict) -> Path:
     return path
 
 
-def plot_lines(path: str | Path, panels: list[dict], *, ncols: int = 2, title: str | None = None) -> Path | None:
-    """Line plots to a PNG, one panel per dict; None when matplotlib is missing.
+class Record:
+    """One run's `<out_dir>/<name>.json`: the payload, whose `rows` list grows a row per point, rewritten after
+    every point (a killed run keeps its data); at the end the path and the plot `<name>.png` are reported."""
 
-    A panel: {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, optional "styles": {label: plot kwargs},
-    "logx"/"logy" (default True)}. A label keeps its colour across panels.
-    """
+    def __init__(self, out_dir: str | Path, name: str, payload: dict, rows: str | None = "rows") -> None:
+        self.out_dir, self.name, self.payload = Path(out_dir), name, payload
+        self.rows: list[dict] = payload[rows] if rows is not None else []
+
+    def add(self, row: dict, *lines: str) -> None:
+        """Keep `row`, print its console `lines` (above a progress bar if one is shown) and rewrite the file."""
+        self.rows.append(row)
+        for line in lines:
+            tqdm.write(line)
+        sys.stdout.flush()  # a log piped to a file shows each point as it is measured
+        self.save()
+
+    def save(self) -> Path:
+        return write_results(self.out_dir, self.name, self.payload)
+
+    def finish(self, plot: Callable[[Path], Path | None]) -> Path:
+        """Write the file a last time, then `plot(<name>.png path)`; print where both went."""
+        path = self.save()
+        print(f"results: {path}")
+        png = plot(self.out_dir / f"{self.name}.png")
+        if png is not None:
+            print(f"plot: {png}")
+        return path
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    width: int
+    spec: str = ""  # format spec of a number in this column, e.g. ".2f"
+    align: str = ">"
+
+
+class Table:
+    """A fixed-width console table: a header line, then one line per row of values."""
+
+    def __init__(self, *columns: Column, indent: str = "") -> None:
+        self.columns, self.indent = columns, indent
+
+    def header(self) -> str:
+        return self.indent + " ".join(f"{c.title:{c.align}{c.width}}" for c in self.columns)
+
+    def line(self, *values: Any) -> str:
+        """The first len(values) cells: numbers in their column's spec, None as n/a, text as it is."""
+        return self.indent + " ".join(_cell(c, v) for c, v in zip(self.columns, values, strict=False))
+
+
+def _cell(column: Column, value: Any) -> str:
+    if value is None:
+        text = "n/a"
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = format(value, column.spec)
+    return f"{text:{column.align}{column.width}}"
+
+
+def status_line(head: str, row: dict) -> str:
+    """The console line of a point that did not run: its `head` cells, its status and why."""
+    return f"{head} {row['status']}: {row.get('reason', '')}"[:170]
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None (said on stderr) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -331,25 +544,10 @@ def plot_lines(path: str | Path, panels: list[dict], *, ncols: int = 2, title: s
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return None
-    labels = list(dict.fromkeys(label for panel in panels for label in panel["series"]))
-    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), squeeze=False)
-    for ax, panel in zip(axes.flat, panels):
-        for label, (xs, ys) in panel["series"].items():
-            points = [(x, y) for x, y in zip(xs, ys) if y is not None]
-            if points:
-                style = {"marker": "o", "color": colours[label], **panel.get("styles", {}).get(label, {})}
-                ax.plot(*zip(*points), label=label, **style)
-        if panel.get("logx", True):
-            ax.set_xscale("log", base=2)
-        if panel.get("logy", True):
-            ax.set_yscale("log")
-        ax.set(title=panel.get("title", ""), xlabel=panel.get("xlabel", ""), ylabel=panel.get("ylabel", ""))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+    return plt
+
+
+def _save_figure(plt: Any, fig: Any, path: str | Path, title: str | None = None) -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -358,6 +556,63 @@ def plot_lines(path: str | Path, panels: list[dict], *, ncols: int = 2, title: s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_lines(path: str | Path, panels: list[dict], *, ncols: int = 2, title: str | None = None) -> Path | None:
+    """Line plots to a PNG, one panel per dict; None when matplotlib is missing.
+
+    A panel: {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, optional "styles": {label: plot kwargs},
+    "logx"/"logy" (default True)}. A label keeps its colour across panels.
+    """
+    plt = _pyplot()
+    if plt is None:
+        return None
+    labels = list(dict.fromkeys(label for panel in panels for label in panel["series"]))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):  # a last row may have more axes than panels
+        for label, (xs, ys) in panel["series"].items():
+            points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+            if points:
+                style = {"marker": "o", "color": colours[label], **panel.get("styles", {}).get(label, {})}
+                ax.plot(*zip(*points, strict=True), label=label, **style)
+        if panel.get("logx", True):
+            ax.set_xscale("log", base=2)
+        if panel.get("logy", True):
+            ax.set_yscale("log")
+        ax.set(title=panel.get("title", ""), xlabel=panel.get("xlabel", ""), ylabel=panel.get("ylabel", ""))
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # a panel where nothing was measured has no legend
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    return _save_figure(plt, fig, path, title)
+
+
+def plot_bars(
+    path: str | Path, groups: list[str], series: dict[str, list[float]], *, ylabel: str, title: str,
+    logy: bool = False, reference: float | None = None,
+) -> Path | None:
+    """Grouped bars to a PNG: per group (x tick) one bar of each series; None when matplotlib is missing.
+
+    `series` maps a label to one value per group (0 where it does not apply); `reference` draws a level line.
+    """
+    plt = _pyplot()
+    if plt is None or not groups or not series:
+        return None
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(groups))], values, width, label=label)
+    if reference is not None:
+        ax.axhline(reference, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
+    if logy:
+        ax.set_yscale("log")
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=8 if len(series) <= 4 else 6, ncol=-(-len(series) // 4))
+    return _save_figure(plt, fig, path)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--rss-child":

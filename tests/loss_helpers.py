@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastclip import _extension
-from fastclip.ops.reference import contrastive_loss_reference
+from fastclip.ops.reference import contrastive_loss_reference, naive_clip_loss
 
 no_cpp = pytest.mark.skipif(not _extension.has_kernel("contrastive_lse", "CPU"), reason="fastclip._C not built")
 LOSS_TARGETS = [  # (backend, device) of every contrastive-loss path
@@ -85,11 +85,7 @@ def naive_same_dtype(image, text, scale, *, weight: float = 0.5, label_smoothing
     """What a user writes without fastclip: logits in the input dtype, cross-entropy in fp32 (as autocast does)."""
 
     def loss_fn(i, t, s):
-        logits = (i @ t.T) * s.to(i.dtype)  # (N, N) in the input dtype
-        target = torch.arange(i.shape[0], device=i.device)
-        per_image = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
-        per_text = F.cross_entropy(logits.float().T, target, label_smoothing=label_smoothing)
-        return weight * per_image + (1 - weight) * per_text
+        return naive_clip_loss(i, t, s, weight=weight, label_smoothing=label_smoothing, scale_logits=True)
 
     return loss_and_grads(loss_fn, image, text, scale)
 

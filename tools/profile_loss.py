@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import fastclip
+from fastclip.backends import DTYPES, SHORT_DTYPE_NAMES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KERNEL_DTYPES = sorted(name for name in SHORT_DTYPE_NAMES if name != "fp64")  # the CUDA kernel has no float64
 
 
 def step(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=65536)
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=KERNEL_DTYPES, default="bf16")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=0, help="timed calls after the profiled one (0: none)")
     args = parser.parse_args()
@@ -46,8 +47,8 @@ def main() -> None:
         parser.error("needs a CUDA GPU")
     dtype = DTYPES[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    image, text = (F.normalize(torch.randn(args.n, args.dim, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
-                   for _ in range(2))
+    image, text = (F.normalize(torch.randn(args.n, args.dim, device="cuda", generator=gen), dim=-1)
+                   .to(dtype).requires_grad_() for _ in range(2))
     scale = torch.tensor(100.0, device="cuda", requires_grad=True)
     run = lambda: step(image, text, scale)  # noqa: E731
     for _ in range(args.warmup):
