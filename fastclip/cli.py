@@ -7,10 +7,10 @@ import sys
 from typing import NoReturn
 
 from fastclip.checkpoint.files import CheckpointError
-from fastclip.commands import demo, evaluate, info, train, zero_shot
-from fastclip.commands.train import INTERRUPTED
+from fastclip.commands import demo, eval_command, info, train, zero_shot
+from fastclip.commands._interrupted import INTERRUPTED
 
-COMMANDS = (demo, train, zero_shot, evaluate, info)
+COMMANDS = (demo, train, zero_shot, eval_command, info)
 # Errors a user can fix from the command line: shown as one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError)
 

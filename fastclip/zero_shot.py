@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from fastclip.model.clip import MAX_LOGIT_SCALE
+
 SINGLE_TEMPLATE = ("a photo of a {}.",)
 # The 7-template ensemble OpenAI selected for ImageNet (CLIP repository, "Prompt_Engineering_for_ImageNet").
 ENSEMBLE_TEMPLATES = (
@@ -57,7 +59,13 @@ def build_classifier(
     return F.normalize(per_prompt.mean(1), dim=-1).T.contiguous()  # (D, C)
 
 
-def classify(image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+def logit_scale_of(model: torch.nn.Module) -> float:
+    """The model's temperature exp(logit_scale) for `classify`, capped at MAX_LOGIT_SCALE as its logits are."""
+    return min(model.logit_scale.exp().item(), MAX_LOGIT_SCALE)
+
+
+def classify(image_features: torch.Tensor, classifier: torch.Tensor,
+             logit_scale: float = MAX_LOGIT_SCALE) -> torch.Tensor:
     """Class probabilities [B, C]: softmax of scaled cosine similarities (features are re-normalised)."""
     if image_features.dim() != 2 or classifier.dim() != 2 or image_features.shape[1] != classifier.shape[0]:
         raise ValueError(

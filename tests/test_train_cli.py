@@ -22,7 +22,7 @@ import torch
 
 import fastclip.train.loop as loop
 from fastclip.cli import main as cli_main
-from fastclip.commands.train import resume_command
+from fastclip.commands._interrupted import resume_command
 from fastclip.train import TrainConfig, TrainingInterrupted, train
 from fastclip.train.state import prune_checkpoints
 

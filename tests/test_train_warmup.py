@@ -7,7 +7,7 @@ import torch
 
 from fastclip.model.factory import create_model
 from fastclip.train import warmup
-from fastclip.train.loop import autocast_for
+from fastclip.train.precision import autocast_for
 
 
 def test_text_lengths_cover_every_bucket() -> None:

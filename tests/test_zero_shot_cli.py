@@ -16,7 +16,7 @@ from PIL import Image
 
 import fastclip
 from fastclip.cli import main
-from fastclip.commands.zero_shot import class_mapping
+from fastclip.commands._inference import class_mapping
 from fastclip.data import ImageFolder
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40)}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from fastclip.commands import device_argument
+from fastclip.commands import add_command, device_argument
 from fastclip.train.config import TrainConfig
 
 DEMO_STEPS = 600
@@ -19,8 +20,8 @@ GALLERY = "predictions.png"  # written beside curves.png at the end
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("demo", help="train a small CLIP on built-in synthetic data and evaluate it zero-shot",
-                                 description=__doc__)
+    parser = add_command(commands, "demo", "train a small CLIP on built-in synthetic data and evaluate it zero-shot",
+                         __doc__, run, keep_layout=False)
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"optimizer steps (default {DEMO_STEPS})")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
@@ -32,7 +33,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a non-empty --output-dir: first delete the files fastclip writes there "
                              "(never any other file)")
-    parser.set_defaults(run=run)
 
 
 def demo_config(args: argparse.Namespace) -> TrainConfig:
@@ -47,7 +47,7 @@ def demo_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastclip.commands.train import report_interrupted
+    from fastclip.commands._interrupted import report_interrupted
     from fastclip.train.interrupt import TrainingInterrupted
     from fastclip.train.loop import train
 
@@ -83,16 +83,15 @@ def save_predictions(config: TrainConfig, model_path: Path, path: Path, per_spli
     import torch
 
     from fastclip.data import synthetic
-    from fastclip.data.transforms import CLIPPreprocess
-    from fastclip.evaluate.predictions import save_gallery, top_predictions
+    from fastclip.evaluate.predictions import save_gallery
     from fastclip.model.factory import create_model
     from fastclip.tokenizer import ClipTokenizer
-    from fastclip.train.evaluate import SYNTHETIC_TEMPLATES
-    from fastclip.zero_shot import build_classifier, classify
+    from fastclip.train.zero_shot_eval import SYNTHETIC_TEMPLATES
+    from fastclip.zero_shot import build_classifier
 
-    device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device(config.device) if config.device else torch.device("cuda" if cuda else "cpu")
     model = create_model(config.model, pretrained=model_path, device=device).eval()
-    preprocess = CLIPPreprocess(model.image_size)
     names = synthetic.class_names()
     unseen = {synthetic.class_index(*pair) for pair in synthetic.HELDOUT_PAIRS}
     seed = config.seed + 1  # the evaluation's held-out images
@@ -102,21 +101,43 @@ def save_predictions(config: TrainConfig, model_path: Path, path: Path, per_spli
     with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
         classifier = build_classifier(model, ClipTokenizer(context_length=model.config.text.context_length), names,
                                       SYNTHETIC_TEMPLATES, device=device)
-        logit_scale = min(model.logit_scale.exp().item(), 100.0)
         for dataset, allowed in ((test, lambda label: label not in unseen), (heldout, lambda label: True)):
-            indices, labels = [], []  # the first images of `per_split` different classes
-            for i in range(len(dataset)):
-                label = dataset.label_of(i)
-                if allowed(label) and label not in labels and len(indices) < per_split:
-                    indices.append(i)
-                    labels.append(label)
-            files, images = [], []
-            for i in indices:
-                image = dataset.render(i)[0]
-                files.append(Path(folder) / f"{dataset.split}_{i}.png")
-                image.save(files[-1])  # save_gallery draws images from files
-                images.append(preprocess(image))
-            probabilities = classify(model.encode_image(torch.stack(images).to(device)).float(), classifier, logit_scale)
-            chosen += top_predictions(probabilities.cpu(), names, files, labels, k=5)
-        return save_gallery(chosen, path, title=f"zero-shot top-5 of {len(names)} classes: rows 1-{per_split // 2} pairs "
-                                                f"seen in training, rows {per_split // 2 + 1}-{per_split} pairs never seen")
+            indices, labels = _one_per_class(dataset, allowed, per_split)
+            chosen += _predict(model, classifier, dataset, indices, labels, names, Path(folder))
+        return save_gallery(chosen, path, title=f"zero-shot top-5 of {len(names)} classes: rows 1-{per_split // 2} "
+                                                f"pairs seen in training, rows {per_split // 2 + 1}-{per_split} pairs "
+                                                f"never seen")
+
+
+def _one_per_class(dataset, allowed: Callable[[int], bool], count: int) -> tuple[list[int], list[int]]:
+    """(indices, labels) of the first images of `count` different classes that `allowed` accepts."""
+    indices, labels = [], []
+    for i in range(len(dataset)):
+        label = dataset.label_of(i)
+        if allowed(label) and label not in labels and len(indices) < count:
+            indices.append(i)
+            labels.append(label)
+    return indices, labels
+
+
+def _predict(model, classifier, dataset, indices: list[int], labels: list[int], names: list[str],
+             folder: Path) -> list:
+    """The top-5 predictions of images `indices` of `dataset`, each saved into `folder` (the gallery draws
+    images from files)."""
+    import torch
+
+    from fastclip.data.transforms import CLIPPreprocess
+    from fastclip.evaluate.predictions import top_predictions
+    from fastclip.zero_shot import classify, logit_scale_of
+
+    preprocess = CLIPPreprocess(model.image_size)
+    files, images = [], []
+    for i in indices:
+        image = dataset.render(i)[0]
+        files.append(folder / f"{dataset.split}_{i}.png")
+        image.save(files[-1])
+        images.append(preprocess(image))
+    device = next(model.parameters()).device
+    features = model.encode_image(torch.stack(images).to(device)).float()
+    probabilities = classify(features, classifier, logit_scale_of(model))
+    return top_predictions(probabilities.cpu(), names, files, labels, k=5)

@@ -22,131 +22,57 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fastclip.commands import device_argument
+from fastclip.commands import add_command
+from fastclip.commands._inference import (
+    add_backend_arguments,
+    add_checkpoint_arguments,
+    add_device_arguments,
+    class_mapping,
+    load_model,
+    parse_labels,
+    resolve_templates,
+)
 from fastclip.data.image_folder import ImageFolder
-from fastclip.zero_shot import TEMPLATE_SETS, accuracy, build_classifier, classify
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from fastclip.zero_shot import accuracy, build_classifier, classify, logit_scale_of
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "zero-shot",
-        help="classify a folder of images by label names (accuracy when sub-folders are classes)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file (OpenAI, open_clip, fastclip), a Hugging Face transformers CLIPModel folder, or a released tag with --model")
-    parser.add_argument("--model", help="model name or JSON config (default: stored in or inferred from the checkpoint)")
-    parser.add_argument("--act", choices=("quick_gelu", "gelu"), help="MLP activation, for state dicts whose config is inferred")
+    parser = add_command(commands, "zero-shot",
+                         "classify a folder of images by label names (accuracy when sub-folders are classes)",
+                         __doc__, run)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--images", required=True, help="folder of images, optionally one sub-folder per class")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--labels", help="comma-separated class names")
     labels.add_argument("--labels-file", help="file with one class name per line")
-    parser.add_argument("--templates", default="single", help="'single', 'ensemble' or a file with one template per line, each with '{}'")
+    parser.add_argument("--templates", default="single",
+                        help="'single', 'ensemble' or a file with one template per line, each with '{}'")
     parser.add_argument("--top-k", type=int, default=5, help="predictions kept per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-loading processes")
-    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), help="weights' dtype (default: bf16 on CUDA, else fp32)")
-    parser.add_argument("--attn-backend", default="auto", choices=("auto", "triton", "torch"))
-    parser.add_argument("--bpe-path", help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (default: found automatically)")
+    add_device_arguments(parser, precision_default=None,
+                         precision_help="weights' dtype (default: bf16 on CUDA, else fp32)")
+    add_backend_arguments(parser)
     parser.add_argument("--output", help="write predictions (and accuracy) to this JSON file")
-    parser.set_defaults(run=run)
-
-
-def read_lines(path: str, what: str) -> list[str]:
-    try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    except OSError as error:
-        raise ValueError(f"cannot read the {what} file {path!r}: {error}") from error
-    lines = [line for line in lines if line]
-    if not lines:
-        raise ValueError(f"the {what} file {path!r} is empty")
-    return lines
-
-
-def resolve_templates(spec: str) -> list[str]:
-    if spec in TEMPLATE_SETS:
-        return list(TEMPLATE_SETS[spec])
-    if not Path(spec).is_file():
-        raise ValueError(f"--templates must be one of {sorted(TEMPLATE_SETS)} or a file of templates, got {spec!r}")
-    return read_lines(spec, "templates")
-
-
-def class_mapping(labels: list[str] | None, folders: list[str] | None) -> tuple[list[str], list[int] | None]:
-    """(class names, the class index of each sub-folder or None when there are no sub-folders)."""
-    if folders is None:
-        if labels is None:
-            raise ValueError("--images has no class sub-folders, so --labels or --labels-file is required")
-        return labels, None
-    if labels is None:
-        return [name.replace("_", " ") for name in folders], list(range(len(folders)))
-    by_name = {label.replace(" ", "_").lower(): i for i, label in enumerate(labels)}
-    if all(folder.lower() in by_name for folder in folders):
-        return labels, [by_name[folder.lower()] for folder in folders]
-    if len(labels) == len(folders):
-        return labels, list(range(len(folders)))
-    raise ValueError(
-        f"the {len(folders)} class sub-folders of --images neither carry the names of the {len(labels)} labels "
-        f"nor match them in number (so they cannot be paired in sorted order)"
-    )
-
-
-def parse_labels(args: argparse.Namespace) -> list[str] | None:
-    if args.labels_file:
-        return read_lines(args.labels_file, "labels")
-    if args.labels is not None:
-        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-        if not labels:
-            raise ValueError("--labels must name at least one class")
-        return labels
-    return None
 
 
 @torch.no_grad()
 def run(args: argparse.Namespace) -> int:
-    from fastclip.model.factory import create_model_and_transforms
-
     if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
         raise ValueError("--top-k and --batch-size must be >= 1 and --workers >= 0")
     templates = resolve_templates(args.templates)
-    device = torch.device(args.device)
-    dtype = PRECISIONS[args.precision] if args.precision else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, preprocess, tokenizer = create_model_and_transforms(
-        args.model, args.checkpoint, bpe_path=args.bpe_path, act=args.act, attn_backend=args.attn_backend,
-        device=device, dtype=dtype,
-    )
+    model, preprocess, tokenizer = load_model(args)
     dataset = ImageFolder(args.images, transform=preprocess)
     classnames, folder_to_class = class_mapping(parse_labels(args), dataset.classes)
-    classifier = build_classifier(model, tokenizer, classnames, templates, device=device)
-    logit_scale = min(model.logit_scale.exp().item(), 100.0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-
-    top_k = min(args.top_k, len(classnames))
-    all_probs, predictions = [], []
-    for images, _ in tqdm(loader, desc="zero-shot", unit="batch", disable=not sys.stderr.isatty()):
-        probs = classify(model.encode_image(images.to(device)), classifier, logit_scale).cpu()
-        all_probs.append(probs)
-    probs = torch.cat(all_probs)
-    values, indices = probs.topk(top_k, dim=1)
-    for path, row_values, row_indices in zip(dataset.paths, values.tolist(), indices.tolist()):
-        predictions.append({
-            "image": os.fspath(path.relative_to(dataset.root)),
-            "top_k": [{"label": classnames[i], "probability": p} for i, p in zip(row_indices, row_values)],
-        })
-
+    classifier = build_classifier(model, tokenizer, classnames, templates, device=torch.device(args.device))
+    probs = _probabilities(model, dataset, classifier, args)
+    predictions = _top_k(probs, dataset, classnames, min(args.top_k, len(classnames)))
     report: dict[str, Any] = {
         "checkpoint": args.checkpoint, "model": args.model, "images": args.images, "classes": classnames,
         "templates": templates, "num_images": len(dataset),
     }
     if folder_to_class is not None:
-        targets = torch.tensor([folder_to_class[t] for t in dataset.targets])
-        for prediction, target in zip(predictions, targets.tolist()):
-            prediction["target"] = classnames[target]
-        report["accuracy"] = {f"top{k}": v for k, v in accuracy(probs, targets, topk=(1, 5)).items()}
-        print(f"{len(dataset)} images, {len(classnames)} classes: "
-              + ", ".join(f"{name} accuracy {value:.4f}" for name, value in report["accuracy"].items()))
+        report["accuracy"] = _score(probs, dataset, folder_to_class, classnames, predictions)
     else:
         for prediction in predictions:
             best = prediction["top_k"][0]
@@ -156,3 +82,35 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _probabilities(model: torch.nn.Module, dataset: ImageFolder, classifier: torch.Tensor,
+                   args: argparse.Namespace) -> torch.Tensor:
+    """Class probabilities [N, C] of every image, on the CPU."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    logit_scale, device = logit_scale_of(model), torch.device(args.device)
+    rows = []
+    for images, _ in tqdm(loader, desc="zero-shot", unit="batch", disable=not sys.stderr.isatty()):
+        rows.append(classify(model.encode_image(images.to(device)), classifier, logit_scale).cpu())
+    return torch.cat(rows)
+
+
+def _top_k(probs: torch.Tensor, dataset: ImageFolder, classnames: list[str], k: int) -> list[dict[str, Any]]:
+    """Each image's `k` most probable labels, as the JSON report lists them."""
+    values, indices = probs.topk(k, dim=1)
+    rows = zip(dataset.paths, values.tolist(), indices.tolist(), strict=True)
+    return [{"image": os.fspath(path.relative_to(dataset.root)),
+             "top_k": [{"label": classnames[i], "probability": p} for i, p in zip(labels, chances, strict=True)]}
+            for path, chances, labels in rows]
+
+
+def _score(probs: torch.Tensor, dataset: ImageFolder, folder_to_class: list[int], classnames: list[str],
+           predictions: list[dict[str, Any]]) -> dict[str, float]:
+    """Top-1/top-5 accuracy against the sub-folders (printed); each prediction gets its "target"."""
+    targets = torch.tensor([folder_to_class[t] for t in dataset.targets])
+    for prediction, target in zip(predictions, targets.tolist(), strict=True):
+        prediction["target"] = classnames[target]
+    scores = {f"top{k}": v for k, v in accuracy(probs, targets, topk=(1, 5)).items()}
+    print(f"{len(dataset)} images, {len(classnames)} classes: "
+          + ", ".join(f"{name} accuracy {value:.4f}" for name, value in scores.items()))
+    return scores

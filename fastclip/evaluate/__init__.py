@@ -8,7 +8,7 @@
     curve = few_shot(train.features, train.targets, test.features, test.targets, fallback_C=probe.C)
     plot_few_shot(curve, "few_shot.png", linear_probe_top1=probe.top1)
 
-`fastclip eval` runs all of it from the command line (see `fastclip.commands.evaluate`).
+`fastclip eval` runs all of it from the command line (see `fastclip.commands.eval_command`).
 """
 
 from fastclip.evaluate.features import (
@@ -23,6 +23,7 @@ from fastclip.evaluate.few_shot import FewShotResult, few_shot, plot_few_shot, s
 from fastclip.evaluate.linear_probe import (
     PAPER_C_GRID,
     LinearClassifier,
+    LinearProbeConfig,
     LinearProbeResult,
     fit_logistic_regression,
     linear_probe,
@@ -39,6 +40,7 @@ __all__ = [
     "FewShotResult",
     "ImageFeatures",
     "LinearClassifier",
+    "LinearProbeConfig",
     "LinearProbeResult",
     "Prediction",
     "RetrievalResult",

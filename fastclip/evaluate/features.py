@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tqdm import tqdm
 from fastclip.data.image_folder import ImageFolder
 from fastclip.data.pairs import warn_skipped
 from fastclip.data.transforms import load_image
+from fastclip.train.precision import autocast_for
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = "1"  # bump when the stored layout or the encoding procedure changes
@@ -148,16 +149,50 @@ def _key(*parts: str) -> str:
 # --- encoding
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); plain precision elsewhere."""
+def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype:
+    """bf16 on CUDA (fp16 where bf16 is unsupported) when `amp`; plain fp32, no autocast, elsewhere."""
     if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
-def _show_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
+class _Encoder:
+    """What encoding images and encoding texts share: where the model runs and in which precision, the
+    cache file of a key, the progress bar, and eval mode with L2-normalised fp32 rows on the CPU."""
+
+    def __init__(self, model: torch.nn.Module, *, amp: bool, cache_dir: str | os.PathLike | None,
+                 progress: bool | None, desc: str) -> None:
+        self.model, self.cache_dir, self.desc = model, cache_dir, desc
+        self.device = next(model.parameters()).device
+        self.use_amp = amp and self.device.type == "cuda"
+        self.autocast = autocast_for(_amp_dtype(self.device, self.use_amp), self.device)
+        self.show = sys.stderr.isatty() if progress is None else progress
+
+    def cache_file(self, kind: str, key_parts: Callable[[], Sequence[str]]) -> Path | None:
+        """The cache file of `kind` ("image", "text") for the key `key_parts()` names, or None without a
+        cache (the parts, hashes of weights and files, are computed only then)."""
+        if self.cache_dir is None:
+            return None
+        return _cache_path(self.cache_dir, kind, _key(kind, *key_parts(), f"amp={self.use_amp}"))
+
+    def bar(self, batches: Iterable) -> Iterable:
+        return tqdm(batches, desc=self.desc, unit="batch", disable=not self.show)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The model in eval mode, and back in its former mode afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def rows(self, encode: Callable[..., torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        """`encode(inputs)` (inputs on the model's device) as unit rows (B, D), normalised in fp32, on the CPU."""
+        with self.autocast():
+            encoded = encode(inputs, normalize=False)
+        return F.normalize(encoded.float(), dim=-1).cpu()
 
 
 class _ReadableImages(torch.utils.data.Dataset):
@@ -217,37 +252,24 @@ def extract_image_features(
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     if targets is not None and len(targets) != len(paths):
         raise ValueError(f"targets must have one entry per path ({len(paths)}), got {len(targets)}")
-    device = next(model.parameters()).device
-    use_amp = amp and device.type == "cuda"
-
-    path = None
-    if cache_dir is not None:
-        key = _key("image", model_id or image_tower_fingerprint(model), files_fingerprint(paths),
-                   describe_preprocess(preprocess), f"amp={use_amp}")
-        path = _cache_path(cache_dir, "image", key)
-        cached = _load_cached(path)
-        if cached is not None and {"features", "kept"} <= cached[0].keys():
-            features, kept = cached[0]["features"], cached[0]["kept"].tolist()
-            skipped = json.loads(cached[1].get("skipped", "[]"))
-            return _image_features(features, kept, skipped, paths, targets, classes, from_cache=True)
-
-    was_training = model.training
-    model.eval()
-    dataset = _ReadableImages(paths, preprocess)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate_readable, pin_memory=device.type == "cuda")
+    encoder = _Encoder(model, amp=amp, cache_dir=cache_dir, progress=progress, desc=desc)
+    path = encoder.cache_file("image", lambda: (model_id or image_tower_fingerprint(model), files_fingerprint(paths),
+                                                describe_preprocess(preprocess)))
+    cached = _load_cached(path) if path is not None else None
+    if cached is not None and {"features", "kept"} <= cached[0].keys():
+        kept, skipped = cached[0]["kept"].tolist(), json.loads(cached[1].get("skipped", "[]"))
+        return _image_features(cached[0]["features"], kept, skipped, paths, targets, classes, from_cache=True)
+    loader = torch.utils.data.DataLoader(_ReadableImages(paths, preprocess), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_collate_readable,
+                                         pin_memory=encoder.device.type == "cuda")
     rows, kept, skipped = [], [], []
-    try:
-        for indices, images, bad in tqdm(loader, desc=desc, unit="batch", disable=not _show_progress(progress)):
+    with encoder.evaluating():
+        for indices, images, bad in encoder.bar(loader):
             skipped += bad
             if images is None:
                 continue
-            with _autocast(device, use_amp):
-                encoded = model.encode_image(images.to(device, non_blocking=True), normalize=False)
-            rows.append(F.normalize(encoded.float(), dim=-1).cpu())  # (B, D), normalised in fp32
+            rows.append(encoder.rows(model.encode_image, images.to(encoder.device, non_blocking=True)))
             kept += indices
-    finally:
-        model.train(was_training)
     if not kept:
         raise ValueError(f"none of the {len(paths)} images could be read (first: {os.fspath(paths[0])!r})")
     features = torch.cat(rows)
@@ -290,47 +312,33 @@ def image_folder_features(model: torch.nn.Module, root: str | os.PathLike, prepr
 
 
 @torch.no_grad()
-def extract_text_features(
-    model: torch.nn.Module,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    texts: Sequence[str],
-    *,
-    batch_size: int = 256,
-    amp: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    model_id: str | None = None,
-    progress: bool | None = None,
-    desc: str = "encode texts",
-) -> torch.Tensor:
-    """Unit-norm float32 text features [T, D] on the CPU, cached like image features."""
+def extract_text_features(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], texts: Sequence[str],
+                          *, batch_size: int = 256, amp: bool = True, cache_dir: str | os.PathLike | None = None,
+                          model_id: str | None = None, progress: bool | None = None,
+                          desc: str = "encode texts") -> torch.Tensor:
+    """Unit-norm float32 text features [T, D] on the CPU, cached like image features (the keyword
+    arguments mean what they mean for `extract_image_features`)."""
     texts = list(texts)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError("texts must be a non-empty list of strings")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
-    use_amp = amp and device.type == "cuda"
-    path = None
-    if cache_dir is not None:
+    encoder = _Encoder(model, amp=amp, cache_dir=cache_dir, progress=progress, desc=desc)
+
+    def key_parts() -> tuple[str, ...]:
         texts_hash = hashlib.blake2b("\0".join(texts).encode(), digest_size=16).hexdigest()
         tokenizer_id = f"{type(tokenizer).__qualname__}|{getattr(tokenizer, 'context_length', '')}"
-        key = _key("text", model_id or text_tower_fingerprint(model), texts_hash, tokenizer_id, f"amp={use_amp}")
-        path = _cache_path(cache_dir, "text", key)
-        cached = _load_cached(path)
-        if cached is not None and "features" in cached[0] and cached[0]["features"].shape[0] == len(texts):
-            return cached[0]["features"]
-    was_training = model.training
-    model.eval()
+        return model_id or text_tower_fingerprint(model), texts_hash, tokenizer_id
+
+    path = encoder.cache_file("text", key_parts)
+    cached = _load_cached(path) if path is not None else None
+    if cached is not None and "features" in cached[0] and cached[0]["features"].shape[0] == len(texts):
+        return cached[0]["features"]
     rows = []
-    try:
-        starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not _show_progress(progress)):
-            tokens = tokenizer(texts[start : start + batch_size]).to(device)
-            with _autocast(device, use_amp):
-                encoded = model.encode_text(tokens, normalize=False)
-            rows.append(F.normalize(encoded.float(), dim=-1).cpu())  # (B, D)
-    finally:
-        model.train(was_training)
+    with encoder.evaluating():
+        for start in encoder.bar(range(0, len(texts), batch_size)):
+            tokens = tokenizer(texts[start : start + batch_size]).to(encoder.device)
+            rows.append(encoder.rows(model.encode_text, tokens))
     features = torch.cat(rows)
     if path is not None:
         _save_cached(path, {"features": features}, {"count": str(len(texts))})

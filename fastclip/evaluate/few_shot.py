@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fastclip.evaluate.linear_probe import PAPER_C_GRID, _as_features, _as_targets, linear_probe
+from fastclip.evaluate.linear_probe import LinearProbeConfig, _as_features, _as_targets, linear_probe
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -74,45 +74,49 @@ def few_shot(
     seeds: Sequence[int] = DEFAULT_SEEDS,
     classes: Sequence[str] | None = None,
     zero_shot: float | None = None,
-    C: float | None = None,
     fallback_C: float = 1.0,
-    C_grid: Sequence[float] = PAPER_C_GRID,
-    refine_steps: int = 2,
-    **probe_kwargs: Any,
+    config: LinearProbeConfig | None = None,
+    **options: Any,
 ) -> FewShotResult:
     """Few-shot probe accuracy for each k in `shots` and each seed in `seeds`.
 
-    C None searches C per run where possible (k >= 2), else uses `fallback_C` (a good choice is the C
-    the full linear probe picked); a number fixes C for every run. Every class of the training set must
-    have at least max(shots) examples. Other keyword arguments go to `linear_probe` (solver, device, ...).
+    Each probe is fitted as `config` (a LinearProbeConfig) says, its fields replaced by keyword `options`
+    (C, C_grid, solver, device, ...); the seed of each draw also seeds its validation split. C None
+    searches C per run where possible (k >= 2), else uses `fallback_C` (a good choice is the C the full
+    linear probe picked); a number fixes C for every run. Every class of the training set must have at
+    least max(shots) examples.
     """
+    config = LinearProbeConfig.of(config, options)
     if not shots or any(not isinstance(k, int) or k < 1 for k in shots):
         raise ValueError(f"shots must be ints >= 1, got {list(shots)!r}")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     train_x = _as_features(train_features, "train_features")
     train_y = _as_targets(train_targets, train_x.shape[0], "train_targets")
-    counts = torch.bincount(train_y)
-    present = counts > 0
-    smallest = int(counts[present].min())
-    if max(shots) > smallest:
-        c = int(torch.nonzero(present & (counts == smallest))[0])
-        name = repr(classes[c]) if classes is not None and c < len(classes) else str(c)
-        raise ValueError(f"k={max(shots)} shots per class is more than class {name} has ({smallest} training images): "
-                         f"lower the largest k or add images")
-    num_classes = probe_kwargs.pop("num_classes", None)
-    num_classes = num_classes or int(max(train_y.max(), torch.as_tensor(test_targets).max())) + 1
+    _check_shots(train_y, max(shots), classes)
+    num_classes = config.num_classes or int(max(train_y.max(), torch.as_tensor(test_targets).max())) + 1
     runs = []
     for k in sorted(set(shots)):
         for seed in seeds:
             indices = sample_k_shot(train_y, k, seed, classes=classes)
-            run_C = C if C is not None else (None if k >= 2 else fallback_C)
-            result = linear_probe(train_x[indices], train_y[indices], test_features, test_targets, C=run_C,
-                                  C_grid=C_grid, refine_steps=refine_steps, num_classes=num_classes, seed=seed,
-                                  **probe_kwargs)
+            run_C = config.C if config.C is not None else (None if k >= 2 else fallback_C)
+            run = dataclasses.replace(config, C=run_C, num_classes=num_classes, seed=seed)
+            result = linear_probe(train_x[indices], train_y[indices], test_features, test_targets, config=run)
             runs.append({"k": k, "seed": seed, "num_train": len(indices), "C": result.C, "top1": result.top1,
                          "mean_per_class": result.mean_per_class})
     return FewShotResult(shots=sorted(set(shots)), seeds=list(seeds), runs=runs, zero_shot=zero_shot)
+
+
+def _check_shots(train_y: torch.Tensor, k: int, classes: Sequence[str] | None) -> None:
+    """A ValueError naming the smallest class when it has fewer than `k` examples."""
+    counts = torch.bincount(train_y)
+    present = counts > 0
+    smallest = int(counts[present].min())
+    if k > smallest:
+        c = int(torch.nonzero(present & (counts == smallest))[0])
+        name = repr(classes[c]) if classes is not None and c < len(classes) else str(c)
+        raise ValueError(f"k={k} shots per class is more than class {name} has ({smallest} training images): "
+                         f"lower the largest k or add images")
 
 
 def plot_few_shot(result: FewShotResult, path: str | os.PathLike, *, linear_probe_top1: float | None = None,
@@ -134,7 +138,8 @@ def plot_few_shot(result: FewShotResult, path: str | os.PathLike, *, linear_prob
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     axes.plot(positions, means, "o-", color="tab:blue", label=f"linear probe, k shots ({len(result.seeds)} seeds)")
-    axes.fill_between(positions, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+    axes.fill_between(positions, [m - s for m, s in zip(means, stds, strict=True)],
+                      [m + s for m, s in zip(means, stds, strict=True)],
                       color="tab:blue", alpha=0.2, linewidth=0)
     if result.zero_shot is not None:
         axes.axhline(100 * result.zero_shot, color="tab:purple", linestyle="--", linewidth=1)

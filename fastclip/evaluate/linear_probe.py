@@ -321,32 +321,48 @@ def search_C(
     return chosen, trials, fitted[chosen]
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearProbeConfig:
+    """How `linear_probe` fits: a fixed C or the search for one, and the solver."""
+
+    C: float | None = None  # None: search C on a validation split of the training set; a number fixes it
+    C_grid: Sequence[float] = PAPER_C_GRID  # the values the search tries first
+    refine_steps: int = 2  # halvings of the grid step around the best C
+    val_fraction: float = 0.2  # share of each training class held out to choose C
+    metric: str = "top1"  # what the search maximises: "top1" or "mean_per_class"
+    solver: str = "torch"  # "torch" (L-BFGS in PyTorch) or "sklearn"
+    max_iter: int = 1000  # L-BFGS iterations per fit
+    tol: float | None = None  # gradient tolerance (default: see `fit_logistic_regression`)
+    num_classes: int | None = None  # default: the largest class index in the targets, plus one
+    seed: int = 0  # of the validation split
+    device: torch.device | str | None = None  # where the torch solver runs (default: CUDA when available)
+
+    @classmethod
+    def of(cls, config: LinearProbeConfig | None, options: dict[str, Any]) -> LinearProbeConfig:
+        """`config` (default: the defaults) with the fields named in `options` replaced."""
+        return dataclasses.replace(config or cls(), **options)
+
+
 def linear_probe(
     train_features: Any,
     train_targets: Any,
     test_features: Any,
     test_targets: Any,
     *,
-    C: float | None = None,
-    C_grid: Sequence[float] = PAPER_C_GRID,
-    refine_steps: int = 2,
-    val_fraction: float = 0.2,
-    metric: str = "top1",
-    solver: str = "torch",
-    max_iter: int = 1000,
-    tol: float | None = None,
-    num_classes: int | None = None,
-    seed: int = 0,
-    device: torch.device | str | None = None,
+    config: LinearProbeConfig | None = None,
+    **options: Any,
 ) -> LinearProbeResult:
     """Fit a logistic-regression probe on frozen train features and score it on the test features.
 
+    `config` says how (see LinearProbeConfig); keyword `options` replace its fields, so
+    `linear_probe(..., C=1.0)` and `linear_probe(..., config=LinearProbeConfig(C=1.0))` are the same probe.
     C None searches C (see the module docstring) on a stratified `val_fraction` of the training set,
     maximising `metric` ("top1" or "mean_per_class"), then refits on all training data; a number fixes C.
     Features are used as given (pass L2-normalised features as `extract_image_features` returns them).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    config = LinearProbeConfig.of(config, options)
+    if config.metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {config.metric!r}")
     train_x = _as_features(train_features, "train_features")
     test_x = _as_features(test_features, "test_features")
     if train_x.shape[1] != test_x.shape[1]:
@@ -354,24 +370,33 @@ def linear_probe(
                          f"{train_x.shape[1]} and {test_x.shape[1]}")
     train_y = _as_targets(train_targets, train_x.shape[0], "train_targets")
     test_y = _as_targets(test_targets, test_x.shape[0], "test_targets")
-    num_classes = _num_classes(num_classes, train_y, test_y)
+    num_classes = _num_classes(config.num_classes, train_y, test_y)
     missing = sorted(set(test_y.tolist()) - set(train_y.tolist()))
     if missing:
         raise ValueError(f"test classes {missing[:10]} have no training examples: the probe cannot predict them")
-    fit_kwargs = {"solver": solver, "max_iter": max_iter, "tol": tol, "device": device}
-
-    search: list[dict[str, float]] = []
-    init = None
-    if C is None:
-        fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
-        C, search, init = search_C(train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx],
-                                   num_classes=num_classes, C_grid=C_grid, refine_steps=refine_steps,
-                                   metric=metric, **fit_kwargs)
+    C, search, init = _choose_C(train_x, train_y, num_classes, config)
     classifier = fit_logistic_regression(train_x, train_y, C, num_classes=num_classes,
-                                         init=init if solver == "torch" else None, **fit_kwargs)
+                                         init=init if config.solver == "torch" else None, **_fit_options(config))
     logits = classifier.logits(test_x)
     return LinearProbeResult(
         top1=top1_accuracy(logits, test_y), mean_per_class=mean_per_class_accuracy(logits, test_y), C=float(C),
         search=search, classifier=classifier, num_train=train_x.shape[0], num_test=test_x.shape[0],
-        solver=solver, metric=metric,
+        solver=config.solver, metric=config.metric,
     )
+
+
+def _fit_options(config: LinearProbeConfig) -> dict[str, Any]:
+    """The keyword arguments of `fit_logistic_regression` that `config` sets."""
+    return {"solver": config.solver, "max_iter": config.max_iter, "tol": config.tol, "device": config.device}
+
+
+def _choose_C(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, config: LinearProbeConfig
+              ) -> tuple[float, list[dict[str, float]], LinearClassifier | None]:
+    """(C, the search's trials, the classifier fitted at C on the search's split to warm-start the refit):
+    config.C as given, or searched on a stratified validation split."""
+    if config.C is not None:
+        return config.C, [], None
+    fit_idx, val_idx = stratified_split(train_y, config.val_fraction, config.seed)
+    return search_C(train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx],
+                    num_classes=num_classes, C_grid=config.C_grid, refine_steps=config.refine_steps,
+                    metric=config.metric, **_fit_options(config))

@@ -14,8 +14,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from fastclip.train.precision import PRECISIONS
+
 DATASETS = ("synthetic", "csv", "shards")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("stop", "skip")
 LOSSES = ("clip", "siglip")
 
@@ -29,12 +30,16 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute residual blocks in the backward (less memory)
     lock_image: bool = False  # freeze the image tower (LiT-style: train the text tower only)
     # --- data
-    dataset: str = "synthetic"  # synthetic (built in, no download), csv (a CSV/TSV of paths and captions) or shards (tar shards)
+    dataset: str = "synthetic"  # synthetic (built in, no download), csv (a CSV/TSV of paths and captions) or shards
+    # (tar shards)
     train_data: str | None = None  # the CSV/TSV file, or the shard pattern ("data/{00000..00099}.tar")
-    csv_image_key: str = "filepath"  # CSV column with image paths (relative ones: to the CSV's folder, else the working directory)
+    csv_image_key: str = "filepath"  # CSV column with image paths (relative ones: to the CSV's folder, else the working
+    # directory)
     csv_caption_key: str = "title"  # CSV column with captions
-    csv_separator: str | None = None  # CSV column separator: one character, or tab as "tab" or "\t" (default: read from the header line, tab or comma)
-    use_labels: bool = False  # class-aware positives: pairs with equal class ids are positives (synthetic: colour-shape class; csv: csv_label_key; shards: each sample's cls member)
+    csv_separator: str | None = None  # CSV column separator: one character, or tab as "tab" or "\t" (default: read from
+    # the header line, tab or comma)
+    use_labels: bool = False  # class-aware positives: pairs with equal class ids are positives (synthetic: colour-shape
+    # class; csv: csv_label_key; shards: each sample's cls member)
     csv_label_key: str = "label"  # CSV column with integer class ids (read with use_labels)
     synthetic_samples: int = 50_000  # samples per epoch of the synthetic dataset
     jitter: float = 0.4  # colour-jitter strength of the training augmentation (0 disables it)
@@ -42,7 +47,8 @@ class TrainConfig:
     batch_size: int = 64  # pairs per device per optimizer step (before accumulation)
     accum_steps: int = 1  # micro-batches per step: the loss still sees the whole accumulated batch
     workers: int = 2  # DataLoader worker processes per device
-    max_skip_fraction: float = 0.5  # stop when more than this share of the first 10 batches' samples is unreadable (1: never; an epoch with no readable sample always stops)
+    max_skip_fraction: float = 0.5  # stop when more than this share of the first 10 batches' samples is unreadable (1:
+    # never; an epoch with no readable sample always stops)
     # --- optimisation
     steps: int = 1000  # optimizer steps in total
     lr: float = 5e-4  # peak learning rate
@@ -53,19 +59,25 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up, then cosine decay to 0
     grad_clip: float = 1.0  # clip the gradient norm to this (0 disables)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16 (with a GradScaler)
-    loss: str = "clip"  # clip (softmax contrastive, the model's logit_scale) or siglip (sigmoid loss with its own learnable scale and bias)
+    loss: str = "clip"  # clip (softmax contrastive, the model's logit_scale) or siglip (sigmoid loss with its own
+    # learnable scale and bias)
     loss_weight: float = 0.5  # weight of the image->text direction in the loss (loss=clip only)
     label_smoothing: float = 0.0  # (loss=clip only)
     nonfinite: str = "stop"  # on a non-finite loss: stop (raise, naming the step) or skip (drop that update)
     # --- evaluation, checkpoints, logs
     eval_every: int = 0  # zero-shot evaluation every this many steps (0: only at the end)
-    eval_images: str | None = None  # image folder with one sub-folder per class (default: synthetic runs use its held-out splits, csv and shards runs evaluate nothing)
+    eval_images: str | None = None  # image folder with one sub-folder per class (default: synthetic runs use its
+    # held-out splits, csv and shards runs evaluate nothing)
     eval_samples: int = 1000  # synthetic images per zero-shot evaluation split
     save_every: int = 0  # checkpoint every this many steps (0: only at the end, or when stopped by Ctrl-C/SIGTERM)
-    keep_checkpoints: int = 2  # newest checkpoints/step_*.pt kept, older ones deleted (0: keep all); model.safetensors is always kept
-    output_dir: str = "runs/fastclip"  # checkpoints, metrics.csv, eval.csv, curves.png, model.safetensors; must be empty unless resume or overwrite
+    keep_checkpoints: int = 2  # newest checkpoints/step_*.pt kept, older ones deleted (0: keep all); model.safetensors
+    # is always kept
+    output_dir: str = "runs/fastclip"  # checkpoints, metrics.csv, eval.csv, curves.png, model.safetensors; must be
+    # empty unless resume or overwrite
     resume: str | None = None  # continue from a checkpoint file, or "latest" in output_dir
-    overwrite: bool = False  # start over in a non-empty output_dir: first delete the files fastclip writes there (metrics.csv, eval.csv, curves.png, model.safetensors, config.json, checkpoints/, tensorboard/), never any other file
+    overwrite: bool = False  # start over in a non-empty output_dir: first delete the files fastclip writes there
+    # (metrics.csv, eval.csv, curves.png, model.safetensors, config.json, checkpoints/, tensorboard/), never any other
+    # file
     log_every: int = 10  # steps between metric rows
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
     seed: int = 0
@@ -137,14 +149,22 @@ def _field_types() -> dict[str, type]:
 
 
 def _field_help() -> dict[str, str]:
-    """The trailing comment of each field in this file's source: one place documents both."""
+    """The trailing comment of each field in this file's source: one place documents both. A long comment
+    goes on in the comment lines right below its field, up to the next field or section header ("# ---")."""
     import inspect
 
-    helps = {}
+    helps: dict[str, str] = {}
+    continued = None  # the field whose comment a comment line on its own continues
     for line in inspect.getsource(TrainConfig).splitlines():
-        name, sep, rest = line.strip().partition(":")
+        text = line.strip()
+        if continued and text.startswith("#") and not text.startswith("# ---"):
+            helps[continued] += " " + text[1:].strip()
+            continue
+        continued = None
+        name, sep, rest = text.partition(":")
         if sep and "#" in rest and name.isidentifier():
             helps[name] = rest.split("#", 1)[1].strip()
+            continued = name
     return helps
 
 
@@ -167,7 +187,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=text)
         else:
-            parser.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=text, metavar=name.upper())
+            parser.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=text,
+                                metavar=name.upper())
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -50,17 +50,19 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 class LabelledSynthetic(torch.utils.data.Dataset):
-    """SyntheticShapes items with their class index: `(image, caption, label_of(i))`."""
+    """SyntheticShapes items with their class index: `(image, caption, label_of(i))` for training, or
+    `(image, label_of(i))` with `captions=False` for zero-shot accuracy."""
 
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset, captions: bool = True) -> None:
+        self.dataset, self.captions = dataset, captions
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple:
         image, caption = self.dataset[index]
-        return image, caption, self.dataset.label_of(index)
+        label = self.dataset.label_of(index)
+        return (image, caption, label) if self.captions else (image, label)
 
 
 @dataclass
@@ -162,26 +164,33 @@ def build_train_data(config: TrainConfig, image_size: int, tokenizer, *, rank: i
     if config.dataset == "shards":
         from fastclip.data.shards import TarShardDataset
 
-        dataset = TarShardDataset(config.train_data, transform, shuffle=True, seed=config.seed, rank=rank, world_size=world_size,
-                                  label_extension="cls" if config.use_labels else None)
+        dataset = TarShardDataset(config.train_data, transform, shuffle=True, seed=config.seed, rank=rank,
+                                  world_size=world_size, label_extension="cls" if config.use_labels else None)
         lookup = "each sample is a key's jpg/jpeg/png/webp and txt members in the tar shards"
         return TrainData(torch.utils.data.DataLoader(dataset, **loader_options), config.batch_size, lookup=lookup)
-    lookup = ""
-    if config.dataset == "csv":
-        from fastclip.data.pairs import CaptionCsvDataset
-
-        dataset = CaptionCsvDataset(config.train_data, transform, image_key=config.csv_image_key, caption_key=config.csv_caption_key,
-                                    separator=config.csv_separator, label_key=config.csv_label_key if config.use_labels else None)
-        lookup = dataset.describe_lookup()
-    else:
-        from fastclip.data.synthetic import SyntheticShapes
-
-        dataset = SyntheticShapes(config.synthetic_samples, image_size, seed=config.seed, split="train", transform=transform)
-        if config.use_labels:
-            dataset = LabelledSynthetic(dataset)
+    dataset, lookup = _map_style_dataset(config, image_size, transform)
     seeded = SeededSamples(dataset, config.seed)
-    sampler = ResumableSampler(len(dataset), shuffle=True, seed=config.seed, rank=rank, world_size=world_size, drop_last=True)
+    sampler = ResumableSampler(len(dataset), shuffle=True, seed=config.seed, rank=rank, world_size=world_size,
+                               drop_last=True)
     if len(sampler) < config.batch_size:
         raise ValueError(f"each rank gets {len(sampler)} samples per epoch, fewer than batch_size={config.batch_size}")
     loader = torch.utils.data.DataLoader(seeded, sampler=sampler, **loader_options)
     return TrainData(loader, config.batch_size, sampler, seeded, lookup)
+
+
+def _map_style_dataset(config: TrainConfig, image_size: int, transform: TrainTransform
+                       ) -> tuple[torch.utils.data.Dataset, str]:
+    """(the csv or synthetic training dataset, how its sample paths are found: "" for synthetic)."""
+    if config.dataset == "csv":
+        from fastclip.data.pairs import CaptionCsvDataset
+
+        label_key = config.csv_label_key if config.use_labels else None
+        dataset = CaptionCsvDataset(config.train_data, transform, image_key=config.csv_image_key,
+                                    caption_key=config.csv_caption_key, separator=config.csv_separator,
+                                    label_key=label_key)
+        return dataset, dataset.describe_lookup()
+    from fastclip.data.synthetic import SyntheticShapes
+
+    dataset = SyntheticShapes(config.synthetic_samples, image_size, seed=config.seed, split="train",
+                              transform=transform)
+    return (LabelledSynthetic(dataset) if config.use_labels else dataset), ""

@@ -28,22 +28,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fastclip.loss import ClipLoss, SigLipLoss
+from fastclip.model.clip import MAX_LOGIT_SCALE
 from fastclip.model.factory import create_model
 from fastclip.tokenizer import ClipTokenizer
 from fastclip.train.config import TrainConfig
 from fastclip.train.data import DataHealth, build_train_data
-from fastclip.train.evaluate import evaluate_zero_shot
 from fastclip.train.interrupt import StopSignals, TrainingInterrupted
 from fastclip.train.metrics import MetricsLog, drop_rows_after, plot_curves
 from fastclip.train.optim import make_optimizer, make_scheduler
 from fastclip.train.outputs import clear_previous_run, refuse_reused_folder, write_config
+from fastclip.train.precision import autocast_for, compute_dtype
 from fastclip.train.state import (
     Progress,
     check_output_folder,
@@ -56,9 +56,12 @@ from fastclip.train.state import (
     saved_checkpoints_at_peak,
     weight_bytes,
 )
+from fastclip.train.training_loss import TrainingLoss, as_training_loss, build_training_loss
 from fastclip.train.warmup import warm_up_attention
+from fastclip.train.zero_shot_eval import evaluate_zero_shot
 
-MAX_LOG_SCALE = math.log(100.0)  # logit_scale (CLIP's, or SigLIP's) is clamped to [0, ln 100] after every step, as in CLIP
+# logit_scale (CLIP's, or SigLIP's) is clamped to [0, ln 100] after every step, as in CLIP
+MAX_LOG_SCALE = math.log(MAX_LOGIT_SCALE)
 MAX_CONSECUTIVE_NONFINITE = 20  # with nonfinite="skip": past this many in a row the run is broken, not unlucky
 
 
@@ -92,21 +95,6 @@ def setup_distributed(device_option: str | None) -> tuple[int, int, torch.device
     return rank, world_size, device
 
 
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype the matmuls run in: "auto" is bf16 on CUDA, fp32 elsewhere."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A context-manager factory: autocast in bf16/fp16, or nothing for fp32."""
-    dtype = compute_dtype(precision, device)
-    if dtype == torch.float32:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def _micro_batches(data, progress: Progress, accum_steps: int, health: DataHealth):
     """Groups of `accum_steps` non-empty micro-batches, advancing `progress`' data position as it goes;
     `health` sees every micro-batch, and stops the run when the data cannot be read."""
@@ -133,12 +121,6 @@ def _micro_batches(data, progress: Progress, accum_steps: int, health: DataHealt
         progress.batches_in_epoch = 0
 
 
-def _loss(loss_fn, images, texts, scale, labels):
-    if isinstance(loss_fn, SigLipLoss):
-        return loss_fn(images, texts, labels=labels)  # its own scale and bias, not the model's
-    return loss_fn(images, texts, scale, labels=labels)
-
-
 def _batch_labels(group, device) -> torch.Tensor | None:
     """The class ids of the whole accumulated batch, in the order its features are concatenated."""
     labelled = [b.labels is not None for b in group]
@@ -149,14 +131,16 @@ def _batch_labels(group, device) -> torch.Tensor | None:
     return torch.cat([b.labels for b in group]).to(device, non_blocking=True)
 
 
-def _train_step(model, loss_fn, group, *, device, autocast, scaler, ddp: bool) -> float:
-    """Forward and backward of one optimizer step over the micro-batches in `group`; returns the loss."""
+def _train_step(model, loss_fn: TrainingLoss | torch.nn.Module, group, *, device, autocast, scaler, ddp: bool) -> float:
+    """Forward and backward of one optimizer step over the micro-batches in `group`; returns the loss.
+    `loss_fn` is a TrainingLoss, or a bare loss module (adapted by `as_training_loss`)."""
+    loss_fn = as_training_loss(loss_fn)
     inputs = [(b.images.to(device, non_blocking=True), b.tokens.to(device, non_blocking=True)) for b in group]
     labels = _batch_labels(group, device)
     if len(inputs) == 1:
         with autocast():
             image, text, scale = model(*inputs[0])
-            loss = _loss(loss_fn, image, text, scale, labels)
+            loss = loss_fn(image, text, scale, labels)
         scaler.scale(loss).backward()
         return loss.item()
     with torch.no_grad(), autocast():
@@ -168,7 +152,7 @@ def _train_step(model, loss_fn, group, *, device, autocast, scaler, ddp: bool) -
             images = torch.cat([image_j if i == j else c[0] for i, c in enumerate(cached)])
             texts = torch.cat([text_j if i == j else c[1] for i, c in enumerate(cached)])
             scale = scale / len(inputs) + scale.detach() * (1 - 1 / len(inputs))  # value s, 1/k of its gradient
-            loss = _loss(loss_fn, images, texts, scale, labels)
+            loss = loss_fn(images, texts, scale, labels)
         scaler.scale(loss).backward()
     for param in loss_fn.parameters():  # SigLIP's scale and bias took the whole gradient in each of the k passes
         if param.grad is not None:
@@ -182,15 +166,6 @@ def _build_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
     if config.lock_image:
         model.visual.requires_grad_(False)
     return model
-
-
-def _build_loss(config: TrainConfig, model, device: torch.device) -> tuple[torch.nn.Module, SigLipLoss | None]:
-    """(the loss, the same loss when it has parameters to train and save, else None)."""
-    if config.loss == "siglip":
-        loss_fn = SigLipLoss().to(device)  # SigLIP's init: scale log 10, bias -10
-        model.logit_scale.requires_grad_(False)  # unused by the loss: frozen, so DDP sees no unused parameter
-        return loss_fn, loss_fn
-    return ClipLoss(weight=config.loss_weight, label_smoothing=config.label_smoothing), None
 
 
 def _planned_saves(config: TrainConfig) -> int:
@@ -233,135 +208,210 @@ def _optimizer_step(optimizer, scheduler, scaler, trainable, grad_clip: float, s
         scale_param.clamp_(0.0, MAX_LOG_SCALE)
 
 
-def _metrics_row(progress: Progress, loss: float, lr: float, scale_param, learned_loss, samples_per_s: float) -> dict:
-    # the loss is the global batch's, the same on every rank: nothing to average
-    row = {"step": progress.step, "epoch": progress.epoch, "loss": loss, "lr": lr,
-           "logit_scale": scale_param.exp().item(), "samples_per_s": samples_per_s,
-           "samples_seen": progress.samples_seen, "skipped": progress.skipped,
-           "nonfinite_skipped": progress.nonfinite_skipped}
-    if learned_loss is not None:
-        row["logit_bias"] = learned_loss.logit_bias.item()
-    return row
+def _due(every: int, step: int, last: int) -> bool:
+    """Whether a periodic action (every `every` steps, 0: never) falls on `step`, the end excepted."""
+    return bool(every) and step % every == 0 and step < last
+
+
+class _Run:
+    """One training run: what `train` builds (model, loss, optimizer, data, state), then its step,
+    evaluation and checkpoint. Every rank trains; rank 0 alone logs, evaluates and writes."""
+
+    def __init__(self, config: TrainConfig, show_progress: bool | None) -> None:
+        self.config = config
+        rank, self.world_size, self.device = setup_distributed(config.device)
+        self.is_main, self.ddp = rank == 0, self.world_size > 1
+        self.output_dir = Path(config.output_dir)
+        if self.is_main:  # before any slow setup: two runs never share a folder
+            refuse_reused_folder(self.output_dir, resume=config.resume, overwrite=config.overwrite)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+        self._build(rank)
+        self._restore()
+        self._prepare_model()
+        self._open_outputs(show_progress)
+
+    # --- building the run
+
+    def _build(self, rank: int) -> None:
+        """Model, loss, tokenizer, data, optimizer, schedule and mixed precision; rank 0 checks the folder."""
+        config, device = self.config, self.device
+        self.model = _build_model(config, device)
+        self.loss = build_training_loss(config, self.model, device)
+        self.tokenizer = ClipTokenizer(context_length=self.model.config.text.context_length)
+        self.data = build_train_data(config, self.model.image_size, self.tokenizer, rank=rank,
+                                     world_size=self.world_size)
+        self.optimizer = make_optimizer(self.model, lr=config.lr, weight_decay=config.weight_decay,
+                                        betas=(config.beta1, config.beta2), eps=config.eps, extra=self.loss.learned)
+        self.scheduler = make_scheduler(self.optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
+        self.autocast = autocast_for(config.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        if self.is_main:
+            _prepare_output_folder(self.output_dir, self.config, self.model, self.optimizer)
+
+    def _restore(self) -> None:
+        """The progress so far: a fresh start, or the state of the checkpoint to resume."""
+        self.progress = Progress()
+        if not self.config.resume:
+            return
+        path = resolve_resume(self.config.resume, self.output_dir / "checkpoints")
+        self.progress, _ = load_training_state(path, model=self.model, optimizer=self.optimizer,
+                                               scheduler=self.scheduler, scaler=self.scaler, loss=self.loss.learned)
+        if self.is_main:
+            drop_rows_after(self.output_dir, self.progress.step)
+
+    def _prepare_model(self) -> None:
+        """Tune the attention kernels, wrap the model for DDP, and put it in training mode."""
+        config, device = self.config, self.device
+        # Every rank autotunes the attention kernels here, together, rather than at random steps later.
+        warm_up_attention(self.model, config.batch_size, device, self.autocast,
+                          compute_dtype(config.precision, device))
+        device_ids = [device.index] if device.type == "cuda" else None
+        self.trained = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+                        if self.ddp else self.model)
+        _set_train_mode(self.model, config)
+
+    def _open_outputs(self, show_progress: bool | None) -> None:
+        """The result, the logs (rank 0), the progress bar and the per-step bookkeeping."""
+        config = self.config
+        self.result = TrainResult(output_dir=self.output_dir)
+        self.log = MetricsLog(self.output_dir, tensorboard=config.tensorboard) if self.is_main else None
+        if self.is_main:
+            write_config(self.output_dir, config.to_dict())
+        self.evaluates = _evaluates(config, self.is_main)
+        show = self.is_main and (sys.stderr.isatty() if show_progress is None else show_progress)
+        self.bar = tqdm(total=config.steps, initial=self.progress.step, desc="train", unit="step", disable=not show,
+                        dynamic_ncols=True)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad] + self.loss.parameters()
+        self.log_scale = self.loss.log_scale(self.model)
+        self.health = DataHealth(config.max_skip_fraction, self.data.lookup)
+        self.window_start, self.window_samples = time.perf_counter(), 0
+        self.nonfinite_in_a_row = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint written, and its path
+        self.saved_path: Path | None = None
+
+    # --- one step
+
+    def step(self, group: list) -> bool:
+        """One optimizer step over the micro-batches in `group`; False when a non-finite loss dropped it."""
+        loss = _train_step(self.trained, self.loss, group, device=self.device, autocast=self.autocast,
+                           scaler=self.scaler, ddp=self.ddp)
+        if not math.isfinite(loss):  # every rank sees the same value: the loss is the global batch's
+            self._drop_nonfinite(loss)
+            return False
+        self.nonfinite_in_a_row = 0
+        _optimizer_step(self.optimizer, self.scheduler, self.scaler, self.trainable, self.config.grad_clip,
+                        self.log_scale)
+        self.progress.step += 1
+        step_samples = sum(b.images.shape[0] for b in group) * self.world_size
+        self.progress.samples_seen += step_samples
+        self.window_samples += step_samples
+        self.result.losses.append(loss)
+        self.bar.update(1)
+        self._log_metrics(loss)
+        return True
+
+    def _drop_nonfinite(self, loss: float) -> None:
+        """Skip the update of a non-finite loss, or stop the run as `config.nonfinite` says."""
+        message = f"the loss became {loss} at step {self.progress.step + 1}"
+        self.nonfinite_in_a_row += 1
+        if self.config.nonfinite == "stop" or self.nonfinite_in_a_row > MAX_CONSECUTIVE_NONFINITE:
+            raise FloatingPointError(f"{message}; lower lr, use precision=bf16/fp32, or nonfinite=skip")
+        self.optimizer.zero_grad(set_to_none=True)  # drop this update; the micro-batches stay consumed
+        self.progress.nonfinite_skipped += 1
+        self.bar.write(f"{message}: update skipped ({self.progress.nonfinite_skipped} so far)")
+
+    def _log_metrics(self, loss: float) -> None:
+        """A metrics row every log_every steps and at the last; the throughput is over the steps since the last."""
+        step = self.progress.step
+        if step % self.config.log_every != 0 and step != self.config.steps:
+            return
+        per_s = self.window_samples / max(time.perf_counter() - self.window_start, 1e-9)
+        # the loss is the global batch's, the same on every rank: nothing to average
+        row = {"step": step, "epoch": self.progress.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+               "logit_scale": self.log_scale.exp().item(), "samples_per_s": per_s,
+               "samples_seen": self.progress.samples_seen, "skipped": self.progress.skipped,
+               "nonfinite_skipped": self.progress.nonfinite_skipped, **self.loss.metrics()}
+        if self.is_main:
+            self.log.write("metrics", row)
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{per_s:.0f}", lr=f"{row['lr']:.2e}")
+        self.window_start, self.window_samples = time.perf_counter(), 0
+
+    def after_step(self, stop: StopSignals) -> None:
+        """The periodic evaluation and checkpoint, then the stop a signal asked for."""
+        step, config = self.progress.step, self.config
+        if _due(config.eval_every, step, config.steps):
+            self.evaluate()
+        if _due(config.save_every, step, config.steps):
+            self.save(stop)
+        if stop.requested(self.ddp, self.device):
+            self._interrupt(stop)
+
+    # --- evaluation and saving
+
+    def evaluate(self) -> None:
+        """Zero-shot accuracy now (rank 0, when the run evaluates); the other ranks wait for it."""
+        if self.is_main and self.evaluates:
+            config = self.config
+            scores = evaluate_zero_shot(self.model, self.tokenizer, image_folder=config.eval_images,
+                                        synthetic_samples=config.eval_samples, seed=config.seed + 1,
+                                        device=self.device, autocast=self.autocast)
+            row = {"step": self.progress.step, **scores}
+            _set_train_mode(self.model, config)
+            self.result.evals.append(row)
+            self.log.write("eval", row)
+            self.bar.write("eval step {step}: ".format(**row) + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        if self.ddp:
+            dist.barrier()
+
+    def save(self, stop: StopSignals) -> Path | None:
+        """Checkpoint this step (rank 0, once per step); the path of the last checkpoint written."""
+        if self.is_main and self.saved_step != self.progress.step:
+            folder = self.output_dir / "checkpoints"
+            with stop.saving_checkpoint():  # a signal now waits: the stop it asks for saves anyway
+                path = save_training_state(folder, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, scaler=self.scaler, progress=self.progress,
+                                           config=self.config.to_dict(), loss=self.loss.learned)
+                prune_checkpoints(folder, self.config.keep_checkpoints, path)
+            self.saved_step, self.saved_path = self.progress.step, path
+        return self.saved_path
+
+    def _interrupt(self, stop: StopSignals) -> NoReturn:
+        """End the run at a stop signal: checkpoint this step (rank 0), then raise TrainingInterrupted everywhere."""
+        path = self.save(stop)
+        if self.ddp:
+            dist.barrier()  # rank 0's checkpoint is complete before any rank exits
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+        raise TrainingInterrupted(self.progress.step, path)
+
+    def finish(self) -> TrainResult:
+        """After the last step: report skipped samples; rank 0 writes the final weights and the curves."""
+        self.result.skipped = self.progress.skipped
+        _report_skipped(self.health, self.progress.skipped, self.is_main)
+        if self.is_main:
+            from fastclip.checkpoint import save_checkpoint
+
+            self.result.model_path = self.output_dir / "model.safetensors"
+            save_checkpoint(self.model, self.result.model_path)
+            plot_curves(self.output_dir, loss_name=self.loss.curve_label)
+            self.log.close()
+        return self.result
 
 
 def train(config: TrainConfig, *, show_progress: bool | None = None) -> TrainResult:
     """Train a CLIP model as `config` says; see TrainConfig for every option. On SIGINT/SIGTERM it saves
     the last finished step and raises `TrainingInterrupted`."""
-    rank, world_size, device = setup_distributed(config.device)
-    is_main = rank == 0
-    output_dir = Path(config.output_dir)
-    if is_main:  # before any slow setup: two runs never share a folder
-        refuse_reused_folder(output_dir, resume=config.resume, overwrite=config.overwrite)
-    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
-
-    model = _build_model(config, device)
-    loss_fn, learned_loss = _build_loss(config, model, device)
-    tokenizer = ClipTokenizer(context_length=model.config.text.context_length)
-    data = build_train_data(config, model.image_size, tokenizer, rank=rank, world_size=world_size)
-    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
-                               betas=(config.beta1, config.beta2), eps=config.eps, extra=learned_loss)
-    scheduler = make_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
-    autocast = autocast_for(config.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    if is_main:
-        _prepare_output_folder(output_dir, config, model, optimizer)
-
-    progress = Progress()
-    if config.resume:
-        progress, _ = load_training_state(resolve_resume(config.resume, output_dir / "checkpoints"), model=model,
-                                          optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss=learned_loss)
-        if is_main:
-            drop_rows_after(output_dir, progress.step)
-    # Every rank autotunes the attention kernels here, together, rather than at random steps later.
-    warm_up_attention(model, config.batch_size, device, autocast, compute_dtype(config.precision, device))
-    ddp = world_size > 1
-    trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
-    _set_train_mode(model, config)
-
-    result = TrainResult(output_dir=output_dir)
-    log = MetricsLog(output_dir, tensorboard=config.tensorboard) if is_main else None
-    if is_main:
-        write_config(output_dir, config.to_dict())
-    evaluates = _evaluates(config, is_main)
-    show = is_main and (sys.stderr.isatty() if show_progress is None else show_progress)
-    bar = tqdm(total=config.steps, initial=progress.step, desc="train", unit="step", disable=not show, dynamic_ncols=True)
-    trainable = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.parameters())
-    scale_param = learned_loss.logit_scale if learned_loss is not None else model.logit_scale
-    health = DataHealth(config.max_skip_fraction, data.lookup)
-    window_start, window_samples = time.perf_counter(), 0
-    nonfinite_in_a_row = 0
-    saved: dict[str, Any] = {"step": None, "path": None}  # the last checkpoint written
-
-    def evaluate() -> None:
-        if is_main and evaluates:
-            scores = evaluate_zero_shot(model, tokenizer, image_folder=config.eval_images, synthetic_samples=config.eval_samples,
-                                        seed=config.seed + 1, device=device, autocast=autocast)
-            row = {"step": progress.step, **scores}
-            _set_train_mode(model, config)
-            result.evals.append(row)
-            log.write("eval", row)
-            bar.write("eval step {step}: ".format(**row) + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        if ddp:
-            dist.barrier()
-
-    def save() -> Path | None:
-        if is_main and saved["step"] != progress.step:
-            with stop.saving_checkpoint():  # a signal now waits: the stop it asks for saves anyway
-                path = save_training_state(output_dir / "checkpoints", model=model, optimizer=optimizer, scheduler=scheduler,
-                                           scaler=scaler, progress=progress, config=config.to_dict(), loss=learned_loss)
-                prune_checkpoints(output_dir / "checkpoints", config.keep_checkpoints, path)
-            saved.update(step=progress.step, path=path)
-        return saved["path"]
-
-    with StopSignals() as stop, contextlib.closing(_micro_batches(data, progress, config.accum_steps, health)) as batches:
-        while progress.step < config.steps:
-            group = next(batches)
-            loss = _train_step(trained, loss_fn, group, device=device, autocast=autocast, scaler=scaler, ddp=ddp)
-            if not math.isfinite(loss):  # every rank sees the same value: the loss is the global batch's
-                message = f"the loss became {loss} at step {progress.step + 1}"
-                nonfinite_in_a_row += 1
-                if config.nonfinite == "stop" or nonfinite_in_a_row > MAX_CONSECUTIVE_NONFINITE:
-                    raise FloatingPointError(f"{message}; lower lr, use precision=bf16/fp32, or nonfinite=skip")
-                optimizer.zero_grad(set_to_none=True)  # drop this update; the micro-batches stay consumed
-                progress.nonfinite_skipped += 1
-                bar.write(f"{message}: update skipped ({progress.nonfinite_skipped} so far)")
-                continue
-            nonfinite_in_a_row = 0
-            _optimizer_step(optimizer, scheduler, scaler, trainable, config.grad_clip, scale_param)
-            progress.step += 1
-            step_samples = sum(b.images.shape[0] for b in group) * world_size
-            progress.samples_seen += step_samples
-            window_samples += step_samples
-            result.losses.append(loss)
-            bar.update(1)
-
-            if progress.step % config.log_every == 0 or progress.step == config.steps:
-                per_s = window_samples / max(time.perf_counter() - window_start, 1e-9)
-                row = _metrics_row(progress, loss, scheduler.get_last_lr()[0], scale_param, learned_loss, per_s)
-                if is_main:
-                    log.write("metrics", row)
-                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{per_s:.0f}", lr=f"{row['lr']:.2e}")
-                window_start, window_samples = time.perf_counter(), 0
-            if config.eval_every and progress.step % config.eval_every == 0 and progress.step < config.steps:
-                evaluate()
-            if config.save_every and progress.step % config.save_every == 0 and progress.step < config.steps:
-                save()
-            if stop.requested(ddp, device):
-                _stop(save, progress.step, ddp, bar, log)
-
-        bar.close()
-        evaluate()
-        save()
-    result.skipped = progress.skipped
-    _report_skipped(health, progress.skipped, is_main)
-    if is_main:
-        from fastclip.checkpoint import save_checkpoint
-
-        result.model_path = output_dir / "model.safetensors"
-        save_checkpoint(model, result.model_path)
-        plot_curves(output_dir, loss_name="sigmoid loss" if config.loss == "siglip" else "contrastive loss")
-        log.close()
-    return result
+    run = _Run(config, show_progress)
+    batches = _micro_batches(run.data, run.progress, config.accum_steps, run.health)
+    with StopSignals() as stop, contextlib.closing(batches):
+        while run.progress.step < config.steps:
+            if run.step(next(batches)):
+                run.after_step(stop)
+        run.bar.close()
+        run.evaluate()
+        run.save(stop)
+    return run.finish()
 
 
 def _report_skipped(health: DataHealth, skipped: int, is_main: bool) -> None:
@@ -369,17 +419,6 @@ def _report_skipped(health: DataHealth, skipped: int, is_main: bool) -> None:
     health.flush()
     if skipped and is_main:
         print(f"skipped {skipped} unreadable samples on rank 0 (reasons logged above, once per file)", file=sys.stderr)
-
-
-def _stop(save, step: int, ddp: bool, bar, log: MetricsLog | None) -> None:
-    """End the run at a stop signal: checkpoint this step (rank 0), then raise TrainingInterrupted everywhere."""
-    path = save()
-    if ddp:
-        dist.barrier()  # rank 0's checkpoint is complete before any rank exits
-    bar.close()
-    if log is not None:
-        log.close()
-    raise TrainingInterrupted(step, path)
 
 
 def _set_train_mode(model, config: TrainConfig) -> None:

@@ -14,8 +14,8 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from fastclip.model.transformer import MultiheadSelfAttention
 from fastclip.backends import resolve_attention_backend
+from fastclip.model.transformer import MultiheadSelfAttention
 
 START_OF_TEXT, END_OF_TEXT = 49406, 49407
 
