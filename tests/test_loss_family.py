@@ -21,7 +21,8 @@ from fastclip.functional import (
     sigmoid_loss_share,
     supcon_loss_share,
 )
-from fastclip.ops.reference import label_contrastive_loss_reference, sigmoid_loss_reference, supcon_loss_reference
+from fastclip.ops.reference import contrastive_loss_reference as label_contrastive_loss_reference
+from fastclip.ops.reference import sigmoid_loss_reference, supcon_loss_reference
 from fastclip.ops.supcon_loss import as_temperature_scale
 from loss_helpers import LOSS_TARGETS, LOW_PRECISION, RELATIVE_TOLERANCE, _natural_size, error, features, scale_tensor
 

@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fastclip import ClipLoss, SigLipLoss, SupConLoss
-from fastclip.ops.reference import label_contrastive_loss_reference, sigmoid_loss_reference, supcon_loss_reference
+from fastclip.ops.reference import contrastive_loss_reference as label_contrastive_loss_reference
+from fastclip.ops.reference import sigmoid_loss_reference, supcon_loss_reference
 from distributed_helpers import make_problem
 
 DTYPES = (torch.float64, torch.float32)

@@ -32,7 +32,8 @@ import fastclip
 from fastclip import _extension
 from fastclip.functional import contrastive_lse
 from fastclip.ops import contrastive_lse_torch
-from fastclip.ops.reference import label_contrastive_loss_reference, supcon_loss_reference
+from fastclip.ops.reference import contrastive_loss_reference as label_contrastive_loss_reference
+from fastclip.ops.reference import supcon_loss_reference
 
 DTYPES = (torch.bfloat16, torch.float16)
 ROUNDINGS = 4  # the output's own rounding is one; fp32 products and sums add well under one more

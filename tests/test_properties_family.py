@@ -23,7 +23,8 @@ from loss_helpers import LOSS_TARGETS
 from test_properties import accumulate, fixed_settings
 
 import fastclip
-from fastclip.ops.reference import label_contrastive_loss_reference, sigmoid_loss_reference, supcon_loss_reference
+from fastclip.ops.reference import contrastive_loss_reference as label_contrastive_loss_reference
+from fastclip.ops.reference import sigmoid_loss_reference, supcon_loss_reference
 
 DTYPES = (torch.float32, torch.float64)
 

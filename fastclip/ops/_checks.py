@@ -9,17 +9,24 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_features(image: torch.Tensor, text: torch.Tensor, names: tuple[str, str] = ("image_features", "text_features")) -> None:
+def check_float_tensor(name: str, t: torch.Tensor, dims: list[str]) -> None:
+    """A non-empty floating tensor with one dimension per entry of `dims` (their names, for messages)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(dims):
+        raise ValueError(f"{name} must be {len(dims)}-D [{', '.join(dims)}], got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}; {' and '.join(dims)} must be positive")
+
+
+def check_features(
+    image: torch.Tensor, text: torch.Tensor, names: tuple[str, str] = ("image_features", "text_features")
+) -> None:
     """Both [rows, D] floating tensors of one dtype and device, non-empty, same D (`names` for messages)."""
-    for name, t in zip(names, (image, text)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-        if t.shape[0] == 0 or t.shape[1] == 0:
-            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}; the batch and feature dim must be positive")
+    for name, t in zip(names, (image, text), strict=True):
+        check_float_tensor(name, t, ["batch", "dim"])
     first, second = names
     if image.dtype != text.dtype:
         raise TypeError(f"{first} and {second} must have the same dtype, got {image.dtype} and {text.dtype}")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastclip.backends import resolve_attention_backend
-from fastclip.ops._checks import FLOAT_DTYPES
+from fastclip.ops._checks import check_float_tensor
 from fastclip.ops.attention_masks import visible_keys
 
 def check_attention_inputs(
@@ -37,14 +37,7 @@ def check_attention_inputs(
 ) -> None:
     """Shapes, dtypes and devices; raises TypeError/ValueError naming the argument and the expectation."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-        if t.numel() == 0:
-            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}; batch, heads, seq and head_dim must be positive")
+        check_float_tensor(name, t, ["batch", "heads", "seq", "head_dim"])
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if not (q.device == k.device == v.device):

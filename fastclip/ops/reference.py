@@ -22,22 +22,6 @@ def contrastive_lse_reference(
     return logits.logsumexp(1), logits.logsumexp(0)
 
 
-def contrastive_loss_reference(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale: torch.Tensor | float,
-    *,
-    weight: float = 0.5,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """CLIP's symmetric loss: weight * CE(image->text) + (1 - weight) * CE(text->image), mean over the batch."""
-    logits = _logits(image, text, logit_scale)
-    target = torch.arange(logits.shape[0], device=logits.device)
-    per_image = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-    per_text = F.cross_entropy(logits.T, target, label_smoothing=label_smoothing)
-    return weight * per_image + (1.0 - weight) * per_text
-
-
 def _soft_targets(labels: torch.Tensor | None, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Row-stochastic targets: uniform over the pairs with the row's label (the identity without labels)."""
     if labels is None:
@@ -46,16 +30,17 @@ def _soft_targets(labels: torch.Tensor | None, n: int, device: torch.device, dty
     return same / same.sum(1, keepdim=True)
 
 
-def label_contrastive_loss_reference(
+def contrastive_loss_reference(
     image: torch.Tensor,
     text: torch.Tensor,
     logit_scale: torch.Tensor | float,
-    labels: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
     *,
     weight: float = 0.5,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """The CLIP loss with every equal-label pair a positive, as cross-entropy against soft targets."""
+    """CLIP's symmetric loss: weight * CE(image->text) + (1 - weight) * CE(text->image), mean over the batch;
+    with `labels` every equal-label pair is a positive (cross-entropy against soft targets)."""
     logits = _logits(image, text, logit_scale)
     targets = _soft_targets(labels, logits.shape[0], logits.device, logits.dtype)  # symmetric, as are its columns
     per_image = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
