@@ -10,6 +10,8 @@
 //    G = gr * P_row + gc * P_col into a [chunk, N] buffer, then two GEMMs give the feature gradients.
 // A masked diagonal (entries (i, i + d)) is set to -inf in each tile before it is reduced.
 // No N x N matrix is ever stored.
+// With FASTCLIP_CPU_LOSS_PATH=chunked the ops run the CUDA chunked path's driver instead, with its CPU
+// epilogue (chunked/chunked_loss.h), so that the CPU tests check that path's arithmetic.
 #include <torch/library.h>
 
 #include <cmath>
@@ -17,7 +19,10 @@
 #include <optional>
 #include <vector>
 
+#include "chunked/chunked_loss.h"
+#include "chunked/loss_path.h"
 #include "common.h"
+#include "cpu/chunked_epilogue_cpu.h"
 #include "cpu/tile_sweep_cpu.h"
 #include "ops/contrastive_loss_backward.h"
 #include "ops/contrastive_lse.h"
@@ -26,6 +31,9 @@ namespace fastclip {
 namespace {
 
 using cpu::kRowBlock;
+
+// The chunked path's scratch budget on CPU: the tile sweep's.
+int64_t chunk_budget() { return chunk_budget_bytes(cpu::kScratchBudgetBytes); }
 
 // The column of row r that the mask removes, or -1 (no mask, or the diagonal misses row r).
 inline int64_t masked_column(const std::optional<int64_t>& diagonal, int64_t r, int64_t cols) {
@@ -155,6 +163,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& image, 
                                                        const at::Tensor& logit_scale,
                                                        std::optional<int64_t> masked_diagonal) {
   check_lse_inputs(image, text, logit_scale);
+  if (cpu_loss_path() == LossPath::kChunked)
+    return chunked::contrastive_lse(image, text, logit_scale, masked_diagonal, cpu_chunk_epilogue(), chunk_budget());
   const auto acc_type = cpu::accumulate_type(image.scalar_type());
   // Detached: the GEMMs run in parallel_for worker threads, which do not inherit grad mode.
   const auto img = image.detach().to(acc_type).contiguous(), txt = text.detach().to(acc_type).contiguous();
@@ -183,6 +193,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cpu(
     std::optional<int64_t> masked_diagonal) {
   check_lse_inputs(image, text, logit_scale);
   check_lse_backward_inputs(grad_row, grad_col, image, text, row_lse, col_lse);
+  if (cpu_loss_path() == LossPath::kChunked)
+    return chunked::contrastive_lse_backward(grad_row, grad_col, image, text, logit_scale, row_lse, col_lse,
+                                             masked_diagonal, cpu_chunk_epilogue(), chunk_budget());
   const auto acc_type = cpu::accumulate_type(image.scalar_type());
   const auto img = image.detach().to(acc_type).contiguous(), txt = text.detach().to(acc_type).contiguous();
   const auto gr = grad_row.to(acc_type).contiguous(), gc = grad_col.to(acc_type).contiguous();
@@ -211,6 +224,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cpu(
   check_lse_inputs(image, text, logit_scale);
   check_lse_backward_inputs(grad_row, grad_col, image, text, row_lse, col_lse);
   check_loss_backward_inputs(grad_positive, grad_uniform, grad_pair, row_ids, col_ids, partner, image, text);
+  if (cpu_loss_path() == LossPath::kChunked)
+    return chunked::contrastive_loss_backward(grad_row, grad_col, grad_positive, grad_uniform, grad_pair, image, text,
+                                              logit_scale, row_lse, col_lse, row_ids, col_ids, partner,
+                                              masked_diagonal, cpu_chunk_epilogue(), chunk_budget());
   const auto acc_type = cpu::accumulate_type(image.scalar_type());
   const auto img = image.detach().to(acc_type).contiguous(), txt = text.detach().to(acc_type).contiguous();
   const auto as_acc = [&](const at::Tensor& t) { return t.detach().to(acc_type).contiguous(); };

@@ -7,14 +7,19 @@
 // and two GEMMs turn it into the feature gradients (the shared loop in cuda_glue.h).
 // masked_diagonal = d leaves out the entries (i, i + d); the kernels take the diagonal relative to the
 // rows and columns they are given, so a chunk at row r0 gets d + r0 and a block at (r0, c0) d + r0 - c0.
+// That is the fused path. Each call may take the chunked path instead (cuBLAS GEMMs plus one epilogue
+// pass, chunked/chunked_loss.h), as cuda_loss_path (chunked/loss_path.h) decides.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
+#include "chunked/chunked_loss.h"
+#include "chunked/loss_path.h"
 #include "common.h"
 #include "contrastive_lse.cuh"
+#include "cuda/chunked_epilogue_cuda.h"
 #include "cuda/cuda_glue.h"
 #include "ops/contrastive_loss_backward.h"
 #include "ops/contrastive_lse.h"
@@ -27,7 +32,14 @@ constexpr const char* kOp = "contrastive_lse";
 void check_cuda_inputs(const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale) {
   check_lse_inputs(image, text, logit_scale);
   glue::check_cuda_device(image, logit_scale, kOp);
+  glue::element_type(image, kOp);  // float32, bfloat16 or float16, whichever path runs
 }
+
+bool chunked_path(const at::Tensor& image, const at::Tensor& text) {
+  return cuda_loss_path(image.size(0), text.size(0), image.size(1), image.scalar_type()) == LossPath::kChunked;
+}
+
+int64_t chunk_budget() { return chunk_budget_bytes(glue::kScratchBudgetBytes); }
 
 // The mask as the kernels take it: a diagonal that misses the n x N matrix altogether masks nothing, and
 // dropping it keeps every offset the kernels see (d + r0 - c0) far from int64 overflow: |d| < n + N.
@@ -41,6 +53,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cuda(const at::Tensor& image,
                                                         std::optional<int64_t> masked_diagonal) {
   check_cuda_inputs(image, text, logit_scale);
   const c10::cuda::CUDAGuard guard(image.device());
+  if (chunked_path(image, text))
+    return chunked::contrastive_lse(image, text, logit_scale, masked_diagonal, cuda_chunk_epilogue(), chunk_budget());
   const auto type = glue::element_type(image, kOp);
   const auto img = image.contiguous(), txt = text.contiguous();
   const auto scale = logit_scale.to(at::kFloat).contiguous();  // read on the device: no host sync
@@ -107,6 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
   check_cuda_inputs(image, text, logit_scale);
   check_lse_backward_inputs(grad_row, grad_col, image, text, row_lse, col_lse);
   const c10::cuda::CUDAGuard guard(image.device());
+  if (chunked_path(image, text))
+    return chunked::contrastive_lse_backward(grad_row, grad_col, image, text, logit_scale, row_lse, col_lse,
+                                             masked_diagonal, cuda_chunk_epilogue(), chunk_budget());
   const auto type = glue::element_type(image, kOp);
   const auto img = image.contiguous(), txt = text.contiguous();
   const auto scale = logit_scale.to(at::kFloat).contiguous();
@@ -144,6 +161,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(
   check_lse_backward_inputs(grad_row, grad_col, image, text, row_lse, col_lse);
   check_loss_backward_inputs(grad_positive, grad_uniform, grad_pair, row_ids, col_ids, partner, image, text);
   const c10::cuda::CUDAGuard guard(image.device());
+  if (chunked_path(image, text))
+    return chunked::contrastive_loss_backward(grad_row, grad_col, grad_positive, grad_uniform, grad_pair, image, text,
+                                              logit_scale, row_lse, col_lse, row_ids, col_ids, partner,
+                                              masked_diagonal, cuda_chunk_epilogue(), chunk_budget());
   const auto type = glue::element_type(image, kOp);
   const auto img = image.contiguous(), txt = text.contiguous();
   const auto scale = logit_scale.to(at::kFloat).contiguous();

@@ -1,13 +1,12 @@
-// Host-side pieces shared by the ATen glue of the fused CUDA kernels (contrastive_lse_cuda.cu,
-// pairwise_sigmoid_cuda.cu): dtype and float32-policy mapping, device checks, the launch geometry, and
-// the backward's loop over gradient-tile blocks.
+// Host-side pieces shared by the ATen glue of the CUDA kernels (contrastive_lse_cuda.cu,
+// pairwise_sigmoid_cuda.cu, chunked_epilogue_cuda.cu): dtype and float32-policy mapping, device checks,
+// the launch geometry, and the fused kernels' view of the backward loop over gradient-tile blocks.
 //
-// Every backward here has the same shape: for a block of rows x columns, a fused kernel recomputes the
-// similarity tiles and writes s * G for the block into a scratch tile in the input dtype (fp16 tiles
-// times a power of two that keeps them in range, see TileScaling), and two cuBLAS GEMMs turn it into the
-// feature gradients (the G @ text product has a D-wide output that does not fit in registers; a real
-// GEMM runs it near peak). backward_through_gradient_blocks() runs that loop; the op supplies only the
-// kernel launch for one block.
+// Every backward here has the same shape: for a block of rows x columns, a kernel writes s * G for the
+// block into a scratch tile in the input dtype, and two cuBLAS GEMMs turn it into the feature gradients
+// (the device-agnostic loop of gradient_blocks.h). backward_through_gradient_blocks() runs that loop for
+// a fused kernel, which recomputes the similarity tiles itself; the op supplies only the kernel launch
+// for one block.
 // Only c10/cuda headers (no ATen/cuda/CUDAContext.h, which drags in cuBLAS/cuSPARSE headers), so the
 // glue also compiles against a CPU build of PyTorch plus the CUDA toolkit: CI checks it with nvcc.
 #pragma once
@@ -26,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "gradient_blocks.h"
 #include "tile_config.cuh"
 
 namespace fastclip {
@@ -77,61 +77,12 @@ inline int column_splits(int64_t row_blocks, int64_t cols, int device) {
 
 inline int64_t row_blocks_of(int64_t rows) { return (rows + cuda::kRowBlock - 1) / cuda::kRowBlock; }
 
-// Rows and columns of the gradient-tile blocks: about square, within the scratch budget. Square blocks
-// keep the accumulation traffic of the GEMMs, 2 * (N / block) passes over an N x D gradient, negligible
-// even at N = 1M (row-only chunks would rewrite all of grad_text once per chunk).
-inline std::pair<int64_t, int64_t> gradient_block(int64_t n, int64_t N, int64_t element_size) {
-  const int64_t cells = kScratchBudgetBytes / element_size;
-  const auto whole_blocks = [](int64_t x) { return std::max<int64_t>(cuda::kRowBlock, x / cuda::kRowBlock * cuda::kRowBlock); };
-  const int64_t rows = std::min(n, whole_blocks(static_cast<int64_t>(std::sqrt(static_cast<double>(cells)))));
-  const int64_t cols = std::min(N, whole_blocks(cells / rows));
-  return {rows, cols};
-}
-
-// a @ b with an fp32 result: bf16/fp16 products are not rounded to 16 bits before they are summed.
-inline at::Tensor mm_fp32(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
-}
-
-// sum = a @ b (first) or sum += a @ b, into an fp32 `sum`; a and b in the input dtype.
-inline void add_product(at::Tensor& sum, bool first, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == at::kFloat) {
-    if (first) at::mm_out(sum, a, b);
-    else sum.addmm_(a, b);
-    return;
-  }
-  const auto product = mm_fp32(a, b);
-  if (first) sum.copy_(product);
-  else sum.add_(product);
-}
-
-// How an fp16 gradient tile is kept in range. s * G spans far more than fp16 does: at N = 16384, D = 768,
-// s = 100 about 85% of its entries lie below fp16's smallest subnormal (6e-8) and would flush to zero.
-// The kernel stores factor * s * G instead, factor = 2^k chosen so that the largest entry the tile can
-// hold lands in (2^14, 2^15], safely below fp16's max (65504); the GEMMs then run with fp32 outputs
-// (a scaled fp16 output could overflow) and `inverse` undoes the factor exactly (a power of two).
-struct TileScaling {
-  at::Tensor factor;   // 0-d fp32 on the device: read by the kernel, no host sync
-  at::Tensor inverse;  // 0-d fp32: 1 / factor
-};
-
-constexpr int kTileExponent = 15;  // the largest possible tile entry is kept in (2^14, 2^15]
-
-// 2^k for an int32 tensor k in [-126, 126], assembled from the float's bits: exact, no exp2 rounding.
-inline at::Tensor power_of_two(const at::Tensor& k) {
-  return (k + 127).bitwise_left_shift(23).view(at::kFloat);
-}
-
-// The scaling of fp16 tiles from `bound`, a one-element fp32 device tensor with |s * G_ij| <= bound for
-// every entry of the tile. (bf16 has fp32's range and needs none.)
-inline TileScaling fp16_tile_scaling(const at::Tensor& bound) {
-  // bound = m * 2^e with m in [0.5, 1), so bound * 2^(15 - e) lies in [2^14, 2^15]: exact, unlike log2.
-  const auto exponent = std::get<1>(at::frexp(bound));
-  auto k = (kTileExponent - exponent).clamp(-126, 126);  // factor and inverse stay normal floats
-  // A zero bound (an all-zero tile) or a non-finite one (the gradients are inf/nan anyway): factor 1.
-  k = at::where(at::isfinite(bound) & (bound > 0), k, at::zeros_like(k));
-  return TileScaling{power_of_two(k), power_of_two(-k)};
-}
+// The backward loop, its block sizing and the fp16 tile scaling are device-agnostic (gradient_blocks.h);
+// the fused kernels use them under these names.
+using fastclip::add_product;
+using fastclip::fp16_tile_scaling;
+using fastclip::mm_fp32;
+using fastclip::TileScaling;
 
 // One gradient-tile block, as the op's launch callable sees it: rows [r0, r0 + rows) of the image
 // features and columns [c0, c0 + cols) of the text features; the kernel fills grad_tile ([rows, cols],
@@ -147,78 +98,23 @@ struct GradientBlock {
   int64_t ctas;             // row_blocks_of(rows) * col_splits
 };
 
-// Feature gradients {grad_image, grad_text} (input dtype) of an op whose backward is "s * G, then the two
-// GEMMs": launch(block) must enqueue, on the current stream, the kernel that writes the (scaled) s * G
-// for `block`. img and txt are contiguous [n, D] and [N, D] on one CUDA device; the caller holds its
-// device guard. With keep_fp32 both come back as fp32 sums, unrounded, for a caller that adds terms of
-// its own before the one rounding (this keeps a whole fp32 [n, D] for grad_image too).
-//
-// Rows are the outer loop: a row block of grad_image is final after its columns loop and is rounded to
-// the input dtype right away (its fp32 sum is one [block_rows, D] buffer). Every column of grad_text is
-// in flight until the last row block, so grad_text needs an fp32 sum of [N, D] (that is the floor for
-// any visiting order of the blocks, short of recomputing tiles): one per column block, each rounded and
-// freed in turn at the end. fp32 inputs sum straight into their outputs.
+// Feature gradients {grad_image, grad_text} (input dtype) of a fused kernel's backward: the shared loop
+// (backward_through_blocks, gradient_blocks.h) over blocks sized for a tile in the input dtype within the
+// scratch budget, each block handed to launch(block) with the kernel's launch geometry. launch must
+// enqueue, on the current stream, the kernel that writes the (scaled) s * G for `block`; the caller holds
+// its device guard. keep_fp32: see backward_through_blocks.
 template <typename Launch>
 std::pair<at::Tensor, at::Tensor> backward_through_gradient_blocks(const at::Tensor& img, const at::Tensor& txt,
                                                                    const std::optional<TileScaling>& scaling,
                                                                    Launch&& launch, bool keep_fp32 = false) {
-  const int64_t n = img.size(0), N = txt.size(0), D = img.size(1);
-  const bool fp32 = img.scalar_type() == at::kFloat;
-  const auto f32 = img.options().dtype(at::kFloat);
-  const auto [block_rows, block_cols] = gradient_block(n, N, img.element_size());
-  // One scratch tile for every block: the stream orders each kernel after the previous block's GEMMs.
-  auto grad_tile = at::empty({block_rows * block_cols}, img.options());
-  // A gradient that is one block's product (and has no scaling to undo) is written by its GEMM directly.
-  const bool direct_img = fp32 || (block_cols >= N && !scaling && !keep_fp32);
-  const bool direct_txt = fp32 || (block_rows >= n && !scaling && !keep_fp32);
-  auto grad_img = direct_img || !keep_fp32 ? at::empty_like(img) : at::empty({n, D}, f32);
-  auto grad_txt = direct_txt ? at::empty_like(txt) : at::Tensor();
-  auto row_sum = direct_img || keep_fp32 ? at::Tensor() : at::empty({block_rows, D}, f32);
-  std::vector<at::Tensor> col_sums;  // fp32 [cols, D] per column block, unless direct_txt
-  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t rows = std::min(block_rows, n - r0);
-    const auto img_rows = img.narrow(0, r0, rows);
-    auto grad_img_rows = grad_img.narrow(0, r0, rows);
-    auto img_sum = direct_img || keep_fp32 ? grad_img_rows : row_sum.narrow(0, 0, rows);
-    for (int64_t c0 = 0, b = 0; c0 < N; c0 += block_cols, ++b) {
-      const int64_t cols = std::min(block_cols, N - c0);
-      const auto txt_cols = txt.narrow(0, c0, cols);
-      const int splits = column_splits(row_blocks_of(rows), cols, img.get_device());
-      auto g = grad_tile.narrow(0, 0, rows * cols).view({rows, cols});  // will hold s * G for this block
-      launch(GradientBlock{r0, rows, c0, cols, img_rows.data_ptr(), txt_cols.data_ptr(), g.data_ptr(),
-                           scaling ? scaling->factor.data_ptr<float>() : nullptr, splits,
-                           row_blocks_of(rows) * splits});
-      if (direct_img && !fp32) at::mm_out(img_sum, g, txt_cols);
-      else add_product(img_sum, c0 == 0, g, txt_cols);
-      if (direct_txt) {
-        auto txt_sum = grad_txt.narrow(0, c0, cols);
-        if (fp32) add_product(txt_sum, r0 == 0, g.t(), img_rows);
-        else at::mm_out(txt_sum, g.t(), img_rows);
-      } else {
-        if (r0 == 0) col_sums.push_back(at::empty({cols, D}, f32));
-        add_product(col_sums[b], r0 == 0, g.t(), img_rows);
-      }
-    }
-    if (!direct_img && keep_fp32) {
-      if (scaling) img_sum.mul_(scaling->inverse);
-    } else if (!direct_img) {
-      grad_img_rows.copy_(scaling ? img_sum.mul_(scaling->inverse) : img_sum);
-    }
-  }
-  grad_tile.reset();
-  row_sum.reset();
-  if (!direct_txt) {
-    // Rounded one column block at a time, each fp32 sum freed before the next: the peak stays near the
-    // fp32 sums alone, not fp32 sums plus a whole rounded copy.
-    std::vector<at::Tensor> rounded;
-    for (auto& sum : col_sums) {
-      if (scaling) sum.mul_(scaling->inverse);
-      rounded.push_back(keep_fp32 ? sum : sum.to(txt.scalar_type()));
-      sum.reset();
-    }
-    grad_txt = rounded.size() == 1 ? rounded.front() : at::cat(rounded);
-  }
-  return {grad_img, grad_txt};
+  const BlockBudget budget{static_cast<int64_t>(img.element_size()), kScratchBudgetBytes, cuda::kRowBlock};
+  const auto fill = [&](const BlockSpan& block) {
+    const int splits = column_splits(row_blocks_of(block.rows), block.cols, img.get_device());
+    launch(GradientBlock{block.r0, block.rows, block.c0, block.cols, block.image.data_ptr(), block.text.data_ptr(),
+                         block.grad_tile.data_ptr(), scaling ? scaling->factor.data_ptr<float>() : nullptr, splits,
+                         row_blocks_of(block.rows) * splits});
+  };
+  return backward_through_blocks(img, txt, scaling, budget, fill, keep_fp32);
 }
 
 // The sum of the kernels' per-CTA partials, in double and in a fixed order (deterministic), shaped and
