@@ -133,6 +133,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) ->
 
 def fastclip_competitors(shape: Shape, inputs: Inputs, backend: str) -> dict[str, Attn]:
     """fastclip's attention on `backend`; for padded shapes: ragged (lengths=), masked and dense."""
+
     def dense(q, k, v):
         return attention(q, k, v, causal=shape.causal, backend=backend)
 
@@ -195,6 +196,7 @@ def is_sdpa(label: str) -> bool:
 def flops_and_bytes(shape: Shape, dtype: torch.dtype, lengths: list[int] | None) -> dict[str, float]:
     """Useful FLOPs (visible pairs of real tokens) and the minimum bytes of the real tokens, per pass;
     with `lengths`, also the dense-equivalent FLOPs (every row at `shape.seq` tokens)."""
+
     def pairs(n: int) -> float:
         return n * (n + 1) / 2 if shape.causal else n * n
 
@@ -203,8 +205,12 @@ def flops_and_bytes(shape: Shape, dtype: torch.dtype, lengths: list[int] | None)
     rows = lengths if lengths is not None else [shape.seq] * shape.batch
     fwd = per_pair * sum(pairs(n) for n in rows)
     tokens = sum(rows)
-    work = {"fwd_flops": fwd, "fwd_bwd_flops": 3.5 * fwd, "fwd_bytes": 4 * tokens * token_bytes,
-            "fwd_bwd_bytes": 12 * tokens * token_bytes}
+    work = {
+        "fwd_flops": fwd,
+        "fwd_bwd_flops": 3.5 * fwd,
+        "fwd_bytes": 4 * tokens * token_bytes,
+        "fwd_bwd_bytes": 12 * tokens * token_bytes,
+    }
     if lengths is not None:
         dense = per_pair * shape.batch * pairs(shape.seq)
         work.update(dense_fwd_flops=dense, dense_fwd_bwd_flops=3.5 * dense)
@@ -221,6 +227,7 @@ def _skip_reason(error: BaseException, caught: list[warnings.WarningMessage]) ->
 def measure(fn: Attn, inputs: Inputs, device: str, warmup: int, reps: int) -> dict:
     """Forward and forward + backward timings (to the packed qkv leaf) and the fwd+bwd peak memory;
     or {"skipped": reason}."""
+
     def forward():
         return merge_heads(fn(*split_heads(inputs.qkv)))
 
@@ -236,8 +243,10 @@ def measure(fn: Attn, inputs: Inputs, device: str, warmup: int, reps: int) -> di
             return {"skipped": _skip_reason(error, caught)}
     # warmed: both already ran once just above (autotuning included), so time_fn skips its lazy-init call
     timing = {"warmup": warmup, "reps": reps, "warmed": True}
-    result = {"fwd": common.time_fn(forward, device, **timing),
-              "fwd_bwd": common.time_fn(forward_backward, device, **timing)}
+    result = {
+        "fwd": common.time_fn(forward, device, **timing),
+        "fwd_bwd": common.time_fn(forward_backward, device, **timing),
+    }
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -293,9 +302,17 @@ def run_shape(name: str, shape: Shape, dtype_name: str, device: str, warmup: int
         rows[label] = result
         common.free_memory(device)
     best, ratios = speedups(rows)
-    row = {"shape": name, **asdict(shape), "dtype": dtype_name, **work, "diff_reference": reference_label,
-           "results": rows, "best_sdpa": best, "speedups_vs_best_sdpa": ratios,
-           "fwd_bwd_speedup_vs_best_sdpa": ratios.get("fastclip")}
+    row = {
+        "shape": name,
+        **asdict(shape),
+        "dtype": dtype_name,
+        **work,
+        "diff_reference": reference_label,
+        "results": rows,
+        "best_sdpa": best,
+        "speedups_vs_best_sdpa": ratios,
+        "fwd_bwd_speedup_vs_best_sdpa": ratios.get("fastclip"),
+    }
     if lengths is not None:
         row["lengths"] = lengths
         row["length_stats"] = common.length_summary(inputs.lengths)
@@ -333,8 +350,9 @@ def targets_summary(rows: list[dict], shapes: list[str], device: str) -> list[di
             note = "not run: shape not selected"
         else:
             note = f"not run: {TARGET_DTYPE} not selected"
-        summary.append({"shape": name, "min_speedup": minimum, "dtype": TARGET_DTYPE, "speedup": None, "met": None,
-                        "note": note})
+        summary.append(
+            {"shape": name, "min_speedup": minimum, "dtype": TARGET_DTYPE, "speedup": None, "met": None, "note": note}
+        )
     return summary
 
 
@@ -348,8 +366,10 @@ def format_result(name: str, dtype_name: str, label: str, r: dict) -> str:
         return f"{head} skipped: {r['skipped'][:160]}"
     f, fb = r["fwd"], r["fwd_bwd"]
     dense = f" [dense {fb['tflops_dense_equiv']:6.1f}]" if "tflops_dense_equiv" in fb else ""
-    return (f"{head} fwd {f['median_ms']:8.3f} ms {f['tflops']:6.1f} TFLOP/s {f['gbps']:7.0f} GB/s | "
-            f"fwd+bwd {fb['median_ms']:8.3f} ms {fb['tflops']:6.1f} TFLOP/s{dense} | diff {r['max_abs_diff']:.1e}")
+    return (
+        f"{head} fwd {f['median_ms']:8.3f} ms {f['tflops']:6.1f} TFLOP/s {f['gbps']:7.0f} GB/s | "
+        f"fwd+bwd {fb['median_ms']:8.3f} ms {fb['tflops']:6.1f} TFLOP/s{dense} | diff {r['max_abs_diff']:.1e}"
+    )
 
 
 def format_speedups(row: dict) -> list[str]:
@@ -358,8 +378,10 @@ def format_speedups(row: dict) -> list[str]:
         verdict = ""
         if label == "fastclip" and row["target"] is not None and row["target"]["met"] is not None:
             verdict = f" (target {row['target']['min_speedup']}x {'met' if row['target']['met'] else 'MISSED'})"
-        lines.append(f"{row['shape']:12} {row['dtype']:5} {label} fwd+bwd speed-up vs best SDPA "
-                     f"({row['best_sdpa']}): {ratio:.2f}x{verdict}")
+        lines.append(
+            f"{row['shape']:12} {row['dtype']:5} {label} fwd+bwd speed-up vs best SDPA "
+            f"({row['best_sdpa']}): {ratio:.2f}x{verdict}"
+        )
     return lines
 
 
@@ -369,14 +391,20 @@ def format_shape(row: dict) -> list[str]:
     lines = []
     if "length_stats" in row:
         stats = row["length_stats"]
-        lines.append(f"{name:12} {dtype_name:5} caption lengths: mean {stats['mean']:.1f}, "
-                     f"min {stats['min']}, max {stats['max']} of {row['seq']}")
+        lines.append(
+            f"{name:12} {dtype_name:5} caption lengths: mean {stats['mean']:.1f}, "
+            f"min {stats['min']}, max {stats['max']} of {row['seq']}"
+        )
     lines += [format_result(name, dtype_name, label, result) for label, result in row["results"].items()]
     return lines + format_speedups(row)
 
 
-TARGETS_TABLE = Table(Column("target (fwd+bwd vs best SDPA)", 36, align="<"), Column("required", 9),
-                      Column("measured", 9), Column("verdict", 0, align="<"))
+TARGETS_TABLE = Table(
+    Column("target (fwd+bwd vs best SDPA)", 36, align="<"),
+    Column("required", 9),
+    Column("measured", 9),
+    Column("verdict", 0, align="<"),
+)
 
 
 def format_targets(summary: list[dict]) -> list[str]:
@@ -393,9 +421,14 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     names = list(dict.fromkeys(n for r in rows for n in r["results"]))
     speedups = {name: [_speedup(r, name) for r in rows] for name in names}
     groups = [f"{r['shape']}\n{r['dtype']}" for r in rows]
-    return common.plot_bars(path, groups, speedups, reference=1.0,
-                            ylabel="fwd+bwd speed-up over the best SDPA competitor",
-                            title="Attention on CLIP shapes (higher is better; 0 = does not apply)")
+    return common.plot_bars(
+        path,
+        groups,
+        speedups,
+        reference=1.0,
+        ylabel="fwd+bwd speed-up over the best SDPA competitor",
+        title="Attention on CLIP shapes (higher is better; 0 = does not apply)",
+    )
 
 
 def _speedup(row: dict, name: str) -> float:
@@ -411,8 +444,12 @@ def _speedup(row: dict, name: str) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.benchmark_parser(__doc__)
     common.add_device_argument(parser, auto=True)
-    parser.add_argument("--dtypes", type=common.dtype_list, default="bf16,fp16",
-                        help=f"comma-separated, of {','.join(SHORT_DTYPE_NAMES)} (default: %(default)s)")
+    parser.add_argument(
+        "--dtypes",
+        type=common.dtype_list,
+        default="bf16,fp16",
+        help=f"comma-separated, of {','.join(SHORT_DTYPE_NAMES)} (default: %(default)s)",
+    )
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {list(SHAPES)}")
     parser.add_argument("--batch", type=int, default=None, help="override every shape's batch size")
     common.add_timing_arguments(parser, warmup=5, reps=20)
@@ -443,18 +480,26 @@ def main(argv: list[str] | None = None) -> dict:
     device = args.device
     shapes, dtypes = selected_shapes(args)
     payload = {
-        "benchmark": "attention", "environment": common.environment_header(), "device": device,
-        "warmup": args.warmup, "reps": args.reps, "has_lengths": HAS_LENGTHS,
+        "benchmark": "attention",
+        "environment": common.environment_header(),
+        "device": device,
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "has_lengths": HAS_LENGTHS,
         "inputs": "strided q/k/v views of one packed [B, S, 3, H, D] leaf; backward to that leaf; output merged "
-                  "to [B, S, H*D]",
+        "to [B, S, H*D]",
         "flops": "tflops: useful FLOPs (visible pairs of real tokens); tflops_dense_equiv: every caption at full "
-                 "length (text only); backward counted as 2.5x forward",
-        "targets": TARGETS, "target_dtype": TARGET_DTYPE, "target_summary": targets_summary([], list(shapes), device),
+        "length (text only); backward counted as 2.5x forward",
+        "targets": TARGETS,
+        "target_dtype": TARGET_DTYPE,
+        "target_summary": targets_summary([], list(shapes), device),
         "rows": [],
     }
     record = common.Record(args.out, f"attention_{device}", payload)
-    print("TFLOP/s: useful FLOPs (text: causal pairs inside each caption), [dense] = dense-equivalent; "
-          "diff: max |out - first competitor| at real tokens")
+    print(
+        "TFLOP/s: useful FLOPs (text: causal pairs inside each caption), [dense] = dense-equivalent; "
+        "diff: max |out - first competitor| at real tokens"
+    )
     for name, shape in shapes.items():
         for dtype_name in dtypes:
             row = run_shape(name, shape, dtype_name, device, args.warmup, args.reps)

@@ -100,7 +100,12 @@ LOSSES = ("clip", "siglip", "supcon")
 BASELINES = ("naive", "infcl")  # the competitors that are not fastclip's
 # The SigLIP GPU target: at (dtype, D, N), fwd+bwd speed-up at least, memory fraction below
 SIGLIP_TARGET = {
-    "dtype": "bf16", "d": 768, "n": 65536, "backend": "cuda", "min_speedup": 2.0, "max_memory_fraction": 0.05,
+    "dtype": "bf16",
+    "d": 768,
+    "n": 65536,
+    "backend": "cuda",
+    "min_speedup": 2.0,
+    "max_memory_fraction": 0.05,
 }
 
 
@@ -171,47 +176,65 @@ class LossSpec(NamedTuple):
 
 SPECS = {
     "clip": LossSpec(
-        name="clip", benchmark="contrastive_loss", result_name="bench_loss", title="contrastive loss (CLIP)",
-        op="contrastive_lse", naive=naive_clip_loss,
+        name="clip",
+        benchmark="contrastive_loss",
+        result_name="bench_loss",
+        title="contrastive loss (CLIP)",
+        op="contrastive_lse",
+        naive=naive_clip_loss,
         fused=lambda b: lambda image, text, scale: fastclip.contrastive_loss(image, text, scale, backend=b),
-        reference=contrastive_loss_reference, features=_pair_inputs, scalars=(LOGIT_SCALE,),
+        reference=contrastive_loss_reference,
+        features=_pair_inputs,
+        scalars=(LOGIT_SCALE,),
         naive_bytes_per_logit=24,  # measured ~17 bytes per logit at fp32
         config={
             "logit_scale": LOGIT_SCALE,
             "naive": "logits = scale * image @ text.T (input dtype); "
-                     "(CE(logits.float(), arange) + CE(logits.float().T, arange)) / 2",
+            "(CE(logits.float(), arange) + CE(logits.float().T, arange)) / 2",
             "fastclip": "fastclip.contrastive_loss(image, text, scale, backend=...)",
             "reference": "fastclip.ops.reference.contrastive_loss_reference",
         },
     ),
     "siglip": LossSpec(
-        name="siglip", benchmark="sigmoid_loss", result_name="bench_loss_siglip", title="SigLIP sigmoid loss",
-        op="pairwise_sigmoid", naive=naive_sigmoid_loss,
+        name="siglip",
+        benchmark="sigmoid_loss",
+        result_name="bench_loss_siglip",
+        title="SigLIP sigmoid loss",
+        op="pairwise_sigmoid",
+        naive=naive_sigmoid_loss,
         fused=lambda b: lambda image, text, scale, bias: fastclip.sigmoid_loss(image, text, scale, bias, backend=b),
-        reference=sigmoid_loss_reference, features=_pair_inputs, scalars=(SIGLIP_SCALE, SIGLIP_BIAS),
+        reference=sigmoid_loss_reference,
+        features=_pair_inputs,
+        scalars=(SIGLIP_SCALE, SIGLIP_BIAS),
         naive_bytes_per_logit=40,
         config={
-            "logit_scale": SIGLIP_SCALE, "logit_bias": SIGLIP_BIAS,
+            "logit_scale": SIGLIP_SCALE,
+            "logit_bias": SIGLIP_BIAS,
             "naive": "logits = scale * image @ text.T + bias (input dtype); "
-                     "z = full((N, N), -1.0).fill_diagonal_(1.0) (fp32); "
-                     "-logsigmoid(z * logits.float()).sum() / N  (open_clip SigLipLoss)",
+            "z = full((N, N), -1.0).fill_diagonal_(1.0) (fp32); "
+            "-logsigmoid(z * logits.float()).sum() / N  (open_clip SigLipLoss)",
             "fastclip": "fastclip.sigmoid_loss(image, text, scale, bias, backend=...)",
             "reference": "fastclip.ops.reference.sigmoid_loss_reference",
             "target": SIGLIP_TARGET,
         },
     ),
     "supcon": LossSpec(
-        name="supcon", benchmark="supcon_loss", result_name="bench_loss_supcon", title="SupCon / NT-Xent loss",
-        op="contrastive_lse", naive=naive_supcon_loss,
+        name="supcon",
+        benchmark="supcon_loss",
+        result_name="bench_loss_supcon",
+        title="SupCon / NT-Xent loss",
+        op="contrastive_lse",
+        naive=naive_supcon_loss,
         fused=lambda b: lambda f: fastclip.supcon_loss(f, None, temperature=SUPCON_TEMPERATURE, backend=b),
         reference=lambda f: supcon_loss_reference(f, None, SUPCON_TEMPERATURE),
-        features=lambda n, d, gen, device: [_features(n, d, gen, device)], scalars=(),
+        features=lambda n, d, gen, device: [_features(n, d, gen, device)],
+        scalars=(),
         naive_bytes_per_logit=48,
         config={
             "temperature": SUPCON_TEMPERATURE,
             "layout": "N rows = [view1; view2] of N/2 images (NT-Xent labels: row i and i + N/2 are positives)",
             "naive": "Khosla et al. SupConLoss (base_temperature = temperature): (f @ f.T).float() / T, row max "
-                     "subtracted, self-mask, log_prob, mean over positives, mean over anchors",
+            "subtracted, self-mask, log_prob, mean over positives, mean over anchors",
             "fastclip": "fastclip.supcon_loss(f, None, temperature=T, backend=...)",
             "reference": "fastclip.ops.reference.supcon_loss_reference(f, None, T)",
         },
@@ -256,10 +279,16 @@ def check_error(backend: str, inputs: tuple[torch.Tensor, ...], loss: str = "cli
     leaves = [x.detach().double().requires_grad_() for x in inputs]
     ref = SPECS[loss].reference(*leaves)
     ref_grads = torch.autograd.grad(ref, leaves)
-    grad_rel = max(((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-                   for g, r in zip(grads, ref_grads, strict=True))
-    return {"loss": value.item(), "ref_loss": ref.item(), "loss_abs_err": abs(value.item() - ref.item()),
-            "grad_rel_err": grad_rel}
+    grad_rel = max(
+        ((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+        for g, r in zip(grads, ref_grads, strict=True)
+    )
+    return {
+        "loss": value.item(),
+        "ref_loss": ref.item(),
+        "loss_abs_err": abs(value.item() - ref.item()),
+        "grad_rel_err": grad_rel,
+    }
 
 
 def unavailable(backend: str, device: str, dtype: str, loss: str = "clip") -> str | None:
@@ -336,9 +365,18 @@ def add_ratios(row: dict, naive: dict | None, rate_tflops: float) -> None:
 
 
 TABLE = Table(
-    Column("loss", 6), Column("dtype", 5), Column("D", 5), Column("N", 7), Column("backend", 7),
-    Column("fwd ms", 9, ".2f"), Column("f+b ms", 9, ".2f"), Column("TFLOP/s", 8, ".3f"), Column("%mm", 5, ".1f"),
-    Column("peak MiB", 9, ".2f"), Column("x naive", 8, ".2f"), Column("mem/naive", 9, ".4f"),
+    Column("loss", 6),
+    Column("dtype", 5),
+    Column("D", 5),
+    Column("N", 7),
+    Column("backend", 7),
+    Column("fwd ms", 9, ".2f"),
+    Column("f+b ms", 9, ".2f"),
+    Column("TFLOP/s", 8, ".3f"),
+    Column("%mm", 5, ".1f"),
+    Column("peak MiB", 9, ".2f"),
+    Column("x naive", 8, ".2f"),
+    Column("mem/naive", 9, ".4f"),
     Column("loss err", 9, ".1e"),
 )
 
@@ -353,8 +391,14 @@ def format_row(row: dict) -> str:
     if check:
         error = f"{check['loss_abs_err']:9.1e}" + ("" if check["ok"] else " FAIL")
     return TABLE.line(
-        *head, row["fwd"]["median_ms"], fb["median_ms"], fb["tflops"], 100 * fb["matmul_fraction"],
-        peak / 2**20 if peak is not None else None, fb.get("speedup_vs_naive", ""), row.get("memory_vs_naive", ""),
+        *head,
+        row["fwd"]["median_ms"],
+        fb["median_ms"],
+        fb["tflops"],
+        100 * fb["matmul_fraction"],
+        peak / 2**20 if peak is not None else None,
+        fb.get("speedup_vs_naive", ""),
+        row.get("memory_vs_naive", ""),
         error,
     )
 
@@ -374,10 +418,16 @@ def plot(
             memory[backend] = (sizes, [_mib(ok[n]["peak_extra_bytes"]) if n in ok else None for n in sizes])
         times["matmul limit"] = (sizes, [8 * n * n * d / (rates[dtype] * 1e12) * 1e3 for n in sizes])
         limit_style = {"matmul limit": {"color": "black", "linestyle": "--", "marker": None}}
-        panels.append({"title": f"{dtype}, D={d}: forward+backward", "xlabel": "N", "ylabel": "ms", "series": times,
-                       "styles": limit_style})
-        panels.append({"title": f"{dtype}, D={d}: peak extra memory", "xlabel": "N", "ylabel": "MiB",
-                       "series": memory})
+        panels.append(
+            {
+                "title": f"{dtype}, D={d}: forward+backward",
+                "xlabel": "N",
+                "ylabel": "ms",
+                "series": times,
+                "styles": limit_style,
+            }
+        )
+        panels.append({"title": f"{dtype}, D={d}: peak extra memory", "xlabel": "N", "ylabel": "MiB", "series": memory})
     return common.plot_lines(path, panels, ncols=2, title=title)
 
 
@@ -395,8 +445,12 @@ def siglip_target(rows: list[dict]) -> dict:
         return result
     speedup = fused["fwd_bwd"].get("speedup_vs_naive")
     memory = fused.get("memory_vs_naive")
-    result.update(fwd_bwd_speedup_vs_naive=speedup, memory_vs_naive=memory,
-                  fused_peak_extra_bytes=fused["peak_extra_bytes"], fused_fwd_bwd_ms=fused["fwd_bwd"]["median_ms"])
+    result.update(
+        fwd_bwd_speedup_vs_naive=speedup,
+        memory_vs_naive=memory,
+        fused_peak_extra_bytes=fused["peak_extra_bytes"],
+        fused_fwd_bwd_ms=fused["fwd_bwd"]["median_ms"],
+    )
     if naive is not None and naive["status"] == "oom":
         # naive does not fit at all: the memory criterion holds, the speed one cannot be measured
         result.update(note="naive ran out of memory at this point; no time ratio")
@@ -409,15 +463,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.benchmark_parser(__doc__)
     parser.add_argument("--loss", default="clip", help="comma-separated of clip,siglip,supcon, or all (default: clip)")
     common.add_device_argument(parser)
-    parser.add_argument("--dtypes", type=common.dtype_list, default=ByDevice(["bf16", "fp32"], ["fp32"]),
-                        help="comma-separated of fp32,bf16,fp16 (default: %(default)s)")
-    parser.add_argument("--dims", type=common.int_list, default=ByDevice([512, 1024], [512]),
-                        help="comma-separated feature dims D (default: %(default)s)")
-    parser.add_argument("--sizes", type=common.int_list,
-                        help="comma-separated batch sizes N (default: cpu 256..4096, cuda 1024..262144)")
+    parser.add_argument(
+        "--dtypes",
+        type=common.dtype_list,
+        default=ByDevice(["bf16", "fp32"], ["fp32"]),
+        help="comma-separated of fp32,bf16,fp16 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dims",
+        type=common.int_list,
+        default=ByDevice([512, 1024], [512]),
+        help="comma-separated feature dims D (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=common.int_list,
+        help="comma-separated batch sizes N (default: cpu 256..4096, cuda 1024..262144)",
+    )
     parser.add_argument("--max-n", type=int, help="cut the default sweep at this N, or extend it by doubling up to it")
-    parser.add_argument("--backends", type=common.name_list,
-                        help="comma-separated of naive,infcl,torch,cpp,cuda (default: all that run on the device)")
+    parser.add_argument(
+        "--backends",
+        type=common.name_list,
+        help="comma-separated of naive,infcl,torch,cpp,cuda (default: all that run on the device)",
+    )
     common.add_timing_arguments(parser, warmup=ByDevice(5, 1), reps=ByDevice(20, 5), budget_s=5.0)
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls (CUDA kernel and cuBLAS)")
     common.add_cpu_memory_argument(parser)
@@ -436,9 +504,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def backends_for(loss: str, args: argparse.Namespace) -> list[str]:
     """The competitors for `loss`: --backends, or all that can run it on the device; naive first."""
-    backends = list(args.backends or [
-        b for b in ("naive", "infcl", "torch", "cpp", "cuda") if unavailable(b, args.device, "fp32", loss) is None
-    ])
+    backends = list(
+        args.backends
+        or [b for b in ("naive", "infcl", "torch", "cpp", "cuda") if unavailable(b, args.device, "fp32", loss) is None]
+    )
     backends.sort(key=lambda b: b != "naive")  # naive first: the others' ratios need it
     return backends
 
@@ -447,16 +516,24 @@ def loss_config(loss: str, args: argparse.Namespace, backends: list[str]) -> dic
     """The JSON's "config": what was run, and how each figure is defined."""
     spec = SPECS[loss]
     return {
-        "loss": loss, "device": args.device, "dtypes": args.dtypes, "dims": args.dims, "sizes": args.sizes,
-        "backends": backends, "warmup": args.warmup, "reps": args.reps, "budget_s": args.budget_s, "tf32": args.tf32,
+        "loss": loss,
+        "device": args.device,
+        "dtypes": args.dtypes,
+        "dims": args.dims,
+        "sizes": args.sizes,
+        "backends": backends,
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "budget_s": args.budget_s,
+        "tf32": args.tf32,
         **spec.config,
         "inputs": "independent randn rows, L2-normalised, in the benchmarked dtype; features and the scalars "
-                  f"{list(spec.scalars)} (fp32) require grad",
+        f"{list(spec.scalars)} (fp32) require grad",
         "flops": "fwd 2*N^2*D, fwd_bwd 8*N^2*D for every backend (the fused algorithm's work; naive actually does "
-                 "6*N^2*D)",
+        "6*N^2*D)",
         "memory": "CUDA: max_memory_allocated - memory_allocated before; CPU: VmHWM - VmRSS in a fresh process",
         "check": f"loss and grads vs fp64 reference for N <= {CHECK_MAX_N[args.device]}; ok if |err| <= tol * "
-                 f"max(1, |loss|), tol {CHECK_TOLERANCE} (bf16's with --tf32)",
+        f"max(1, |loss|), tol {CHECK_TOLERANCE} (bf16's with --tf32)",
     }
 
 
@@ -474,14 +551,23 @@ def not_run(loss: str, backend: str, dtype: str, d: int, n: int, device: str, na
     return None
 
 
-def point_row(loss: str, dtype: str, d: int, n: int, backend: str, args: argparse.Namespace,
-              naive_oom_at: dict) -> dict:
+def point_row(
+    loss: str, dtype: str, d: int, n: int, backend: str, args: argparse.Namespace, naive_oom_at: dict
+) -> dict:
     """One point's row: measured (status "ok", or "oom" when it ran out of memory), or why it was not run."""
-    row = {"loss": loss, "dtype": dtype, "d": d, "n": n, "backend": backend, "fwd_flops": 2 * n * n * d,
-           "fwd_bwd_flops": 8 * n * n * d}
+    row = {
+        "loss": loss,
+        "dtype": dtype,
+        "d": d,
+        "n": n,
+        "backend": backend,
+        "fwd_flops": 2 * n * n * d,
+        "fwd_bwd_flops": 8 * n * n * d,
+    }
     measure = functools.partial(run_point, backend, n, d, dtype, args.device, args, loss)
-    row.update(not_run(loss, backend, dtype, d, n, args.device, naive_oom_at)
-               or common.measure_or_oom(measure, args.device))
+    row.update(
+        not_run(loss, backend, dtype, d, n, args.device, naive_oom_at) or common.measure_or_oom(measure, args.device)
+    )
     return row
 
 
@@ -494,8 +580,13 @@ def run_loss(loss: str, args: argparse.Namespace, header: dict, rates: dict) -> 
     spec = SPECS[loss]
     backends = backends_for(loss, args)
     groups = [(dtype, d) for dtype in args.dtypes for d in args.dims]
-    payload = {"benchmark": spec.benchmark, "environment": header, "config": loss_config(loss, args, backends),
-               "matmul_tflops": rates, "points": []}
+    payload = {
+        "benchmark": spec.benchmark,
+        "environment": header,
+        "config": loss_config(loss, args, backends),
+        "matmul_tflops": rates,
+        "points": [],
+    }
     record = common.Record(args.out, spec.result_name, payload, rows="points")
     naive_oom_at: dict[tuple[str, int], int] = {}
     naive_rows: dict[tuple[str, int, int], dict | None] = {}
@@ -524,13 +615,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     header = common.environment_header()
     rates = {dtype: matmul_rate_tflops(args.device, DTYPES[dtype]) for dtype in args.dtypes}
-    print(f"device: {header['device']}; losses: {','.join(args.losses)}; matmul rate (TFLOP/s): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+    print(
+        f"device: {header['device']}; losses: {','.join(args.losses)}; matmul rate (TFLOP/s): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in rates.items())
+    )
     rows = [row for loss in args.losses for row in run_loss(loss, args, header, rates)]
     # a fastclip backend off its reference fails the run; so does a baseline in fp32 (a wrong baseline
     # would make every ratio meaningless), while bf16/fp16 naive may miss by its rounded N x N logits
-    failed = [r for r in rows if r.get("check") and not r["check"]["ok"]
-              and (r["backend"] not in BASELINES or r["dtype"] == "fp32")]
+    failed = [
+        r
+        for r in rows
+        if r.get("check") and not r["check"]["ok"] and (r["backend"] not in BASELINES or r["dtype"] == "fp32")
+    ]
     for r in failed:
         print(f"CHECK FAILED: {r['loss']} {r['backend']} {r['dtype']} D={r['d']} N={r['n']}: {r['check']}")
     return 1 if failed else 0

@@ -73,8 +73,9 @@ def measure_tower(model: CLIP, tower: str, batch: int, backends: list[str], args
         model.set_attn_backend(backend)
         with torch.inference_mode():
             outputs[backend] = embed().float()  # untimed: lazy init and autotuning
-            timing = common.time_fn(embed, args.device, warmup=args.warmup, reps=args.reps,
-                                    budget_s=args.budget_s, warmed=True)
+            timing = common.time_fn(
+                embed, args.device, warmup=args.warmup, reps=args.reps, budget_s=args.budget_s, warmed=True
+            )
         row["results"][backend] = {**timing, "per_s": batch / (timing["median_ms"] / 1e3)}
     if "torch" in outputs:
         for backend, result in row["results"].items():
@@ -116,24 +117,40 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
             mine = [r for r in rows if (r["model"], r["tower"]) == (model, tower)]
             backends = dict.fromkeys(b for r in mine for b in r["results"])
             series = {b: ([r["batch"] for r in mine], [r["results"][b]["per_s"] for r in mine]) for b in backends}
-            panels.append({"title": f"{model} encode_{tower}", "xlabel": "batch", "ylabel": TOWERS[tower],
-                           "series": series})
+            panels.append(
+                {"title": f"{model} encode_{tower}", "xlabel": "batch", "ylabel": TOWERS[tower], "series": series}
+            )
     return common.plot_lines(path, panels, ncols=2, title=title)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.benchmark_parser(__doc__)
     common.add_device_argument(parser)
-    parser.add_argument("--models", type=common.name_list,
-                        default=ByDevice(["ViT-B-16", "ViT-L-14"], ["tiny-ViT", "demo-ViT"]),
-                        help="comma-separated config names (default: %(default)s)")
+    parser.add_argument(
+        "--models",
+        type=common.name_list,
+        default=ByDevice(["ViT-B-16", "ViT-L-14"], ["tiny-ViT", "demo-ViT"]),
+        help="comma-separated config names (default: %(default)s)",
+    )
     parser.add_argument("--towers", type=common.name_list, default="image,text", help="comma-separated of image,text")
-    parser.add_argument("--batch-sizes", type=common.int_list, default=ByDevice([64, 256, 1024], [8, 32]),
-                        help="comma-separated (default: %(default)s)")
-    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=ByDevice("bf16", "fp32"),
-                        help="parameter dtype (default: %(default)s)")
-    parser.add_argument("--backends", type=common.name_list, default=ByDevice(["triton", "torch"], ["torch"]),
-                        help="comma-separated of triton,torch (default: %(default)s)")
+    parser.add_argument(
+        "--batch-sizes",
+        type=common.int_list,
+        default=ByDevice([64, 256, 1024], [8, 32]),
+        help="comma-separated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp16", "fp32"),
+        default=ByDevice("bf16", "fp32"),
+        help="parameter dtype (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backends",
+        type=common.name_list,
+        default=ByDevice(["triton", "torch"], ["torch"]),
+        help="comma-separated of triton,torch (default: %(default)s)",
+    )
     common.add_timing_arguments(parser, warmup=ByDevice(5, 1), reps=ByDevice(20, 5), budget_s=ByDevice(3.0, 1.0))
     common.add_out_argument(parser)
     args = common.parse_benchmark_args(parser, argv)

@@ -87,10 +87,12 @@ def make_hf_tokenizer(context_length: int = 77) -> Tokenize | None:
         return None
     encoder, ranks = tk.load_vocab(tk.find_vocab_file().resolve())
     hf = Tokenizer(models.BPE(vocab=encoder, merges=list(ranks), end_of_word_suffix="</w>"))
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("(?i)" + tk._word_res("open_clip")[0].pattern), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("(?i)" + tk._word_res("open_clip")[0].pattern), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
     def tokenize(texts: list[str]) -> torch.Tensor:
         encodings = hf.encode_batch_fast([tk.clean_text(t) for t in texts], add_special_tokens=False)
@@ -137,8 +139,15 @@ def plot(payload: dict, path: Path) -> Path | None:
     return common.plot_bars(path, list(corpora), rates, ylabel="texts / s (warm, batch)", title=title, logy=True)
 
 
-TABLE = Table(Column("tokenizer", 36, align="<"), Column("cold/s", 10, ".0f"), Column("warm/s", 10, ".0f"),
-              Column("x cold", 7, ".1f"), Column("x warm", 7, ".1f"), Column("same ids", 9), indent="  ")
+TABLE = Table(
+    Column("tokenizer", 36, align="<"),
+    Column("cold/s", 10, ".0f"),
+    Column("warm/s", 10, ".0f"),
+    Column("x cold", 7, ".1f"),
+    Column("x warm", 7, ".1f"),
+    Column("same ids", 9),
+    indent="  ",
+)
 
 
 def compare(results: dict[str, dict], baseline: str) -> None:
@@ -155,8 +164,16 @@ def compare(results: dict[str, dict], baseline: str) -> None:
 def format_corpus(corpus_name: str, texts: list[str], results: dict[str, dict]) -> list[str]:
     lines = [f"\n{corpus_name}: {len(texts)} texts", TABLE.header()]
     for name, r in results.items():
-        lines.append(TABLE.line(name, r["cold_texts_per_s"], r["warm_texts_per_s"], r["speedup_cold"],
-                                r["speedup_warm"], r["identical_ids"]))
+        lines.append(
+            TABLE.line(
+                name,
+                r["cold_texts_per_s"],
+                r["warm_texts_per_s"],
+                r["speedup_cold"],
+                r["speedup_warm"],
+                r["identical_ids"],
+            )
+        )
     return lines
 
 

@@ -126,16 +126,27 @@ def measure_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
     """Memory and time of one competitor at one batch size; raises on out-of-memory."""
     step = make_step(impl, args.model, batch, args.precision, args.grad_checkpointing, args.device)
     first_loss = step().item()  # untimed: lazy init, autotuning, AdamW's state; an OOM shows up here
-    row: dict = {"status": "ok", "first_loss": first_loss, "peak_bytes": None, "state_bytes": None,
-                 "peak_extra_bytes": None}
+    row: dict = {
+        "status": "ok",
+        "first_loss": first_loss,
+        "peak_bytes": None,
+        "state_bytes": None,
+        "peak_extra_bytes": None,
+    }
     if args.device == "cuda":
         # one step of its own, before the timings: do_bench's L2-flush buffer must not count
         row["peak_extra_bytes"] = common.cuda_peak_extra_bytes(step, warm=False)
         row["peak_bytes"] = torch.cuda.max_memory_allocated()
         row["state_bytes"] = row["peak_bytes"] - row["peak_extra_bytes"]  # weights, AdamW state, inputs
     elif args.cpu_memory:
-        kwargs = {"impl": impl, "model": args.model, "batch": batch, "precision": args.precision,
-                  "grad_checkpointing": args.grad_checkpointing, "device": "cpu"}
+        kwargs = {
+            "impl": impl,
+            "model": args.model,
+            "batch": batch,
+            "precision": args.precision,
+            "grad_checkpointing": args.grad_checkpointing,
+            "device": "cpu",
+        }
         # no separate warm-up call in the child: make_warm_step's own first step loads what is lazy
         row["peak_extra_bytes"] = common.cpu_peak_extra_bytes(make_warm_step, kwargs)
     timing = {"warmup": args.warmup, "reps": args.steps, "budget_s": args.budget_s, "warmed": True}
@@ -147,6 +158,7 @@ def measure_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
 def sweep(impl: str, args: argparse.Namespace, record: common.Record) -> None:
     """Run one competitor over its batch sizes until its first out-of-memory; on a CUDA sweep, --refine
     bisection steps then narrow its largest batch down from the doubling's factor 2."""
+
     def point(batch: int) -> bool:
         measure = functools.partial(measure_point, impl, batch, args)
         row = {"impl": impl, "batch": batch, **common.measure_or_oom(measure, args.device)}
@@ -165,8 +177,10 @@ def summarize(rows: list[dict]) -> dict:
     ok = {impl: {r["batch"]: r for r in rows if r["impl"] == impl and r["status"] == "ok"} for impl in IMPLEMENTATIONS}
     oom = {impl: any(r["impl"] == impl and r["status"] == "oom" for r in rows) for impl in IMPLEMENTATIONS}
     largest = {impl: max(ok[impl], default=None) for impl in IMPLEMENTATIONS}
-    smallest_oom = {impl: min((r["batch"] for r in rows if r["impl"] == impl and r["status"] == "oom"), default=None)
-                    for impl in IMPLEMENTATIONS}
+    smallest_oom = {
+        impl: min((r["batch"] for r in rows if r["impl"] == impl and r["status"] == "oom"), default=None)
+        for impl in IMPLEMENTATIONS
+    }
     common_batches = sorted(set(ok["fastclip"]) & set(ok["baseline"]))
     ratios = {b: ok["fastclip"][b]["samples_per_s"] / ok["baseline"][b]["samples_per_s"] for b in common_batches}
     # same weights and inputs: the first losses must agree (to autocast's rounding), or the two do different work
@@ -195,7 +209,7 @@ def summarize(rows: list[dict]) -> dict:
             "throughput_rule": "fastclip/baseline samples/s at the largest batch both fit",
             "largest_batch_ratio": TARGET_BATCH_RATIO,
             "largest_batch_rule": "largest fitting batch, fastclip/baseline; undecided unless both sweeps ran out of "
-                                  "memory (or fastclip's reached the ratio)",
+            "memory (or fastclip's reached the ratio)",
         },
         "throughput_target_met": throughput_met,
         "largest_batch_target_met": batch_met,
@@ -203,8 +217,13 @@ def summarize(rows: list[dict]) -> dict:
 
 
 TABLE = Table(
-    Column("impl", 8), Column("batch", 6), Column("ms/step", 9, ".2f"), Column("samples/s", 10, ".1f"),
-    Column("peak MiB", 9, ".0f"), Column("extra MiB", 9, ".0f"), Column("1st loss", 9, ".4f"),
+    Column("impl", 8),
+    Column("batch", 6),
+    Column("ms/step", 9, ".2f"),
+    Column("samples/s", 10, ".1f"),
+    Column("peak MiB", 9, ".0f"),
+    Column("extra MiB", 9, ".0f"),
+    Column("1st loss", 9, ".4f"),
 )
 
 
@@ -224,20 +243,26 @@ def _verdict(met: bool | None) -> str:
 def print_summary(summary: dict) -> None:
     """The ratios and, for each of the issue's targets, whether this run met it."""
     ratios = summary["throughput_ratio"]
-    print("\nthroughput fastclip / baseline at equal batch: "
-          + (", ".join(f"B={b}: {r:.2f}x" for b, r in ratios.items()) or "no batch where both ran"))
+    print(
+        "\nthroughput fastclip / baseline at equal batch: "
+        + (", ".join(f"B={b}: {r:.2f}x" for b, r in ratios.items()) or "no batch where both ran")
+    )
     largest = summary["largest_batch"]
     oom = summary["ran_out_of_memory"]
     diff = summary["max_first_loss_abs_diff"]
     if diff is not None:  # a large difference means the two do different work
         print(f"first-step loss, fastclip vs baseline (same weights and inputs): max |diff| {diff:.2e}")
     stopped = " (no out-of-memory: the sweep stopped first)"
-    print("largest batch that fit: "
-          + ", ".join(f"{impl} {largest[impl]}{'' if oom[impl] else stopped}" for impl in IMPLEMENTATIONS))
+    print(
+        "largest batch that fit: "
+        + ", ".join(f"{impl} {largest[impl]}{'' if oom[impl] else stopped}" for impl in IMPLEMENTATIONS)
+    )
     at = summary["throughput_ratio_at"]
     shown = f"{ratios[at]:.2f}x at B={at}" if at is not None else "n/a"
-    print(f"target: >= {TARGET_THROUGHPUT_RATIO}x the baseline's throughput at equal batch: {shown} "
-          f"-> {_verdict(summary['throughput_target_met'])}")
+    print(
+        f"target: >= {TARGET_THROUGHPUT_RATIO}x the baseline's throughput at equal batch: {shown} "
+        f"-> {_verdict(summary['throughput_target_met'])}"
+    )
     batch_ratio = summary["largest_batch_ratio"]
     shown = f"{batch_ratio:.2f}x" if batch_ratio is not None else "n/a"
     verdict = _verdict(summary["largest_batch_target_met"])
@@ -253,8 +278,9 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
         mine = sorted((r for r in ok if r["impl"] == impl), key=lambda r: r["batch"])
         speed[impl] = ([r["batch"] for r in mine], [r["samples_per_s"] for r in mine])
         memory[impl] = ([r["batch"] for r in mine], [r[memory_key] / 2**20 if r[memory_key] else None for r in mine])
-    panels = [{"title": "training-step throughput", "xlabel": "batch per device", "ylabel": "samples / s",
-               "series": speed}]
+    panels = [
+        {"title": "training-step throughput", "xlabel": "batch per device", "ylabel": "samples / s", "series": speed}
+    ]
     if any(r[memory_key] for r in ok):
         label = "peak allocated (MiB)" if memory_key == "peak_bytes" else "peak beyond weights + optimizer (MiB)"
         panels.append({"title": "peak memory", "xlabel": "batch per device", "ylabel": label, "series": memory})
@@ -275,21 +301,40 @@ def fastclip_backends(device: str, precision: str) -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.benchmark_parser(__doc__)
     common.add_device_argument(parser)
-    parser.add_argument("--model", default=ByDevice("ViT-B-16", "demo-ViT"),
-                        help="model config name (default: %(default)s)")
-    parser.add_argument("--batch-sizes", type=common.int_list,
-                        help="comma-separated, run exactly these (default: cuda 64, 128, ... doubling until out of "
-                             "memory or --max-batch; cpu 8,16,32)")
+    parser.add_argument(
+        "--model", default=ByDevice("ViT-B-16", "demo-ViT"), help="model config name (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=common.int_list,
+        help="comma-separated, run exactly these (default: cuda 64, 128, ... doubling until out of "
+        "memory or --max-batch; cpu 8,16,32)",
+    )
     parser.add_argument("--max-batch", type=int, default=32768, help="cuda sweep: largest batch to try (default 32768)")
-    parser.add_argument("--refine", type=int, default=2,
-                        help="cuda sweep: bisection steps after the first out-of-memory (default 2: the largest "
-                             "batch to within a quarter)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default=ByDevice("bf16", "fp32"),
-                        help="autocast dtype (default: %(default)s)")
-    parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="recompute residual blocks in the backward (both)")
-    common.add_timing_arguments(parser, warmup=ByDevice(3, 1), reps=ByDevice(10, 3), budget_s=ByDevice(10.0, 3.0),
-                                unit="steps", reps_flag="--steps")
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=2,
+        help="cuda sweep: bisection steps after the first out-of-memory (default 2: the largest "
+        "batch to within a quarter)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default=ByDevice("bf16", "fp32"),
+        help="autocast dtype (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute residual blocks in the backward (both)"
+    )
+    common.add_timing_arguments(
+        parser,
+        warmup=ByDevice(3, 1),
+        reps=ByDevice(10, 3),
+        budget_s=ByDevice(10.0, 3.0),
+        unit="steps",
+        reps_flag="--steps",
+    )
     common.add_cpu_memory_argument(parser)
     common.add_out_argument(parser)
     args = common.parse_benchmark_args(parser, argv)
@@ -302,21 +347,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_config(args: argparse.Namespace) -> dict:
     """The JSON's "config": what was run, and how each figure is defined."""
     return {
-        "device": args.device, "model": args.model, "precision": args.precision,
-        "grad_checkpointing": args.grad_checkpointing, "batch_sizes": args.batch_sizes, "sweep_until_oom": args.sweep,
+        "device": args.device,
+        "model": args.model,
+        "precision": args.precision,
+        "grad_checkpointing": args.grad_checkpointing,
+        "batch_sizes": args.batch_sizes,
+        "sweep_until_oom": args.sweep,
         "max_batch": args.max_batch if args.sweep else None,
-        "refine": args.refine if args.sweep else 0, "warmup": args.warmup, "steps": args.steps,
-        "budget_s": args.budget_s, "optimizer": {"name": "AdamW (fastclip.train.optim.make_optimizer)", **OPTIMIZER},
+        "refine": args.refine if args.sweep else 0,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "budget_s": args.budget_s,
+        "optimizer": {"name": "AdamW (fastclip.train.optim.make_optimizer)", **OPTIMIZER},
         "implementations": {
             "fastclip": "create_model(attn_backend='auto') + fastclip.ClipLoss()",
             "baseline": "create_model(attn_backend='torch') (SDPA) + contrastive_loss_reference "
-                        "(N x N logits + cross-entropy)",
+            "(N x N logits + cross-entropy)",
         },
         "fastclip_resolved_backends": fastclip_backends(args.device, args.precision),
         "inputs": f"randn images; token ids uniform in [1, {EOT_ID}) with {EOT_ID} at a random position, full context",
         "memory": "cuda: max_memory_allocated during one step after the first (peak_bytes), minus memory_allocated "
-                  "before it (peak_extra_bytes); cpu: VmHWM - VmRSS of one step in a fresh process (peak_extra_bytes)"
-                  + ("" if args.cpu_memory or args.device == "cuda" else " (skipped: --no-cpu-memory)"),
+        "before it (peak_extra_bytes); cpu: VmHWM - VmRSS of one step in a fresh process (peak_extra_bytes)"
+        + ("" if args.cpu_memory or args.device == "cuda" else " (skipped: --no-cpu-memory)"),
     }
 
 
@@ -326,9 +378,11 @@ def main(argv: list[str] | None = None) -> dict:
     header = common.environment_header()
     config = train_config(args)
     resolved = config["fastclip_resolved_backends"]
-    print(f"device: {header['device']}; model {args.model}, {args.precision}"
-          f"{', gradient checkpointing' if args.grad_checkpointing else ''}; fastclip runs attention on "
-          f"{resolved['attention']!r} and the loss on {resolved['loss']!r}\n{TABLE.header()}")
+    print(
+        f"device: {header['device']}; model {args.model}, {args.precision}"
+        f"{', gradient checkpointing' if args.grad_checkpointing else ''}; fastclip runs attention on "
+        f"{resolved['attention']!r} and the loss on {resolved['loss']!r}\n{TABLE.header()}"
+    )
     if resolved["attention"] == "torch":
         print("(attention on 'torch' for both: the competitors differ only in the loss)")
     payload = {"benchmark": "train_step", "environment": header, "config": config, "rows": []}

@@ -139,8 +139,12 @@ def caption_lengths(batch: int, context: int = 77, seed: int = 0) -> torch.Tenso
 def length_summary(lengths: torch.Tensor) -> dict:
     """Mean, min and max of a lengths tensor, and the distribution they were drawn from (for the JSON)."""
     values = lengths.double()
-    return {"mean": values.mean().item(), "min": int(values.min()), "max": int(values.max()),
-            "distribution": CAPTION_LENGTHS}
+    return {
+        "mean": values.mean().item(),
+        "min": int(values.min()),
+        "max": int(values.max()),
+        "distribution": CAPTION_LENGTHS,
+    }
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -195,15 +199,22 @@ def cpu_peak_extra_bytes(
     if not (os.path.exists("/proc/self/clear_refs") and os.path.exists("/proc/self/status")):
         return None
     spec = {
-        "file": inspect.getfile(factory), "factory": factory.__name__, "kwargs": kwargs,
-        "warmup_kwargs": warmup_kwargs, "threads": torch.get_num_threads(),
+        "file": inspect.getfile(factory),
+        "factory": factory.__name__,
+        "kwargs": kwargs,
+        "warmup_kwargs": warmup_kwargs,
+        "threads": torch.get_num_threads(),
     }
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = None
     try:
         proc = subprocess.run(
             [sys.executable, __file__, "--rss-child", json.dumps(spec)],
-            capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            cwd=REPO,
         )
         return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
     except (subprocess.SubprocessError, OSError, ValueError, IndexError, KeyError):
@@ -406,8 +417,9 @@ def dtype_list(value: str) -> list[str]:
 def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     """A parser that shows the script's docstring: its first paragraph, then (after the usage) the rest."""
     summary, _usage, details = doc.split("\n\n", 2)
-    return argparse.ArgumentParser(description=summary, epilog=details,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def add_device_argument(parser: argparse.ArgumentParser, *, auto: bool = False) -> None:
@@ -419,22 +431,36 @@ def add_device_argument(parser: argparse.ArgumentParser, *, auto: bool = False) 
 
 
 def add_timing_arguments(
-    parser: argparse.ArgumentParser, warmup: Any, reps: Any, budget_s: Any = None, *, unit: str = "calls",
+    parser: argparse.ArgumentParser,
+    warmup: Any,
+    reps: Any,
+    budget_s: Any = None,
+    *,
+    unit: str = "calls",
     reps_flag: str = "--reps",
 ) -> None:
     """--warmup, --reps (or `reps_flag`) and, given its default, --budget-s: `time_fn`'s settings per point."""
-    parser.add_argument("--warmup", type=int, default=warmup,
-                        help=f"untimed {unit} before the timed ones (default: %(default)s)")
+    parser.add_argument(
+        "--warmup", type=int, default=warmup, help=f"untimed {unit} before the timed ones (default: %(default)s)"
+    )
     parser.add_argument(reps_flag, type=int, default=reps, help=f"timed {unit} per point (default: %(default)s)")
     if budget_s is not None:
-        parser.add_argument("--budget-s", type=float, default=budget_s,
-                            help=f"fewer timed {unit} (at least 3) for slow points, to take about this many "
-                                 "seconds (default: %(default)s)")
+        parser.add_argument(
+            "--budget-s",
+            type=float,
+            default=budget_s,
+            help=f"fewer timed {unit} (at least 3) for slow points, to take about this many "
+            "seconds (default: %(default)s)",
+        )
 
 
 def add_cpu_memory_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-cpu-memory", dest="cpu_memory", action="store_false",
-                        help="on a CPU, skip the peak-memory measurement (a fresh process per point, seconds each)")
+    parser.add_argument(
+        "--no-cpu-memory",
+        dest="cpu_memory",
+        action="store_false",
+        help="on a CPU, skip the peak-memory measurement (a fresh process per point, seconds each)",
+    )
 
 
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
@@ -585,14 +611,20 @@ def plot_lines(path: str | Path, panels: list[dict], *, ncols: int = 2, title: s
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a panel where nothing was measured has no legend
             ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     return _save_figure(plt, fig, path, title)
 
 
 def plot_bars(
-    path: str | Path, groups: list[str], series: dict[str, list[float]], *, ylabel: str, title: str,
-    logy: bool = False, reference: float | None = None,
+    path: str | Path,
+    groups: list[str],
+    series: dict[str, list[float]],
+    *,
+    ylabel: str,
+    title: str,
+    logy: bool = False,
+    reference: float | None = None,
 ) -> Path | None:
     """Grouped bars to a PNG: per group (x tick) one bar of each series; None when matplotlib is missing.
 

@@ -2,9 +2,9 @@
 
 from fastclip.checkpoint import save_checkpoint
 from fastclip.environment import info
+from fastclip.functional import attention, contrastive_loss, sigmoid_loss, supcon_loss
 from fastclip.loss import ClipLoss, SigLipLoss, SupConLoss
 from fastclip.model import CLIP, create_model, create_model_and_transforms, list_models, load_checkpoint
-from fastclip.functional import attention, contrastive_loss, sigmoid_loss, supcon_loss
 from fastclip.tokenizer import ClipTokenizer, get_tokenizer, tokenize
 from fastclip.version import __version__
 

@@ -34,10 +34,14 @@ TRITON_MAX_HEAD_DIM = 128  # = attention_triton.MAX_HEAD_DIM, repeated here so d
 
 # Names a user may give for a dtype (command line, configs, `create_model(precision=...)`).
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp64": torch.float64, "float64": torch.float64,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
 }
 SHORT_DTYPE_NAMES = ("fp32", "bf16", "fp16", "fp64")  # the names the command line and the benchmarks offer
 
@@ -100,7 +104,10 @@ def supports_fused_kernels(device: torch.device) -> bool:
 def unsupported_reason(device: torch.device) -> str:
     major, minor = capability(device)
     wanted = ".".join(map(str, MIN_CAPABILITY))
-    return f"{device} has compute capability {major}.{minor}; the fused kernels need {wanted} or newer (bf16/TF32 tensor cores)"
+    return (
+        f"{device} has compute capability {major}.{minor}; "
+        f"the fused kernels need {wanted} or newer (bf16/TF32 tensor cores)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- Triton
@@ -178,8 +185,9 @@ def resolve_attention_backend(backend: str, q: torch.Tensor) -> str:
     if q.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         why = " (its fp32 kernels would spill registers; autocast to bf16 runs it)" if q.device.type == "cuda" else ""
-        raise TypeError(f"backend='triton' supports {names} inputs on {q.device.type}{why}, got {q.dtype}; "
-                        "use backend='torch'")
+        raise TypeError(
+            f"backend='triton' supports {names} inputs on {q.device.type}{why}, got {q.dtype}; use backend='torch'"
+        )
     if head_dim > TRITON_MAX_HEAD_DIM:
         raise ValueError(
             f"backend='triton' supports head_dim <= {TRITON_MAX_HEAD_DIM} (q, k, v's last dim), got {head_dim}; "

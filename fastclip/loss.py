@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastclip.distributed import all_reduce_logsumexp, average_gradient, gather_rows, row_counts, world_size
 from fastclip.backends import check_loss_backend
+from fastclip.distributed import all_reduce_logsumexp, average_gradient, gather_rows, row_counts, world_size
 from fastclip.functional import (
     contrastive_loss,
     contrastive_loss_from_lse,
@@ -28,12 +28,12 @@ from fastclip.functional import (
 from fastclip.ops._checks import check_labels, check_matched_pairs, check_unit_interval
 from fastclip.ops.supcon_loss import as_temperature_scale, supcon_loss, supcon_loss_share, view_labels
 
-
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip's exchange strategies, one loss
 
 
-def _check_open_clip_args(module: str, rank: int | None, world_size: int | None, use_horovod: bool,
-                          group: dist.ProcessGroup | None) -> None:
+def _check_open_clip_args(
+    module: str, rank: int | None, world_size: int | None, use_horovod: bool, group: dist.ProcessGroup | None
+) -> None:
     """open_clip's constructor arguments, so that switching a script to fastclip is a one-line change.
 
     fastclip always computes the exact loss of the global batch and its exact gradient, so open_clip's
@@ -43,8 +43,13 @@ def _check_open_clip_args(module: str, rank: int | None, world_size: int | None,
     if use_horovod:
         raise NotImplementedError(f"{module}(use_horovod=True): fastclip runs on torch.distributed only (NCCL or gloo)")
     for name, value in (("rank", rank), ("world_size", world_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (name == "world_size")):
-            raise ValueError(f"{module}: {name} must be a {'positive' if name == 'world_size' else 'non-negative'} int, got {value!r}")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < (name == "world_size")
+        ):
+            raise ValueError(
+                f"{module}: {name} must be a {'positive' if name == 'world_size' else 'non-negative'} int, "
+                f"got {value!r}"
+            )
     initialized = dist.is_available() and dist.is_initialized()
     actual = (dist.get_rank(group), dist.get_world_size(group)) if initialized else (0, 1)
     for name, given, real in (("world_size", world_size, actual[1]), ("rank", rank, actual[0])):
@@ -276,9 +281,7 @@ class SupConLoss(nn.Module):
             labels = view_labels(features.shape[0], features.device) + offset
         all_labels = _gather_labels(labels, features, counts, self.group)
         scale = as_temperature_scale(self.temperature, features.device, features.dtype)
-        row_lse, _ = contrastive_lse(
-            features, all_features, scale, masked_diagonal=offset, backend=self.backend
-        )
+        row_lse, _ = contrastive_lse(features, all_features, scale, masked_diagonal=offset, backend=self.backend)
         share = supcon_loss_share(features, all_features, scale, row_lse, all_labels, offset=offset)
         return _global_value(share, ranks, self.group)
 

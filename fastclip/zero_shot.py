@@ -64,8 +64,9 @@ def logit_scale_of(model: torch.nn.Module) -> float:
     return min(model.logit_scale.exp().item(), MAX_LOGIT_SCALE)
 
 
-def classify(image_features: torch.Tensor, classifier: torch.Tensor,
-             logit_scale: float = MAX_LOGIT_SCALE) -> torch.Tensor:
+def classify(
+    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: float = MAX_LOGIT_SCALE
+) -> torch.Tensor:
     """Class probabilities [B, C]: softmax of scaled cosine similarities (features are re-normalised)."""
     if image_features.dim() != 2 or classifier.dim() != 2 or image_features.shape[1] != classifier.shape[0]:
         raise ValueError(

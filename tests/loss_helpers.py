@@ -166,7 +166,9 @@ def chunked_reference(
     positives = s * (img * txt).sum()
     total = s * (img.sum(0) @ txt.sum(0))
     loss = (
-        weight * row_lse.sum() + (1 - weight) * col_lse.sum() - (1 - label_smoothing) * positives
+        weight * row_lse.sum()
+        + (1 - weight) * col_lse.sum()
+        - (1 - label_smoothing) * positives
         - (label_smoothing / n) * total
     ) / n
     grad_img, grad_txt = torch.empty_like(img), torch.zeros_like(txt)

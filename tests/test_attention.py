@@ -23,7 +23,8 @@ if not ON_GPU:  # before anything defines the Triton kernels (see the module doc
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastclip import backends  # noqa: E402
-from fastclip.backends import resolve_attention_backend as resolve_backend, triton_available  # noqa: E402
+from fastclip.backends import resolve_attention_backend as resolve_backend  # noqa: E402
+from fastclip.backends import triton_available  # noqa: E402
 from fastclip.ops.attention import attention  # noqa: E402
 from fastclip.ops.attention_reference import attention_lse_reference, attention_reference  # noqa: E402
 
@@ -38,8 +39,15 @@ CLIP_HEAD_DIMS = (32, 64, 80)
 
 
 def make_inputs(
-    batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, dtype: torch.dtype,
-    *, masked: bool = False, device: str = "cpu",
+    batch: int,
+    heads: int,
+    seq_q: int,
+    seq_k: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    *,
+    masked: bool = False,
+    device: str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Random q, k, v (requiring grad) and, if `masked`, a random key padding mask (True = padded)."""
     q, k, v = (
@@ -83,7 +91,9 @@ def assert_low_precision_close(got, truth, same_dtype_torch) -> None:
     for name, g, t, p in zip(NAMES, got, truth, same_dtype_torch):
         assert torch.isfinite(g).all(), name
         allowed = 2 * max_err(p, t) + LOW_PRECISION_EPS * max(1.0, t.abs().max().item())
-        assert max_err(g, t) <= allowed, f"{name}: error {max_err(g, t):.3g} > {allowed:.3g} (plain torch: {max_err(p, t):.3g})"
+        assert max_err(g, t) <= allowed, (
+            f"{name}: error {max_err(g, t):.3g} > {allowed:.3g} (plain torch: {max_err(p, t):.3g})"
+        )
 
 
 def check_against_reference(fn, q, k, v, **kwargs) -> None:
@@ -103,8 +113,14 @@ def triton_attention(q, k, v, **kwargs):
 # ------------------------------------------------------------------------- the Triton kernel, interpreted
 
 INTERPRETED_CASES = [
-    pytest.param(seq, head_dim, causal, masked, dtype, id=f"s{seq}-d{head_dim}-{'causal' if causal else 'full'}"
-                 f"-{'mask' if masked else 'nomask'}-{str(dtype)[6:]}")
+    pytest.param(
+        seq,
+        head_dim,
+        causal,
+        masked,
+        dtype,
+        id=f"s{seq}-d{head_dim}-{'causal' if causal else 'full'}-{'mask' if masked else 'nomask'}-{str(dtype)[6:]}",
+    )
     for seq in (1, 7, 50, 77, 197)
     for head_dim in CLIP_HEAD_DIMS
     for causal in ((False,) if seq == 197 else (False, True))
@@ -115,7 +131,9 @@ INTERPRETED_CASES = [
 
 @interpreted
 @pytest.mark.parametrize("seq, head_dim, causal, masked, dtype", INTERPRETED_CASES)
-def test_triton_kernel_matches_reference(seq: int, head_dim: int, causal: bool, masked: bool, dtype: torch.dtype) -> None:
+def test_triton_kernel_matches_reference(
+    seq: int, head_dim: int, causal: bool, masked: bool, dtype: torch.dtype
+) -> None:
     """Forward and dq, dk, dv of the Triton kernel (interpreter) against float64, at CLIP's awkward lengths."""
     batch, heads = (2, 1) if masked else (1, 2)  # two sequences so the mask differs per batch entry
     q, k, v, mask = make_inputs(batch, heads, seq, seq, head_dim, dtype, masked=masked)
@@ -133,7 +151,9 @@ def test_triton_kernel_other_tilings(block: tuple[int, int], seq_q: int, seq_k: 
     scale = 0.125
     grad_out = torch.randn_like(q)
     out, lse = attention_triton.forward(q.detach(), k.detach(), v.detach(), mask, causal, scale, block)
-    grads = attention_triton.backward(grad_out, None, q.detach(), k.detach(), v.detach(), out, lse, mask, causal, scale, block)
+    grads = attention_triton.backward(
+        grad_out, None, q.detach(), k.detach(), v.detach(), out, lse, mask, causal, scale, block
+    )
     truth = reference_results(q, k, v, grad_out, torch.float64, causal=causal, key_padding_mask=mask, scale=scale)
     assert_fp32_close([out, *grads], truth)
 
@@ -154,7 +174,9 @@ def test_rows_without_keys_give_zeros_not_nan(backend: str) -> None:
     mask[0, 0] = mask[0, 5] = True
     mask[1] = True
     grad_out = torch.randn_like(q)
-    out, dq, dk, dv = forward_backward(attention, q, k, v, grad_out, causal=True, key_padding_mask=mask, backend=backend)
+    out, dq, dk, dv = forward_backward(
+        attention, q, k, v, grad_out, causal=True, key_padding_mask=mask, backend=backend
+    )
     assert out[1].eq(0).all() and out[0, :, 0].eq(0).all()
     assert dq[1].eq(0).all() and dk[1].eq(0).all() and dv[1].eq(0).all()
     assert dk[0, :, 0].eq(0).all() and dv[0, :, 5].eq(0).all()  # padded keys get no gradient
@@ -162,7 +184,9 @@ def test_rows_without_keys_give_zeros_not_nan(backend: str) -> None:
     assert_fp32_close([out, dq, dk, dv], truth)
     if backend == "triton":
         lse = torch.ops.fastclip.attention(q.detach(), k.detach(), v.detach(), mask, True, 32**-0.5)[1]
-        assert lse[1].eq(float("-inf")).all() and lse[0, :, 0].eq(float("-inf")).all() and lse[0, :, 1:].isfinite().all()
+        assert (
+            lse[1].eq(float("-inf")).all() and lse[0, :, 0].eq(float("-inf")).all() and lse[0, :, 1:].isfinite().all()
+        )
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=interpreted), "torch"])
@@ -217,13 +241,26 @@ def test_triton_log_sum_exp_and_its_gradient(seq: int, causal: bool) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
-@pytest.mark.parametrize("seq_q, seq_k, causal, masked", [
-    (1, 1, False, False), (7, 7, True, True), (50, 50, False, True), (77, 77, True, False),
-    (77, 77, True, True), (197, 197, False, False), (1, 50, False, True), (50, 7, True, True),
-])
-def test_torch_backend_matches_reference(seq_q: int, seq_k: int, causal: bool, masked: bool, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "seq_q, seq_k, causal, masked",
+    [
+        (1, 1, False, False),
+        (7, 7, True, True),
+        (50, 50, False, True),
+        (77, 77, True, False),
+        (77, 77, True, True),
+        (197, 197, False, False),
+        (1, 50, False, True),
+        (50, 7, True, True),
+    ],
+)
+def test_torch_backend_matches_reference(
+    seq_q: int, seq_k: int, causal: bool, masked: bool, dtype: torch.dtype
+) -> None:
     q, k, v, mask = make_inputs(2, 3, seq_q, seq_k, 64, dtype, masked=masked)
-    check_against_reference(lambda *a, **kw: attention(*a, backend="torch", **kw), q, k, v, causal=causal, key_padding_mask=mask)
+    check_against_reference(
+        lambda *a, **kw: attention(*a, backend="torch", **kw), q, k, v, causal=causal, key_padding_mask=mask
+    )
 
 
 def test_torch_backend_gradcheck() -> None:
@@ -256,7 +293,18 @@ def test_opcheck(dtype: torch.dtype, causal: bool, masked: bool) -> None:
     torch.library.opcheck(torch.ops.fastclip.attention.default, (q, k, v, mask, causal, 0.2))
     with torch.no_grad():
         out, lse = torch.ops.fastclip.attention(q, k, v, mask, causal, 0.2)
-    args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out, lse, mask, causal, 0.2)
+    args = (
+        torch.randn_like(out),
+        torch.randn_like(lse),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out,
+        lse,
+        mask,
+        causal,
+        0.2,
+    )
     torch.library.opcheck(torch.ops.fastclip.attention_backward.default, args)
 
 
@@ -300,7 +348,8 @@ def test_kernels_compile_for_hopper() -> None:
                 elif name in ("qk_scale", "scale"): sig[name] = "fp32"
                 else: sig[name] = "i32"
             src = ASTSource(kernel, sig, constexprs=consts)
-            return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+            options = {"num_warps": warps, "num_stages": stages}
+            return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         for dtype in ("bf16", "fp16"):
             flags = dict(HEAD_DIM=80, BLOCK_D=128, CAUSAL=True, HAS_MASK=True, HAS_LENGTHS=True)
             compile_(at._fwd_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=64), 4, 3)
@@ -314,7 +363,9 @@ def test_kernels_compile_for_hopper() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False
+    )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
@@ -342,7 +393,11 @@ ERROR_CASES = [
     (dict(key_padding_mask=torch.zeros(2, 5)), TypeError, "key_padding_mask must be a bool tensor"),
     (dict(key_padding_mask=torch.zeros(2, 6, dtype=torch.bool)), ValueError, r"shape \[batch, seq_k\] = \[2, 5\]"),
     (dict(key_padding_mask=torch.zeros(5, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
-    (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device="meta")), ValueError, "key_padding_mask must be on"),
+    (
+        dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device="meta")),
+        ValueError,
+        "key_padding_mask must be on",
+    ),
     (dict(key_padding_mask=[[True]]), TypeError, "key_padding_mask must be a torch.Tensor"),
     (dict(scale=0.0), ValueError, "scale must be positive and finite"),
     (dict(scale=-1.0), ValueError, "scale must be positive and finite"),
@@ -351,8 +406,16 @@ ERROR_CASES = [
     (dict(scale=True), TypeError, "scale must be a float"),
     (dict(scale=torch.tensor(0.5)), TypeError, "scale must be a float"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
-    (dict(backend="triton", q=torch.randn(2, 3, 5, 16, device="meta"), k=torch.randn(2, 3, 5, 16, device="meta"),
-          v=torch.randn(2, 3, 5, 16, device="meta")), RuntimeError, "backend='triton' cannot run here"),
+    (
+        dict(
+            backend="triton",
+            q=torch.randn(2, 3, 5, 16, device="meta"),
+            k=torch.randn(2, 3, 5, 16, device="meta"),
+            v=torch.randn(2, 3, 5, 16, device="meta"),
+        ),
+        RuntimeError,
+        "backend='triton' cannot run here",
+    ),
 ]
 
 
@@ -431,13 +494,16 @@ class _FixedTiles(torch.autograd.Function):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("batch, heads, seq, head_dim, causal, masked, dtype", [
-    (8, 12, 197, 64, False, False, torch.bfloat16),  # ViT-B/16
-    (8, 8, 77, 64, True, True, torch.bfloat16),  # text encoder with padding
-    (4, 16, 257, 80, False, False, torch.float16),  # ViT-H/14
-    (2, 16, 577, 64, False, False, torch.bfloat16),  # ViT-L/14@336
-    (3, 2, 50, 128, False, True, torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "batch, heads, seq, head_dim, causal, masked, dtype",
+    [
+        (8, 12, 197, 64, False, False, torch.bfloat16),  # ViT-B/16
+        (8, 8, 77, 64, True, True, torch.bfloat16),  # text encoder with padding
+        (4, 16, 257, 80, False, False, torch.float16),  # ViT-H/14
+        (2, 16, 577, 64, False, False, torch.bfloat16),  # ViT-L/14@336
+        (3, 2, 50, 128, False, True, torch.bfloat16),
+    ],
+)
 def test_cuda_autotuned_public_path(batch, heads, seq, head_dim, causal, masked, dtype) -> None:
     """`attention` with backend="auto" picks the (autotuned) Triton kernel on CUDA and matches the reference."""
     q, k, v, mask = make_inputs(batch, heads, seq, seq, head_dim, dtype, masked=masked, device="cuda")
@@ -454,4 +520,6 @@ def test_cuda_opcheck_and_compile() -> None:
     grad_out = torch.randn_like(q)
     got = forward_backward(fn, q, k, v, grad_out)
     truth = reference_results(q, k, v, grad_out, torch.float64, causal=True, key_padding_mask=mask)
-    assert_low_precision_close(got, truth, reference_results(q, k, v, grad_out, torch.bfloat16, causal=True, key_padding_mask=mask))
+    assert_low_precision_close(
+        got, truth, reference_results(q, k, v, grad_out, torch.bfloat16, causal=True, key_padding_mask=mask)
+    )

@@ -26,8 +26,11 @@ def block_d(head_dim: int) -> int:
 def prune(kernel: str, arch: int | None, head_dim: int, seq: int, dtype: torch.dtype = torch.bfloat16) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, warps, stages) kept for one launch, through the autotuner's own prune hook."""
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in TABLES[kernel]]
-    named = {"Q": torch.empty(1, dtype=dtype), "SEQ_Q_BUCKET": triton.next_power_of_2(seq),
-             "SEQ_K_BUCKET": triton.next_power_of_2(seq)}
+    named = {
+        "Q": torch.empty(1, dtype=dtype),
+        "SEQ_Q_BUCKET": triton.next_power_of_2(seq),
+        "SEQ_K_BUCKET": triton.next_power_of_2(seq),
+    }
     kept = TUNED[kernel].early_config_prune(configs, named, arch=arch, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim))
     return [at._config_key(c) for c in kept]
 

@@ -73,8 +73,9 @@ CASES = [  # (seq, lengths, causal, masked)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("seq, lengths, causal, masked", CASES, ids=[f"s{c[0]}-{c[1]}-{c[2]}-{c[3]}" for c in CASES])
-def test_lengths_match_float64(backend: str, dtype: torch.dtype, seq: int, lengths: list[int], causal: bool,
-                               masked: bool) -> None:
+def test_lengths_match_float64(
+    backend: str, dtype: torch.dtype, seq: int, lengths: list[int], causal: bool, masked: bool
+) -> None:
     lengths_t = torch.tensor(lengths)
     batch = len(lengths)
     qkv, views = fused_qkv(batch, seq, 2, 32, dtype, seed=seq + batch)
@@ -84,8 +85,8 @@ def test_lengths_match_float64(backend: str, dtype: torch.dtype, seq: int, lengt
     out, grad = run(attention, qkv, views, grad_out, backend=backend, **kwargs)
     assert_close_to_float64((out, grad), qkv, grad_out, **kwargs)
     for b, end in enumerate(lengths):  # past the end: exactly zero output, no gradient to q, k or v
-        assert not out[b, :, max(end, 0):].any()
-        assert not grad[b, max(end, 0):].any()
+        assert not out[b, :, max(end, 0) :].any()
+        assert not grad[b, max(end, 0) :].any()
 
 
 @interpreted
@@ -100,8 +101,9 @@ def test_lengths_other_tilings(block: tuple[int, int]) -> None:
     for causal in (True, False):
         q_, k_, v_ = q.detach(), k.detach(), v.detach()
         out, lse = attention_triton.forward(q_, k_, v_, None, causal, 0.25, block, lengths=lengths)
-        grads = attention_triton.backward(grad_out, None, q_, k_, v_, out, lse, None, causal, 0.25, block,
-                                          lengths=lengths)
+        grads = attention_triton.backward(
+            grad_out, None, q_, k_, v_, out, lse, None, causal, 0.25, block, lengths=lengths
+        )
         leaf = qkv.detach().double().requires_grad_(True)
         views = [t.transpose(1, 2) for t in leaf.unbind(2)]
         want = attention_reference(*views, causal=causal, scale=0.25, lengths=lengths)
@@ -132,7 +134,7 @@ def _text_batch(model, batch: int, seed: int) -> torch.Tensor:
     text = torch.zeros(batch, context, dtype=torch.long)
     for row, length in enumerate(torch.randint(2, context + 1, (batch,), generator=gen).tolist()):
         text[row, 0] = 49406
-        text[row, 1:length - 1] = torch.randint(1, 49406, (length - 2,), generator=gen)
+        text[row, 1 : length - 1] = torch.randint(1, 49406, (length - 2,), generator=gen)
         text[row, length - 1] = 49407
     return text
 
@@ -166,8 +168,9 @@ def test_text_tower_ragged_equals_full_attention(backend: str, monkeypatch: pyte
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("seq, lengths, causal, masked", CASES, ids=[f"s{c[0]}-{c[1]}-{c[2]}-{c[3]}" for c in CASES])
-def test_cuda_lengths_match_float64(dtype: torch.dtype, seq: int, lengths: list[int], causal: bool,
-                                    masked: bool) -> None:
+def test_cuda_lengths_match_float64(
+    dtype: torch.dtype, seq: int, lengths: list[int], causal: bool, masked: bool
+) -> None:
     """The compiled kernels (autotuned tiles) against float64, as the interpreted test above."""
     lengths_t = torch.tensor(lengths, device="cuda")
     batch = len(lengths)

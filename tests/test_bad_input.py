@@ -32,6 +32,7 @@ from loss_helpers import no_cpp
 from PIL import Image
 
 import fastclip
+from fastclip.backends import triton_available
 from fastclip.checkpoint import CheckpointError
 from fastclip.cli import main as cli_main
 from fastclip.data import (
@@ -41,7 +42,6 @@ from fastclip.data import (
     TarShardDataset,
     load_image,
 )
-from fastclip.backends import triton_available
 from fastclip.functional import attention, contrastive_loss_from_lse, contrastive_lse
 from fastclip.ops.attention_reference import attention_reference
 from fastclip.ops.reference import contrastive_loss_reference, contrastive_lse_reference
@@ -124,42 +124,75 @@ OP_CASES = {
     # contrastive_loss: features
     "loss-image-3d": Case(lambda f: loss(image=torch.randn(4, 8, 1)), ValueError, r"image_features must be 2-D"),
     "loss-text-1d": Case(lambda f: loss(text=torch.randn(8)), ValueError, r"text_features must be 2-D"),
-    "loss-image-list": Case(lambda f: loss(image=[[1.0] * 8] * 4), TypeError, r"image_features must be a torch\.Tensor"),
-    "loss-empty-batch": Case(lambda f: loss(image=torch.randn(0, 8), text=torch.randn(0, 8)), ValueError, r"image_features is empty"),
-    "loss-empty-dim": Case(lambda f: loss(image=torch.randn(4, 0), text=torch.randn(4, 0)), ValueError, r"image_features is empty"),
+    "loss-image-list": Case(
+        lambda f: loss(image=[[1.0] * 8] * 4), TypeError, r"image_features must be a torch\.Tensor"
+    ),
+    "loss-empty-batch": Case(
+        lambda f: loss(image=torch.randn(0, 8), text=torch.randn(0, 8)), ValueError, r"image_features is empty"
+    ),
+    "loss-empty-dim": Case(
+        lambda f: loss(image=torch.randn(4, 0), text=torch.randn(4, 0)), ValueError, r"image_features is empty"
+    ),
     "loss-batch-mismatch": Case(lambda f: loss(text=unit(5)), ValueError, r"same batch size.*4 and 5"),
     "loss-dim-mismatch": Case(lambda f: loss(text=unit(4, 7)), ValueError, r"same feature dim, got 8 and 7"),
-    "loss-mixed-dtypes": Case(lambda f: loss(text=unit(4).half()), TypeError, r"same dtype, got torch\.float32 and torch\.float16"),
-    "loss-int-features": Case(lambda f: loss(image=torch.ones(4, 8, dtype=torch.long)), TypeError, r"image_features must be float32"),
+    "loss-mixed-dtypes": Case(
+        lambda f: loss(text=unit(4).half()), TypeError, r"same dtype, got torch\.float32 and torch\.float16"
+    ),
+    "loss-int-features": Case(
+        lambda f: loss(image=torch.ones(4, 8, dtype=torch.long)), TypeError, r"image_features must be float32"
+    ),
     "loss-complex-features": Case(lambda f: loss(text=unit(4).cfloat()), TypeError, r"text_features must be float32"),
-    "loss-bool-features": Case(lambda f: loss(image=torch.ones(4, 8, dtype=torch.bool)), TypeError, r"image_features must be float32"),
+    "loss-bool-features": Case(
+        lambda f: loss(image=torch.ones(4, 8, dtype=torch.bool)), TypeError, r"image_features must be float32"
+    ),
     "loss-meta-vs-cpu": Case(lambda f: loss(text=unit(4, **META)), ValueError, r"same device, got cpu and meta"),
     # contrastive_loss: logit_scale
-    "loss-scale-zero": Case(lambda f: loss(scale=0.0), ValueError, r"logit_scale must be positive and finite.*got 0\.0"),
-    "loss-scale-negative": Case(lambda f: loss(scale=torch.tensor(-2.0)), ValueError, r"logit_scale must be positive and finite"),
+    "loss-scale-zero": Case(
+        lambda f: loss(scale=0.0), ValueError, r"logit_scale must be positive and finite.*got 0\.0"
+    ),
+    "loss-scale-negative": Case(
+        lambda f: loss(scale=torch.tensor(-2.0)), ValueError, r"logit_scale must be positive and finite"
+    ),
     "loss-scale-inf": Case(lambda f: loss(scale=math.inf), ValueError, r"logit_scale must be positive and finite.*inf"),
-    "loss-scale-nan-tensor": Case(lambda f: loss(scale=torch.tensor(math.nan)), ValueError, r"logit_scale must be positive and finite.*nan"),
+    "loss-scale-nan-tensor": Case(
+        lambda f: loss(scale=torch.tensor(math.nan)), ValueError, r"logit_scale must be positive and finite.*nan"
+    ),
     "loss-scale-two-values": Case(lambda f: loss(scale=torch.ones(2)), ValueError, r"logit_scale must hold one value"),
-    "loss-scale-int-tensor": Case(lambda f: loss(scale=torch.tensor(3)), TypeError, r"logit_scale must be a floating tensor"),
+    "loss-scale-int-tensor": Case(
+        lambda f: loss(scale=torch.tensor(3)), TypeError, r"logit_scale must be a floating tensor"
+    ),
     "loss-scale-str": Case(lambda f: loss(scale="14"), TypeError, r"logit_scale must be a tensor or a number, got str"),
-    "loss-scale-bool": Case(lambda f: loss(scale=True), TypeError, r"logit_scale must be a tensor or a number, got bool"),
-    "loss-scale-none": Case(lambda f: loss(scale=None), TypeError, r"logit_scale must be a tensor or a number, got NoneType"),
-    "loss-scale-on-meta": Case(lambda f: loss(scale=torch.tensor(3.0, **META)), ValueError, r"logit_scale must be on the features' device cpu"),
+    "loss-scale-bool": Case(
+        lambda f: loss(scale=True), TypeError, r"logit_scale must be a tensor or a number, got bool"
+    ),
+    "loss-scale-none": Case(
+        lambda f: loss(scale=None), TypeError, r"logit_scale must be a tensor or a number, got NoneType"
+    ),
+    "loss-scale-on-meta": Case(
+        lambda f: loss(scale=torch.tensor(3.0, **META)), ValueError, r"logit_scale must be on the features' device cpu"
+    ),
     # contrastive_loss: options
     "loss-weight-above-1": Case(lambda f: loss(weight=1.5), ValueError, r"weight must be in \[0, 1\], got 1\.5"),
     "loss-weight-negative": Case(lambda f: loss(weight=-0.1), ValueError, r"weight must be in \[0, 1\]"),
     "loss-weight-nan": Case(lambda f: loss(weight=math.nan), ValueError, r"weight must be in \[0, 1\], got nan"),
     "loss-weight-str": Case(lambda f: loss(weight="0.5"), TypeError, r"weight must be a float, got str"),
     "loss-weight-bool": Case(lambda f: loss(weight=True), TypeError, r"weight must be a float, got bool"),
-    "loss-smoothing-above-1": Case(lambda f: loss(label_smoothing=2.0), ValueError, r"label_smoothing must be in \[0, 1\]"),
-    "loss-smoothing-negative": Case(lambda f: loss(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\]"),
+    "loss-smoothing-above-1": Case(
+        lambda f: loss(label_smoothing=2.0), ValueError, r"label_smoothing must be in \[0, 1\]"
+    ),
+    "loss-smoothing-negative": Case(
+        lambda f: loss(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\]"
+    ),
     "loss-backend-unknown": Case(lambda f: loss(backend="flash"), ValueError, r"backend must be one of .*'flash'"),
     "loss-backend-none": Case(lambda f: loss(backend=None), ValueError, r"backend must be one of .*None"),
     "loss-backend-triton": Case(lambda f: loss(backend="triton"), ValueError, r"backend must be one of"),
-    "loss-cuda-on-cpu-tensors": Case(lambda f: loss(backend="cuda"), RuntimeError, r"backend='cuda' cannot run here: tensors are on cpu"),
+    "loss-cuda-on-cpu-tensors": Case(
+        lambda f: loss(backend="cuda"), RuntimeError, r"backend='cuda' cannot run here: tensors are on cpu"
+    ),
     "loss-cpp-on-meta-tensors": Case(
         lambda f: loss(unit(4, **META), unit(4, **META), torch.tensor(2.0, **META), backend="cpp"),
-        RuntimeError, r"backend='cpp' cannot run here: it needs CPU tensors \(got meta\)",
+        RuntimeError,
+        r"backend='cpp' cannot run here: it needs CPU tensors \(got meta\)",
     ),
     # contrastive_lse (n != N is fine; the rest as contrastive_loss)
     "lse-image-3d": Case(lambda f: lse(image=torch.randn(3, 8, 2)), ValueError, r"image_features must be 2-D"),
@@ -167,60 +200,128 @@ OP_CASES = {
     "lse-dim-mismatch": Case(lambda f: lse(text=unit(5, 4)), ValueError, r"same feature dim, got 8 and 4"),
     "lse-mixed-dtypes": Case(lambda f: lse(image=unit(3).double()), TypeError, r"same dtype"),
     "lse-meta-vs-cpu": Case(lambda f: lse(image=unit(3, **META)), ValueError, r"same device"),
-    "lse-scale-zero": Case(lambda f: lse(scale=torch.tensor(0.0)), ValueError, r"logit_scale must be positive and finite"),
+    "lse-scale-zero": Case(
+        lambda f: lse(scale=torch.tensor(0.0)), ValueError, r"logit_scale must be positive and finite"
+    ),
     "lse-backend-unknown": Case(lambda f: lse(backend="fused"), ValueError, r"backend must be one of"),
     "lse-cuda-on-cpu-tensors": Case(lambda f: lse(backend="cuda"), RuntimeError, r"backend='cuda' cannot run here"),
     # contrastive_loss_from_lse: a rank's share
-    "share-offset-negative": Case(lambda f: share(offset=-1), ValueError, r"offset must be an int with 0 <= offset and offset \+ 3 <= 8, got -1"),
+    "share-offset-negative": Case(
+        lambda f: share(offset=-1), ValueError, r"offset must be an int with 0 <= offset and offset \+ 3 <= 8, got -1"
+    ),
     "share-offset-past-end": Case(lambda f: share(offset=6), ValueError, r"offset must be an int .* got 6"),
     "share-offset-float": Case(lambda f: share(offset=1.0), ValueError, r"offset must be an int .* got 1\.0"),
     "share-offset-bool": Case(lambda f: share(offset=True), ValueError, r"offset must be an int .* got True"),
-    "share-row-lse-shape": Case(lambda f: share(row=torch.zeros(4)), ValueError, r"row_lse must be \[3\] and col_lse \[8\], got \(4,\)"),
-    "share-col-lse-shape": Case(lambda f: share(col=torch.zeros(8, 1)), ValueError, r"col_lse \[8\], got .* and \(8, 1\)"),
+    "share-row-lse-shape": Case(
+        lambda f: share(row=torch.zeros(4)), ValueError, r"row_lse must be \[3\] and col_lse \[8\], got \(4,\)"
+    ),
+    "share-col-lse-shape": Case(
+        lambda f: share(col=torch.zeros(8, 1)), ValueError, r"col_lse \[8\], got .* and \(8, 1\)"
+    ),
     "share-row-lse-list": Case(lambda f: share(row=[0.0] * 3), TypeError, r"row_lse must be a torch\.Tensor"),
-    "share-col-lse-int": Case(lambda f: share(col=torch.zeros(8, dtype=torch.long)), TypeError, r"col_lse must be a floating tensor"),
-    "share-row-lse-on-meta": Case(lambda f: share(row=torch.zeros(3, **META)), ValueError, r"row_lse must be on the features' device cpu"),
+    "share-col-lse-int": Case(
+        lambda f: share(col=torch.zeros(8, dtype=torch.long)), TypeError, r"col_lse must be a floating tensor"
+    ),
+    "share-row-lse-on-meta": Case(
+        lambda f: share(row=torch.zeros(3, **META)), ValueError, r"row_lse must be on the features' device cpu"
+    ),
     "share-weight": Case(lambda f: share(weight=2.0), ValueError, r"weight must be in \[0, 1\]"),
     "share-image-3d": Case(lambda f: share(image=torch.randn(3, 8, 1)), ValueError, r"image_features must be 2-D"),
     # attention
-    "attn-q-3d": Case(lambda f: attend(q=torch.randn(3, 5, 16)), ValueError, r"q must be 4-D \[batch, heads, seq, head_dim\]"),
+    "attn-q-3d": Case(
+        lambda f: attend(q=torch.randn(3, 5, 16)), ValueError, r"q must be 4-D \[batch, heads, seq, head_dim\]"
+    ),
     "attn-k-5d": Case(lambda f: attend(k=torch.randn(1, 2, 3, 5, 16)), ValueError, r"k must be 4-D"),
     "attn-v-list": Case(lambda f: attend(v=[[1.0]]), TypeError, r"v must be a torch\.Tensor, got list"),
     "attn-int-q": Case(lambda f: attend(q=torch.ones(2, 3, 5, 16, dtype=torch.int32)), TypeError, r"q must be float32"),
     "attn-empty-seq": Case(lambda f: attend(q=torch.randn(2, 3, 0, 16)), ValueError, r"q is empty"),
-    "attn-empty-batch": Case(lambda f: attend(*(torch.randn(0, 3, 5, 16) for _ in range(3))), ValueError, r"q is empty"),
+    "attn-empty-batch": Case(
+        lambda f: attend(*(torch.randn(0, 3, 5, 16) for _ in range(3))), ValueError, r"q is empty"
+    ),
     "attn-mixed-dtypes": Case(lambda f: attend(k=qkv().half()), TypeError, r"q, k and v must have the same dtype"),
     "attn-meta-vs-cpu": Case(lambda f: attend(v=qkv(**META)), ValueError, r"q, k and v must be on the same device"),
-    "attn-k-v-shapes": Case(lambda f: attend(v=torch.randn(2, 3, 6, 16)), ValueError, r"k and v must have the same shape"),
-    "attn-heads-mismatch": Case(lambda f: attend(k=torch.randn(2, 4, 5, 16), v=torch.randn(2, 4, 5, 16)), ValueError, r"agree in batch, heads and head_dim"),
-    "attn-head-dim-mismatch": Case(lambda f: attend(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8)), ValueError, r"agree in batch, heads and head_dim"),
+    "attn-k-v-shapes": Case(
+        lambda f: attend(v=torch.randn(2, 3, 6, 16)), ValueError, r"k and v must have the same shape"
+    ),
+    "attn-heads-mismatch": Case(
+        lambda f: attend(k=torch.randn(2, 4, 5, 16), v=torch.randn(2, 4, 5, 16)),
+        ValueError,
+        r"agree in batch, heads and head_dim",
+    ),
+    "attn-head-dim-mismatch": Case(
+        lambda f: attend(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8)),
+        ValueError,
+        r"agree in batch, heads and head_dim",
+    ),
     "attn-causal-int": Case(lambda f: attend(causal=1), TypeError, r"causal must be a bool, got int"),
-    "attn-mask-float": Case(lambda f: attend(key_padding_mask=torch.zeros(2, 5)), TypeError, r"key_padding_mask must be a bool tensor"),
-    "attn-mask-shape": Case(lambda f: attend(key_padding_mask=torch.zeros(2, 6, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \[batch, seq_k\] = \[2, 5\]"),
-    "attn-mask-3d": Case(lambda f: attend(key_padding_mask=torch.zeros(2, 1, 5, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape"),
-    "attn-mask-on-meta": Case(lambda f: attend(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, **META)), ValueError, r"key_padding_mask must be on the device of q"),
-    "attn-mask-list": Case(lambda f: attend(key_padding_mask=[[True] * 5] * 2), TypeError, r"key_padding_mask must be a torch\.Tensor or None"),
+    "attn-mask-float": Case(
+        lambda f: attend(key_padding_mask=torch.zeros(2, 5)), TypeError, r"key_padding_mask must be a bool tensor"
+    ),
+    "attn-mask-shape": Case(
+        lambda f: attend(key_padding_mask=torch.zeros(2, 6, dtype=torch.bool)),
+        ValueError,
+        r"key_padding_mask must have shape \[batch, seq_k\] = \[2, 5\]",
+    ),
+    "attn-mask-3d": Case(
+        lambda f: attend(key_padding_mask=torch.zeros(2, 1, 5, dtype=torch.bool)),
+        ValueError,
+        r"key_padding_mask must have shape",
+    ),
+    "attn-mask-on-meta": Case(
+        lambda f: attend(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, **META)),
+        ValueError,
+        r"key_padding_mask must be on the device of q",
+    ),
+    "attn-mask-list": Case(
+        lambda f: attend(key_padding_mask=[[True] * 5] * 2),
+        TypeError,
+        r"key_padding_mask must be a torch\.Tensor or None",
+    ),
     "attn-scale-zero": Case(lambda f: attend(scale=0.0), ValueError, r"scale must be positive and finite"),
     "attn-scale-negative": Case(lambda f: attend(scale=-1.0), ValueError, r"scale must be positive and finite"),
     "attn-scale-nan": Case(lambda f: attend(scale=math.nan), ValueError, r"scale must be positive and finite"),
     "attn-scale-inf": Case(lambda f: attend(scale=math.inf), ValueError, r"scale must be positive and finite"),
     "attn-scale-tensor": Case(lambda f: attend(scale=torch.tensor(0.5)), TypeError, r"scale must be a float or None"),
     "attn-scale-bool": Case(lambda f: attend(scale=True), TypeError, r"scale must be a float or None"),
-    "attn-backend-unknown": Case(lambda f: attend(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\)"),
-    "attn-triton-on-meta": Case(lambda f: attend(*(qkv(**META) for _ in range(3)), backend="triton"), RuntimeError, r"backend='triton' cannot run here"),
+    "attn-backend-unknown": Case(
+        lambda f: attend(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\)"
+    ),
+    "attn-triton-on-meta": Case(
+        lambda f: attend(*(qkv(**META) for _ in range(3)), backend="triton"),
+        RuntimeError,
+        r"backend='triton' cannot run here",
+    ),
 }
 TRITON_CASES = {  # need Triton importable (and, on a CPU, the interpreter conftest selects)
-    "attn-triton-float64": Case(lambda f: attend(*(qkv(dtype=torch.float64) for _ in range(3)), backend="triton"), TypeError, r"supports float32, float16, bfloat16 inputs on cpu, got torch\.float64"),
-    "attn-triton-head-dim-160": Case(lambda f: attend(*(torch.randn(1, 1, 4, 160) for _ in range(3)), backend="triton"), ValueError, r"head_dim <= 128 .* got 160"),
+    "attn-triton-float64": Case(
+        lambda f: attend(*(qkv(dtype=torch.float64) for _ in range(3)), backend="triton"),
+        TypeError,
+        r"supports float32, float16, bfloat16 inputs on cpu, got torch\.float64",
+    ),
+    "attn-triton-head-dim-160": Case(
+        lambda f: attend(*(torch.randn(1, 1, 4, 160) for _ in range(3)), backend="triton"),
+        ValueError,
+        r"head_dim <= 128 .* got 160",
+    ),
 }
 CLIP_LOSS_CASES = {
     "cliploss-weight": Case(lambda f: fastclip.ClipLoss(weight=1.5), ValueError, r"weight must be in \[0, 1\]"),
     "cliploss-weight-str": Case(lambda f: fastclip.ClipLoss(weight="half"), TypeError, r"weight must be a float"),
-    "cliploss-smoothing": Case(lambda f: fastclip.ClipLoss(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\]"),
-    "cliploss-backend": Case(lambda f: fastclip.ClipLoss(backend="nccl"), ValueError, r"backend must be one of .*'nccl'"),
-    "cliploss-mismatched-rows": Case(lambda f: fastclip.ClipLoss()(unit(4), unit(3), 10.0), ValueError, r"same batch size.*4 and 3"),
-    "cliploss-scale": Case(lambda f: fastclip.ClipLoss()(unit(4), unit(4), torch.tensor(0.0)), ValueError, r"logit_scale must be positive"),
-    "cliploss-features-1d": Case(lambda f: fastclip.ClipLoss()(torch.randn(4), unit(4), 10.0), ValueError, r"image_features must be 2-D"),
+    "cliploss-smoothing": Case(
+        lambda f: fastclip.ClipLoss(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\]"
+    ),
+    "cliploss-backend": Case(
+        lambda f: fastclip.ClipLoss(backend="nccl"), ValueError, r"backend must be one of .*'nccl'"
+    ),
+    "cliploss-mismatched-rows": Case(
+        lambda f: fastclip.ClipLoss()(unit(4), unit(3), 10.0), ValueError, r"same batch size.*4 and 3"
+    ),
+    "cliploss-scale": Case(
+        lambda f: fastclip.ClipLoss()(unit(4), unit(4), torch.tensor(0.0)), ValueError, r"logit_scale must be positive"
+    ),
+    "cliploss-features-1d": Case(
+        lambda f: fastclip.ClipLoss()(torch.randn(4), unit(4), 10.0), ValueError, r"image_features must be 2-D"
+    ),
 }
 
 
@@ -274,12 +375,27 @@ def test_lse_of_expanded_text_gives_the_reference_answer(backend: str) -> None:
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
 
 
-ATTENTION_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no Triton"))]
+ATTENTION_BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no Triton")),
+]
 ATTENTION_VIEWS = {  # name -> (q, k, v, key_padding_mask) views of a [2, 9, 3 * 2 * 16] base
     "fused-qkv": lambda base, mask: (*base.view(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4), None),
-    "expanded-batch": lambda base, mask: (*(base[:1, :, i * 32 : i * 32 + 32].reshape(1, 9, 2, 16).transpose(1, 2).expand(2, -1, -1, -1) for i in range(3)), None),
-    "head-dim-stride-2": lambda base, mask: (*(base[..., i::3].reshape(2, 9, 2, 16).transpose(1, 2) for i in range(3)), None),
-    "same-tensor-thrice": lambda base, mask: (*(base[..., :32].reshape(2, 9, 2, 16).transpose(1, 2) for _ in range(3)), None),
+    "expanded-batch": lambda base, mask: (
+        *(
+            base[:1, :, i * 32 : i * 32 + 32].reshape(1, 9, 2, 16).transpose(1, 2).expand(2, -1, -1, -1)
+            for i in range(3)
+        ),
+        None,
+    ),
+    "head-dim-stride-2": lambda base, mask: (
+        *(base[..., i::3].reshape(2, 9, 2, 16).transpose(1, 2) for i in range(3)),
+        None,
+    ),
+    "same-tensor-thrice": lambda base, mask: (
+        *(base[..., :32].reshape(2, 9, 2, 16).transpose(1, 2) for _ in range(3)),
+        None,
+    ),
     "strided-and-expanded-mask": lambda base, mask: (*base.view(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4), mask),
 }
 
@@ -302,6 +418,7 @@ def test_attention_views_give_the_reference_answer(view: str, backend: str) -> N
 
 
 # ------------------------------------------------------- non-finite features: NaN out, never a number
+
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
@@ -365,8 +482,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     f.missing_key = save("missing_key.pt", {k: v for k, v in state.items() if k != "text_projection"})
     f.unexpected_key = save("unexpected_key.pt", {**state, "visual.extra.weight": torch.zeros(2)})
     f.wrong_shape = save("wrong_shape.pt", {**state, "ln_final.weight": torch.zeros(7)})
-    f.integer_weights = save("integer_weights.pt", {k: v.long() if v.is_floating_point() else v for k, v in state.items()})
-    f.nan_weights = save("nan_weights.pt", {**state, "ln_final.bias": torch.full_like(state["ln_final.bias"], math.nan)})
+    f.integer_weights = save(
+        "integer_weights.pt", {k: v.long() if v.is_floating_point() else v for k, v in state.items()}
+    )
+    f.nan_weights = save(
+        "nan_weights.pt", {**state, "ln_final.bias": torch.full_like(state["ln_final.bias"], math.nan)}
+    )
     f.bad_json = write("bad.json", "{not json")
     f.list_json = write("list.json", "[1, 2]")
     f.binary_json = write("binary.json", b"\x89PNG\r\n\x1a\n\x00\xff")
@@ -410,124 +531,446 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 
 MODEL_CASES = {
-    "unknown-model-name": Case(lambda f: fastclip.create_model("ViT-Q-99"), ValueError, r"unknown model 'ViT-Q-99'; available models: .*ViT-B-32"),
-    "model-name-int": Case(lambda f: fastclip.create_model(32), TypeError, r"expected a CLIPConfig, a dict or a JSON path, got int"),
-    "no-name-no-weights": Case(lambda f: fastclip.create_model(None), ValueError, r"needs a model name/config, a pretrained checkpoint, or both"),
-    "bad-attn-backend": Case(lambda f: fastclip.create_model(TINY, attn_backend="flash"), ValueError, r"attn_backend must be one of .*'flash'"),
-    "bad-dtype": Case(lambda f: fastclip.create_model(TINY, dtype="fp8"), ValueError, r"dtype must be a torch\.dtype or one of .*'fp8'"),
-    "bad-device-string": Case(lambda f: fastclip.create_model(TINY, device="gpu0"), ValueError, r"device must be a torch\.device or a device string .*'gpu0'"),
-    "absent-cuda-device": Case(lambda f: fastclip.create_model(TINY, device="cuda:99"), ValueError, r"device 'cuda:99' was asked for"),
-    "weights-into-meta": Case(lambda f: fastclip.create_model(TINY, pretrained=f.good, device="meta"), ValueError, r"meta device"),
-    "bad-act-override": Case(lambda f: fastclip.create_model(TINY, act="relu"), ValueError, r"act must be one of .*'relu'"),
-    "config-file-missing": Case(lambda f: fastclip.create_model(str(f.root / "absent.json")), FileNotFoundError, r"model config file .*absent\.json does not exist"),
-    "config-path-is-a-folder": Case(lambda f: fastclip.create_model(f.root), FileNotFoundError, r"model config file .* is not a file"),
-    "config-invalid-json": Case(lambda f: fastclip.create_model(str(f.bad_json)), ValueError, r"model config .*bad\.json is not valid JSON"),
-    "config-binary-file": Case(lambda f: fastclip.create_model(str(f.binary_json)), ValueError, r"model config .*binary\.json is not valid JSON"),
-    "config-json-list": Case(lambda f: fastclip.create_model(str(f.list_json)), ValueError, r"list\.json must hold a JSON object, got list"),
-    "config-unknown-key": Case(lambda f: fastclip.create_model(tiny(depth=3)), ValueError, r"unknown config keys \['depth'\]"),
-    "config-unknown-vision-key": Case(lambda f: fastclip.create_model(tiny(**{"vision.heads": 3})), ValueError, r"unknown vision config keys \['heads'\]"),
-    "config-vision-list": Case(lambda f: fastclip.create_model(tiny(vision=[1, 2])), ValueError, r"config\.vision must be a VisionConfig or a dict"),
-    "config-text-str": Case(lambda f: fastclip.create_model(tiny(text="bert")), ValueError, r"config\.text must be a TextConfig or a dict"),
-    "config-embed-dim-zero": Case(lambda f: fastclip.create_model(tiny(embed_dim=0)), ValueError, r"config\.embed_dim must be a positive int, got 0"),
-    "config-layers-str": Case(lambda f: fastclip.create_model(tiny(**{"vision.layers": "12"})), ValueError, r"vision\.layers must be a positive int, got '12'"),
-    "config-resnet-3-stages": Case(lambda f: fastclip.create_model(tiny(**{"vision.layers": [1, 1, 1]})), ValueError, r"vision\.layers must be an int \(ViT\) or 4 ints"),
-    "config-mlp-ratio-negative": Case(lambda f: fastclip.create_model(tiny(**{"vision.mlp_ratio": -1.0})), ValueError, r"vision\.mlp_ratio must be a positive finite number, got -1\.0"),
-    "config-mlp-ratio-str": Case(lambda f: fastclip.create_model(tiny(**{"text.mlp_ratio": "4"})), ValueError, r"text\.mlp_ratio must be a positive finite number, got '4'"),
-    "config-mlp-ratio-nan": Case(lambda f: fastclip.create_model(tiny(**{"text.mlp_ratio": math.nan})), ValueError, r"text\.mlp_ratio must be a positive finite number"),
-    "config-patch-not-dividing": Case(lambda f: fastclip.create_model(tiny(**{"vision.patch_size": 5})), ValueError, r"image_size \(32\) must be a multiple of patch_size \(5\)"),
-    "config-heads-not-dividing": Case(lambda f: fastclip.create_model(tiny(**{"text.heads": 5})), ValueError, r"text\.width \(32\) must be a multiple of text\.heads \(5\)"),
+    "unknown-model-name": Case(
+        lambda f: fastclip.create_model("ViT-Q-99"),
+        ValueError,
+        r"unknown model 'ViT-Q-99'; available models: .*ViT-B-32",
+    ),
+    "model-name-int": Case(
+        lambda f: fastclip.create_model(32), TypeError, r"expected a CLIPConfig, a dict or a JSON path, got int"
+    ),
+    "no-name-no-weights": Case(
+        lambda f: fastclip.create_model(None),
+        ValueError,
+        r"needs a model name/config, a pretrained checkpoint, or both",
+    ),
+    "bad-attn-backend": Case(
+        lambda f: fastclip.create_model(TINY, attn_backend="flash"),
+        ValueError,
+        r"attn_backend must be one of .*'flash'",
+    ),
+    "bad-dtype": Case(
+        lambda f: fastclip.create_model(TINY, dtype="fp8"),
+        ValueError,
+        r"dtype must be a torch\.dtype or one of .*'fp8'",
+    ),
+    "bad-device-string": Case(
+        lambda f: fastclip.create_model(TINY, device="gpu0"),
+        ValueError,
+        r"device must be a torch\.device or a device string .*'gpu0'",
+    ),
+    "absent-cuda-device": Case(
+        lambda f: fastclip.create_model(TINY, device="cuda:99"), ValueError, r"device 'cuda:99' was asked for"
+    ),
+    "weights-into-meta": Case(
+        lambda f: fastclip.create_model(TINY, pretrained=f.good, device="meta"), ValueError, r"meta device"
+    ),
+    "bad-act-override": Case(
+        lambda f: fastclip.create_model(TINY, act="relu"), ValueError, r"act must be one of .*'relu'"
+    ),
+    "config-file-missing": Case(
+        lambda f: fastclip.create_model(str(f.root / "absent.json")),
+        FileNotFoundError,
+        r"model config file .*absent\.json does not exist",
+    ),
+    "config-path-is-a-folder": Case(
+        lambda f: fastclip.create_model(f.root), FileNotFoundError, r"model config file .* is not a file"
+    ),
+    "config-invalid-json": Case(
+        lambda f: fastclip.create_model(str(f.bad_json)), ValueError, r"model config .*bad\.json is not valid JSON"
+    ),
+    "config-binary-file": Case(
+        lambda f: fastclip.create_model(str(f.binary_json)),
+        ValueError,
+        r"model config .*binary\.json is not valid JSON",
+    ),
+    "config-json-list": Case(
+        lambda f: fastclip.create_model(str(f.list_json)), ValueError, r"list\.json must hold a JSON object, got list"
+    ),
+    "config-unknown-key": Case(
+        lambda f: fastclip.create_model(tiny(depth=3)), ValueError, r"unknown config keys \['depth'\]"
+    ),
+    "config-unknown-vision-key": Case(
+        lambda f: fastclip.create_model(tiny(**{"vision.heads": 3})),
+        ValueError,
+        r"unknown vision config keys \['heads'\]",
+    ),
+    "config-vision-list": Case(
+        lambda f: fastclip.create_model(tiny(vision=[1, 2])),
+        ValueError,
+        r"config\.vision must be a VisionConfig or a dict",
+    ),
+    "config-text-str": Case(
+        lambda f: fastclip.create_model(tiny(text="bert")), ValueError, r"config\.text must be a TextConfig or a dict"
+    ),
+    "config-embed-dim-zero": Case(
+        lambda f: fastclip.create_model(tiny(embed_dim=0)),
+        ValueError,
+        r"config\.embed_dim must be a positive int, got 0",
+    ),
+    "config-layers-str": Case(
+        lambda f: fastclip.create_model(tiny(**{"vision.layers": "12"})),
+        ValueError,
+        r"vision\.layers must be a positive int, got '12'",
+    ),
+    "config-resnet-3-stages": Case(
+        lambda f: fastclip.create_model(tiny(**{"vision.layers": [1, 1, 1]})),
+        ValueError,
+        r"vision\.layers must be an int \(ViT\) or 4 ints",
+    ),
+    "config-mlp-ratio-negative": Case(
+        lambda f: fastclip.create_model(tiny(**{"vision.mlp_ratio": -1.0})),
+        ValueError,
+        r"vision\.mlp_ratio must be a positive finite number, got -1\.0",
+    ),
+    "config-mlp-ratio-str": Case(
+        lambda f: fastclip.create_model(tiny(**{"text.mlp_ratio": "4"})),
+        ValueError,
+        r"text\.mlp_ratio must be a positive finite number, got '4'",
+    ),
+    "config-mlp-ratio-nan": Case(
+        lambda f: fastclip.create_model(tiny(**{"text.mlp_ratio": math.nan})),
+        ValueError,
+        r"text\.mlp_ratio must be a positive finite number",
+    ),
+    "config-patch-not-dividing": Case(
+        lambda f: fastclip.create_model(tiny(**{"vision.patch_size": 5})),
+        ValueError,
+        r"image_size \(32\) must be a multiple of patch_size \(5\)",
+    ),
+    "config-heads-not-dividing": Case(
+        lambda f: fastclip.create_model(tiny(**{"text.heads": 5})),
+        ValueError,
+        r"text\.width \(32\) must be a multiple of text\.heads \(5\)",
+    ),
     "config-act": Case(lambda f: fastclip.create_model(tiny(act="swish")), ValueError, r"act must be one of .*'swish'"),
-    "config-logit-scale-nan": Case(lambda f: fastclip.create_model(tiny(init_logit_scale=math.nan)), ValueError, r"init_logit_scale must be a finite number"),
-    "config-logit-scale-str": Case(lambda f: fastclip.create_model(tiny(init_logit_scale="2.6")), ValueError, r"init_logit_scale must be a finite number"),
+    "config-logit-scale-nan": Case(
+        lambda f: fastclip.create_model(tiny(init_logit_scale=math.nan)),
+        ValueError,
+        r"init_logit_scale must be a finite number",
+    ),
+    "config-logit-scale-str": Case(
+        lambda f: fastclip.create_model(tiny(init_logit_scale="2.6")),
+        ValueError,
+        r"init_logit_scale must be a finite number",
+    ),
     # the model's forward
-    "encode-text-floats": Case(lambda f: f.model.encode_text(torch.zeros(2, 8)), TypeError, r"text must hold integer token ids, got torch\.float32"),
-    "encode-text-3d": Case(lambda f: f.model.encode_text(torch.zeros(2, 8, 1, dtype=torch.long)), ValueError, r"text must be a non-empty \[batch, seq\] tensor"),
-    "encode-text-too-long": Case(lambda f: f.model.encode_text(torch.ones(2, 9, dtype=torch.long)), ValueError, r"9 tokens per row, more than this model's context_length 8"),
-    "encode-text-id-out-of-vocab": Case(lambda f: f.model.encode_text(torch.tensor([[1, 100]])), ValueError, r"token ids must lie in \[0, 100\), got ids from 1 to 100"),
-    "encode-text-negative-id": Case(lambda f: f.model.encode_text(torch.tensor([[-1, 5]])), ValueError, r"token ids must lie in \[0, 100\)"),
-    "encode-text-list": Case(lambda f: f.model.encode_text([[1, 2]]), TypeError, r"text must be a tensor of token ids, got list"),
-    "encode-image-size": Case(lambda f: f.model.encode_image(torch.zeros(2, 3, 64, 64)), ValueError, r"image must have shape \[batch, 3, 32, 32\]"),
-    "encode-image-channels": Case(lambda f: f.model.encode_image(torch.zeros(2, 1, 32, 32)), ValueError, r"image must have shape \[batch, 3, 32, 32\]"),
-    "encode-image-empty": Case(lambda f: f.model.encode_image(torch.zeros(0, 3, 32, 32)), ValueError, r"image batch is empty"),
-    "encode-image-array": Case(lambda f: f.model.encode_image([[0.0]]), TypeError, r"image must be a torch\.Tensor, got list"),
+    "encode-text-floats": Case(
+        lambda f: f.model.encode_text(torch.zeros(2, 8)),
+        TypeError,
+        r"text must hold integer token ids, got torch\.float32",
+    ),
+    "encode-text-3d": Case(
+        lambda f: f.model.encode_text(torch.zeros(2, 8, 1, dtype=torch.long)),
+        ValueError,
+        r"text must be a non-empty \[batch, seq\] tensor",
+    ),
+    "encode-text-too-long": Case(
+        lambda f: f.model.encode_text(torch.ones(2, 9, dtype=torch.long)),
+        ValueError,
+        r"9 tokens per row, more than this model's context_length 8",
+    ),
+    "encode-text-id-out-of-vocab": Case(
+        lambda f: f.model.encode_text(torch.tensor([[1, 100]])),
+        ValueError,
+        r"token ids must lie in \[0, 100\), got ids from 1 to 100",
+    ),
+    "encode-text-negative-id": Case(
+        lambda f: f.model.encode_text(torch.tensor([[-1, 5]])), ValueError, r"token ids must lie in \[0, 100\)"
+    ),
+    "encode-text-list": Case(
+        lambda f: f.model.encode_text([[1, 2]]), TypeError, r"text must be a tensor of token ids, got list"
+    ),
+    "encode-image-size": Case(
+        lambda f: f.model.encode_image(torch.zeros(2, 3, 64, 64)),
+        ValueError,
+        r"image must have shape \[batch, 3, 32, 32\]",
+    ),
+    "encode-image-channels": Case(
+        lambda f: f.model.encode_image(torch.zeros(2, 1, 32, 32)),
+        ValueError,
+        r"image must have shape \[batch, 3, 32, 32\]",
+    ),
+    "encode-image-empty": Case(
+        lambda f: f.model.encode_image(torch.zeros(0, 3, 32, 32)), ValueError, r"image batch is empty"
+    ),
+    "encode-image-array": Case(
+        lambda f: f.model.encode_image([[0.0]]), TypeError, r"image must be a torch\.Tensor, got list"
+    ),
 }
 CHECKPOINT_CASES = {
-    "checkpoint-missing": Case(lambda f: fastclip.load_checkpoint(f.missing), FileNotFoundError, r"pretrained checkpoint .*missing\.pt does not exist"),
-    "pretrained-missing": Case(lambda f: fastclip.create_model(TINY, pretrained=f.missing), FileNotFoundError, r"missing\.pt does not exist"),
-    "pretrained-unknown-tag": Case(lambda f: fastclip.create_model("ViT-B-32", pretrained="laion9b"), ValueError, r"pretrained='laion9b' is neither a file nor a released tag of 'ViT-B-32' \(its tags: \['openai'\]\)"),
-    "checkpoint-is-a-folder": Case(lambda f: fastclip.load_checkpoint(f.root), CheckpointError, r"checkpoint .* is not a regular file"),
-    "checkpoint-empty-file": Case(lambda f: fastclip.load_checkpoint(f.empty), CheckpointError, r"empty\.pt is not a checkpoint: .*starts with b''"),
-    "checkpoint-text-file": Case(lambda f: fastclip.load_checkpoint(f.text), CheckpointError, r"notes\.pt is not a checkpoint"),
-    "checkpoint-plain-pickle": Case(lambda f: fastclip.load_checkpoint(f.pickle), CheckpointError, r"could not read checkpoint .*pickle\.pt"),
-    "checkpoint-foreign-zip": Case(lambda f: fastclip.load_checkpoint(f.foreign_zip), CheckpointError, r"could not read checkpoint .*foreign\.zip"),
-    "checkpoint-truncated-safetensors": Case(lambda f: fastclip.load_checkpoint(f.truncated_safetensors), CheckpointError, r"truncated\.safetensors: the file is truncated or corrupt"),
-    "checkpoint-truncated-torch-save": Case(lambda f: fastclip.load_checkpoint(f.truncated_zip), CheckpointError, r"truncated\.pt: the file is truncated or corrupt"),
-    "checkpoint-a-tensor": Case(lambda f: fastclip.load_checkpoint(f.tensor), CheckpointError, r"tensor\.pt does not hold a state dict .*got Tensor"),
-    "checkpoint-empty-dict": Case(lambda f: fastclip.load_checkpoint(f.empty_dict), CheckpointError, r"empty_dict\.pt does not hold a state dict"),
-    "checkpoint-non-tensor-entries": Case(lambda f: fastclip.load_checkpoint(f.not_tensors), CheckpointError, r"not_tensors\.pt is not a state dict: .*visual\.proj"),
-    "checkpoint-missing-key": Case(lambda f: fastclip.create_model(TINY, pretrained=f.missing_key), CheckpointError, r"missing_key\.pt does not fit the model: missing keys: text_projection"),
-    "checkpoint-missing-key-inferred": Case(lambda f: fastclip.load_checkpoint(f.missing_key), CheckpointError, r"cannot infer a CLIP config .* keys text_projection are missing"),
-    "checkpoint-unexpected-key": Case(lambda f: fastclip.create_model(TINY, pretrained=f.unexpected_key), CheckpointError, r"unexpected keys: visual\.extra\.weight"),
-    "checkpoint-wrong-shape": Case(lambda f: fastclip.create_model(TINY, pretrained=f.wrong_shape), CheckpointError, r"shape mismatches: ln_final\.weight \(7,\) in the file, \(32,\) in the model"),
-    "checkpoint-integer-weights": Case(lambda f: fastclip.create_model(TINY, pretrained=f.integer_weights), CheckpointError, r"non-floating tensors for floating parameters: .*torch\.int64 in the file"),
-    "checkpoint-nan-weights": Case(lambda f: fastclip.create_model(TINY, pretrained=f.nan_weights), CheckpointError, r"holds NaN or infinite values in ln_final\.bias"),
-    "checkpoint-other-config": Case(lambda f: fastclip.create_model(tiny(embed_dim=8), pretrained=f.good), ValueError, r"saved for a different config .*embed_dim: file 16 vs 8"),
+    "checkpoint-missing": Case(
+        lambda f: fastclip.load_checkpoint(f.missing),
+        FileNotFoundError,
+        r"pretrained checkpoint .*missing\.pt does not exist",
+    ),
+    "pretrained-missing": Case(
+        lambda f: fastclip.create_model(TINY, pretrained=f.missing), FileNotFoundError, r"missing\.pt does not exist"
+    ),
+    "pretrained-unknown-tag": Case(
+        lambda f: fastclip.create_model("ViT-B-32", pretrained="laion9b"),
+        ValueError,
+        r"pretrained='laion9b' is neither a file nor a released tag of 'ViT-B-32' \(its tags: \['openai'\]\)",
+    ),
+    "checkpoint-is-a-folder": Case(
+        lambda f: fastclip.load_checkpoint(f.root), CheckpointError, r"checkpoint .* is not a regular file"
+    ),
+    "checkpoint-empty-file": Case(
+        lambda f: fastclip.load_checkpoint(f.empty),
+        CheckpointError,
+        r"empty\.pt is not a checkpoint: .*starts with b''",
+    ),
+    "checkpoint-text-file": Case(
+        lambda f: fastclip.load_checkpoint(f.text), CheckpointError, r"notes\.pt is not a checkpoint"
+    ),
+    "checkpoint-plain-pickle": Case(
+        lambda f: fastclip.load_checkpoint(f.pickle), CheckpointError, r"could not read checkpoint .*pickle\.pt"
+    ),
+    "checkpoint-foreign-zip": Case(
+        lambda f: fastclip.load_checkpoint(f.foreign_zip), CheckpointError, r"could not read checkpoint .*foreign\.zip"
+    ),
+    "checkpoint-truncated-safetensors": Case(
+        lambda f: fastclip.load_checkpoint(f.truncated_safetensors),
+        CheckpointError,
+        r"truncated\.safetensors: the file is truncated or corrupt",
+    ),
+    "checkpoint-truncated-torch-save": Case(
+        lambda f: fastclip.load_checkpoint(f.truncated_zip),
+        CheckpointError,
+        r"truncated\.pt: the file is truncated or corrupt",
+    ),
+    "checkpoint-a-tensor": Case(
+        lambda f: fastclip.load_checkpoint(f.tensor),
+        CheckpointError,
+        r"tensor\.pt does not hold a state dict .*got Tensor",
+    ),
+    "checkpoint-empty-dict": Case(
+        lambda f: fastclip.load_checkpoint(f.empty_dict), CheckpointError, r"empty_dict\.pt does not hold a state dict"
+    ),
+    "checkpoint-non-tensor-entries": Case(
+        lambda f: fastclip.load_checkpoint(f.not_tensors),
+        CheckpointError,
+        r"not_tensors\.pt is not a state dict: .*visual\.proj",
+    ),
+    "checkpoint-missing-key": Case(
+        lambda f: fastclip.create_model(TINY, pretrained=f.missing_key),
+        CheckpointError,
+        r"missing_key\.pt does not fit the model: missing keys: text_projection",
+    ),
+    "checkpoint-missing-key-inferred": Case(
+        lambda f: fastclip.load_checkpoint(f.missing_key),
+        CheckpointError,
+        r"cannot infer a CLIP config .* keys text_projection are missing",
+    ),
+    "checkpoint-unexpected-key": Case(
+        lambda f: fastclip.create_model(TINY, pretrained=f.unexpected_key),
+        CheckpointError,
+        r"unexpected keys: visual\.extra\.weight",
+    ),
+    "checkpoint-wrong-shape": Case(
+        lambda f: fastclip.create_model(TINY, pretrained=f.wrong_shape),
+        CheckpointError,
+        r"shape mismatches: ln_final\.weight \(7,\) in the file, \(32,\) in the model",
+    ),
+    "checkpoint-integer-weights": Case(
+        lambda f: fastclip.create_model(TINY, pretrained=f.integer_weights),
+        CheckpointError,
+        r"non-floating tensors for floating parameters: .*torch\.int64 in the file",
+    ),
+    "checkpoint-nan-weights": Case(
+        lambda f: fastclip.create_model(TINY, pretrained=f.nan_weights),
+        CheckpointError,
+        r"holds NaN or infinite values in ln_final\.bias",
+    ),
+    "checkpoint-other-config": Case(
+        lambda f: fastclip.create_model(tiny(embed_dim=8), pretrained=f.good),
+        ValueError,
+        r"saved for a different config .*embed_dim: file 16 vs 8",
+    ),
 }
 TOKENIZER_CASES = {
-    "tokenize-int": Case(lambda f: ClipTokenizer(f.vocab)(123), TypeError, r"texts must be a str or a list of str, got int"),
-    "tokenize-none": Case(lambda f: ClipTokenizer(f.vocab)(None), TypeError, r"texts must be a str or a list of str, got NoneType"),
+    "tokenize-int": Case(
+        lambda f: ClipTokenizer(f.vocab)(123), TypeError, r"texts must be a str or a list of str, got int"
+    ),
+    "tokenize-none": Case(
+        lambda f: ClipTokenizer(f.vocab)(None), TypeError, r"texts must be a str or a list of str, got NoneType"
+    ),
     "tokenize-bytes": Case(lambda f: ClipTokenizer(f.vocab)(b"a cat"), TypeError, r"got bytes"),
-    "tokenize-list-with-int": Case(lambda f: ClipTokenizer(f.vocab)(["a cat", 3]), TypeError, r"texts\[1\] must be a str, got int"),
+    "tokenize-list-with-int": Case(
+        lambda f: ClipTokenizer(f.vocab)(["a cat", 3]), TypeError, r"texts\[1\] must be a str, got int"
+    ),
     "tokenize-generator": Case(lambda f: ClipTokenizer(f.vocab)(t for t in ["a cat"]), TypeError, r"got generator"),
-    "tokenize-context-0": Case(lambda f: ClipTokenizer(f.vocab)("a cat", context_length=0), ValueError, r"context_length must be >= 2 .*got 0"),
-    "tokenize-context-1": Case(lambda f: ClipTokenizer(f.vocab, context_length=1), ValueError, r"context_length must be >= 2"),
-    "tokenize-context-float": Case(lambda f: ClipTokenizer(f.vocab)("a cat", context_length=7.0), TypeError, r"context_length must be an int, got float"),
-    "tokenize-context-bool": Case(lambda f: ClipTokenizer(f.vocab)("a cat", context_length=True), TypeError, r"context_length must be an int, got bool"),
-    "tokenizer-cache-size": Case(lambda f: ClipTokenizer(f.vocab, cache_size="big"), ValueError, r"cache_size must be a positive int, got 'big'"),
-    "tokenizer-vocab-missing": Case(lambda f: ClipTokenizer(f.root / "absent.txt.gz"), FileNotFoundError, r"CLIP BPE vocab file not found at .*absent\.txt\.gz.* \(from the bpe_path argument\)"),
-    "tokenizer-vocab-is-a-folder": Case(lambda f: ClipTokenizer(f.root), FileNotFoundError, r"CLIP BPE vocab file not found at"),
-    "tokenizer-vocab-not-gzip": Case(lambda f: ClipTokenizer(f.not_gzip), ValueError, r"vocab\.gz is not CLIP's BPE merges file .*cannot read it"),
-    "tokenizer-vocab-too-short": Case(lambda f: ClipTokenizer(f.short_vocab), ValueError, r"short\.txt\.gz is not CLIP's BPE merges file .*expected 48894 merge pairs"),
+    "tokenize-context-0": Case(
+        lambda f: ClipTokenizer(f.vocab)("a cat", context_length=0), ValueError, r"context_length must be >= 2 .*got 0"
+    ),
+    "tokenize-context-1": Case(
+        lambda f: ClipTokenizer(f.vocab, context_length=1), ValueError, r"context_length must be >= 2"
+    ),
+    "tokenize-context-float": Case(
+        lambda f: ClipTokenizer(f.vocab)("a cat", context_length=7.0),
+        TypeError,
+        r"context_length must be an int, got float",
+    ),
+    "tokenize-context-bool": Case(
+        lambda f: ClipTokenizer(f.vocab)("a cat", context_length=True),
+        TypeError,
+        r"context_length must be an int, got bool",
+    ),
+    "tokenizer-cache-size": Case(
+        lambda f: ClipTokenizer(f.vocab, cache_size="big"), ValueError, r"cache_size must be a positive int, got 'big'"
+    ),
+    "tokenizer-vocab-missing": Case(
+        lambda f: ClipTokenizer(f.root / "absent.txt.gz"),
+        FileNotFoundError,
+        r"CLIP BPE vocab file not found at .*absent\.txt\.gz.* \(from the bpe_path argument\)",
+    ),
+    "tokenizer-vocab-is-a-folder": Case(
+        lambda f: ClipTokenizer(f.root), FileNotFoundError, r"CLIP BPE vocab file not found at"
+    ),
+    "tokenizer-vocab-not-gzip": Case(
+        lambda f: ClipTokenizer(f.not_gzip), ValueError, r"vocab\.gz is not CLIP's BPE merges file .*cannot read it"
+    ),
+    "tokenizer-vocab-too-short": Case(
+        lambda f: ClipTokenizer(f.short_vocab),
+        ValueError,
+        r"short\.txt\.gz is not CLIP's BPE merges file .*expected 48894 merge pairs",
+    ),
     "tokenizer-encode-int": Case(lambda f: ClipTokenizer(f.vocab).encode(5), TypeError, r"text must be a str, got int"),
-    "tokenizer-decode-out-of-vocab": Case(lambda f: ClipTokenizer(f.vocab).decode([10**9]), ValueError, r"ids must be ints in \[0, 49408\), got 1000000000"),
+    "tokenizer-decode-out-of-vocab": Case(
+        lambda f: ClipTokenizer(f.vocab).decode([10**9]),
+        ValueError,
+        r"ids must be ints in \[0, 49408\), got 1000000000",
+    ),
 }
 DATA_CASES = {
-    "csv-missing": Case(lambda f: CaptionCsvDataset(f.root / "absent.csv", CLIPPreprocess(32)), FileNotFoundError, r"caption file .*absent\.csv' does not exist"),
-    "csv-is-a-folder": Case(lambda f: CaptionCsvDataset(f.root, CLIPPreprocess(32)), FileNotFoundError, r"caption file .* is not a file"),
-    "csv-empty": Case(lambda f: CaptionCsvDataset(f.csv_empty, CLIPPreprocess(32)), ValueError, r"empty\.csv' is empty \(expected a header row\)"),
-    "csv-header-only": Case(lambda f: CaptionCsvDataset(f.csv_header_only, CLIPPreprocess(32)), ValueError, r"header\.csv' has a header but no rows"),
-    "csv-missing-image-column": Case(lambda f: CaptionCsvDataset(f.csv_columns, CLIPPreprocess(32)), ValueError, r"has no column 'filepath' \(image_key\); columns present: \['path', 'caption'\]"),
-    "csv-missing-caption-column": Case(lambda f: CaptionCsvDataset(f.csv_columns, CLIPPreprocess(32), image_key="path"), ValueError, r"has no column 'title' \(caption_key\)"),
-    "csv-other-separator": Case(lambda f: CaptionCsvDataset(f.csv_semicolons, CLIPPreprocess(32)), ValueError, r"columns present: \['filepath;title'\] \(separator ','; pass separator="),
-    "csv-binary-file": Case(lambda f: CaptionCsvDataset(f.csv_binary, CLIPPreprocess(32)), ValueError, r"binary\.csv' is not a readable UTF-8 CSV/TSV file"),
-    "csv-two-char-separator": Case(lambda f: CaptionCsvDataset(f.csv_good, CLIPPreprocess(32), separator=";;"), ValueError, r"separator must be one character, got ';;'"),
+    "csv-missing": Case(
+        lambda f: CaptionCsvDataset(f.root / "absent.csv", CLIPPreprocess(32)),
+        FileNotFoundError,
+        r"caption file .*absent\.csv' does not exist",
+    ),
+    "csv-is-a-folder": Case(
+        lambda f: CaptionCsvDataset(f.root, CLIPPreprocess(32)), FileNotFoundError, r"caption file .* is not a file"
+    ),
+    "csv-empty": Case(
+        lambda f: CaptionCsvDataset(f.csv_empty, CLIPPreprocess(32)),
+        ValueError,
+        r"empty\.csv' is empty \(expected a header row\)",
+    ),
+    "csv-header-only": Case(
+        lambda f: CaptionCsvDataset(f.csv_header_only, CLIPPreprocess(32)),
+        ValueError,
+        r"header\.csv' has a header but no rows",
+    ),
+    "csv-missing-image-column": Case(
+        lambda f: CaptionCsvDataset(f.csv_columns, CLIPPreprocess(32)),
+        ValueError,
+        r"has no column 'filepath' \(image_key\); columns present: \['path', 'caption'\]",
+    ),
+    "csv-missing-caption-column": Case(
+        lambda f: CaptionCsvDataset(f.csv_columns, CLIPPreprocess(32), image_key="path"),
+        ValueError,
+        r"has no column 'title' \(caption_key\)",
+    ),
+    "csv-other-separator": Case(
+        lambda f: CaptionCsvDataset(f.csv_semicolons, CLIPPreprocess(32)),
+        ValueError,
+        r"columns present: \['filepath;title'\] \(separator ','; pass separator=",
+    ),
+    "csv-binary-file": Case(
+        lambda f: CaptionCsvDataset(f.csv_binary, CLIPPreprocess(32)),
+        ValueError,
+        r"binary\.csv' is not a readable UTF-8 CSV/TSV file",
+    ),
+    "csv-two-char-separator": Case(
+        lambda f: CaptionCsvDataset(f.csv_good, CLIPPreprocess(32), separator=";;"),
+        ValueError,
+        r"separator must be one character, got ';;'",
+    ),
     "csv-transform-none": Case(lambda f: CaptionCsvDataset(f.csv_good, None), TypeError, r"transform must be callable"),
-    "shards-glob-matches-nothing": Case(lambda f: TarShardDataset(str(f.root / "*.tgz"), CLIPPreprocess(32)), FileNotFoundError, r"shards: pattern .*\*\.tgz' matches no file"),
-    "shards-braces-missing": Case(lambda f: TarShardDataset(str(f.root / "part-{0..2}.tar"), CLIPPreprocess(32)), FileNotFoundError, r"shards: 3 of 3 shard files do not exist"),
+    "shards-glob-matches-nothing": Case(
+        lambda f: TarShardDataset(str(f.root / "*.tgz"), CLIPPreprocess(32)),
+        FileNotFoundError,
+        r"shards: pattern .*\*\.tgz' matches no file",
+    ),
+    "shards-braces-missing": Case(
+        lambda f: TarShardDataset(str(f.root / "part-{0..2}.tar"), CLIPPreprocess(32)),
+        FileNotFoundError,
+        r"shards: 3 of 3 shard files do not exist",
+    ),
     "shards-empty-list": Case(lambda f: TarShardDataset([], CLIPPreprocess(32)), ValueError, r"shards: no shard given"),
-    "shards-int": Case(lambda f: TarShardDataset(7, CLIPPreprocess(32)), TypeError, r"shards must be a path, a pattern or a list of them, got int"),
-    "shards-list-with-int": Case(lambda f: TarShardDataset([str(f.empty_tar), 7], CLIPPreprocess(32)), TypeError, r"shards must be paths or patterns \(str\), got int"),
-    "shards-a-folder": Case(lambda f: TarShardDataset(str(f.root), CLIPPreprocess(32)), FileNotFoundError, r"do not exist \(or are not files\)"),
-    "shards-transform-none": Case(lambda f: TarShardDataset(str(f.empty_tar), None), TypeError, r"transform must be callable"),
-    "shards-rank-too-big": Case(lambda f: TarShardDataset(str(f.empty_tar), CLIPPreprocess(32), rank=1, world_size=1), ValueError, r"rank must be < world_size=1, got 1"),
-    "shards-fewer-than-ranks": Case(lambda f: TarShardDataset(str(f.empty_tar), CLIPPreprocess(32), rank=0, world_size=2), ValueError, r"1 shards cannot be split across world_size=2"),
-    "shards-negative-seed": Case(lambda f: TarShardDataset(str(f.empty_tar), CLIPPreprocess(32), seed=-1), ValueError, r"seed must be an int >= 0, got -1"),
-    "image-folder-missing": Case(lambda f: ImageFolder(f.root / "absent"), FileNotFoundError, r"image folder .*absent' does not exist or is not a directory"),
-    "image-folder-is-a-file": Case(lambda f: ImageFolder(f.good_image), FileNotFoundError, r"good\.png' does not exist or is not a directory"),
+    "shards-int": Case(
+        lambda f: TarShardDataset(7, CLIPPreprocess(32)),
+        TypeError,
+        r"shards must be a path, a pattern or a list of them, got int",
+    ),
+    "shards-list-with-int": Case(
+        lambda f: TarShardDataset([str(f.empty_tar), 7], CLIPPreprocess(32)),
+        TypeError,
+        r"shards must be paths or patterns \(str\), got int",
+    ),
+    "shards-a-folder": Case(
+        lambda f: TarShardDataset(str(f.root), CLIPPreprocess(32)),
+        FileNotFoundError,
+        r"do not exist \(or are not files\)",
+    ),
+    "shards-transform-none": Case(
+        lambda f: TarShardDataset(str(f.empty_tar), None), TypeError, r"transform must be callable"
+    ),
+    "shards-rank-too-big": Case(
+        lambda f: TarShardDataset(str(f.empty_tar), CLIPPreprocess(32), rank=1, world_size=1),
+        ValueError,
+        r"rank must be < world_size=1, got 1",
+    ),
+    "shards-fewer-than-ranks": Case(
+        lambda f: TarShardDataset(str(f.empty_tar), CLIPPreprocess(32), rank=0, world_size=2),
+        ValueError,
+        r"1 shards cannot be split across world_size=2",
+    ),
+    "shards-negative-seed": Case(
+        lambda f: TarShardDataset(str(f.empty_tar), CLIPPreprocess(32), seed=-1),
+        ValueError,
+        r"seed must be an int >= 0, got -1",
+    ),
+    "image-folder-missing": Case(
+        lambda f: ImageFolder(f.root / "absent"),
+        FileNotFoundError,
+        r"image folder .*absent' does not exist or is not a directory",
+    ),
+    "image-folder-is-a-file": Case(
+        lambda f: ImageFolder(f.good_image), FileNotFoundError, r"good\.png' does not exist or is not a directory"
+    ),
     "image-folder-no-images": Case(lambda f: ImageFolder(f.no_images), ValueError, r"no_images' contains no images"),
-    "image-folder-mixed-layout": Case(lambda f: ImageFolder(f.mixed), ValueError, r"both at its top level and in sub-folders"),
+    "image-folder-mixed-layout": Case(
+        lambda f: ImageFolder(f.mixed), ValueError, r"both at its top level and in sub-folders"
+    ),
     "load-image-not-an-image": Case(lambda f: load_image(f.bad_image), ValueError, r"cannot read image .*bad\.jpg"),
-    "load-image-truncated": Case(lambda f: load_image(f.truncated_image), ValueError, r"cannot read image .*truncated\.png"),
-    "load-image-missing": Case(lambda f: load_image(f.root / "absent.png"), ValueError, r"cannot read image .*absent\.png"),
+    "load-image-truncated": Case(
+        lambda f: load_image(f.truncated_image), ValueError, r"cannot read image .*truncated\.png"
+    ),
+    "load-image-missing": Case(
+        lambda f: load_image(f.root / "absent.png"), ValueError, r"cannot read image .*absent\.png"
+    ),
     "load-image-folder": Case(lambda f: load_image(f.root), ValueError, r"cannot read image"),
-    "load-image-none": Case(lambda f: load_image(None), TypeError, r"path must be a file path \(str or os\.PathLike\) or a binary file object, got NoneType"),
+    "load-image-none": Case(
+        lambda f: load_image(None),
+        TypeError,
+        r"path must be a file path \(str or os\.PathLike\) or a binary file object, got NoneType",
+    ),
     "preprocess-size-zero": Case(lambda f: CLIPPreprocess(0), ValueError, r"image_size must be a positive int, got 0"),
-    "preprocess-float-tensor": Case(lambda f: CLIPPreprocess(32)(torch.rand(3, 40, 40)), TypeError, r"image tensors must be uint8"),
-    "preprocess-path": Case(lambda f: CLIPPreprocess(32)(str(f.good_image)), TypeError, r"image must be a PIL\.Image\.Image or a uint8 torch\.Tensor, got str"),
+    "preprocess-float-tensor": Case(
+        lambda f: CLIPPreprocess(32)(torch.rand(3, 40, 40)), TypeError, r"image tensors must be uint8"
+    ),
+    "preprocess-path": Case(
+        lambda f: CLIPPreprocess(32)(str(f.good_image)),
+        TypeError,
+        r"image must be a PIL\.Image\.Image or a uint8 torch\.Tensor, got str",
+    ),
 }
 
 
-@pytest.mark.parametrize("case", table(MODEL_CASES) + table(CHECKPOINT_CASES) + table(TOKENIZER_CASES) + table(DATA_CASES))
+@pytest.mark.parametrize(
+    "case", table(MODEL_CASES) + table(CHECKPOINT_CASES) + table(TOKENIZER_CASES) + table(DATA_CASES)
+)
 def test_library_rejects_bad_input(case: Case, files: SimpleNamespace) -> None:
     check(case, files)
 
@@ -556,7 +999,9 @@ def test_unreadable_or_empty_shards_are_skipped_not_raised(files: SimpleNamespac
 
 def test_unreadable_csv_rows_are_skipped_not_raised(files: SimpleNamespace, tmp_path: Path) -> None:
     table_path = tmp_path / "pairs.csv"
-    table_path.write_text(f"filepath,title\n{files.bad_image},broken\n{files.good_image},\n,no image\n{files.good_image},fine\n")
+    table_path.write_text(
+        f"filepath,title\n{files.bad_image},broken\n{files.good_image},\n,no image\n{files.good_image},fine\n"
+    )
     dataset = CaptionCsvDataset(table_path, CLIPPreprocess(32))
     samples = [dataset[i] for i in range(len(dataset))]
     assert samples[:3] == [None, None, None] and samples[3][1] == "fine"
@@ -578,35 +1023,118 @@ def cli_cases() -> list:
     """(command line built from the files, message on stderr) pairs; every one exits with code 2."""
     cases = {
         # zero-shot
-        "zero-shot-no-arguments": (lambda f: ["zero-shot"], r"the following arguments are required: --checkpoint, --images"),
-        "zero-shot-missing-checkpoint": (lambda f: ["zero-shot", "--checkpoint", f.missing, "--images", f.classes], r"missing\.pt does not exist"),
-        "zero-shot-text-checkpoint": (lambda f: ["zero-shot", "--checkpoint", f.text, "--images", f.classes], r"notes\.pt is not a checkpoint"),
-        "zero-shot-truncated-checkpoint": (lambda f: ["zero-shot", "--checkpoint", f.truncated_safetensors, "--images", f.classes], r"truncated or corrupt"),
-        "zero-shot-misfit-checkpoint": (lambda f: ["zero-shot", "--model", f.tiny_config, "--checkpoint", f.wrong_shape, "--images", f.classes], r"shape mismatches"),
-        "zero-shot-unknown-model": (lambda f: ["zero-shot", "--model", "ViT-Q-99", "--checkpoint", f.good, "--images", f.classes], r"unknown model 'ViT-Q-99'"),
-        "zero-shot-missing-images": (lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.root / "absent"], r"image folder .*absent' does not exist"),
-        "zero-shot-no-images": (lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.no_images, "--labels", "red"], r"contains no images"),
-        "zero-shot-missing-labels-file": (lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.classes, "--labels-file", f.root / "absent.txt"], r"cannot read the labels file"),
-        "zero-shot-missing-vocab": (lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.classes, "--bpe-path", f.root / "absent.gz"], r"vocab file not found"),
-        "zero-shot-broken-vocab": (lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.classes, "--bpe-path", f.not_gzip], r"is not CLIP's BPE merges file"),
-        "zero-shot-top-k-text": (lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.classes, "--top-k", "five"], r"argument --top-k: invalid int value: 'five'"),
-        "zero-shot-absent-gpu": (lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.classes, "--device", "cuda:99"], r"device 'cuda:99' was asked for"),
+        "zero-shot-no-arguments": (
+            lambda f: ["zero-shot"],
+            r"the following arguments are required: --checkpoint, --images",
+        ),
+        "zero-shot-missing-checkpoint": (
+            lambda f: ["zero-shot", "--checkpoint", f.missing, "--images", f.classes],
+            r"missing\.pt does not exist",
+        ),
+        "zero-shot-text-checkpoint": (
+            lambda f: ["zero-shot", "--checkpoint", f.text, "--images", f.classes],
+            r"notes\.pt is not a checkpoint",
+        ),
+        "zero-shot-truncated-checkpoint": (
+            lambda f: ["zero-shot", "--checkpoint", f.truncated_safetensors, "--images", f.classes],
+            r"truncated or corrupt",
+        ),
+        "zero-shot-misfit-checkpoint": (
+            lambda f: ["zero-shot", "--model", f.tiny_config, "--checkpoint", f.wrong_shape, "--images", f.classes],
+            r"shape mismatches",
+        ),
+        "zero-shot-unknown-model": (
+            lambda f: ["zero-shot", "--model", "ViT-Q-99", "--checkpoint", f.good, "--images", f.classes],
+            r"unknown model 'ViT-Q-99'",
+        ),
+        "zero-shot-missing-images": (
+            lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.root / "absent"],
+            r"image folder .*absent' does not exist",
+        ),
+        "zero-shot-no-images": (
+            lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.no_images, "--labels", "red"],
+            r"contains no images",
+        ),
+        "zero-shot-missing-labels-file": (
+            lambda f: [
+                "zero-shot",
+                "--checkpoint",
+                f.good,
+                "--images",
+                f.classes,
+                "--labels-file",
+                f.root / "absent.txt",
+            ],
+            r"cannot read the labels file",
+        ),
+        "zero-shot-missing-vocab": (
+            lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.classes, "--bpe-path", f.root / "absent.gz"],
+            r"vocab file not found",
+        ),
+        "zero-shot-broken-vocab": (
+            lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.classes, "--bpe-path", f.not_gzip],
+            r"is not CLIP's BPE merges file",
+        ),
+        "zero-shot-top-k-text": (
+            lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.classes, "--top-k", "five"],
+            r"argument --top-k: invalid int value: 'five'",
+        ),
+        "zero-shot-absent-gpu": (
+            lambda f: ["zero-shot", "--checkpoint", f.good, "--images", f.classes, "--device", "cuda:99"],
+            r"device 'cuda:99' was asked for",
+        ),
         # eval
-        "eval-missing-checkpoint": (lambda f: ["eval", "--checkpoint", f.missing, "--test", f.classes], r"missing\.pt does not exist"),
-        "eval-text-checkpoint": (lambda f: ["eval", "--checkpoint", f.text, "--test", f.classes], r"notes\.pt is not a checkpoint"),
-        "eval-missing-test-folder": (lambda f: ["eval", "--checkpoint", f.good, "--test", f.root / "absent"], r"--test .*absent' does not exist"),
-        "eval-missing-captions": (lambda f: ["eval", "--checkpoint", f.good, "--captions", f.root / "absent.csv"], r"--captions .*absent\.csv' does not exist"),
-        "eval-captions-without-columns": (lambda f: ["eval", "--checkpoint", f.good, "--captions", f.csv_columns], r"has no column 'filepath'"),
+        "eval-missing-checkpoint": (
+            lambda f: ["eval", "--checkpoint", f.missing, "--test", f.classes],
+            r"missing\.pt does not exist",
+        ),
+        "eval-text-checkpoint": (
+            lambda f: ["eval", "--checkpoint", f.text, "--test", f.classes],
+            r"notes\.pt is not a checkpoint",
+        ),
+        "eval-missing-test-folder": (
+            lambda f: ["eval", "--checkpoint", f.good, "--test", f.root / "absent"],
+            r"--test .*absent' does not exist",
+        ),
+        "eval-missing-captions": (
+            lambda f: ["eval", "--checkpoint", f.good, "--captions", f.root / "absent.csv"],
+            r"--captions .*absent\.csv' does not exist",
+        ),
+        "eval-captions-without-columns": (
+            lambda f: ["eval", "--checkpoint", f.good, "--captions", f.csv_columns],
+            r"has no column 'filepath'",
+        ),
         "eval-nothing-to-do": (lambda f: ["eval", "--checkpoint", f.good], r"nothing to evaluate"),
         # train
-        "train-missing-csv": (lambda f: ["train", "--dataset", "csv", "--train-data", f.root / "absent.csv"], r"caption file .*absent\.csv' does not exist"),
-        "train-header-only-csv": (lambda f: ["train", "--dataset", "csv", "--train-data", f.csv_header_only], r"has a header but no rows"),
-        "train-missing-shards": (lambda f: ["train", "--dataset", "shards", "--train-data", f.root / "part-{0..1}.tar"], r"shards: 2 of 2 shard files do not exist"),
+        "train-missing-csv": (
+            lambda f: ["train", "--dataset", "csv", "--train-data", f.root / "absent.csv"],
+            r"caption file .*absent\.csv' does not exist",
+        ),
+        "train-header-only-csv": (
+            lambda f: ["train", "--dataset", "csv", "--train-data", f.csv_header_only],
+            r"has a header but no rows",
+        ),
+        "train-missing-shards": (
+            lambda f: ["train", "--dataset", "shards", "--train-data", f.root / "part-{0..1}.tar"],
+            r"shards: 2 of 2 shard files do not exist",
+        ),
         "train-csv-without-data": (lambda f: ["train", "--dataset", "csv"], r"needs train_data"),
-        "train-missing-pretrained": (lambda f: ["train", "--model", f.tiny_config, "--pretrained", f.missing], r"missing\.pt does not exist"),
-        "train-text-pretrained": (lambda f: ["train", "--model", f.tiny_config, "--pretrained", f.text], r"notes\.pt is not a checkpoint"),
-        "train-missing-resume": (lambda f: ["train", "--model", f.tiny_config, "--resume", f.missing], r"resume checkpoint .*missing\.pt does not exist"),
-        "train-missing-config-file": (lambda f: ["train", "--config", f.root / "absent.yaml"], r"config file .*absent\.yaml does not exist"),
+        "train-missing-pretrained": (
+            lambda f: ["train", "--model", f.tiny_config, "--pretrained", f.missing],
+            r"missing\.pt does not exist",
+        ),
+        "train-text-pretrained": (
+            lambda f: ["train", "--model", f.tiny_config, "--pretrained", f.text],
+            r"notes\.pt is not a checkpoint",
+        ),
+        "train-missing-resume": (
+            lambda f: ["train", "--model", f.tiny_config, "--resume", f.missing],
+            r"resume checkpoint .*missing\.pt does not exist",
+        ),
+        "train-missing-config-file": (
+            lambda f: ["train", "--config", f.root / "absent.yaml"],
+            r"config file .*absent\.yaml does not exist",
+        ),
         "train-unknown-model": (lambda f: ["train", "--model", "ViT-Q-99"], r"unknown model 'ViT-Q-99'"),
         "train-steps-text": (lambda f: ["train", "--steps", "many"], r"argument --steps: invalid int value: 'many'"),
     }
@@ -617,7 +1145,9 @@ COMMON = {"zero-shot": ["--workers", "0"], "eval": ["--workers", "0"], "train": 
 
 
 @pytest.mark.parametrize("argv, message", cli_cases())
-def test_cli_user_errors_exit_2_with_one_line(argv, message: str, cli_files: SimpleNamespace, tmp_path: Path, capsys) -> None:
+def test_cli_user_errors_exit_2_with_one_line(
+    argv, message: str, cli_files: SimpleNamespace, tmp_path: Path, capsys
+) -> None:
     """Exit code 2, no traceback, and the error as the last line of stderr, prefixed with the command."""
     args = [str(a) for a in argv(cli_files)]
     command = args[0]

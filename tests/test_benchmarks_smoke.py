@@ -17,10 +17,25 @@ import bench_train  # noqa: E402
 
 
 def test_bench_train_writes_results(tmp_path: Path) -> None:
-    bench_train.main([
-        "--device", "cpu", "--model", "tiny-ViT", "--batch-sizes", "2,4", "--warmup", "0", "--steps", "1",
-        "--budget-s", "0.1", "--no-cpu-memory", "--out", str(tmp_path),
-    ])
+    bench_train.main(
+        [
+            "--device",
+            "cpu",
+            "--model",
+            "tiny-ViT",
+            "--batch-sizes",
+            "2,4",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--budget-s",
+            "0.1",
+            "--no-cpu-memory",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     payload = json.loads((tmp_path / "bench_train.json").read_text())
     assert {"environment", "config", "rows", "summary"} <= payload.keys()
     rows = payload["rows"]
@@ -35,13 +50,29 @@ def test_bench_train_writes_results(tmp_path: Path) -> None:
 
 
 def test_bench_model_writes_results(tmp_path: Path) -> None:
-    bench_model.main([
-        "--device", "cpu", "--models", "tiny-ViT", "--batch-sizes", "2", "--warmup", "0", "--reps", "1",
-        "--budget-s", "0.1", "--out", str(tmp_path),
-    ])
+    bench_model.main(
+        [
+            "--device",
+            "cpu",
+            "--models",
+            "tiny-ViT",
+            "--batch-sizes",
+            "2",
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+            "--budget-s",
+            "0.1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     payload = json.loads((tmp_path / "bench_model.json").read_text())
     assert {"environment", "config", "rows"} <= payload.keys()
-    assert {(r["model"], r["tower"], r["batch"]) for r in payload["rows"]} == {("tiny-ViT", t, 2) for t in ("image", "text")}
+    assert {(r["model"], r["tower"], r["batch"]) for r in payload["rows"]} == {
+        ("tiny-ViT", t, 2) for t in ("image", "text")
+    }
     for row in payload["rows"]:
         torch_result = row["results"]["torch"]
         assert torch_result["per_s"] > 0 and torch_result["ratio_vs_torch"] == 1.0
@@ -82,17 +113,41 @@ def test_bench_loss_family_writes_results(tmp_path: Path, monkeypatch) -> None:
     import bench_loss
 
     monkeypatch.setattr(bench_loss, "matmul_rate_tflops", lambda device, dtype: 0.1)  # skip the 2048^3 reference matmul
-    rc = bench_loss.main([
-        "--device", "cpu", "--loss", "siglip,supcon", "--dims", "64", "--sizes", "16,32", "--backends", "naive,torch,cpp",
-        "--warmup", "0", "--reps", "1", "--budget-s", "0.1", "--no-cpu-memory", "--out", str(tmp_path),
-    ])
+    rc = bench_loss.main(
+        [
+            "--device",
+            "cpu",
+            "--loss",
+            "siglip,supcon",
+            "--dims",
+            "64",
+            "--sizes",
+            "16,32",
+            "--backends",
+            "naive,torch,cpp",
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+            "--budget-s",
+            "0.1",
+            "--no-cpu-memory",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0  # every competitor within tolerance of the float64 reference
-    for loss, name, benchmark in (("siglip", "bench_loss_siglip", "sigmoid_loss"), ("supcon", "bench_loss_supcon", "supcon_loss")):
+    for loss, name, benchmark in (
+        ("siglip", "bench_loss_siglip", "sigmoid_loss"),
+        ("supcon", "bench_loss_supcon", "supcon_loss"),
+    ):
         payload = json.loads((tmp_path / f"{name}.json").read_text())
         assert payload["benchmark"] == benchmark and payload["config"]["loss"] == loss
         assert {"environment", "config", "matmul_tflops", "points"} <= payload.keys()
         rows = payload["points"]
-        assert {(r["loss"], r["backend"], r["n"]) for r in rows} == {(loss, b, n) for b in ("naive", "torch", "cpp") for n in (16, 32)}
+        assert {(r["loss"], r["backend"], r["n"]) for r in rows} == {
+            (loss, b, n) for b in ("naive", "torch", "cpp") for n in (16, 32)
+        }
         for row in rows:
             assert row["status"] == "ok" and row["check"]["ok"], row
             assert row["fwd"]["median_ms"] > 0 and row["fwd_bwd"]["tflops"] > 0
@@ -110,10 +165,29 @@ def test_bench_loss_check_fails_loudly(tmp_path: Path, monkeypatch) -> None:
     broken = bench_loss.SPECS["supcon"]._replace(fused=lambda b: lambda f: bench_loss.naive_supcon_loss(f) * 1.01)
     monkeypatch.setitem(bench_loss.SPECS, "supcon", broken)
     monkeypatch.setattr(bench_loss, "matmul_rate_tflops", lambda device, dtype: 0.1)
-    rc = bench_loss.main([
-        "--device", "cpu", "--loss", "supcon", "--dims", "64", "--sizes", "32", "--backends", "naive,torch",
-        "--warmup", "0", "--reps", "1", "--budget-s", "0.1", "--no-cpu-memory", "--out", str(tmp_path),
-    ])
+    rc = bench_loss.main(
+        [
+            "--device",
+            "cpu",
+            "--loss",
+            "supcon",
+            "--dims",
+            "64",
+            "--sizes",
+            "32",
+            "--backends",
+            "naive,torch",
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+            "--budget-s",
+            "0.1",
+            "--no-cpu-memory",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 1
     rows = json.loads((tmp_path / "bench_loss_supcon.json").read_text())["points"]
     assert [r["check"]["ok"] for r in rows] == [True, False]

@@ -25,8 +25,18 @@ def gpu(monkeypatch):
     return state
 
 
-@pytest.mark.parametrize("cc, fused", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 6), True),
-                                       ((9, 0), True), ((10, 0), True), ((12, 0), True)])
+@pytest.mark.parametrize(
+    "cc, fused",
+    [
+        ((7, 0), False),
+        ((7, 5), False),
+        ((8, 0), True),
+        ((8, 6), True),
+        ((9, 0), True),
+        ((10, 0), True),
+        ((12, 0), True),
+    ],
+)
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_loss_auto_backend_follows_capability(gpu, cc, fused, device) -> None:
     gpu["capability"] = cc
@@ -48,8 +58,11 @@ def test_attention_auto_backend_follows_capability(gpu, cc, fused) -> None:
             resolve_attention_backend("triton", q)
 
 
-@pytest.mark.parametrize("dtype, auto", [(torch.bfloat16, "triton"), (torch.float16, "triton"),
-                                         (torch.float32, "torch"), (torch.float64, "torch")], ids=str)
+@pytest.mark.parametrize(
+    "dtype, auto",
+    [(torch.bfloat16, "triton"), (torch.float16, "triton"), (torch.float32, "torch"), (torch.float64, "torch")],
+    ids=str,
+)
 def test_attention_dtypes_on_a_gpu(gpu, dtype, auto) -> None:
     """On a GPU the Triton kernels take fp16/bf16 only (compiled for fp32 they spill registers): "auto"
     sends fp32 to SDPA and a forced "triton" says why it cannot run it."""
@@ -57,7 +70,9 @@ def test_attention_dtypes_on_a_gpu(gpu, dtype, auto) -> None:
     q = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(2, 12, 197, 64))
     assert resolve_attention_backend("auto", q) == auto
     if auto == "torch":
-        with pytest.raises(TypeError, match=r"supports float16, bfloat16 inputs on cuda \(its fp32 kernels would spill"):
+        with pytest.raises(
+            TypeError, match=r"supports float16, bfloat16 inputs on cuda \(its fp32 kernels would spill"
+        ):
             resolve_attention_backend("triton", q)
 
 

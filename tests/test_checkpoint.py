@@ -93,7 +93,11 @@ class _Holder(torch.nn.Module):
 
 def write_torchscript(state: dict[str, torch.Tensor], path: Path, resolution: int) -> None:
     # OpenAI's archives also hold these three non-parameter entries in their state dict
-    extra = {"input_resolution": torch.tensor(resolution), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)}
+    extra = {
+        "input_resolution": torch.tensor(resolution),
+        "context_length": torch.tensor(77),
+        "vocab_size": torch.tensor(49408),
+    }
     with warnings.catch_warnings():  # TorchScript is deprecated; OpenAI's files still are TorchScript
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(_Holder({**state, **extra})), str(path))
@@ -221,7 +225,8 @@ def test_missing_unexpected_and_misshapen_keys_are_listed(tmp_path: Path) -> Non
         "missing keys: visual.ln_post.bias": {k: v for k, v in state.items() if k != "visual.ln_post.bias"},
         "unexpected keys: visual.extra_head.weight": {**state, "visual.extra_head.weight": torch.zeros(2)},
         r"shape mismatches: ln_final.weight \(64,\) in the file, \(128,\) in the model": {
-            **state, "ln_final.weight": torch.ones(64)
+            **state,
+            "ln_final.weight": torch.ones(64),
         },
     }
     for message, broken in cases.items():

@@ -27,10 +27,9 @@ from transformers import CLIPConfig as HFCLIPConfig
 
 import fastclip
 from fastclip.checkpoint import CheckpointError, save_transformers
-from fastclip.model import load_checkpoint
 from fastclip.cli import main as cli_main
 from fastclip.data import CLIPPreprocess
-from fastclip.model import CLIP, create_model
+from fastclip.model import CLIP, create_model, load_checkpoint
 
 ATOL = 1e-4
 CONTEXT = 16
@@ -47,12 +46,23 @@ def hf_model(act: str = "quick_gelu", **text_overrides) -> CLIPModel:
     LayerNorms to identity, which would hide a swapped bias or LayerNorm), in eval mode."""
     config = HFCLIPConfig(
         text_config=dict(
-            vocab_size=49408, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=CONTEXT, hidden_act=act, **text_overrides,
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=CONTEXT,
+            hidden_act=act,
+            **text_overrides,
         ),
         vision_config=dict(
-            hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=32,
-            patch_size=8, hidden_act=act,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=32,
+            patch_size=8,
+            hidden_act=act,
         ),
         projection_dim=24,
     )
@@ -118,8 +128,10 @@ def test_transformers_folder_loads_with_transformers_features(act: str, tmp_path
     assert_same_features(model, reference)
     assert model.logit_scale.item() == reference.logit_scale.item()
     # the weights file itself, with config.json beside it, and create_model's pretrained= are the same
-    for loaded in (load_checkpoint(tmp_path / "model.safetensors", attn_backend="torch"),
-                   create_model(None, pretrained=tmp_path, attn_backend="torch")):
+    for loaded in (
+        load_checkpoint(tmp_path / "model.safetensors", attn_backend="torch"),
+        create_model(None, pretrained=tmp_path, attn_backend="torch"),
+    ):
         assert loaded.config == model.config
         assert_same_features(loaded.eval(), reference)
 
@@ -169,9 +181,17 @@ def test_fp16_transformers_weights_load_into_fp32(tmp_path: Path) -> None:
 EXPORTED = [
     "tiny-ViT",  # QuickGELU, 77 tokens, 64-channel heads
     {  # GELU, non-default head width and MLP ratios
-        "embed_dim": 24, "act": "gelu",
+        "embed_dim": 24,
+        "act": "gelu",
         "vision": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 16, "head_width": 16, "mlp_ratio": 2.5},
-        "text": {"context_length": CONTEXT, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2, "mlp_ratio": 3.0},
+        "text": {
+            "context_length": CONTEXT,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 4,
+            "layers": 2,
+            "mlp_ratio": 3.0,
+        },
     },
 ]
 
@@ -185,8 +205,13 @@ def test_export_loads_in_transformers_with_the_same_features(config, tmp_path: P
     assert_same_features(model, reference)
     # ids as transformers' tokenizer pads them (with the end token, not 0) give the same features too
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "out")
-    padded = tokenizer(CAPTIONS, padding="max_length", truncation=True, max_length=model.config.text.context_length,
-                       return_tensors="pt")["input_ids"]
+    padded = tokenizer(
+        CAPTIONS,
+        padding="max_length",
+        truncation=True,
+        max_length=model.config.text.context_length,
+        return_tensors="pt",
+    )["input_ids"]
     assert_same_features(model, reference, ids=padded)
     assert reference.logit_scale.item() == model.logit_scale.item()
     # and back: the same config, bit-identical weights
@@ -250,10 +275,15 @@ def edit_config(folder: Path, **changes) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"text_config.hidden_act": "gelu_new", "vision_config.hidden_act": "gelu_new"},
-         r"text_config\.hidden_act is 'gelu_new'; fastclip's CLIP supports 'quick_gelu' and 'gelu'"),
+        (
+            {"text_config.hidden_act": "gelu_new", "vision_config.hidden_act": "gelu_new"},
+            r"text_config\.hidden_act is 'gelu_new'; fastclip's CLIP supports 'quick_gelu' and 'gelu'",
+        ),
         ({"vision_config.hidden_act": "gelu"}, r"one activation in both towers"),
-        ({"vision_config.layer_norm_eps": 1e-6}, r"vision_config\.layer_norm_eps is 1e-06; fastclip's LayerNorms use 1e-05"),
+        (
+            {"vision_config.layer_norm_eps": 1e-6},
+            r"vision_config\.layer_norm_eps is 1e-06; fastclip's LayerNorms use 1e-05",
+        ),
         ({"text_config.eos_token_id": 7}, r"text_config\.eos_token_id is 7, not the highest id"),
         ({"vision_config.num_channels": 1}, r"vision_config\.num_channels is 1"),
         ({"vision_config.patch_size": [8, 4]}, r"vision_config\.patch_size is \[8, 4\]"),
@@ -274,8 +304,10 @@ def test_folder_and_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -
     # a folder without config.json: one clear line, from the API and from the command line
     empty = tmp_path / "empty"
     empty.mkdir()
-    expected = (f"checkpoint {empty} is not a regular file, nor a Hugging Face transformers model folder "
-                "(it has no config.json)")
+    expected = (
+        f"checkpoint {empty} is not a regular file, nor a Hugging Face transformers model folder "
+        "(it has no config.json)"
+    )
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(empty)
     assert str(error.value) == expected
@@ -303,7 +335,10 @@ def test_folder_and_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -
     del state["vision_model.post_layernorm.bias"]
     state["vision_model.head.weight"] = torch.zeros(2)
     save_file(state, hf / "model.safetensors", metadata={"format": "pt"})
-    message = r"missing keys: vision_model\.post_layernorm\.bias; keys fastclip's CLIP has no place for: vision_model\.head\.weight"
+    message = (
+        r"missing keys: vision_model\.post_layernorm\.bias; "
+        r"keys fastclip's CLIP has no place for: vision_model\.head\.weight"
+    )
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(hf)
 
@@ -320,7 +355,18 @@ def test_zero_shot_command_reads_a_transformers_folder(tmp_path: Path, capsys: p
     images.mkdir()
     for i in range(2):
         Image.new("RGB", (40, 36), (200 * i, 30, 90)).save(images / f"{i}.png")
-    code = cli_main(["zero-shot", "--checkpoint", str(tmp_path / "model"), "--images", str(images),
-                     "--labels", "red,blue", "--workers", "0"])
+    code = cli_main(
+        [
+            "zero-shot",
+            "--checkpoint",
+            str(tmp_path / "model"),
+            "--images",
+            str(images),
+            "--labels",
+            "red,blue",
+            "--workers",
+            "0",
+        ]
+    )
     assert code == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2  # one prediction line per image

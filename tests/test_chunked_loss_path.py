@@ -89,7 +89,7 @@ def scale_gradient_terms(image, text, scale, grad_row, grad_col, row_lse, col_ls
 def check(got, want, naive, dtype, names, sizes=None) -> None:
     """Each result within the dtype's tolerance of float64 math, or (16-bit) twice the naive error; `sizes`
     gives the natural size of results that are sums of cancelling terms."""
-    for index, (name, g, w, nv) in enumerate(zip(names, got, want, naive)):
+    for name, g, w, nv in zip(names, got, want, naive):
         g, w = g.double(), w.double()
         assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
         finite = torch.isfinite(w)
@@ -127,8 +127,9 @@ def test_lse_forward_and_backward(chunked, shape, masked_diagonal, dtype: torch.
     got = torch.ops.fastclip.contrastive_lse_backward(
         grad_row.to(acc), grad_col.to(acc), image, text, scale.to(acc), row_lse, col_lse, masked_diagonal
     )
-    want = lse_backward_math(image, text, scale, grad_row, grad_col, want_lse[0], want_lse[1], masked_diagonal,
-                             torch.float64)
+    want = lse_backward_math(
+        image, text, scale, grad_row, grad_col, want_lse[0], want_lse[1], masked_diagonal, torch.float64
+    )
     naive = lse_backward_math(image, text, scale, grad_row, grad_col, want_lse[0], want_lse[1], masked_diagonal, dtype)
     assert got[0].dtype == got[1].dtype == dtype and got[2].dtype == acc
     terms = scale_gradient_terms(image, text, scale, grad_row, grad_col, *want_lse, masked_diagonal)
@@ -159,13 +160,20 @@ def test_loss_backward_matches_tiled_twin(chunked, shape, masked_diagonal, dtype
     got = torch.ops.fastclip.contrastive_loss_backward(*args)
     exact = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     coefficients, (image, text, scale, row_lse, col_lse), ids = exact[:5], exact[5:10], exact[10:13]
-    want = contrastive_lse_torch.tiled_loss_gradient(image, text, scale, row_lse, col_lse, coefficients, ids,
-                                                     masked_diagonal)
+    want = contrastive_lse_torch.tiled_loss_gradient(
+        image, text, scale, row_lse, col_lse, coefficients, ids, masked_diagonal
+    )
     assert all(g.dtype == args[8].dtype for g in got)  # unrounded: the accumulation dtype
     # the logit_scale gradient sums terms G * dot of either sign, so its error is relative to their size:
     # over 1e-2 per entry here (|grad_uniform * dot| alone, coefficients uniform in [0, 1), |dot| ~ D^-1/2)
-    check(got, want, [None] * 3, dtype, ("grad_image", "grad_text", "grad_logit_scale"),
-          {"grad_logit_scale": shape[0] * shape[1] * 1e-2})
+    check(
+        got,
+        want,
+        [None] * 3,
+        dtype,
+        ("grad_image", "grad_text", "grad_logit_scale"),
+        {"grad_logit_scale": shape[0] * shape[1] * 1e-2},
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -217,8 +225,9 @@ def test_chunked_and_fused_cpu_paths_agree(monkeypatch) -> None:
         monkeypatch.setenv("FASTCLIP_CPU_LOSS_PATH", path)
         monkeypatch.setenv("FASTCLIP_LOSS_CHUNK_BYTES", "4096")
         row_lse, col_lse = torch.ops.fastclip.contrastive_lse(image, text, scale.double(), 1)
-        grads = torch.ops.fastclip.contrastive_lse_backward(grad_row, grad_col, image, text, scale.double(), row_lse,
-                                                            col_lse, 1)
+        grads = torch.ops.fastclip.contrastive_lse_backward(
+            grad_row, grad_col, image, text, scale.double(), row_lse, col_lse, 1
+        )
         results[path] = (row_lse, col_lse, *grads)
     for a, b in zip(results["fused"], results["chunked"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -270,8 +279,16 @@ def test_cuda_paths(monkeypatch, path: str, dtype: torch.dtype, masked_diagonal)
     for g, w in zip(got_lse, want_lse):  # tf32 / 16-bit similarities: ~1e-3 of s
         torch.testing.assert_close(g.cpu().double(), w, rtol=0, atol=2e-2 * float(scale) * 1e-2 + 1e-3)
     rl, cl = (cuda(t.float()) for t in want_lse)
-    got = torch.ops.fastclip.contrastive_lse_backward(cuda(grad_row.float()), cuda(grad_col.float()), cuda(image),
-                                                      cuda(text), cuda(scale.float()), rl, cl, masked_diagonal)
+    got = torch.ops.fastclip.contrastive_lse_backward(
+        cuda(grad_row.float()),
+        cuda(grad_col.float()),
+        cuda(image),
+        cuda(text),
+        cuda(scale.float()),
+        rl,
+        cl,
+        masked_diagonal,
+    )
     want = lse_backward_math(image, text, scale, grad_row, grad_col, *want_lse, masked_diagonal, torch.float64)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.cpu().double(), w, rtol=2e-2, atol=2e-2 * w.abs().max().item())

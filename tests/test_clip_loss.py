@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from distributed_helpers import make_problem
 
 from fastclip import ClipLoss
 from fastclip.distributed import all_reduce_logsumexp, gather_rows
 from fastclip.ops.reference import contrastive_loss_reference
-from distributed_helpers import make_problem
 
 CASES = [  # (dtype, weight, label_smoothing)
     (torch.float64, 0.3, 0.0),
@@ -134,8 +134,11 @@ def test_single_process_matches_reference(dtype: torch.dtype) -> None:
     scale = torch.tensor(20.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
     loss = ClipLoss(weight=0.3, label_smoothing=0.1)(image, text, scale)
     loss.backward()
-    leaves = [image.detach().double().requires_grad_(), text.detach().double().requires_grad_(),
-              scale.detach().double().requires_grad_()]
+    leaves = [
+        image.detach().double().requires_grad_(),
+        text.detach().double().requires_grad_(),
+        scale.detach().double().requires_grad_(),
+    ]
     want = contrastive_loss_reference(*leaves, weight=0.3, label_smoothing=0.1)
     want.backward()
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]

@@ -10,10 +10,6 @@ from functools import partial
 
 import pytest
 import torch
-
-import fastclip
-from fastclip.functional import contrastive_lse
-from fastclip.ops.reference import sigmoid_loss_reference
 from loss_helpers import (
     LossAndGrads,
     assert_matches,
@@ -23,6 +19,10 @@ from loss_helpers import (
     pair,
     reference,
 )
+
+import fastclip
+from fastclip.functional import contrastive_lse
+from fastclip.ops.reference import sigmoid_loss_reference
 
 pytestmark = pytest.mark.cuda
 

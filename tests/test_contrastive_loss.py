@@ -11,13 +11,9 @@ from functools import partial
 
 import pytest
 import torch
-
-import fastclip
-from fastclip.functional import contrastive_lse, contrastive_loss_from_lse
-from fastclip.ops.reference import contrastive_lse_reference
 from loss_helpers import (
-    LOSS_TARGETS,
     CLIP_SCALE,
+    LOSS_TARGETS,
     assert_matches,
     chunked_reference,
     features,
@@ -27,6 +23,10 @@ from loss_helpers import (
     reference,
     scale_tensor,
 )
+
+import fastclip
+from fastclip.functional import contrastive_loss_from_lse, contrastive_lse
+from fastclip.ops.reference import contrastive_lse_reference
 
 TARGETS = LOSS_TARGETS
 FLOAT64_TARGETS = [t for t in TARGETS if t.id != "cuda"]  # the CUDA kernel takes fp32/bf16/fp16

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from loss_helpers import CLIP_SCALE, assert_matches, features, loss_and_grads, pair, reference, scale_tensor
 
 import fastclip
 from fastclip import _extension
-from fastclip.functional import contrastive_lse, contrastive_loss_from_lse
-from loss_helpers import CLIP_SCALE, assert_matches, features, loss_and_grads, pair, reference, scale_tensor
+from fastclip.functional import contrastive_loss_from_lse, contrastive_lse
 
 needs_extension = pytest.mark.skipif(not _extension.is_loaded(), reason="fastclip._C not built")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_train import parse_train_flags
 
 from fastclip.data.pairs import (
     CaptionCsvDataset,
@@ -22,8 +23,6 @@ from fastclip.data.pairs import (
     take_skip_reasons,
 )
 from fastclip.train.data import EARLY_BATCHES, DataHealth
-
-from test_train import parse_train_flags
 
 SIZE = lambda image: image.size  # a transform that shows which file was read (each test image has its own size)
 
@@ -40,11 +39,18 @@ def image(path: Path, width: int) -> None:
 # --- separator -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, text, caption", [
-    ("pairs.csv", "filepath\ttitle\na.png\ta caption, with a comma\n", "a caption, with a comma"),  # open_clip's default
-    ("pairs.tsv", "filepath,title\na.png,a caption\n", "a caption"),  # the name does not decide
-    ("pairs.txt", "title,filepath,extra\nanother caption,a.png,x\n", "another caption"),
-])
+@pytest.mark.parametrize(
+    "name, text, caption",
+    [
+        (
+            "pairs.csv",
+            "filepath\ttitle\na.png\ta caption, with a comma\n",
+            "a caption, with a comma",
+        ),  # open_clip's default
+        ("pairs.tsv", "filepath,title\na.png,a caption\n", "a caption"),  # the name does not decide
+        ("pairs.txt", "title,filepath,extra\nanother caption,a.png,x\n", "another caption"),
+    ],
+)
 def test_separator_is_read_from_the_header(tmp_path: Path, name: str, text: str, caption: str) -> None:
     image(tmp_path / "a.png", 7)
     (tmp_path / name).write_text(text)
@@ -66,15 +72,29 @@ def test_explicit_separator_and_its_errors(tmp_path: Path) -> None:
     image(tmp_path / "a.png", 5)
     (tmp_path / "pairs.csv").write_text("filepath;title\na.png;semi colons\n")
     assert CaptionCsvDataset(tmp_path / "pairs.csv", SIZE, separator=";")[0] == ((5, 10), "semi colons")
-    with pytest.raises(ValueError, match=r"\(separator ','; pass separator= in Python, --csv-separator to fastclip train"):
+    with pytest.raises(
+        ValueError, match=r"\(separator ','; pass separator= in Python, --csv-separator to fastclip train"
+    ):
         CaptionCsvDataset(tmp_path / "pairs.csv", SIZE)
     with pytest.raises(ValueError, match="separator must be one character, got ';;'"):
         CaptionCsvDataset(tmp_path / "pairs.csv", SIZE, separator=";;")
 
 
 def test_open_clip_flag_spellings() -> None:
-    config = parse_train_flags(["--dataset", "csv", "--train-data", "x.csv", "--csv-img-key", "image",
-                                "--csv-caption-key", "caption", "--csv-separator", "\\t"])
+    config = parse_train_flags(
+        [
+            "--dataset",
+            "csv",
+            "--train-data",
+            "x.csv",
+            "--csv-img-key",
+            "image",
+            "--csv-caption-key",
+            "caption",
+            "--csv-separator",
+            "\\t",
+        ]
+    )
     assert (config.csv_image_key, config.csv_caption_key, config.csv_separator) == ("image", "caption", "\\t")
     assert parse_train_flags(["--csv-image-key", "path"]).csv_image_key == "path"
     with pytest.raises(ValueError, match="separator"):
@@ -89,8 +109,10 @@ def test_relative_paths_try_the_csv_folder_then_the_working_directory(tmp_path: 
     image(lists / "img" / "both.png", 3)  # in both places: the CSV's folder wins
     image(work / "img" / "both.png", 4)
     image(work / "img" / "cwd.png", 6)  # only where the command runs (open_clip's rule)
-    (lists / "pairs.csv").write_text("filepath\ttitle\nimg/both.png\tboth\nimg/cwd.png\tcwd\nimg/none.png\tnone\n"
-                                     f"{work / 'img' / 'cwd.png'}\tabsolute\n")
+    (lists / "pairs.csv").write_text(
+        "filepath\ttitle\nimg/both.png\tboth\nimg/cwd.png\tcwd\nimg/none.png\tnone\n"
+        f"{work / 'img' / 'cwd.png'}\tabsolute\n"
+    )
     monkeypatch.chdir(work)
     dataset = CaptionCsvDataset(lists / "pairs.csv", SIZE)
     assert dataset[0] == ((3, 10), "both") and dataset[1] == ((6, 10), "cwd") and dataset[3] == ((6, 10), "absolute")
@@ -99,8 +121,9 @@ def test_relative_paths_try_the_csv_folder_then_the_working_directory(tmp_path: 
     assert batch.skipped == 1
     (reason,) = batch.skip_reasons
     assert reason == f"pairs.csv item 2: image 'img/none.png' not found in {lists} nor in {work}"
-    assert dataset.describe_lookup() == (f"relative image paths are looked up in {lists} (the CSV file's folder), "
-                                         f"then in {work} (the working directory)")
+    assert dataset.describe_lookup() == (
+        f"relative image paths are looked up in {lists} (the CSV file's folder), then in {work} (the working directory)"
+    )
 
 
 def test_an_open_clip_csv_trains_from_the_command_line(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -111,11 +134,34 @@ def test_an_open_clip_csv_trains_from_the_command_line(tmp_path: Path, monkeypat
         image(tmp_path / "images" / f"{i}.png", 8 + i)
     (tmp_path / "meta").mkdir()
     (tmp_path / "meta" / "train.csv").write_text(
-        "image\tcaption\n" + "".join(f"images/{i}.png\ta red picture {i}\n" for i in range(8)))
+        "image\tcaption\n" + "".join(f"images/{i}.png\ta red picture {i}\n" for i in range(8))
+    )
     monkeypatch.chdir(tmp_path)
-    code = cli_main(["train", "--model", "tiny-ViT", "--dataset", "csv", "--train-data", "meta/train.csv",
-                     "--csv-img-key", "image", "--csv-caption-key", "caption", "--batch-size", "4", "--workers", "0",
-                     "--steps", "2", "--device", "cpu", "--output-dir", "run"])
+    code = cli_main(
+        [
+            "train",
+            "--model",
+            "tiny-ViT",
+            "--dataset",
+            "csv",
+            "--train-data",
+            "meta/train.csv",
+            "--csv-img-key",
+            "image",
+            "--csv-caption-key",
+            "caption",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--output-dir",
+            "run",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert '"skipped": 0' in capsys.readouterr().out
 
@@ -142,8 +188,10 @@ def test_skip_log_logs_each_reason_once_up_to_its_limit(caplog) -> None:
         for reason in ["a", "b", "a", "a", "b", "c", "d", "e", "a"]:
             log.add(reason)
     assert [r.getMessage() for r in caplog.records] == [
-        "skipping sample: a", "skipping sample: b",
-        "skipping sample: c (further unreadable samples are counted, not logged)"]
+        "skipping sample: a",
+        "skipping sample: b",
+        "skipping sample: c (further unreadable samples are counted, not logged)",
+    ]
 
 
 def batch(read: int, skipped: int, reasons: tuple[str, ...] = ()) -> PairBatch:
@@ -159,19 +207,26 @@ def test_data_health_judges_the_first_batches(caplog) -> None:
         health.add(batch(2, 2, ("file 9 missing",)))
     assert len(caplog.records) == 10 and health.judged
     health.end_epoch(read_in_epoch=5)
-    with pytest.raises(ValueError, match=r"no training sample of a whole epoch could be read; the first: file 0 missing; "
-                                         r"relative image paths are looked up in /data"):
+    with pytest.raises(
+        ValueError,
+        match=r"no training sample of a whole epoch could be read; the first: file 0 missing; "
+        r"relative image paths are looked up in /data",
+    ):
         health.end_epoch(read_in_epoch=0)
     mostly = DataHealth(0.5)
     for _ in range(EARLY_BATCHES - 1):
         mostly.add(batch(1, 3, ("x",)))
-    with pytest.raises(ValueError, match=r"27 of the first 36 .*\(more than max_skip_fraction=0\.5; --max-skip-fraction 1"):
+    with pytest.raises(
+        ValueError, match=r"27 of the first 36 .*\(more than max_skip_fraction=0\.5; --max-skip-fraction 1"
+    ):
         mostly.add(batch(0, 0))
     short = DataHealth(0.5)  # an epoch shorter than EARLY_BATCHES is judged at its end
     short.add(batch(1, 3, ("y",)))
     with pytest.raises(ValueError, match="3 of the first 4 training samples could not be read"):
         short.end_epoch(read_in_epoch=1)
     nothing = DataHealth(1.0)  # even "never stop" stops when nothing at all can be read
-    with pytest.raises(ValueError, match=f"none of the first {4 * EARLY_BATCHES} training samples could be read; the first: z"):
+    with pytest.raises(
+        ValueError, match=f"none of the first {4 * EARLY_BATCHES} training samples could be read; the first: z"
+    ):
         for _ in range(EARLY_BATCHES):
             nothing.add(batch(0, 4, ("z",)))

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fastclip.data import synthetic
 from fastclip.data.augment import TrainTransform
 from fastclip.data.pairs import CaptionCsvDataset, PairBatch, collate_pairs, make_collate
 from fastclip.data.sampler import ResumableSampler
 from fastclip.data.shards import TarShardDataset, expand_braces, expand_shards
-from fastclip.data import synthetic
 from fastclip.data.synthetic import COLOURS, HELDOUT_PAIRS, SHAPES, SyntheticShapes
 from fastclip.data.transforms import CLIP_MEAN, CLIP_STD, CLIPPreprocess
 
@@ -58,9 +58,16 @@ def encoded(image: Image.Image, format: str) -> bytes:
 # --- TrainTransform ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("image", [noise_image(50, 80), noise_image(90, 40).convert("L"),
-                                   torch.randint(0, 256, (3, 50, 80), dtype=torch.uint8),
-                                   torch.randint(0, 256, (1, 30, 30), dtype=torch.uint8)], ids=["rgb", "grey", "tensor", "tensor1"])
+@pytest.mark.parametrize(
+    "image",
+    [
+        noise_image(50, 80),
+        noise_image(90, 40).convert("L"),
+        torch.randint(0, 256, (3, 50, 80), dtype=torch.uint8),
+        torch.randint(0, 256, (1, 30, 30), dtype=torch.uint8),
+    ],
+    ids=["rgb", "grey", "tensor", "tensor1"],
+)
 def test_transform_shape_and_dtype(image) -> None:
     out = TrainTransform(32)(image)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -114,8 +121,12 @@ def test_jitter_changes_colour_but_keeps_its_name() -> None:
 
 
 def test_transform_errors() -> None:
-    for kwargs, word in [({"image_size": 0}, "image_size"), ({"image_size": 8, "scale": (0.0, 1.0)}, "scale"),
-                         ({"image_size": 8, "ratio": (2.0, 1.0)}, "ratio"), ({"image_size": 8, "jitter": 1.5}, "jitter")]:
+    for kwargs, word in [
+        ({"image_size": 0}, "image_size"),
+        ({"image_size": 8, "scale": (0.0, 1.0)}, "scale"),
+        ({"image_size": 8, "ratio": (2.0, 1.0)}, "ratio"),
+        ({"image_size": 8, "jitter": 1.5}, "jitter"),
+    ]:
         with pytest.raises(ValueError, match=word):
             TrainTransform(**kwargs)
     with pytest.raises(TypeError, match="uint8"):
@@ -146,13 +157,15 @@ def write_table(path: Path, rows: list[list[str]], separator: str) -> None:
         csv.writer(file, delimiter=separator).writerows(rows)
 
 
-TABLE = [["filepath", "title", "extra"],
-         ["images/a.jpg", "a photo, with a comma", "x"],
-         ["images/b.png", "a png image", "y"],
-         ["images/missing.jpg", "no such file", "z"],
-         ["images/corrupt.jpg", "garbage bytes", "z"],
-         ["images/truncated.jpg", "half a jpeg", "z"],
-         ["images/a.jpg", "   ", "z"]]
+TABLE = [
+    ["filepath", "title", "extra"],
+    ["images/a.jpg", "a photo, with a comma", "x"],
+    ["images/b.png", "a png image", "y"],
+    ["images/missing.jpg", "no such file", "z"],
+    ["images/corrupt.jpg", "garbage bytes", "z"],
+    ["images/truncated.jpg", "half a jpeg", "z"],
+    ["images/a.jpg", "   ", "z"],
+]
 
 
 @pytest.mark.parametrize("suffix, separator", [(".csv", ","), (".tsv", "\t")])
@@ -171,8 +184,12 @@ def test_csv_keys_root_and_absolute_paths(image_dir: Path, tmp_path: Path) -> No
     elsewhere = tmp_path / "lists"
     elsewhere.mkdir()
     path = elsewhere / "pairs.txt"
-    write_table(path, [["caption", "image"], ["relative to root", "a.jpg"], ["absolute", str(image_dir / "b.png")]], ";")
-    dataset = CaptionCsvDataset(path, CLIPPreprocess(8), image_key="image", caption_key="caption", separator=";", root=image_dir)
+    write_table(
+        path, [["caption", "image"], ["relative to root", "a.jpg"], ["absolute", str(image_dir / "b.png")]], ";"
+    )
+    dataset = CaptionCsvDataset(
+        path, CLIPPreprocess(8), image_key="image", caption_key="caption", separator=";", root=image_dir
+    )
     assert [dataset[i][1] for i in range(2)] == ["relative to root", "absolute"]
 
 
@@ -215,8 +232,17 @@ def test_collate_errors_and_pickling(tokenizer) -> None:
 
 def test_csv_label_column(image_dir: Path, tokenizer) -> None:
     path = image_dir.parent / "labelled.tsv"
-    write_table(path, [["filepath", "title", "label"], ["images/a.jpg", "a", " 7 "], ["images/missing.jpg", "gone", "2"],
-                       [], ["images/b.png", "b", "-1"]], "\t")
+    write_table(
+        path,
+        [
+            ["filepath", "title", "label"],
+            ["images/a.jpg", "a", " 7 "],
+            ["images/missing.jpg", "gone", "2"],
+            [],
+            ["images/b.png", "b", "-1"],
+        ],
+        "\t",
+    )
     dataset = CaptionCsvDataset(path, TrainTransform(16), label_key="label")
     assert dataset.labels == [7, 2, -1] and dataset[0][1:] == ("a", 7) and dataset[1] is None and dataset[2][2] == -1
     assert len(CaptionCsvDataset(path, TrainTransform(16))[0]) == 2  # without label_key: pairs, as before
@@ -224,7 +250,9 @@ def test_csv_label_column(image_dir: Path, tokenizer) -> None:
     assert batch.skipped == 1 and batch.labels.tolist() == [7, -1] and batch.labels.dtype == torch.long
 
 
-@pytest.mark.parametrize("value, what", [("3.5", "'3.5', not an integer class id"), ("", "no value"), (None, "no value")])
+@pytest.mark.parametrize(
+    "value, what", [("3.5", "'3.5', not an integer class id"), ("", "no value"), (None, "no value")]
+)
 def test_csv_bad_label_names_file_row_and_column(tmp_path: Path, value: str | None, what: str) -> None:
     path = tmp_path / "pairs.csv"
     bad_row = ["b.jpg", "two"] + ([] if value is None else [value])  # None: the row is one column short
@@ -295,10 +323,12 @@ def test_expand_shard_patterns(tmp_path: Path) -> None:
 
 def test_shards_skip_bad_members_and_broken_tars(tmp_path: Path, tokenizer) -> None:
     good = [good_entry("k0", 0), good_entry("k1", 1, "PNG"), good_entry("k2", 2, "WEBP")]
-    bad = [("corrupt", {"jpg": b"not an image", "txt": b"a corrupt image"}),
-           ("nocaption", {"jpg": good[0][1]["jpg"]}),
-           ("noimage", {"txt": b"a caption without image"}),
-           ("emptycaption", {"png": good[1][1]["png"], "txt": b"  \n"})]
+    bad = [
+        ("corrupt", {"jpg": b"not an image", "txt": b"a corrupt image"}),
+        ("nocaption", {"jpg": good[0][1]["jpg"]}),
+        ("noimage", {"txt": b"a caption without image"}),
+        ("emptycaption", {"png": good[1][1]["png"], "txt": b"  \n"}),
+    ]
     write_shard(tmp_path / "a.tar", [good[0], *bad, good[1]])
     whole = write_shard(tmp_path / "b.tar", [good[2], good_entry("k3", 3), good_entry("k4", 4)]).read_bytes()
     with tarfile.open(tmp_path / "b.tar") as tar:
@@ -326,7 +356,13 @@ def test_shard_cls_labels(tmp_path: Path, tokenizer) -> None:
     path = str(write_shard(tmp_path / "a.tar", entries))
     dataset = TarShardDataset(path, TrainTransform(16), shuffle=False, label_extension="cls")
     samples = list(dataset)
-    assert [s if s is None else s[1:] for s in samples] == [("caption k0", 4), ("caption k1", 12), None, None, ("caption k4", 0)]
+    assert [s if s is None else s[1:] for s in samples] == [
+        ("caption k0", 4),
+        ("caption k1", 12),
+        None,
+        None,
+        ("caption k4", 0),
+    ]
     plain = list(TarShardDataset(path, TrainTransform(16), shuffle=False))  # without labels: pairs, cls ignored
     assert all(len(s) == 2 for s in plain) and len(plain) == 5
     batch = make_collate(tokenizer)(samples)
@@ -336,16 +372,22 @@ def test_shard_cls_labels(tmp_path: Path, tokenizer) -> None:
 
 
 def stream_captions(dataset: TarShardDataset, workers: int, batch_size: int = 1) -> list[str]:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=lambda samples: [s[1] for s in samples if s is not None])
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=lambda samples: [s[1] for s in samples if s is not None],
+    )
     return [caption for batch in loader for caption in batch]
 
 
 def test_shards_split_across_ranks_and_workers(tmp_path: Path) -> None:
     paths = make_shards(tmp_path, [5, 3, 4, 6])
     everything = {f"caption s{s}k{i:03d}" for s, n in enumerate([5, 3, 4, 6]) for i in range(n)}
-    per_rank = [stream_captions(TarShardDataset(paths, CLIPPreprocess(8), seed=3, rank=r, world_size=2), workers=2)
-                for r in range(2)]
+    per_rank = [
+        stream_captions(TarShardDataset(paths, CLIPPreprocess(8), seed=3, rank=r, world_size=2), workers=2)
+        for r in range(2)
+    ]
     assert set(per_rank[0]).isdisjoint(per_rank[1]) and set(per_rank[0]) | set(per_rank[1]) == everything
     assert sum(map(len, per_rank)) == len(everything)
     with pytest.raises(ValueError, match="world_size=5"):
@@ -359,7 +401,11 @@ def test_too_few_shards_for_the_workers(tmp_path: Path, monkeypatch: pytest.Monk
     worker = type("WorkerInfo", (), {"num_workers": 2, "id": 0})()
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: worker)
     dataset = TarShardDataset(make_shards(tmp_path, [1, 1, 1]), CLIPPreprocess(8), rank=1, world_size=2)
-    with pytest.raises(ValueError, match=r"rank 1 gets 1 of the 3 shards \(world_size=2\), fewer than its 2 DataLoader workers: use num_workers <= 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"rank 1 gets 1 of the 3 shards \(world_size=2\), "
+        r"fewer than its 2 DataLoader workers: use num_workers <= 1",
+    ):
         next(iter(dataset))  # 3 shards: rank 1 gets one, too few for 2 workers
 
 
@@ -381,8 +427,9 @@ def test_shard_resume_is_the_tail_of_the_stream(tmp_path: Path, tokenizer, worke
     # Uneven shards; every 4th entry corrupt (a None that still fills a batch slot).
     dataset = TarShardDataset(make_shards(tmp_path, [9, 7, 11, 8, 10]), TrainTransform(12), seed=1, shuffle_buffer=6)
     batch_size = 3
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True,
-                                         collate_fn=make_collate(tokenizer))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, drop_last=True, collate_fn=make_collate(tokenizer)
+    )
     dataset.set_position(2, 0, batch_size)
     full = list(loader)
     assert len(full) >= 10 and sum(b.images.shape[0] for b in full) > 0
@@ -420,7 +467,9 @@ def test_sampler_resume_is_the_tail(shuffle: bool) -> None:
     sampler.set_position(5, 3)
     list(sampler)
     assert list(sampler) == sampler.epoch_indices(6).tolist()  # then the next epoch, from its start
-    assert list(ResumableSampler(23, shuffle=shuffle, seed=4, rank=1, world_size=3)) == sampler.epoch_indices(0).tolist()
+    assert (
+        list(ResumableSampler(23, shuffle=shuffle, seed=4, rank=1, world_size=3)) == sampler.epoch_indices(0).tolist()
+    )
 
 
 def test_sampler_orders_per_epoch_and_seed() -> None:
@@ -435,11 +484,16 @@ def test_sampler_orders_per_epoch_and_seed() -> None:
 
 @pytest.mark.parametrize("num_samples, world_size", [(20, 4), (23, 4), (5, 3)])
 def test_sampler_ranks_disjoint_and_covering(num_samples: int, world_size: int) -> None:
-    dropped = [ResumableSampler(num_samples, seed=2, rank=r, world_size=world_size).epoch_indices(1).tolist() for r in range(world_size)]
+    dropped = [
+        ResumableSampler(num_samples, seed=2, rank=r, world_size=world_size).epoch_indices(1).tolist()
+        for r in range(world_size)
+    ]
     assert len({len(d) for d in dropped}) == 1 and len(dropped[0]) == num_samples // world_size
     flat = [i for d in dropped for i in d]
     assert len(set(flat)) == len(flat)  # disjoint
-    padded = [ResumableSampler(num_samples, seed=2, rank=r, world_size=world_size, drop_last=False) for r in range(world_size)]
+    padded = [
+        ResumableSampler(num_samples, seed=2, rank=r, world_size=world_size, drop_last=False) for r in range(world_size)
+    ]
     assert len({len(s) for s in padded}) == 1
     assert set(i for s in padded for i in s.epoch_indices(1).tolist()) == set(range(num_samples))  # covering
     assert sum(len(s) for s in padded) - num_samples < world_size
@@ -448,7 +502,9 @@ def test_sampler_ranks_disjoint_and_covering(num_samples: int, world_size: int) 
 def test_sampler_in_a_dataloader_resumes(tokenizer) -> None:
     dataset = SyntheticShapes(40, 16, seed=3)
     sampler = ResumableSampler(len(dataset), seed=1, world_size=2, rank=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2, collate_fn=make_collate(tokenizer))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=4, sampler=sampler, num_workers=2, collate_fn=make_collate(tokenizer)
+    )
     sampler.set_position(1, 0)
     full = list(loader)
     sampler.set_position(1, 3 * 4)
@@ -503,7 +559,13 @@ def test_synthetic_captions_and_pixels_match_attributes() -> None:
         ys, xs = near.nonzero(as_tuple=True)
         assert len(xs) > 40, (index, info)
         cx, cy = xs.float().mean() / 64, ys.float().mean() / 64
-        want = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
+        want = {
+            "left": (0.27, 0.5),
+            "right": (0.73, 0.5),
+            "top": (0.5, 0.27),
+            "bottom": (0.5, 0.73),
+            "center": (0.5, 0.5),
+        }
         assert abs(cx - want[info["position"]][0]) < 0.1 and abs(cy - want[info["position"]][1]) < 0.1, (index, info)
         counts[info["size"]].append(len(xs))
     assert np.mean(counts["large"]) > 2 * np.mean(counts["small"])

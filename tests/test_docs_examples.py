@@ -23,8 +23,14 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 def _tiny_model(folder: Path) -> None:
     """docs/evaluate.md's `model.safetensors` comes from a 2-minute training run; any model will do here."""
     subprocess.run(
-        [sys.executable, "-c", "import fastclip; fastclip.save_checkpoint(fastclip.create_model('tiny-ViT'), 'model.safetensors')"],
-        cwd=folder, check=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import fastclip; fastclip.save_checkpoint(fastclip.create_model('tiny-ViT'), 'model.safetensors')",
+        ],
+        cwd=folder,
+        check=True,
+        timeout=300,
     )
 
 

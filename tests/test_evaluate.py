@@ -106,15 +106,18 @@ def model_and_transforms(checkpoint: Path):
 def digit_features(model_and_transforms, digit_folders: Path, feature_cache: Path):
     model, preprocess, _ = model_and_transforms
     kwargs = {"cache_dir": feature_cache, "batch_size": 256, "progress": False}
-    return (image_folder_features(model, digit_folders / "train", preprocess, **kwargs),
-            image_folder_features(model, digit_folders / "test", preprocess, **kwargs))
+    return (
+        image_folder_features(model, digit_folders / "train", preprocess, **kwargs),
+        image_folder_features(model, digit_folders / "test", preprocess, **kwargs),
+    )
 
 
 # --- features ---------------------------------------------------------------------------------------
 
 
-def test_folder_features_are_unit_norm_skip_unreadable_and_follow_the_files(digit_features, digit_folders: Path,
-                                                                           digits) -> None:
+def test_folder_features_are_unit_norm_skip_unreadable_and_follow_the_files(
+    digit_features, digit_folders: Path, digits
+) -> None:
     train, test = digit_features
     assert train.classes == test.classes == [str(d) for d in range(10)]
     assert sorted(os.fspath(p.relative_to(digit_folders / "train")) for p in train.skipped) == sorted(CORRUPT)
@@ -124,8 +127,9 @@ def test_folder_features_are_unit_norm_skip_unreadable_and_follow_the_files(digi
     assert all(path.parent.name == train.classes[t] for path, t in zip(train.paths, train.targets.tolist()))
 
 
-def test_feature_cache_is_keyed_on_weights_files_and_preprocessing(model_and_transforms, digit_folders: Path,
-                                                                   tmp_path: Path) -> None:
+def test_feature_cache_is_keyed_on_weights_files_and_preprocessing(
+    model_and_transforms, digit_folders: Path, tmp_path: Path
+) -> None:
     model, preprocess, _ = model_and_transforms
     paths = [tmp_path / "images" / f"{i}.png" for i in range(13)] + [tmp_path / "images" / "corrupt.png"]
     paths[0].parent.mkdir()
@@ -134,8 +138,9 @@ def test_feature_cache_is_keyed_on_weights_files_and_preprocessing(model_and_tra
     paths[13].write_bytes(b"not an image")
 
     def encode(model=model, preprocess=preprocess, **kwargs):
-        return extract_image_features(model, paths, preprocess, cache_dir=tmp_path / "cache", batch_size=5,
-                                      progress=False, **kwargs)
+        return extract_image_features(
+            model, paths, preprocess, cache_dir=tmp_path / "cache", batch_size=5, progress=False, **kwargs
+        )
 
     first = encode()
     assert not first.from_cache and len(first.paths) == 13 and len(first.skipped) == 1
@@ -178,8 +183,9 @@ def test_linear_probe_on_model_features_agrees_with_sklearn(digit_features) -> N
     # Features of a random model sit in a narrow cone: at the large C chosen here the problem is badly
     # conditioned and scikit-learn's default tol (1e-4) stops ~2 points short of the optimum (measured),
     # so the reference runs to convergence.
-    reference = sklearn_accuracy(train.features, train.targets, test.features, test.targets, probe.C,
-                                 tol=1e-8, max_iter=3000)
+    reference = sklearn_accuracy(
+        train.features, train.targets, test.features, test.targets, probe.C, tol=1e-8, max_iter=3000
+    )
     assert abs(probe.top1 - reference) <= 0.01, (probe.top1, reference, probe.C)
     assert probe.top1 > 0.5  # random tiny-ViT features still separate the digits well above chance (0.1)
     assert probe.num_train == len(train.paths) and probe.num_test == len(test.paths)  # refit on train + validation
@@ -287,10 +293,21 @@ def test_k_shot_samples_exactly_k_per_class(k: int, digits) -> None:
 
 def test_few_shot_runs_use_the_sizes_asked_for_and_plot(digits, tmp_path: Path) -> None:
     x, y, test = digits["pixels"], digits["targets"], digits["test"]
-    result = few_shot(x[~test], y[~test], x[test], y[test], shots=(1, 2, 4), seeds=(0, 1), zero_shot=0.3,
-                      C_grid=SMALL_GRID, refine_steps=0, fallback_C=10.0)
+    result = few_shot(
+        x[~test],
+        y[~test],
+        x[test],
+        y[test],
+        shots=(1, 2, 4),
+        seeds=(0, 1),
+        zero_shot=0.3,
+        C_grid=SMALL_GRID,
+        refine_steps=0,
+        fallback_C=10.0,
+    )
     assert [(run["k"], run["seed"], run["num_train"]) for run in result.runs] == [
-        (k, seed, 10 * k) for k in (1, 2, 4) for seed in (0, 1)]
+        (k, seed, 10 * k) for k in (1, 2, 4) for seed in (0, 1)
+    ]
     assert all(run["C"] == 10.0 for run in result.runs if run["k"] == 1)  # no validation split at k = 1
     summary = result.summary()
     for k in (1, 2, 4):
@@ -368,7 +385,10 @@ def test_caption_csv_paths_fall_back_to_the_working_directory(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     pairs = read_caption_csv(tmp_path / "lists" / "pairs.csv")
     assert [p.resolve() for p in pairs.images] == [
-        (tmp_path / "images/x.png").resolve(), (tmp_path / "lists/y.png").resolve(), (tmp_path / "lists/gone.png").resolve()]
+        (tmp_path / "images/x.png").resolve(),
+        (tmp_path / "lists/y.png").resolve(),
+        (tmp_path / "lists/gone.png").resolve(),
+    ]
 
 
 # --- prediction views -------------------------------------------------------------------------------
@@ -396,8 +416,9 @@ def test_predictions_rank_the_true_label_and_draw_a_gallery(digit_folders: Path,
 # --- the command ------------------------------------------------------------------------------------
 
 
-def test_eval_command_writes_json_and_plots(checkpoint: Path, digit_folders: Path, feature_cache: Path, digit_features,
-                                            tmp_path: Path, capsys) -> None:
+def test_eval_command_writes_json_and_plots(
+    checkpoint: Path, digit_folders: Path, feature_cache: Path, digit_features, tmp_path: Path, capsys
+) -> None:
     """End to end; `digit_features` filled the feature cache, which the command must find and use."""
     test_images = sorted((digit_folders / "test").rglob("*.png"))[::12]
     with open(tmp_path / "pairs.csv", "w", newline="") as file:
@@ -408,10 +429,35 @@ def test_eval_command_writes_json_and_plots(checkpoint: Path, digit_folders: Pat
             writer.writerows([(path, f"a photo of the digit {digit}"), (path, f"a scan of a handwritten {digit}")])
         writer.writerow([digit_folders / "train" / CORRUPT[0], "unreadable"])
     output = tmp_path / "eval"
-    code = main(["eval", "--checkpoint", str(checkpoint), "--train", str(digit_folders / "train"),
-                 "--test", str(digit_folders / "test"), "--captions", str(tmp_path / "pairs.csv"),
-                 "--output-dir", str(output), "--cache-dir", str(feature_cache), "--workers", "0",
-                 "--shots", "1,2,4", "--seeds", "2", "--C-grid", "1e-1,1e1,1e3", "--refine-steps", "1", "--show", "2"])
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--train",
+            str(digit_folders / "train"),
+            "--test",
+            str(digit_folders / "test"),
+            "--captions",
+            str(tmp_path / "pairs.csv"),
+            "--output-dir",
+            str(output),
+            "--cache-dir",
+            str(feature_cache),
+            "--workers",
+            "0",
+            "--shots",
+            "1,2,4",
+            "--seeds",
+            "2",
+            "--C-grid",
+            "1e-1,1e1,1e3",
+            "--refine-steps",
+            "1",
+            "--show",
+            "2",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     report = json.loads((output / "report.json").read_text())
@@ -440,8 +486,9 @@ def _eval(*argv: str) -> int:
     return main(["eval", "--workers", "0", *argv])
 
 
-def test_eval_command_errors(checkpoint: Path, digit_folders: Path, feature_cache: Path, tmp_path: Path,
-                             capsys) -> None:
+def test_eval_command_errors(
+    checkpoint: Path, digit_folders: Path, feature_cache: Path, tmp_path: Path, capsys
+) -> None:
     common = ["--checkpoint", str(checkpoint), "--cache-dir", str(feature_cache), "--output-dir", str(tmp_path / "out")]
     train, test = str(digit_folders / "train"), str(digit_folders / "test")
 
@@ -463,4 +510,5 @@ def test_eval_command_errors(checkpoint: Path, digit_folders: Path, feature_cach
     (tmp_path / "small" / "x9").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "small" / "x9" / "b.png")
     assert "class folder(s) ['x9'] of --test are not classes of --train" in error(
-        "--train", train, "--test", str(tmp_path / "small"), "--tasks", "linear-probe", "--C", "1")
+        "--train", train, "--test", str(tmp_path / "small"), "--tasks", "linear-probe", "--C", "1"
+    )

@@ -31,7 +31,9 @@ def test_info_reports_versions_and_backends() -> None:
 
 def test_info_command_line() -> None:
     def command(*args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "fastclip", *args], capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [sys.executable, "-m", "fastclip", *args], capture_output=True, text=True, check=True
+        ).stdout
 
     text = command("info")
     assert "contrastive_lse:" in text and f"torch              {torch.__version__}" in text

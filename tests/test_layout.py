@@ -34,8 +34,11 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def all_modules() -> list[str]:
-    return sorted(info.name for info in pkgutil.walk_packages([str(ROOT)], prefix="fastclip.")
-                  if info.name not in ("fastclip._C", "fastclip.__main__"))  # __main__ runs the CLI
+    return sorted(
+        info.name
+        for info in pkgutil.walk_packages([str(ROOT)], prefix="fastclip.")
+        if info.name not in ("fastclip._C", "fastclip.__main__")
+    )  # __main__ runs the CLI
 
 
 def test_checkpoint_knows_configs_not_models() -> None:
@@ -53,8 +56,9 @@ def test_commands_do_not_import_each_other() -> None:
     for name in sorted(commands):
         others = {f"fastclip.commands.{other}" for other in commands - {name}}
         imported = imported_modules(ROOT / "commands" / f"{name}.py")
-        assert not any(module == other or module.startswith(other + ".") for module in imported for other in others), \
+        assert not any(module == other or module.startswith(other + ".") for module in imported for other in others), (
             f"commands/{name}.py imports {sorted(m for m in imported if m.startswith('fastclip.commands.'))}"
+        )
 
 
 @pytest.mark.parametrize("name", all_modules())

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_helpers import LOSS_TARGETS, LOW_PRECISION, RELATIVE_TOLERANCE, _natural_size, error, features, scale_tensor
 
 import fastclip
 from fastclip import _extension
@@ -24,7 +25,6 @@ from fastclip.functional import (
 from fastclip.ops.reference import contrastive_loss_reference as label_contrastive_loss_reference
 from fastclip.ops.reference import sigmoid_loss_reference, supcon_loss_reference
 from fastclip.ops.supcon_loss import as_temperature_scale
-from loss_helpers import LOSS_TARGETS, LOW_PRECISION, RELATIVE_TOLERANCE, _natural_size, error, features, scale_tensor
 
 TARGETS = LOSS_TARGETS
 FLOAT64_TARGETS = [t for t in TARGETS if t.id != "cuda"]
@@ -95,24 +95,35 @@ def same_dtype_logits(i: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torc
 def test_label_clip_matches_reference(n: int, dim: int, dtype: torch.dtype, target) -> None:
     backend, device = target
     gen = torch.Generator().manual_seed(n * 31 + dim)
-    image, text, scale = features(n, dim, dtype, device), features(n, dim, dtype, device), scale_tensor(14.3, dtype, device)
+    image, text, scale = (
+        features(n, dim, dtype, device),
+        features(n, dim, dtype, device),
+        scale_tensor(14.3, dtype, device),
+    )
     names = ("loss", "grad_image", "grad_text", "grad_logit_scale")
     for kind, (weight, smoothing) in itertools.product(PATTERNS, [(0.5, 0.0), (0.3, 0.1), (1.0, 0.0)]):
         labels = label_pattern(kind, n, gen).to(device)
         opts = dict(weight=weight, label_smoothing=smoothing)
-        got = grads_of(lambda i, t, s: fastclip.contrastive_loss(i, t, s, labels=labels, backend=backend, **opts),
-                       image, text, scale)
+        got = grads_of(
+            lambda i, t, s: fastclip.contrastive_loss(i, t, s, labels=labels, backend=backend, **opts),
+            image,
+            text,
+            scale,
+        )
         assert got[0].dtype == torch.float32 and got[1].dtype == dtype
-        want = grads_of(lambda i, t, s: label_contrastive_loss_reference(i, t, s, labels, **opts),
-                        *as_float64((image, text, scale)))
+        want = grads_of(
+            lambda i, t, s: label_contrastive_loss_reference(i, t, s, labels, **opts), *as_float64((image, text, scale))
+        )
         naive = None
         if dtype in LOW_PRECISION:
+
             def naive_fn(i, t, s):
                 logits = same_dtype_logits(i, t, s)
                 targets = (labels[:, None] == labels[None, :]).float()
                 targets /= targets.sum(1, keepdim=True)
                 ce = lambda x: F.cross_entropy(x, targets, label_smoothing=smoothing)
                 return weight * ce(logits) + (1 - weight) * ce(logits.T)
+
             naive = grads_of(naive_fn, image, text, scale)
         assert_family_matches(got, want, names, dtype, 14.3, naive)
 
@@ -122,11 +133,13 @@ def test_label_clip_without_labels_or_distinct_labels_is_clip(target) -> None:
     backend, device = target
     image, text, scale = features(40, 9, torch.float64, device), features(40, 9, torch.float64, device), 11.0
     plain = fastclip.contrastive_loss(image, text, scale, weight=0.3, backend=backend)
-    distinct = fastclip.contrastive_loss(image, text, scale, weight=0.3, labels=torch.arange(40, device=device) * 3,
-                                         backend=backend)
+    distinct = fastclip.contrastive_loss(
+        image, text, scale, weight=0.3, labels=torch.arange(40, device=device) * 3, backend=backend
+    )
     assert plain.item() == pytest.approx(distinct.item(), rel=1e-12)
     assert fastclip.contrastive_loss(image, text, scale, labels=None, backend=backend).item() == pytest.approx(
-        fastclip.contrastive_loss(image, text, scale, backend=backend).item(), rel=0)
+        fastclip.contrastive_loss(image, text, scale, backend=backend).item(), rel=0
+    )
 
 
 @pytest.mark.parametrize("target", FLOAT64_TARGETS)
@@ -146,8 +159,17 @@ def test_label_clip_rank_shares_add_up(target) -> None:
         row_lses.append(row_lse), partial_cols.append(col_lse)
     col_lse = torch.stack(partial_cols).logsumexp(0)
     for (offset, rows), row_lse in zip(parts, row_lses):
-        total = total + contrastive_loss_from_lse(image[offset : offset + rows], text, scale, row_lse, col_lse,
-                                                  offset=offset, weight=0.3, label_smoothing=0.1, labels=labels)
+        total = total + contrastive_loss_from_lse(
+            image[offset : offset + rows],
+            text,
+            scale,
+            row_lse,
+            col_lse,
+            offset=offset,
+            weight=0.3,
+            label_smoothing=0.1,
+            labels=labels,
+        )
     want = label_contrastive_loss_reference(image, text, scale, labels, weight=0.3, label_smoothing=0.1)
     got_grads = torch.autograd.grad(total, (image, text, scale))
     want_grads = torch.autograd.grad(want, (image, text, scale))
@@ -159,6 +181,7 @@ def test_label_clip_rank_shares_add_up(target) -> None:
 # ------------------------------------------------------------------------------------ SupCon / NT-Xent
 def supcon_naive(labels, temperature):
     """The usual SupCon code in the input dtype (Khosla et al.'s reference, with their masking)."""
+
     def fn(f):
         logits = (f @ f.T).float() / temperature
         eye = torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
@@ -168,6 +191,7 @@ def supcon_naive(labels, temperature):
         count = positive.sum(1)
         per_anchor = -log_prob.masked_fill(~positive, 0).sum(1) / count.clamp(min=1)
         return per_anchor[count > 0].mean() if (count > 0).any() else (f * 0).sum().float()
+
     return fn
 
 
@@ -222,7 +246,9 @@ def test_supcon_rank_shares_add_up(target) -> None:
         total = total + supcon_loss_share(mine, feats, scale, row_lse, labels, offset=offset)
     want = supcon_loss_reference(feats, labels, 0.3)
     torch.testing.assert_close(total, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(total, feats)[0], torch.autograd.grad(want, feats)[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(total, feats)[0], torch.autograd.grad(want, feats)[0], rtol=1e-9, atol=1e-12
+    )
 
 
 # ------------------------------------------------------------------------------------ SigLIP
@@ -237,17 +263,28 @@ def test_siglip_matches_reference(n: int, dim: int, dtype: torch.dtype, target) 
     for kind, (scale_value, bias_value) in itertools.product((None, *PATTERNS), [(10.0, -10.0), (30.0, -3.0)]):
         labels = None if kind is None else label_pattern(kind, n, gen).to(device)
         scale, bias = scale_tensor(scale_value, dtype, device), scale_tensor(bias_value, dtype, device)
-        got = grads_of(lambda i, t, s, b: fastclip.sigmoid_loss(i, t, s, b, labels=labels, backend=backend),
-                       image, text, scale, bias)
+        got = grads_of(
+            lambda i, t, s, b: fastclip.sigmoid_loss(i, t, s, b, labels=labels, backend=backend),
+            image,
+            text,
+            scale,
+            bias,
+        )
         assert got[0].dtype == torch.float32 and got[1].dtype == dtype
-        want = grads_of(lambda i, t, s, b: sigmoid_loss_reference(i, t, s, b, labels),
-                        *as_float64((image, text, scale, bias)))
+        want = grads_of(
+            lambda i, t, s, b: sigmoid_loss_reference(i, t, s, b, labels), *as_float64((image, text, scale, bias))
+        )
         naive = None
         if dtype in LOW_PRECISION:
             ids = torch.arange(n, device=device) if labels is None else labels
             z = (ids[:, None] == ids[None, :]).float() * 2 - 1
-            naive = grads_of(lambda i, t, s, b: -F.logsigmoid(z * (same_dtype_logits(i, t, s) + b)).sum() / n,
-                             image, text, scale, bias)
+            naive = grads_of(
+                lambda i, t, s, b: -F.logsigmoid(z * (same_dtype_logits(i, t, s) + b)).sum() / n,
+                image,
+                text,
+                scale,
+                bias,
+            )
         assert_family_matches(got, want, names, dtype, scale_value, naive)
 
 
@@ -267,18 +304,24 @@ def test_siglip_rank_shares_add_up(target) -> None:
     image, text = features(19, 6, torch.float64, device), features(19, 6, torch.float64, device)
     labels = label_pattern("pairs", 19, torch.Generator().manual_seed(2)).to(device)
     scale, bias = scale_tensor(10.0, torch.float64, device), scale_tensor(-5.0, torch.float64, device)
-    total = sum(sigmoid_loss_share(image[o : o + r], text, scale, bias, offset=o, labels=labels, backend=backend)
-                for o, r in [(0, 4), (4, 15)])
+    total = sum(
+        sigmoid_loss_share(image[o : o + r], text, scale, bias, offset=o, labels=labels, backend=backend)
+        for o, r in [(0, 4), (4, 15)]
+    )
     want = sigmoid_loss_reference(image, text, scale, bias, labels)
     torch.testing.assert_close(total, want, rtol=1e-10, atol=1e-12)
-    for g, w in zip(torch.autograd.grad(total, (image, text, scale, bias)), torch.autograd.grad(want, (image, text, scale, bias))):
+    for g, w in zip(
+        torch.autograd.grad(total, (image, text, scale, bias)), torch.autograd.grad(want, (image, text, scale, bias))
+    ):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------ the fused ops
 @pytest.mark.parametrize("target", FLOAT64_TARGETS)
-@pytest.mark.parametrize("rows, cols, diagonal", [(1, 1, 0), (5, 5, 0), (70, 600, 3), (70, 600, -20), (9, 4, 7),
-                                                   (4, 9, 100), (600, 70, -530)])
+@pytest.mark.parametrize(
+    "rows, cols, diagonal",
+    [(1, 1, 0), (5, 5, 0), (70, 600, 3), (70, 600, -20), (9, 4, 7), (4, 9, 100), (600, 70, -530)],
+)
 def test_masked_lse_matches_dense(rows: int, cols: int, diagonal: int, target) -> None:
     backend, device = target
     image, text = features(rows, 7, torch.float64, device), features(cols, 7, torch.float64, device)
@@ -297,7 +340,10 @@ def test_masked_lse_matches_dense(rows: int, cols: int, diagonal: int, target) -
     want_row, want_col = dense(image, text, scale)
     torch.testing.assert_close(got_row, want_row, rtol=1e-12, atol=0)  # -inf where a row is fully masked
     torch.testing.assert_close(got_col, want_col, rtol=1e-12, atol=0)
-    weights = (torch.rand(rows, dtype=torch.float64, device=device), torch.rand(cols, dtype=torch.float64, device=device))
+    weights = (
+        torch.rand(rows, dtype=torch.float64, device=device),
+        torch.rand(cols, dtype=torch.float64, device=device),
+    )
 
     def weighted(lses):  # finite entries only: a fully masked row/column carries no gradient
         return sum((w * torch.where(torch.isfinite(x), x, 0)).sum() for w, x in zip(weights, lses))
@@ -315,8 +361,16 @@ def test_pairwise_sigmoid_rows_match_dense(target) -> None:
     image, text = features(70, 9, torch.float64, device), features(600, 9, torch.float64, device)
     row_labels, col_labels = torch.randint(0, 5, (70,), device=device), torch.randint(0, 5, (600,), device=device)
     scale, bias = scale_tensor(12.0, torch.float64, device), scale_tensor(-4.0, torch.float64, device)
-    got = grads_of(lambda i, t, s, b: pairwise_sigmoid(i, t, s, b, row_labels, col_labels, backend=backend)
-                   * torch.linspace(0.5, 2, 70, dtype=torch.float64, device=device), image, text, scale, bias)
+    got = grads_of(
+        lambda i, t, s, b: (
+            pairwise_sigmoid(i, t, s, b, row_labels, col_labels, backend=backend)
+            * torch.linspace(0.5, 2, 70, dtype=torch.float64, device=device)
+        ),
+        image,
+        text,
+        scale,
+        bias,
+    )
 
     def dense(i, t, s, b):
         z = (row_labels[:, None] == col_labels[None, :]).double() * 2 - 1
@@ -335,8 +389,14 @@ def test_gradcheck(target) -> None:
     scale, bias = scale_tensor(3.0, torch.float64, device), scale_tensor(-1.0, torch.float64, device)
     labels = label_pattern("pairs", 6, gen).to(device)
     checks = [
-        (lambda i, t, s: fastclip.contrastive_loss(i, t, s, labels=labels, label_smoothing=0.1, backend=backend), (image, text, scale)),
-        (lambda i, t, s, b: fastclip.sigmoid_loss(i, t, s, b, labels=labels, backend=backend), (image, text, scale, bias)),
+        (
+            lambda i, t, s: fastclip.contrastive_loss(i, t, s, labels=labels, label_smoothing=0.1, backend=backend),
+            (image, text, scale),
+        ),
+        (
+            lambda i, t, s, b: fastclip.sigmoid_loss(i, t, s, b, labels=labels, backend=backend),
+            (image, text, scale, bias),
+        ),
         (lambda f, t: fastclip.supcon_loss(f, labels, temperature=t, backend=backend), (image, scale)),
         (lambda f: fastclip.supcon_loss(f, backend=backend), (image,)),
         (lambda i, t, s: contrastive_lse(i, t, s, masked_diagonal=1, backend=backend), (image, text, scale)),
@@ -357,8 +417,16 @@ def test_opcheck(dtype: torch.dtype) -> None:
     torch.library.opcheck(torch.ops.fastclip.pairwise_sigmoid_backward.default, args)
     torch.library.opcheck(torch.ops.fastclip.contrastive_lse.default, (image, text, scale, 2))
     row_lse, col_lse = torch.ops.fastclip.contrastive_lse(image, text, scale, 2)
-    args = (torch.randn_like(row_lse), torch.randn_like(col_lse), image.detach(), text.detach(), scale.detach(),
-            row_lse.detach(), col_lse.detach(), 2)
+    args = (
+        torch.randn_like(row_lse),
+        torch.randn_like(col_lse),
+        image.detach(),
+        text.detach(),
+        scale.detach(),
+        row_lse.detach(),
+        col_lse.detach(),
+        2,
+    )
     torch.library.opcheck(torch.ops.fastclip.contrastive_lse_backward.default, args)
 
 
@@ -378,7 +446,11 @@ def test_double_backward_is_refused(loss: str) -> None:
 
 @pytest.mark.parametrize(
     "backend, device",
-    [("torch", "cpu"), pytest.param("cpp", "cpu", marks=needs_extension), pytest.param("cuda", "cuda", marks=pytest.mark.cuda)],
+    [
+        ("torch", "cpu"),
+        pytest.param("cpp", "cpu", marks=needs_extension),
+        pytest.param("cuda", "cuda", marks=pytest.mark.cuda),
+    ],
 )
 def test_torch_compile_fullgraph(backend: str, device: str) -> None:
     """Each loss traces into one graph (labels included) and gives the eager loss and gradients."""
@@ -403,24 +475,58 @@ def test_torch_compile_fullgraph(backend: str, device: str) -> None:
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda x: fastclip.contrastive_loss(x, x, 1.0, labels=torch.zeros(3, dtype=torch.long)), ValueError, r"labels must have shape \[4\]"),
+        (
+            lambda x: fastclip.contrastive_loss(x, x, 1.0, labels=torch.zeros(3, dtype=torch.long)),
+            ValueError,
+            r"labels must have shape \[4\]",
+        ),
         (lambda x: fastclip.contrastive_loss(x, x, 1.0, labels=torch.zeros(4)), TypeError, "labels must hold integer"),
-        (lambda x: fastclip.contrastive_loss(x, x, 1.0, labels=torch.zeros(4, dtype=torch.bool)), TypeError, "labels must hold integer"),
-        (lambda x: fastclip.contrastive_loss(x, x, 1.0, labels=[0, 1, 2, 3]), TypeError, "labels must be a torch.Tensor"),
-        (lambda x: fastclip.contrastive_loss(x, x, 1.0, labels=torch.zeros(4, dtype=torch.long, device="meta")), ValueError, "labels must be on"),
-        (lambda x: fastclip.sigmoid_loss(x, x, 1.0, -1.0, labels=torch.zeros(4, 1, dtype=torch.long)), ValueError, r"labels must have shape \[4\]"),
+        (
+            lambda x: fastclip.contrastive_loss(x, x, 1.0, labels=torch.zeros(4, dtype=torch.bool)),
+            TypeError,
+            "labels must hold integer",
+        ),
+        (
+            lambda x: fastclip.contrastive_loss(x, x, 1.0, labels=[0, 1, 2, 3]),
+            TypeError,
+            "labels must be a torch.Tensor",
+        ),
+        (
+            lambda x: fastclip.contrastive_loss(x, x, 1.0, labels=torch.zeros(4, dtype=torch.long, device="meta")),
+            ValueError,
+            "labels must be on",
+        ),
+        (
+            lambda x: fastclip.sigmoid_loss(x, x, 1.0, -1.0, labels=torch.zeros(4, 1, dtype=torch.long)),
+            ValueError,
+            r"labels must have shape \[4\]",
+        ),
         (lambda x: fastclip.sigmoid_loss(x, x, 1.0, float("nan")), ValueError, "logit_bias must be finite"),
         (lambda x: fastclip.sigmoid_loss(x, x, 1.0, torch.zeros(2)), ValueError, "logit_bias must hold one value"),
         (lambda x: fastclip.sigmoid_loss(x, x[:3], 1.0, 0.0), ValueError, "same batch size"),
         (lambda x: fastclip.supcon_loss(x[:3]), ValueError, "even number of rows"),
         (lambda x: fastclip.supcon_loss(x, temperature=0.0), ValueError, "temperature must be positive"),
         (lambda x: fastclip.supcon_loss(x, temperature="hot"), TypeError, "temperature must be a tensor or a number"),
-        (lambda x: fastclip.supcon_loss(x, torch.zeros(5, dtype=torch.long)), ValueError, r"labels must have shape \[4\]"),
+        (
+            lambda x: fastclip.supcon_loss(x, torch.zeros(5, dtype=torch.long)),
+            ValueError,
+            r"labels must have shape \[4\]",
+        ),
         (lambda x: fastclip.supcon_loss(x[0]), ValueError, "features must be 2-D"),
         (lambda x: contrastive_lse(x, x, 1.0, masked_diagonal=True), TypeError, "masked_diagonal must be an int"),
-        (lambda x: pairwise_sigmoid(x, x, 1.0, 0.0, torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long)), ValueError, r"col_labels must have shape \[4\]"),
+        (
+            lambda x: pairwise_sigmoid(
+                x, x, 1.0, 0.0, torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+            ),
+            ValueError,
+            r"col_labels must have shape \[4\]",
+        ),
         (lambda x: sigmoid_loss_share(x, x, 1.0, 0.0, offset=2), ValueError, "offset must be an int"),
-        (lambda x: fastclip.SigLipLoss(init_logit_bias=float("inf")), ValueError, "init_logit_bias must be a finite number"),
+        (
+            lambda x: fastclip.SigLipLoss(init_logit_bias=float("inf")),
+            ValueError,
+            "init_logit_bias must be a finite number",
+        ),
         (lambda x: fastclip.SigLipLoss()(x, x, logit_scale=2.0), ValueError, "pass both logit_scale and logit_bias"),
         (lambda x: fastclip.SupConLoss(temperature=-1.0), ValueError, "temperature must be positive"),
         (lambda x: fastclip.SupConLoss(backend="gpu"), ValueError, "backend must be one of"),
@@ -438,10 +544,14 @@ def test_modules_single_process_match_functions() -> None:
     assert siglip.logit_scale.item() == pytest.approx(2.302585093) and siglip.logit_bias.item() == -10
     got = siglip(image, text, labels=labels)
     torch.testing.assert_close(got, sigmoid_loss_reference(image, text, 10.0, -10.0, labels))
-    torch.testing.assert_close(siglip(image, text, torch.tensor(3.0, dtype=torch.float64), -1.0, output_dict=True)["contrastive_loss"],
-                               sigmoid_loss_reference(image, text, 3.0, -1.0))
+    torch.testing.assert_close(
+        siglip(image, text, torch.tensor(3.0, dtype=torch.float64), -1.0, output_dict=True)["contrastive_loss"],
+        sigmoid_loss_reference(image, text, 3.0, -1.0),
+    )
     got.backward()
     assert siglip.logit_scale.grad is not None and siglip.logit_bias.grad is not None
     torch.testing.assert_close(fastclip.SupConLoss(0.2)(image, labels), supcon_loss_reference(image, labels, 0.2))
-    torch.testing.assert_close(fastclip.ClipLoss(0.3)(image, text, 7.0, labels=labels),
-                               label_contrastive_loss_reference(image, text, 7.0, labels, weight=0.3))
+    torch.testing.assert_close(
+        fastclip.ClipLoss(0.3)(image, text, 7.0, labels=labels),
+        label_contrastive_loss_reference(image, text, 7.0, labels, weight=0.3),
+    )

@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from distributed_helpers import make_problem
 
 from fastclip import ClipLoss, SigLipLoss, SupConLoss
 from fastclip.ops.reference import contrastive_loss_reference as label_contrastive_loss_reference
 from fastclip.ops.reference import sigmoid_loss_reference, supcon_loss_reference
-from distributed_helpers import make_problem
 
 DTYPES = (torch.float64, torch.float32)
 
@@ -53,7 +53,9 @@ def distributed_module(kind: str, problem: dict):
 def reference_module(kind: str, problem: dict, sizes: list[int]):
     """The float64 dense reference over the whole batch, called like the module."""
     if kind == "clip":
-        return lambda i, t, s, labels: label_contrastive_loss_reference(i, t, s, labels, weight=0.3, label_smoothing=0.05)
+        return lambda i, t, s, labels: label_contrastive_loss_reference(
+            i, t, s, labels, weight=0.3, label_smoothing=0.05
+        )
     if kind == "siglip":
         loss = SigLipLoss(float(problem["log_scale"]), float(problem["bias"])).double()
 
@@ -115,7 +117,9 @@ def test_distributed_matches_one_process(sizes: list[int], tmp_path: Path) -> No
                 loss, grads = results[f"{kind}-{dtype}"]
                 tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
                 where = f"{kind} {dtype} rank {rank}"
-                torch.testing.assert_close(loss.double(), want_loss, **tol, msg=f"{where}: loss {loss.item()} vs {want_loss.item()}")
+                torch.testing.assert_close(
+                    loss.double(), want_loss, **tol, msg=f"{where}: loss {loss.item()} vs {want_loss.item()}"
+                )
                 assert set(grads) == set(want_grads), where
                 for name, grad in grads.items():
                     torch.testing.assert_close(grad.double(), want_grads[name].double(), **tol, msg=f"{where}: {name}")

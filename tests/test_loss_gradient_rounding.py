@@ -84,7 +84,11 @@ def clip_reference(image, text, scale, labels, weight: float, smoothing: float):
     i, t, s = image.double().cpu(), text.double().cpu(), float(scale)
     n = i.shape[0]
     logits = s * i @ t.T
-    same = torch.eye(n, dtype=torch.float64) if labels is None else (labels.cpu()[:, None] == labels.cpu()[None, :]).double()
+    same = (
+        torch.eye(n, dtype=torch.float64)
+        if labels is None
+        else (labels.cpu()[:, None] == labels.cpu()[None, :]).double()
+    )
     y = same / same.sum(1, keepdim=True)
     d_row = minus_rest(logits.softmax(1), y)
     d_col = minus_rest(logits.softmax(0).T, y.T).T
@@ -112,13 +116,20 @@ def supcon_reference(features, labels, temperature: float):
     return g, [s * sym @ f], [s * size @ f.norm(dim=1)]
 
 
-def check_rounded_once(got: list[torch.Tensor], want: list[torch.Tensor], naive: list[torch.Tensor],
-                       terms: list[torch.Tensor], dtype: torch.dtype) -> tuple[float, float]:
+def check_rounded_once(
+    got: list[torch.Tensor],
+    want: list[torch.Tensor],
+    naive: list[torch.Tensor],
+    terms: list[torch.Tensor],
+    dtype: torch.dtype,
+) -> tuple[float, float]:
     """The two bounds of the module docstring; returns the worst (error / row size, error / naive error)."""
     u, floor = unit_roundoff(dtype), underflow(dtype)
     worst_rows, worst_naive = 0.0, 0.0
     for index, (g, w, nv, t) in enumerate(zip(got, want, naive, terms)):
-        assert g.dtype == dtype and torch.isfinite(g).all(), f"gradient {index}: {g.dtype}, finite {torch.isfinite(g).all()}"
+        assert g.dtype == dtype and torch.isfinite(g).all(), (
+            f"gradient {index}: {g.dtype}, finite {torch.isfinite(g).all()}"
+        )
         err_rows = (g.double() - w).norm(dim=1)
         size_rows = w.norm(dim=1)
         bound_rows = ROUNDINGS * u * size_rows + FP32_TERMS * t + floor * math.sqrt(w.shape[1])
@@ -175,8 +186,9 @@ def run_clip_case(backend: str, case) -> tuple[float, float]:
     dtype, image, text, scale, labels, weight, smoothing = case
 
     def fused(i, t):
-        return fastclip.contrastive_loss(i, t, scale, weight=weight, label_smoothing=smoothing, labels=labels,
-                                         backend=backend)
+        return fastclip.contrastive_loss(
+            i, t, scale, weight=weight, label_smoothing=smoothing, labels=labels, backend=backend
+        )
 
     inputs = [image, text]
     got = [g.cpu() for g in gradients(fused, inputs)]
@@ -215,7 +227,9 @@ def supcon_naive(labels, temperature: float):
         m = f.shape[0]
         ids = torch.arange(m // 2, device=f.device).repeat(2) if labels is None else labels
         self_mask = torch.eye(m, dtype=torch.bool, device=f.device)
-        logits = ((f @ f.T) * torch.tensor(1 / temperature, dtype=f.dtype)).float().masked_fill(self_mask, float("-inf"))
+        logits = (
+            ((f @ f.T) * torch.tensor(1 / temperature, dtype=f.dtype)).float().masked_fill(self_mask, float("-inf"))
+        )
         log_prob = logits - logits.logsumexp(1, keepdim=True)
         positive = (ids[:, None] == ids[None, :]) & ~self_mask
         count = positive.sum(1)
@@ -261,8 +275,9 @@ def test_references_match_autograd(labels) -> None:
     gen = torch.Generator().manual_seed(5)
     image, text = aligned_pairs(gen, 7, 5, 1.0)
     _, grads, _ = clip_reference(image, text, 4.0, labels, 0.3, 0.1)
-    want = gradients(lambda i, t: label_contrastive_loss_reference(i, t, 4.0, labels, weight=0.3, label_smoothing=0.1),
-                     [image, text])
+    want = gradients(
+        lambda i, t: label_contrastive_loss_reference(i, t, 4.0, labels, weight=0.3, label_smoothing=0.1), [image, text]
+    )
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
     features = torch.cat([image, text])
@@ -273,8 +288,10 @@ def test_references_match_autograd(labels) -> None:
 
 
 # ------------------------------------------------------------------------------------ the fused op
-needs_op = pytest.mark.skipif(not hasattr(torch.ops.fastclip, "contrastive_loss_backward") if _extension.is_loaded()
-                              else True, reason="fastclip._C (with contrastive_loss_backward) not built")
+needs_op = pytest.mark.skipif(
+    not hasattr(torch.ops.fastclip, "contrastive_loss_backward") if _extension.is_loaded() else True,
+    reason="fastclip._C (with contrastive_loss_backward) not built",
+)
 
 
 def op_arguments(n: int, num_cols: int, dim: int, dtype: torch.dtype, device: str, masked_diagonal: int | None):
@@ -303,8 +320,9 @@ def test_op_matches_tiled_twin(monkeypatch, shape, masked_diagonal, dtype: torch
     args = op_arguments(*shape, 12, dtype, "cpu", masked_diagonal)
     got = torch.ops.fastclip.contrastive_loss_backward(*args)
     coefficients, (image, text, scale, row_lse, col_lse), ids = args[:5], args[5:10], args[10:13]
-    want = contrastive_lse_torch.tiled_loss_gradient(image, text, scale, row_lse, col_lse, coefficients, ids,
-                                                     masked_diagonal)
+    want = contrastive_lse_torch.tiled_loss_gradient(
+        image, text, scale, row_lse, col_lse, coefficients, ids, masked_diagonal
+    )
     tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == row_lse.dtype

@@ -12,13 +12,13 @@ import weakref
 
 import pytest
 import torch
+from loss_helpers import features
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fastclip.functional import contrastive_loss_from_lse
 from fastclip.ops import linear_terms
 from fastclip.ops.reference import _soft_targets, contrastive_lse_reference
-from loss_helpers import features
 
 
 class LiveBytes(TorchDispatchMode):
@@ -97,8 +97,17 @@ def test_chunked_terms_match_float64_reference(
     exact = [t.detach().double().requires_grad_() for t in (image, text, scale)]
     row_lse, col_lse = (x.detach() for x in contrastive_lse_reference(*exact))
 
-    got = contrastive_loss_from_lse(image, text, scale, row_lse.float(), col_lse.float(), offset=offset,
-                                    labels=labels, weight=weight, label_smoothing=smoothing)
+    got = contrastive_loss_from_lse(
+        image,
+        text,
+        scale,
+        row_lse.float(),
+        col_lse.float(),
+        offset=offset,
+        labels=labels,
+        weight=weight,
+        label_smoothing=smoothing,
+    )
     want = share_reference(*exact, row_lse, col_lse, offset, labels, weight, smoothing)
     got_grads = torch.autograd.grad(got, (image, text, scale))
     want_grads = torch.autograd.grad(want, exact)

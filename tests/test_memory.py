@@ -76,4 +76,6 @@ def test_peak_memory_is_a_small_fraction_of_the_reference(backend: str, referenc
     print(f"peak extra bytes at N={N}, D={DIM} fp32: reference {reference}, {backend} {fused}")
     assert reference >= N * N * 4, f"the reference should hold at least the N x N logits, measured {reference}"
     mib = 2**20
-    assert fused < 0.10 * reference, f"{backend}: peak extra {fused / mib:.1f} MiB vs reference {reference / mib:.1f} MiB"
+    assert fused < 0.10 * reference, (
+        f"{backend}: peak extra {fused / mib:.1f} MiB vs reference {reference / mib:.1f} MiB"
+    )

@@ -24,18 +24,25 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastclip.model.config as config_module  # noqa: E402
+from fastclip.backends import triton_available  # noqa: E402
 from fastclip.model import CLIP, CLIPConfig, create_model, get_model_config, list_models, register_model_config  # noqa: E402
 from fastclip.model.text_transformer import trimmed_length  # noqa: E402
 from fastclip.model.transformer import QuickGELU  # noqa: E402
-from fastclip.backends import triton_available  # noqa: E402
 
 TINY = ("tiny-ViT", "tiny-RN")
 EOT = 49407
 F64_ATOL = 1e-10
 # Parameter counts (millions, 2 decimals) of OpenAI's models, as open_clip's model table lists them.
 PARAMS_M = {
-    "RN50": 102.01, "RN101": 119.69, "RN50x4": 178.30, "RN50x16": 290.98, "RN50x64": 623.26,
-    "ViT-B-32": 151.28, "ViT-B-16": 149.62, "ViT-L-14": 427.62, "ViT-L-14-336": 427.94,
+    "RN50": 102.01,
+    "RN101": 119.69,
+    "RN50x4": 178.30,
+    "RN50x16": 290.98,
+    "RN50x64": 623.26,
+    "ViT-B-32": 151.28,
+    "ViT-B-16": 149.62,
+    "ViT-L-14": 427.62,
+    "ViT-L-14-336": 427.94,
 }
 
 
@@ -84,11 +91,27 @@ def _ref_transformer(x, sd, prefix, heads, act, causal):
     while f"{prefix}resblocks.{i}.ln_1.weight" in sd:
         p = f"{prefix}resblocks.{i}."
         h = _ln(x, sd, p + "ln_1")
-        x = x + F.multi_head_attention_forward(
-            h, h, h, h.shape[-1], heads, sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"], None, None,
-            False, 0.0, sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"], training=False,
-            need_weights=False, attn_mask=mask,
-        )[0]
+        x = (
+            x
+            + F.multi_head_attention_forward(
+                h,
+                h,
+                h,
+                h.shape[-1],
+                heads,
+                sd[p + "attn.in_proj_weight"],
+                sd[p + "attn.in_proj_bias"],
+                None,
+                None,
+                False,
+                0.0,
+                sd[p + "attn.out_proj.weight"],
+                sd[p + "attn.out_proj.bias"],
+                training=False,
+                need_weights=False,
+                attn_mask=mask,
+            )[0]
+        )
         h = F.linear(_ln(x, sd, p + "ln_2"), sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])
         h = h * torch.sigmoid(1.702 * h) if act == "quick_gelu" else F.gelu(h)
         x = x + F.linear(h, sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
@@ -132,10 +155,24 @@ def ref_encode_image_resnet(sd, cfg: CLIPConfig, image):
     x = torch.cat([x.mean(0, keepdim=True), x]) + sd["visual.attnpool.positional_embedding"][:, None]
     a = "visual.attnpool."
     out = F.multi_head_attention_forward(
-        x[:1], x, x, x.shape[-1], cfg.vision.heads, None,
-        torch.cat([sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]]), None, None, False, 0.0,
-        sd[a + "c_proj.weight"], sd[a + "c_proj.bias"], training=False, need_weights=False,
-        use_separate_proj_weight=True, q_proj_weight=sd[a + "q_proj.weight"], k_proj_weight=sd[a + "k_proj.weight"],
+        x[:1],
+        x,
+        x,
+        x.shape[-1],
+        cfg.vision.heads,
+        None,
+        torch.cat([sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]]),
+        None,
+        None,
+        False,
+        0.0,
+        sd[a + "c_proj.weight"],
+        sd[a + "c_proj.bias"],
+        training=False,
+        need_weights=False,
+        use_separate_proj_weight=True,
+        q_proj_weight=sd[a + "q_proj.weight"],
+        k_proj_weight=sd[a + "k_proj.weight"],
         v_proj_weight=sd[a + "v_proj.weight"],
     )[0]
     return out[0]
@@ -176,7 +213,8 @@ def test_config_json_round_trip(name: str) -> None:
 def test_config_accepts_open_clip_layout_and_rejects_unknown_keys(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(config_module, "_REGISTRY", {})  # register_model_config below stays in this test
     open_clip_style = {
-        "embed_dim": 32, "quick_gelu": False,
+        "embed_dim": 32,
+        "quick_gelu": False,
         "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
     }
@@ -249,7 +287,9 @@ def test_text_trimming_gives_identical_features() -> None:
     with torch.no_grad():
         trimmed = model.encode_text(text, normalize=False)
         full = model.encode_text(text, normalize=False, trim=False)
-        alone = torch.cat([model.encode_text(text[i : i + 1], normalize=False) for i in range(4)])  # each row trimmed to itself
+        alone = torch.cat(
+            [model.encode_text(text[i : i + 1], normalize=False) for i in range(4)]
+        )  # each row trimmed to itself
     torch.testing.assert_close(trimmed, full, rtol=0, atol=F64_ATOL)
     torch.testing.assert_close(alone, full, rtol=0, atol=F64_ATOL)
     torch.testing.assert_close(full, ref_encode_text(model.state_dict(), model.config, text), rtol=0, atol=F64_ATOL)
@@ -283,7 +323,9 @@ def test_triton_backend_matches_torch_backend_interpreted(name: str) -> None:
     for model in (torch_model, triton_model):
         image_features, text_features, _ = model(image, text)
         loss = (image_features.sum(0) * text_features.sum(0)).sum()
-        grads.append([image_features, text_features, *torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)])
+        grads.append(
+            [image_features, text_features, *torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)]
+        )
     for a, b in zip(*grads):
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)

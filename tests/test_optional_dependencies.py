@@ -36,7 +36,9 @@ def run_without(hidden: set[str], code: str) -> subprocess.CompletedProcess:
 
 
 def test_fastclip_works_without_ftfy_and_reference_tokenizers() -> None:
-    result = run_without({"ftfy", "wcwidth", "open_clip", "clip"}, """
+    result = run_without(
+        {"ftfy", "wcwidth", "open_clip", "clip"},
+        """
         import torch
         import fastclip
         from fastclip import tokenizer
@@ -73,15 +75,19 @@ def test_fastclip_works_without_ftfy_and_reference_tokenizers() -> None:
         for name in ("bench_loss", "bench_attention", "bench_train", "bench_model", "bench_tokenizer"):
             importlib.import_module(name)
         print("ok")
-    """)
+    """,
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_info_command_without_ftfy() -> None:
-    result = run_without({"ftfy", "wcwidth"}, """
+    result = run_without(
+        {"ftfy", "wcwidth"},
+        """
         import runpy
         sys.argv = ["fastclip", "info"]
         runpy.run_module("fastclip", run_name="__main__")
-    """)
+    """,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "contrastive_lse:" in result.stdout and "attention:" in result.stdout

@@ -73,8 +73,6 @@ def fixed_settings(examples: int) -> settings:
     )
 
 
-
-
 def dtypes_for(backend: str) -> tuple[torch.dtype, ...]:
     return LOSS_DTYPES[:3] if backend == "cuda" else LOSS_DTYPES  # the CUDA kernel takes no float64
 
@@ -126,7 +124,9 @@ def scale_leaf(value: float, dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
 
 
-def evaluate(fn, image: Features, text: Features, scale: torch.Tensor, *, as_float64: bool = False) -> list[torch.Tensor]:
+def evaluate(
+    fn, image: Features, text: Features, scale: torch.Tensor, *, as_float64: bool = False
+) -> list[torch.Tensor]:
     """[value, grad w.r.t. the image input, the text input, the scale] of fn(image, text, scale).
 
     The gradients are those of the op's inputs, i.e. of the (possibly strided or expanded) views; the
@@ -189,7 +189,7 @@ def contributions(image, text, scale, ranks, weight: float, smoothing: float, pi
         if g_text is not None:
             abs_text += g_text.abs()
     tile_image, tile_text = torch.zeros_like(image), torch.zeros_like(text)
-    for (lo, hi), g_logits in zip(ranks, grads[len(uses):]):
+    for (lo, hi), g_logits in zip(ranks, grads[len(uses) :]):
         if g_logits is not None:
             tile_image[lo:hi] += scale * g_logits.abs() @ text.abs()
             tile_text += scale * g_logits.abs().T @ image[lo:hi].abs()
@@ -197,8 +197,13 @@ def contributions(image, text, scale, ranks, weight: float, smoothing: float, pi
 
 
 def assert_loss_close(
-    got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtype, floors: list[float], parts: Contributions,
-    max_logit: float, backend: str,
+    got: list[torch.Tensor],
+    want: list[torch.Tensor],
+    dtype: torch.dtype,
+    floors: list[float],
+    parts: Contributions,
+    max_logit: float,
+    backend: str,
 ) -> None:
     """The module docstring's bound: fp32 accumulation, plus the rounding of feature gradients to `dtype`."""
     names = ("loss", "grad_image", "grad_text", "grad_logit_scale")
@@ -247,11 +252,17 @@ def check_loss(backend: str, device: str, dtype, n, dim, scale, weight, smoothin
     text = make_features(generator, n, dim, dtype, device, layouts[1], norm)
     logit_scale = scale_leaf(scale, dtype, device)
     options = dict(weight=weight, label_smoothing=smoothing)
-    got = evaluate(lambda i, t, s: fastclip.contrastive_loss(i, t, s, backend=backend, **options), image, text, logit_scale)
-    want = evaluate(lambda i, t, s: contrastive_loss_reference(i, t, s, **options), image, text, logit_scale, as_float64=True)
+    got = evaluate(
+        lambda i, t, s: fastclip.contrastive_loss(i, t, s, backend=backend, **options), image, text, logit_scale
+    )
+    want = evaluate(
+        lambda i, t, s: contrastive_loss_reference(i, t, s, **options), image, text, logit_scale, as_float64=True
+    )
     assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and got[0].dim() == 0
     parts = contributions(image(), text(), logit_scale, [(0, n)], weight, smoothing)
-    assert_loss_close(got, want, dtype, natural_sizes(scale, norm, n), parts, max_logit=scale * norm**2, backend=backend)
+    assert_loss_close(
+        got, want, dtype, natural_sizes(scale, norm, n), parts, max_logit=scale * norm**2, backend=backend
+    )
 
 
 @pytest.mark.parametrize("target", LOSS_TARGETS)
@@ -267,7 +278,9 @@ def check_loss(backend: str, device: str, dtype, n, dim, scale, weight, smoothin
     norm=st.sampled_from([1.0, 1.0, 0.25, 3.0]),
     seed=seeds,
 )
-def test_contrastive_loss_matches_reference(target, data, n, dim, scale, weight, smoothing, layouts, norm, seed) -> None:
+def test_contrastive_loss_matches_reference(
+    target, data, n, dim, scale, weight, smoothing, layouts, norm, seed
+) -> None:
     """Loss and gradients of `contrastive_loss` against the float64 reference on the same rounded inputs."""
     backend, device = target
     dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
@@ -308,7 +321,9 @@ def test_contrastive_loss_extremes(target, dtype, n, dim, scale, weight, smoothi
     scale=scales,
     seed=seeds,
 )
-def test_contrastive_lse_matches_reference(target, data, rows: int, cols: int, dim: int, scale: float, seed: int) -> None:
+def test_contrastive_lse_matches_reference(
+    target, data, rows: int, cols: int, dim: int, scale: float, seed: int
+) -> None:
     """The op itself, n != N rows: both log-sum-exps, and gradients through a random mix of them."""
     backend, device = target
     dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
@@ -323,6 +338,7 @@ def test_contrastive_lse_matches_reference(target, data, rows: int, cols: int, d
             row_lse, col_lse = lse_fn(i, t, s)
             assert row_lse.shape == (rows,) and col_lse.shape == (cols,)
             return (row_lse.double() * mix_row).sum() + (col_lse.double() * mix_col).sum()
+
         return fn
 
     logit_scale = scale_leaf(scale, dtype, device)
@@ -332,7 +348,9 @@ def test_contrastive_lse_matches_reference(target, data, rows: int, cols: int, d
     i64, t64 = image().detach().double(), text().detach().double()
     logits = scale * (i64 @ t64.T)
     grad_logits = (mix_row[:, None] * logits.softmax(1) + mix_col[None, :] * logits.softmax(0)).abs()
-    parts = Contributions(want[1].abs(), want[2].abs(), 1, scale * grad_logits @ t64.abs(), scale * grad_logits.T @ i64.abs())
+    parts = Contributions(
+        want[1].abs(), want[2].abs(), 1, scale * grad_logits @ t64.abs(), scale * grad_logits.T @ i64.abs()
+    )
     # an lse is ~ s + log N, mixed in with standard-normal weights; its gradients are mixes of s * features
     # (rows) and of cosines (the scale), weighted by the same weights
     weights = torch.cat([mix_row, mix_col]).cpu()
@@ -350,8 +368,10 @@ def reference_shares(image, text, scale, ranks, weight: float, smoothing: float)
     logits = scale * (image @ text.T)  # (N, N)
     num_pairs = logits.shape[0]
     per_row = (
-        weight * logits.logsumexp(1) + (1 - weight) * logits.logsumexp(0)
-        - (1 - smoothing) * logits.diagonal() - smoothing / num_pairs * logits.sum(1)
+        weight * logits.logsumexp(1)
+        + (1 - weight) * logits.logsumexp(0)
+        - (1 - smoothing) * logits.diagonal()
+        - smoothing / num_pairs * logits.sum(1)
     )
     return [per_row[lo:hi].sum() / num_pairs for lo, hi in ranks]
 
@@ -395,13 +415,17 @@ def test_offset_shares_match_reference(target, data, sizes, dim, scale, weight, 
 
     lo, hi = ranks[pick]
     got = evaluate(lambda *x: shares(*x)[pick], image, text, logit_scale)
-    want = evaluate(lambda *x: reference_shares(*x, ranks, weight, smoothing)[pick], image, text, logit_scale, as_float64=True)
+    want = evaluate(
+        lambda *x: reference_shares(*x, ranks, weight, smoothing)[pick], image, text, logit_scale, as_float64=True
+    )
     parts = contributions(image(), text(), logit_scale, ranks, weight, smoothing, pick=pick)
     share_size = max(1.0, scale) * (hi - lo) / num_pairs
     floors = natural_sizes(scale, 1.0, num_pairs, loss_size=share_size)
     assert_loss_close(got, want, dtype, floors, parts, max_logit=scale, backend=backend)
     got = evaluate(lambda *x: sum(shares(*x)), image, text, logit_scale)
-    want = evaluate(lambda i, t, s: contrastive_loss_reference(i, t, s, **options), image, text, logit_scale, as_float64=True)
+    want = evaluate(
+        lambda i, t, s: contrastive_loss_reference(i, t, s, **options), image, text, logit_scale, as_float64=True
+    )
     parts = contributions(image(), text(), logit_scale, ranks, weight, smoothing)
     assert_loss_close(got, want, dtype, natural_sizes(scale, 1.0, num_pairs), parts, max_logit=scale, backend=backend)
 
@@ -496,12 +520,18 @@ def check_attention(backend: str, device: str, dtypes: tuple[torch.dtype, ...], 
         mask = mask[:, ::2] if mask_kind == "strided" else mask
         if mask_kind == "one-entry-all-padded":
             mask[-1] = True  # rows that see no key: output 0, no gradient, never NaN
-    grad_out = torch.randn(batch, heads, seq_q, head_dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    grad_out = torch.randn(batch, heads, seq_q, head_dim, generator=generator, dtype=torch.float64).to(
+        device=device, dtype=dtype
+    )
     kwargs = dict(causal=causal, key_padding_mask=mask, scale=scale)
 
     got = attention_results(backend, leaves, view, grad_out, dtype, **kwargs)
     truth = attention_results(None, leaves, view, grad_out, torch.float64, **kwargs)
-    plain = attention_results(None, leaves, view, grad_out, dtype, **kwargs) if dtype in (torch.float16, torch.bfloat16) else None
+    plain = (
+        attention_results(None, leaves, view, grad_out, dtype, **kwargs)
+        if dtype in (torch.float16, torch.bfloat16)
+        else None
+    )
     magnitudes = product_magnitudes(leaves, view, grad_out, **kwargs) if plain is not None else None
     for i, (g, t) in enumerate(zip(got, truth)):
         name = ("out", "dq", "dk", "dv")[i]

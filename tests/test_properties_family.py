@@ -77,7 +77,10 @@ def test_label_clip(target, data, scale: float, weight: float, smoothing: float)
     assert_close_to_reference(
         lambda i, t, s: fastclip.contrastive_loss(i, t, s, labels=labels, backend=backend, **options),
         lambda i, t, s: label_contrastive_loss_reference(i, t, s, labels, **options),
-        (image, text, logit_scale), dtype, scale, [max(1.0, scale), grad_floor, grad_floor, 0.1],
+        (image, text, logit_scale),
+        dtype,
+        scale,
+        [max(1.0, scale), grad_floor, grad_floor, 0.1],
     )
 
 
@@ -92,7 +95,10 @@ def test_supcon(target, data, temperature: float, use_labels: bool) -> None:
     assert_close_to_reference(
         lambda f: fastclip.supcon_loss(f, labels, temperature=temperature, backend=backend),
         lambda f: supcon_loss_reference(f, labels, temperature),
-        (features,), dtype, scale, [max(1.0, scale), max(1.0, scale) / math.sqrt(2 * n)],
+        (features,),
+        dtype,
+        scale,
+        [max(1.0, scale), max(1.0, scale) / math.sqrt(2 * n)],
     )
 
 
@@ -103,12 +109,18 @@ def test_siglip(target, data, scale: float, bias: float, use_labels: bool) -> No
     backend, device, dtype, n, labels, unit_rows = draw_inputs(data, target, 300)
     image, text = unit_rows(n), unit_rows(n)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    logit_scale, logit_bias = torch.tensor(scale, dtype=acc, device=device), torch.tensor(bias, dtype=acc, device=device)
+    logit_scale, logit_bias = (
+        torch.tensor(scale, dtype=acc, device=device),
+        torch.tensor(bias, dtype=acc, device=device),
+    )
     labels = labels if use_labels else None
     logit = scale + abs(bias)
     floor = max(1.0, logit) / math.sqrt(n)
     assert_close_to_reference(
         lambda i, t, s, b: fastclip.sigmoid_loss(i, t, s, b, labels=labels, backend=backend),
         lambda i, t, s, b: sigmoid_loss_reference(i, t, s, b, labels),
-        (image, text, logit_scale, logit_bias), dtype, logit, [max(1.0, logit), floor, floor, 1.0, 1.0],
+        (image, text, logit_scale, logit_bias),
+        dtype,
+        logit,
+        [max(1.0, logit), floor, floor, 1.0, 1.0],
     )

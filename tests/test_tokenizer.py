@@ -27,7 +27,9 @@ def _load_original(package: str, file: str):
     """The SimpleTokenizer of an installed original, loaded from its file (no package import)."""
     spec = importlib.util.find_spec(package)
     if spec is None:
-        pytest.fail(f"the reference tokenizer {package!r} is not installed: pip install --no-deps open-clip-torch clip-anytorch")
+        pytest.fail(
+            f"the reference tokenizer {package!r} is not installed: pip install --no-deps open-clip-torch clip-anytorch"
+        )
     path = Path(spec.submodule_search_locations[0]) / file
     module_spec = importlib.util.spec_from_file_location(f"_{package}_tokenizer", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -58,41 +60,111 @@ def tok(oracle) -> ClipTokenizer:
 LONG_TEXT = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
 CORPUS = [
     # plain captions, case
-    "a photo of a cat.", "A PHOTO OF A CAT.", "Two dogs playing in the snow, 2019", LONG_TEXT,
+    "a photo of a cat.",
+    "A PHOTO OF A CAT.",
+    "Two dogs playing in the snow, 2019",
+    LONG_TEXT,
     # empty and whitespace-only
-    "", " ", "\n\t  \r\n", "\u3000", "\xa0", "\u2028\u2029\x85", "\x1c\x1d\x1e\x1f",
+    "",
+    " ",
+    "\n\t  \r\n",
+    "\u3000",
+    "\xa0",
+    "\u2028\u2029\x85",
+    "\x1c\x1d\x1e\x1f",
     # contractions (also curly apostrophes, which ftfy straightens)
-    "it's", "IT'S", "they're we've I'm you'll he'd don't", "'s 't 're 've 'm 'll 'd", "''s", "rock'n'roll",
-    "it\u2019s \u201cquoted\u201d", "'S 'T 'RE",
+    "it's",
+    "IT'S",
+    "they're we've I'm you'll he'd don't",
+    "'s 't 're 've 'm 'll 'd",
+    "''s",
+    "rock'n'roll",
+    "it\u2019s \u201cquoted\u201d",
+    "'S 'T 'RE",
     # numbers and punctuation runs
-    "12345", "3.14159", "1,000,000", "2nd 3rd 4th", "\u0663\u0664\u0665", "\xbd \xb2 \u2167", "!!!???...",
-    "--->", "(hello) [world] {foo}", "@#$%^*", "...hello...", "a/b\\c", "~`|", "#hashtag @mention",
-    "https://example.com/path?q=1&x=2", "user@example.com",
+    "12345",
+    "3.14159",
+    "1,000,000",
+    "2nd 3rd 4th",
+    "\u0663\u0664\u0665",
+    "\xbd \xb2 \u2167",
+    "!!!???...",
+    "--->",
+    "(hello) [world] {foo}",
+    "@#$%^*",
+    "...hello...",
+    "a/b\\c",
+    "~`|",
+    "#hashtag @mention",
+    "https://example.com/path?q=1&x=2",
+    "user@example.com",
     # HTML entities (ftfy unescapes unless the text has '<'; then html.unescape runs twice)
-    "&amp; &lt;b&gt; &quot;quoted&quot; &#39;apos&#39; &#x1F600;", "&amp;amp;amp;", "<b>bold</b> &amp;amp; more",
-    "Tom &amp Jerry", "&AMP; &NBSP;x", "a\n<i>\n&amp;amp;",
+    "&amp; &lt;b&gt; &quot;quoted&quot; &#39;apos&#39; &#x1F600;",
+    "&amp;amp;amp;",
+    "<b>bold</b> &amp;amp; more",
+    "Tom &amp Jerry",
+    "&AMP; &NBSP;x",
+    "a\n<i>\n&amp;amp;",
     # mojibake that ftfy fixes
-    "\xe2\x9c\x94 No problems", "The Mona Lisa doesn\xc3\xa2\xe2\x82\xac\xe2\x84\xa2t have eyebrows.", "s\xc3\xb3",
-    "caf\xc3\xa9", "\xc3\xa0 la carte", "\xe3\x83\xa1\xe3\x82\xa4\xe3\x83\x89",
+    "\xe2\x9c\x94 No problems",
+    "The Mona Lisa doesn\xc3\xa2\xe2\x82\xac\xe2\x84\xa2t have eyebrows.",
+    "s\xc3\xb3",
+    "caf\xc3\xa9",
+    "\xc3\xa0 la carte",
+    "\xe3\x83\xa1\xe3\x82\xa4\xe3\x83\x89",
     # accents (composed and decomposed), ligatures, widths, controls, escapes, surrogates
-    "caf\xe9 na\xefve r\xe9sum\xe9 \xc5ngstr\xf6m", "Cr\xe8me Br\xfbl\xe9e", "cafe\u0301", "\ufb01ne \ufb02ower",
-    "\uff2c\uff2f\uff35\uff24\u3000\uff2e\uff2f\uff29\uff33\uff25\uff33", "\uff76\uff80\uff76\uff85",
-    "\uff28\uff45\uff4c\uff4c\uff4f123\uff14\uff15\uff16", "a\x00b\x07c\x0bd\x0ce\x1bf\x7fg", "\x1b[31mred\x1b[0m",
-    "\x80\x93\x9f", "\ud83d\ude00 pair", "\ud800 lone", "zero\u200bwidth", "soft\xadhyphen", "bidi \u202e x",
+    "caf\xe9 na\xefve r\xe9sum\xe9 \xc5ngstr\xf6m",
+    "Cr\xe8me Br\xfbl\xe9e",
+    "cafe\u0301",
+    "\ufb01ne \ufb02ower",
+    "\uff2c\uff2f\uff35\uff24\u3000\uff2e\uff2f\uff29\uff33\uff25\uff33",
+    "\uff76\uff80\uff76\uff85",
+    "\uff28\uff45\uff4c\uff4c\uff4f123\uff14\uff15\uff16",
+    "a\x00b\x07c\x0bd\x0ce\x1bf\x7fg",
+    "\x1b[31mred\x1b[0m",
+    "\x80\x93\x9f",
+    "\ud83d\ude00 pair",
+    "\ud800 lone",
+    "zero\u200bwidth",
+    "soft\xadhyphen",
+    "bidi \u202e x",
     # CJK, emoji, other scripts
-    "\u6771\u4eac\u306e\u732b", "\u4e00\u53ea\u732b\u5750\u5728\u6c99\u53d1\u4e0a", "\uace0\uc591\uc774 \uc0ac\uc9c4",
-    "\U0001f600\U0001f431\U0001f44d\U0001f3fd", "\U0001f468\u200d\U0001f469\u200d\U0001f467 family",
-    "\U0001f1fa\U0001f1f8 flag", "\u2764\ufe0f", "\u041f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440",
-    "\u0393\u03b5\u03b9\u03ac \u03c3\u03bf\u03c5", "\u0645\u0631\u062d\u0628\u0627", "\u05e9\u05dc\u05d5\u05dd",
-    "\u0928\u092e\u0938\u094d\u0924\u0947", "\u0e44\u0e17\u0e22", "\U00020000\U0002a6d6 \U0001d400",
+    "\u6771\u4eac\u306e\u732b",
+    "\u4e00\u53ea\u732b\u5750\u5728\u6c99\u53d1\u4e0a",
+    "\uace0\uc591\uc774 \uc0ac\uc9c4",
+    "\U0001f600\U0001f431\U0001f44d\U0001f3fd",
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467 family",
+    "\U0001f1fa\U0001f1f8 flag",
+    "\u2764\ufe0f",
+    "\u041f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440",
+    "\u0393\u03b5\u03b9\u03ac \u03c3\u03bf\u03c5",
+    "\u0645\u0631\u062d\u0628\u0627",
+    "\u05e9\u05dc\u05d5\u05dd",
+    "\u0928\u092e\u0938\u094d\u0924\u0947",
+    "\u0e44\u0e17\u0e22",
+    "\U00020000\U0002a6d6 \U0001d400",
     # case-mapping and case-folding corners: lower() growing a string, IGNORECASE folding ſ to s
-    "\u0130stanbul", "\u01c5 \u01c6", "\xdf stra\xdfe", "\u017ftart", "'\u017f", "<\u017ftart_of_text>", "\u212a",
+    "\u0130stanbul",
+    "\u01c5 \u01c6",
+    "\xdf stra\xdfe",
+    "\u017ftart",
+    "'\u017f",
+    "<\u017ftart_of_text>",
+    "\u212a",
     # the special tokens written in the text, as words and not
-    "<start_of_text>", "hello <end_of_text> world", "<START_OF_TEXT>", "x<start_of_text>y", "'<start_of_text>",
-    "<<end_of_text>>", "a</w>b",
+    "<start_of_text>",
+    "hello <end_of_text> world",
+    "<START_OF_TEXT>",
+    "x<start_of_text>y",
+    "'<start_of_text>",
+    "<<end_of_text>>",
+    "a</w>b",
     # very long words
-    "a" * 300, "supercalifragilisticexpialidocious" * 10, "pneumonoultramicroscopicsilicovolcanoconiosis",
-    "\u732b" * 100, "\U0001f600" * 40,
+    "a" * 300,
+    "supercalifragilisticexpialidocious" * 10,
+    "pneumonoultramicroscopicsilicovolcanoconiosis",
+    "\u732b" * 100,
+    "\U0001f600" * 40,
 ]
 
 
@@ -129,8 +201,14 @@ def test_corpus_ids_match_original(tok, oracle):
 
 
 SPECIAL_SPELLINGS = [
-    "<|startoftext|> <|endoftext|>", "<|startoftext|>", "a photo<|endoftext|> of", "<|ENDOFTEXT|> x",
-    "<start_of_text> hi <end_of_text>", "x<|endoftext|>y", "<|startoftext|><|endoftext|>", "<|endoftext|",
+    "<|startoftext|> <|endoftext|>",
+    "<|startoftext|>",
+    "a photo<|endoftext|> of",
+    "<|ENDOFTEXT|> x",
+    "<start_of_text> hi <end_of_text>",
+    "x<|endoftext|>y",
+    "<|startoftext|><|endoftext|>",
+    "<|endoftext|",
 ]
 
 

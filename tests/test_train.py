@@ -144,7 +144,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     full = train(TrainConfig(**options, output_dir=str(tmp_path / "full")), show_progress=False)
     # 8 steps x 2 micro-batches x 16 = 256 samples: three epochs of 96, so resume crosses an epoch.
     checkpoint = tmp_path / "full" / "checkpoints" / "step_00000004.pt"
-    resumed = train(TrainConfig(**options, output_dir=str(tmp_path / "resumed"), resume=str(checkpoint)), show_progress=False)
+    resumed = train(
+        TrainConfig(**options, output_dir=str(tmp_path / "resumed"), resume=str(checkpoint)), show_progress=False
+    )
     assert len(resumed.losses) == 4
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[4:]), rtol=1e-6, atol=1e-6)
 
@@ -157,7 +159,9 @@ def test_accumulation_gives_the_full_batch_gradient() -> None:
     from fastclip.loss import ClipLoss
 
     loss_fn, scaler = ClipLoss(weight=0.4), torch.amp.GradScaler("cpu", enabled=False)
-    options = dict(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False), scaler=scaler, ddp=False)
+    options = dict(
+        device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False), scaler=scaler, ddp=False
+    )
     whole = _train_step(model, loss_fn, [PairBatch(images, tokens, 0)], **options)
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -218,8 +222,16 @@ def test_corrupt_training_images_are_skipped_and_counted(tmp_path: Path) -> None
             Image.new("RGB", (40, 36), (i * 6, 255 - i * 6, 90)).save(path)
         rows.append(f"{path.name},a picture number {i}")
     (tmp_path / "pairs.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
-    result = train(TrainConfig(**dict(FAST, batch_size=8), dataset="csv", train_data=str(tmp_path / "pairs.csv"), steps=5,
-                               output_dir=str(tmp_path / "run")), show_progress=False)
+    result = train(
+        TrainConfig(
+            **dict(FAST, batch_size=8),
+            dataset="csv",
+            train_data=str(tmp_path / "pairs.csv"),
+            steps=5,
+            output_dir=str(tmp_path / "run"),
+        ),
+        show_progress=False,
+    )
     assert result.skipped >= 1 and len(result.losses) == 5
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         assert int(list(csv.DictReader(f))[-1]["skipped"]) == result.skipped
@@ -227,14 +239,35 @@ def test_corrupt_training_images_are_skipped_and_counted(tmp_path: Path) -> None
 
 def run_torchrun(output_dir: Path, *flags: str) -> tuple[dict, list[dict]]:
     """`fastclip train` on two CPU ranks (gloo) of the tiny model: the printed summary and metrics.csv rows."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastclip",
-               "train", "--model", "tiny-ViT", "--workers", "0", "--synthetic-samples", "64", "--log-every", "1",
-               "--output-dir", str(output_dir), "--device", "cpu", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "fastclip",
+        "train",
+        "--model",
+        "tiny-ViT",
+        "--workers",
+        "0",
+        "--synthetic-samples",
+        "64",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(output_dir),
+        "--device",
+        "cpu",
+        *flags,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(output_dir / "metrics.csv", newline="") as f:
-        return json.loads(done.stdout[done.stdout.index("{"):]), list(csv.DictReader(f))
+        return json.loads(done.stdout[done.stdout.index("{") :]), list(csv.DictReader(f))
 
 
 def test_torchrun_with_gloo(tmp_path: Path) -> None:
@@ -248,8 +281,21 @@ def test_torchrun_with_gloo(tmp_path: Path) -> None:
 
 
 def test_demo_command_end_to_end(tmp_path: Path, capsys) -> None:
-    code = cli_main(["demo", "--steps", "4", "--batch-size", "16", "--workers", "0", "--eval-samples", "40",
-                     "--output-dir", str(tmp_path)])
+    code = cli_main(
+        [
+            "demo",
+            "--steps",
+            "4",
+            "--batch-size",
+            "16",
+            "--workers",
+            "0",
+            "--eval-samples",
+            "40",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "zero-shot accuracy on held-out images, 40 classes" in out and "chance 2.5%" in out
@@ -260,10 +306,12 @@ def test_demo_command_end_to_end(tmp_path: Path, capsys) -> None:
 
 def test_train_command_with_config_file(tmp_path: Path, capsys) -> None:
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: tiny-ViT\nsteps: 3\nbatch_size: 8\nworkers: 0\neval_samples: 20\noutput_dir: {tmp_path / 'run'}\n")
+    config.write_text(
+        f"model: tiny-ViT\nsteps: 3\nbatch_size: 8\nworkers: 0\neval_samples: 20\noutput_dir: {tmp_path / 'run'}\n"
+    )
     assert cli_main(["train", "--config", str(config), "--steps", "2"]) == 0
     out = capsys.readouterr().out
-    summary = json.loads(out[out.index("{"):])
+    summary = json.loads(out[out.index("{") :])
     assert len(summary["evals"]) == 1 and summary["evals"][0]["step"] == 2
     resumed = cli_main(["train", "--config", str(config), "--resume", "latest"])  # continues to step 3
     assert resumed == 0
@@ -274,11 +322,15 @@ def test_train_command_with_config_file(tmp_path: Path, capsys) -> None:
 def test_gradient_checkpointing_trains_identically(tmp_path: Path) -> None:
     options = dict(FAST, steps=3, eval_samples=20)
     plain = train(TrainConfig(**options, output_dir=str(tmp_path / "plain")), show_progress=False)
-    recomputed = train(TrainConfig(**options, grad_checkpointing=True, output_dir=str(tmp_path / "ckpt")), show_progress=False)
+    recomputed = train(
+        TrainConfig(**options, grad_checkpointing=True, output_dir=str(tmp_path / "ckpt")), show_progress=False
+    )
     torch.testing.assert_close(torch.tensor(recomputed.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("command", [["train"], ["demo"], ["zero-shot", "--checkpoint", "m.pt", "--images", "x", "--labels", "a"]])
+@pytest.mark.parametrize(
+    "command", [["train"], ["demo"], ["zero-shot", "--checkpoint", "m.pt", "--images", "x", "--labels", "a"]]
+)
 def test_bad_device_is_a_one_line_user_error(command: list[str], capsys) -> None:
     try:
         code = cli_main([*command, "--device", "gpu9"])

@@ -26,12 +26,28 @@ from fastclip.commands._interrupted import resume_command
 from fastclip.train import TrainConfig, TrainingInterrupted, train
 from fastclip.train.state import prune_checkpoints
 
-TINY = ["--model", "tiny-ViT", "--batch-size", "8", "--workers", "0", "--eval-samples", "20", "--synthetic-samples", "80",
-        "--log-every", "1", "--device", "cpu"]
+TINY = [
+    "--model",
+    "tiny-ViT",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--eval-samples",
+    "20",
+    "--synthetic-samples",
+    "80",
+    "--log-every",
+    "1",
+    "--device",
+    "cpu",
+]
 FAST = dict(model="tiny-ViT", batch_size=8, workers=0, eval_samples=20, synthetic_samples=80, log_every=1, device="cpu")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-INTERRUPTED_LINE = re.compile(r"^fastclip (train|demo): interrupted after step (\d+); checkpoint saved to (\S+); "
-                              r"resume with: (.+ --resume latest)$")
+INTERRUPTED_LINE = re.compile(
+    r"^fastclip (train|demo): interrupted after step (\d+); checkpoint saved to (\S+); "
+    r"resume with: (.+ --resume latest)$"
+)
 
 
 def logged_steps(output_dir: Path) -> list[int]:
@@ -116,7 +132,9 @@ def test_keep_checkpoints_keeps_the_newest_and_resume_finds_them(tmp_path: Path)
     assert step_files(out) == ["step_00000004.pt", "step_00000005.pt"]  # the default keeps 2
     assert (out / "checkpoints" / "latest.pt").is_file() and (out / "model.safetensors").is_file()
     (out / "checkpoints" / "latest.pt").unlink()  # resume latest then takes the newest step file
-    resumed = train(TrainConfig(**FAST, steps=6, save_every=1, resume="latest", output_dir=str(out)), show_progress=False)
+    resumed = train(
+        TrainConfig(**FAST, steps=6, save_every=1, resume="latest", output_dir=str(out)), show_progress=False
+    )
     assert len(resumed.losses) == 1 and logged_steps(out) == [1, 2, 3, 4, 5, 6]
     assert step_files(out) == ["step_00000005.pt", "step_00000006.pt"]
 
@@ -138,9 +156,22 @@ def test_pruning_keeps_the_newest_and_the_one_just_written(tmp_path: Path, keep:
 def test_ctrl_c_saves_and_the_printed_command_resumes(tmp_path: Path) -> None:
     """A real SIGINT to the whole process group, as a terminal's Ctrl-C sends it, DataLoader workers included."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "fastclip", "train", *TINY, "--workers", "2", "--steps", "60", "--output-dir", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                               start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "fastclip",
+        "train",
+        *TINY,
+        "--workers",
+        "2",
+        "--steps",
+        "60",
+        "--output-dir",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True
+    )
     try:
         wait_for(lambda: (out / "metrics.csv").is_file() and len(logged_steps(out)) >= 3, 240, process)
         assert process.poll() is None, "the run ended before it could be interrupted: make it longer"
@@ -201,7 +232,19 @@ def test_more_signals_during_the_save_do_not_break_the_checkpoint(tmp_path: Path
 def test_sigterm_stops_the_demo_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     _signal_at_call(monkeypatch, 3, signal.SIGTERM)
     out = tmp_path / "demo"
-    argv = ["demo", "--steps", "50", "--batch-size", "8", "--workers", "0", "--eval-samples", "4", "--output-dir", str(out)]
+    argv = [
+        "demo",
+        "--steps",
+        "50",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--eval-samples",
+        "4",
+        "--output-dir",
+        str(out),
+    ]
     assert cli_main(argv) == 130
     (line,) = stderr_lines(capsys)
     match = INTERRUPTED_LINE.match(line)
@@ -253,8 +296,13 @@ def test_resume_command_drops_overwrite_and_an_earlier_resume() -> None:
     command = shlex.split(resume_command(argv))
     assert command[-7:] == ["train", "--steps", "9", "--output-dir", "a b", "--resume", "latest"]
     assert "--overwrite" not in command and "old.pt" not in command
-    assert shlex.split(resume_command(["train", "--config", "run.yaml"], overwrite=True))[-5:] == \
-        ["--config", "run.yaml", "--no-overwrite", "--resume", "latest"]
+    assert shlex.split(resume_command(["train", "--config", "run.yaml"], overwrite=True))[-5:] == [
+        "--config",
+        "run.yaml",
+        "--no-overwrite",
+        "--resume",
+        "latest",
+    ]
 
 
 # --- what is evaluated ----------------------------------------------------------------------------------
@@ -289,8 +337,10 @@ def test_a_csv_run_evaluates_only_its_eval_images(tmp_path: Path, capfd) -> None
     for name, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
         (tmp_path / "eval" / name).mkdir(parents=True)
         Image.new("RGB", (20, 20), colour).save(tmp_path / "eval" / name / "0.png")
-    result = train(TrainConfig(**options, eval_images=str(tmp_path / "eval"), output_dir=str(tmp_path / "folder")),
-                   show_progress=False)
+    result = train(
+        TrainConfig(**options, eval_images=str(tmp_path / "eval"), output_dir=str(tmp_path / "folder")),
+        show_progress=False,
+    )
     assert [row["step"] for row in result.evals] == [1, 2] and "folder_top1" in result.evals[-1]
     assert "no zero-shot evaluation" not in capfd.readouterr().err
 
@@ -301,8 +351,13 @@ def test_a_csv_run_evaluates_only_its_eval_images(tmp_path: Path, capfd) -> None
 @pytest.mark.parametrize("workers", [0, 2])
 def test_unreadable_files_are_logged_once_each(tmp_path: Path, caplog, workers: int) -> None:
     pairs = write_pairs(tmp_path / "data", 8, bad={3: "missing", 5: "corrupt"})
-    config = TrainConfig(**dict(FAST, batch_size=4, workers=workers), dataset="csv", train_data=str(pairs), steps=6,
-                         output_dir=str(tmp_path / "run"))
+    config = TrainConfig(
+        **dict(FAST, batch_size=4, workers=workers),
+        dataset="csv",
+        train_data=str(pairs),
+        steps=6,
+        output_dir=str(tmp_path / "run"),
+    )
     with caplog.at_level(logging.WARNING):
         result = train(config, show_progress=False)  # 6 steps of 4 = 3 epochs of 8
     warnings = [r.getMessage() for r in caplog.records if "skipping sample" in r.getMessage()]
@@ -314,19 +369,45 @@ def test_unreadable_files_are_logged_once_each(tmp_path: Path, caplog, workers: 
 def test_mostly_unreadable_data_stops_naming_the_first_failure(tmp_path: Path) -> None:
     pairs = write_pairs(tmp_path / "data", 8, bad={i: "missing" for i in range(8) if i % 4})  # 6 of 8 missing
     options = dict(FAST, batch_size=4, dataset="csv", train_data=str(pairs), steps=3)  # past the first epoch's end
-    with pytest.raises(ValueError, match=r"of the first \d+ training samples could not be read .*max_skip_fraction=0\.5"
-                                         r".*the first: pairs\.csv item \d+: image '\d+\.png' not found.*looked up in"):
+    with pytest.raises(
+        ValueError,
+        match=r"of the first \d+ training samples could not be read .*max_skip_fraction=0\.5"
+        r".*the first: pairs\.csv item \d+: image '\d+\.png' not found.*looked up in",
+    ):
         train(TrainConfig(**options, output_dir=str(tmp_path / "stopped")), show_progress=False)
-    result = train(TrainConfig(**options, max_skip_fraction=1.0, output_dir=str(tmp_path / "allowed")), show_progress=False)
+    result = train(
+        TrainConfig(**options, max_skip_fraction=1.0, output_dir=str(tmp_path / "allowed")), show_progress=False
+    )
     assert len(result.losses) == 3
 
 
 def test_a_csv_whose_images_are_all_missing_fails_fast(tmp_path: Path) -> None:
     """It used to retry the skipped samples forever; now one error, and exit status 2, in seconds."""
-    (tmp_path / "pairs.csv").write_text("filepath\ttitle\n" + "".join(f"imgs/{i}.jpg\tpicture {i}\n" for i in range(200)))
-    command = [sys.executable, "-m", "fastclip", "train", "--model", "tiny-ViT", "--dataset", "csv", "--train-data",
-               str(tmp_path / "pairs.csv"), "--batch-size", "16", "--workers", "2", "--steps", "5", "--device", "cpu",
-               "--output-dir", str(tmp_path / "run")]
+    (tmp_path / "pairs.csv").write_text(
+        "filepath\ttitle\n" + "".join(f"imgs/{i}.jpg\tpicture {i}\n" for i in range(200))
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "fastclip",
+        "train",
+        "--model",
+        "tiny-ViT",
+        "--dataset",
+        "csv",
+        "--train-data",
+        str(tmp_path / "pairs.csv"),
+        "--batch-size",
+        "16",
+        "--workers",
+        "2",
+        "--steps",
+        "5",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120, cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -338,17 +419,20 @@ def test_a_csv_whose_images_are_all_missing_fails_fast(tmp_path: Path) -> None:
 # --- command-line mistakes ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "the following arguments are required: command"),
-    (["zero-shot", "--checkpoint", "m.pt", "--images", "x", "--device", "cuda:99"], "device 'cuda:99'"),
-    (["zero-shot", "--images", "x"], "the following arguments are required: --checkpoint"),
-    (["demo", "--steps", "many"], "argument --steps: invalid int value"),
-    (["eval", "--checkpoint", "m.pt", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["train", "--keep-checkpoints", "-1"], "keep_checkpoints must be >= 0"),
-    (["train", "--resume", "latest", "--overwrite"], "resume and overwrite contradict"),
-    (["train", "--max-skip-fraction", "2"], "max_skip_fraction must lie in"),
-    (["train", "--csv-separator", ";;"], "separator must be one character"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "the following arguments are required: command"),
+        (["zero-shot", "--checkpoint", "m.pt", "--images", "x", "--device", "cuda:99"], "device 'cuda:99'"),
+        (["zero-shot", "--images", "x"], "the following arguments are required: --checkpoint"),
+        (["demo", "--steps", "many"], "argument --steps: invalid int value"),
+        (["eval", "--checkpoint", "m.pt", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["train", "--keep-checkpoints", "-1"], "keep_checkpoints must be >= 0"),
+        (["train", "--resume", "latest", "--overwrite"], "resume and overwrite contradict"),
+        (["train", "--max-skip-fraction", "2"], "max_skip_fraction must lie in"),
+        (["train", "--csv-separator", ";;"], "separator must be one character"),
+    ],
+)
 def test_every_command_line_mistake_is_one_line_with_status_2(argv: list[str], message: str, capsys) -> None:
     try:
         code = cli_main(argv)

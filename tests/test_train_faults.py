@@ -22,8 +22,26 @@ from fastclip.train import TrainConfig, train
 from fastclip.train.state import load_training_state
 
 STEPS = 40
-RUN = ["--model", "tiny-ViT", "--steps", str(STEPS), "--save-every", "4", "--log-every", "1", "--batch-size", "16",
-       "--workers", "0", "--eval-samples", "20", "--synthetic-samples", "80", "--device", "cpu"]
+RUN = [
+    "--model",
+    "tiny-ViT",
+    "--steps",
+    str(STEPS),
+    "--save-every",
+    "4",
+    "--log-every",
+    "1",
+    "--batch-size",
+    "16",
+    "--workers",
+    "0",
+    "--eval-samples",
+    "20",
+    "--synthetic-samples",
+    "80",
+    "--device",
+    "cpu",
+]
 # One thread: the runs being compared must do the same floating-point work in the same order.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -82,12 +100,18 @@ def test_unwritable_output_folder_fails_before_training(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="not writable"):
-        train(TrainConfig(model="tiny-ViT", steps=1, batch_size=8, workers=0, output_dir=str(blocker / "run")), show_progress=False)
+        train(
+            TrainConfig(model="tiny-ViT", steps=1, batch_size=8, workers=0, output_dir=str(blocker / "run")),
+            show_progress=False,
+        )
     if os.geteuid() != 0:  # root ignores permission bits, so a read-only folder only stops other users
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         with pytest.raises(ValueError, match="not writable"):
-            train(TrainConfig(model="tiny-ViT", steps=1, batch_size=8, workers=0, output_dir=str(locked)), show_progress=False)
+            train(
+                TrainConfig(model="tiny-ViT", steps=1, batch_size=8, workers=0, output_dir=str(locked)),
+                show_progress=False,
+            )
 
 
 def test_full_disk_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,7 +120,10 @@ def test_full_disk_fails_before_training(tmp_path: Path, monkeypatch: pytest.Mon
     started = []
     monkeypatch.setattr(loop, "_train_step", lambda *args, **kwargs: started.append(1) or 1.0)
     with pytest.raises(ValueError, match="MiB free"):
-        train(TrainConfig(model="tiny-ViT", steps=1, batch_size=8, workers=0, output_dir=str(tmp_path)), show_progress=False)
+        train(
+            TrainConfig(model="tiny-ViT", steps=1, batch_size=8, workers=0, output_dir=str(tmp_path)),
+            show_progress=False,
+        )
     assert not started
 
 
@@ -116,14 +143,24 @@ def _nan_at(steps_to_poison: set[int], monkeypatch: pytest.MonkeyPatch) -> list[
 def test_nonfinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _nan_at({3}, monkeypatch)
     with pytest.raises(FloatingPointError, match="at step 3"):
-        train(TrainConfig(model="tiny-ViT", steps=5, batch_size=8, workers=0, eval_samples=20, output_dir=str(tmp_path)),
-              show_progress=False)
+        train(
+            TrainConfig(model="tiny-ViT", steps=5, batch_size=8, workers=0, eval_samples=20, output_dir=str(tmp_path)),
+            show_progress=False,
+        )
 
 
 def test_nonfinite_loss_skip_drops_only_that_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _nan_at({2, 3}, monkeypatch)
-    config = TrainConfig(model="tiny-ViT", steps=4, batch_size=8, workers=0, eval_samples=20, log_every=1,
-                         nonfinite="skip", output_dir=str(tmp_path))
+    config = TrainConfig(
+        model="tiny-ViT",
+        steps=4,
+        batch_size=8,
+        workers=0,
+        eval_samples=20,
+        log_every=1,
+        nonfinite="skip",
+        output_dir=str(tmp_path),
+    )
     result = train(config, show_progress=False)
     assert len(calls) == 6 and len(result.losses) == 4  # 4 updates made, 2 dropped
     with open(tmp_path / "metrics.csv", newline="") as f:
@@ -137,8 +174,18 @@ def test_nonfinite_loss_skip_drops_only_that_update(tmp_path: Path, monkeypatch:
 def test_nonfinite_skip_gives_up_when_every_loss_is_bad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _nan_at(set(range(1, 100)), monkeypatch)
     with pytest.raises(FloatingPointError, match="nonfinite=skip"):
-        train(TrainConfig(model="tiny-ViT", steps=2, batch_size=8, workers=0, nonfinite="skip", synthetic_samples=400,
-                          output_dir=str(tmp_path)), show_progress=False)
+        train(
+            TrainConfig(
+                model="tiny-ViT",
+                steps=2,
+                batch_size=8,
+                workers=0,
+                nonfinite="skip",
+                synthetic_samples=400,
+                output_dir=str(tmp_path),
+            ),
+            show_progress=False,
+        )
 
 
 def test_stale_temporary_files_are_removed_on_start(tmp_path: Path) -> None:
@@ -159,5 +206,9 @@ def _fresh_state() -> dict:
 
     model = create_model("tiny-ViT")
     optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
-    return dict(model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                scaler=torch.amp.GradScaler("cpu", enabled=False))
+    return dict(
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+    )

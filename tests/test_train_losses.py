@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import FAST, parse_train_flags, run_torchrun
 
 from fastclip.data.pairs import PairBatch
 from fastclip.data.synthetic import HELDOUT_PAIRS, class_index
@@ -21,9 +22,6 @@ from fastclip.train import TrainConfig, train
 from fastclip.train.loop import _train_step
 from fastclip.train.optim import make_optimizer
 from fastclip.train.state import Progress, load_training_state, save_training_state
-
-from test_train import FAST, parse_train_flags, run_torchrun
-
 
 # --- configuration ----------------------------------------------------------------------------------
 
@@ -89,24 +87,33 @@ def test_siglip_run_learns_its_scale_and_bias(tmp_path: Path) -> None:
 
 
 def test_siglip_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
-    options = dict(FAST, steps=4, accum_steps=2, batch_size=8, save_every=2, synthetic_samples=24, eval_samples=4,
-                   loss="siglip")
+    options = dict(
+        FAST, steps=4, accum_steps=2, batch_size=8, save_every=2, synthetic_samples=24, eval_samples=4, loss="siglip"
+    )
     full = train(TrainConfig(**options, output_dir=str(tmp_path / "full")), show_progress=False)
     # 4 steps x 2 micro-batches x 8 = 64 samples: almost three epochs of 24, so the resume crosses one.
     checkpoint = tmp_path / "full" / "checkpoints" / "step_00000002.pt"
-    resumed = train(TrainConfig(**options, output_dir=str(tmp_path / "resumed"), resume=str(checkpoint)),
-                    show_progress=False)
+    resumed = train(
+        TrainConfig(**options, output_dir=str(tmp_path / "resumed"), resume=str(checkpoint)), show_progress=False
+    )
     assert len(resumed.losses) == 2
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[2:]), rtol=1e-6, atol=1e-6)
-    ends = [torch.load(tmp_path / run / "checkpoints" / "latest.pt", weights_only=True)["loss"] for run in ("full", "resumed")]
+    ends = [
+        torch.load(tmp_path / run / "checkpoints" / "latest.pt", weights_only=True)["loss"]
+        for run in ("full", "resumed")
+    ]
     assert ends[0]["logit_bias"].item() == pytest.approx(ends[1]["logit_bias"].item(), abs=1e-6)
 
 
 def test_resume_with_another_loss_is_refused(tmp_path: Path) -> None:
     model = create_model("tiny-ViT")
     optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
-    state = dict(model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                 scaler=torch.amp.GradScaler("cpu", enabled=False))
+    state = dict(
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+    )
     path = save_training_state(tmp_path, progress=Progress(step=1), config={"loss": "clip"}, **state)
     with pytest.raises(ValueError, match="written with loss='clip', not 'siglip'"):
         load_training_state(path, loss=SigLipLoss(), **state)
@@ -135,7 +142,9 @@ def test_accumulation_with_labels_gives_the_full_batch_gradient(loss: str) -> No
     else:
         loss_fn = ClipLoss(weight=0.4, label_smoothing=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    options = dict(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False), scaler=scaler, ddp=False)
+    options = dict(
+        device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False), scaler=scaler, ddp=False
+    )
     parameters = [*model.named_parameters(), *(("loss." + n, p) for n, p in loss_fn.named_parameters())]
     whole = _train_step(model, loss_fn, [PairBatch(images, tokens, 0, labels)], **options)
     want = {n: p.grad.clone() for n, p in parameters if p.grad is not None}
@@ -181,23 +190,45 @@ def test_csv_label_column_in_training(tmp_path: Path) -> None:
         Image.new("RGB", (20, 20), (i * 15, 90, 255 - i * 15)).save(tmp_path / f"{i}.png")
         rows.append(f"{i}.png,picture {i},{i % 3}")
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    options = dict(FAST, batch_size=8, steps=2, eval_samples=4, dataset="csv", train_data=str(tmp_path / "pairs.csv"),
-                   use_labels=True, loss="siglip")
+    options = dict(
+        FAST,
+        batch_size=8,
+        steps=2,
+        eval_samples=4,
+        dataset="csv",
+        train_data=str(tmp_path / "pairs.csv"),
+        use_labels=True,
+        loss="siglip",
+    )
     result = train(TrainConfig(**options, output_dir=str(tmp_path / "run")), show_progress=False)
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
     rows[5] = "4.png,picture 4,four"
     (tmp_path / "bad.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match=r"bad.csv.*row 5 \(line 6\).*'four'.*label column 'label'"):
-        train(TrainConfig(**dict(options, train_data=str(tmp_path / "bad.csv")), output_dir=str(tmp_path / "bad")),
-              show_progress=False)
+        train(
+            TrainConfig(**dict(options, train_data=str(tmp_path / "bad.csv")), output_dir=str(tmp_path / "bad")),
+            show_progress=False,
+        )
     with pytest.raises(ValueError, match=r"no column 'class' \(label_key\)"):
         train(TrainConfig(**options, csv_label_key="class", output_dir=str(tmp_path / "bad")), show_progress=False)
 
 
 def test_torchrun_siglip_with_labels(tmp_path: Path) -> None:
     """Two CPU ranks: DDP with the frozen model scale, SigLipLoss averaging its own gradients, labels gathered."""
-    summary, rows = run_torchrun(tmp_path, "--steps", "2", "--batch-size", "8", "--accum-steps", "2",
-                                 "--eval-samples", "4", "--loss", "siglip", "--use-labels")
+    summary, rows = run_torchrun(
+        tmp_path,
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--accum-steps",
+        "2",
+        "--eval-samples",
+        "4",
+        "--loss",
+        "siglip",
+        "--use-labels",
+    )
     assert math.isfinite(summary["final_loss"])
     assert [int(r["samples_seen"]) for r in rows] == [32, 64]  # 2 ranks x 2 micro-batches x 8 pairs per step
     assert float(rows[-1]["logit_bias"]) > -10.0

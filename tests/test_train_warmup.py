@@ -23,8 +23,12 @@ def test_text_lengths_cover_every_bucket() -> None:
 def test_nothing_runs_where_attention_is_not_triton() -> None:
     model = create_model("tiny-ViT")
     assert not warmup.runs_triton_attention(model, torch.device("cpu"), torch.float32)
-    assert warmup.warm_up_attention(model, 4, torch.device("cpu"), autocast_for("fp32", torch.device("cpu")),
-                                    torch.float32) == 0
+    assert (
+        warmup.warm_up_attention(
+            model, 4, torch.device("cpu"), autocast_for("fp32", torch.device("cpu")), torch.float32
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny-ViT", "tiny-RN"])
@@ -39,8 +43,9 @@ def test_one_pass_per_shape_and_no_gradient_left(monkeypatch: pytest.MonkeyPatch
     for tower in ("encode_image", "encode_text"):
         original = getattr(model, tower)
         monkeypatch.setattr(model, tower, lambda x, _o=original, _t=tower: seen.append((_t, tuple(x.shape))) or _o(x))
-    runs = warmup.warm_up_attention(model, 3, torch.device("cpu"), autocast_for("fp32", torch.device("cpu")),
-                                    torch.float32)
+    runs = warmup.warm_up_attention(
+        model, 3, torch.device("cpu"), autocast_for("fp32", torch.device("cpu")), torch.float32
+    )
     lengths = warmup.text_lengths_to_tune(model.context_length)
     assert runs == 1 + len(lengths)
     assert seen == [("encode_image", (3, 3, model.image_size, model.image_size))] + [

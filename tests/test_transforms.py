@@ -17,7 +17,9 @@ def gradient_image(height: int, width: int) -> np.ndarray:
     return (np.stack([255 * x * y, 255 * x * (1 - y), 255 * (1 - x) * y], axis=-1)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("height, width, size", [(300, 500, 224), (500, 300, 224), (224, 224, 224), (17, 31, 8), (1, 3, 1)])
+@pytest.mark.parametrize(
+    "height, width, size", [(300, 500, 224), (500, 300, 224), (224, 224, 224), (17, 31, 8), (1, 3, 1)]
+)
 def test_output_shape_and_dtype(height: int, width: int, size: int) -> None:
     preprocess = CLIPPreprocess(size)
     pixels = gradient_image(height, width)

@@ -76,10 +76,27 @@ def test_loader_returns_eval_model_matching_preprocess_and_tokenizer() -> None:
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(1))
 
 
-def test_zero_shot_on_class_folders_reports_accuracy(trained_checkpoint: Path, class_folders: Path, tmp_path: Path, capsys) -> None:
+def test_zero_shot_on_class_folders_reports_accuracy(
+    trained_checkpoint: Path, class_folders: Path, tmp_path: Path, capsys
+) -> None:
     output = tmp_path / "out" / "predictions.json"
-    code = main(["zero-shot", "--checkpoint", str(trained_checkpoint), "--images", str(class_folders),
-                 "--workers", "0", "--batch-size", "5", "--top-k", "2", "--output", str(output)])
+    code = main(
+        [
+            "zero-shot",
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--images",
+            str(class_folders),
+            "--workers",
+            "0",
+            "--batch-size",
+            "5",
+            "--top-k",
+            "2",
+            "--output",
+            str(output),
+        ]
+    )
     assert code == 0
     report = json.loads(output.read_text())
     assert report["classes"] == sorted(COLOURS)  # sub-folder names, sorted
@@ -97,8 +114,21 @@ def test_zero_shot_flat_folder_prints_predictions(trained_checkpoint: Path, tmp_
     generator = torch.Generator().manual_seed(3)
     for colour in ("blue", "red"):
         write_images(tmp_path / "flat", colour, 2, generator)
-    code = main(["zero-shot", "--checkpoint", str(trained_checkpoint), "--images", str(tmp_path / "flat"),
-                 "--labels", "red, green ,blue,yellow", "--templates", "ensemble", "--workers", "0"])
+    code = main(
+        [
+            "zero-shot",
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--images",
+            str(tmp_path / "flat"),
+            "--labels",
+            "red, green ,blue,yellow",
+            "--templates",
+            "ensemble",
+            "--workers",
+            "0",
+        ]
+    )
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
@@ -110,7 +140,9 @@ def test_zero_shot_flat_folder_prints_predictions(trained_checkpoint: Path, tmp_
 def test_labels_pair_with_folders_by_name_or_sorted_position() -> None:
     assert class_mapping(None, ["golden_retriever", "tabby"]) == (["golden retriever", "tabby"], [0, 1])
     assert class_mapping(["tabby", "golden retriever", "car"], ["golden_retriever", "tabby"]) == (
-        ["tabby", "golden retriever", "car"], [1, 0])
+        ["tabby", "golden retriever", "car"],
+        [1, 0],
+    )
     assert class_mapping(["tench", "goldfish"], ["n01440764", "n01443537"]) == (["tench", "goldfish"], [0, 1])
     assert class_mapping(["a", "b"], None) == (["a", "b"], None)
     with pytest.raises(ValueError, match="neither carry the names"):
@@ -127,15 +159,33 @@ def test_labels_pair_with_folders_by_name_or_sorted_position() -> None:
         (["--top-k", "0"], "--top-k and --batch-size must be >= 1"),
     ],
 )
-def test_cli_argument_errors(trained_checkpoint: Path, class_folders: Path, extra: list[str], message: str, capsys) -> None:
-    code = main(["zero-shot", "--checkpoint", str(trained_checkpoint), "--images", str(class_folders), "--workers", "0", *extra])
+def test_cli_argument_errors(
+    trained_checkpoint: Path, class_folders: Path, extra: list[str], message: str, capsys
+) -> None:
+    code = main(
+        ["zero-shot", "--checkpoint", str(trained_checkpoint), "--images", str(class_folders), "--workers", "0", *extra]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
 
 
 def test_cli_data_errors(trained_checkpoint: Path, tmp_path: Path, capsys) -> None:
     def run(images: Path, *extra: str) -> str:
-        assert main(["zero-shot", "--checkpoint", str(trained_checkpoint), "--images", str(images), "--workers", "0", *extra]) == 2
+        assert (
+            main(
+                [
+                    "zero-shot",
+                    "--checkpoint",
+                    str(trained_checkpoint),
+                    "--images",
+                    str(images),
+                    "--workers",
+                    "0",
+                    *extra,
+                ]
+            )
+            == 2
+        )
         return capsys.readouterr().err
 
     generator = torch.Generator().manual_seed(4)
@@ -148,7 +198,20 @@ def test_cli_data_errors(trained_checkpoint: Path, tmp_path: Path, capsys) -> No
     error = run(tmp_path / "flat", "--labels", "red,blue")
     assert "cannot read image" in error and "broken.png" in error
     (tmp_path / "flat" / "broken.png").unlink()
-    assert main(["zero-shot", "--checkpoint", str(tmp_path / "none.pt"), "--images", str(tmp_path / "flat"), "--labels", "red"]) == 2
+    assert (
+        main(
+            [
+                "zero-shot",
+                "--checkpoint",
+                str(tmp_path / "none.pt"),
+                "--images",
+                str(tmp_path / "flat"),
+                "--labels",
+                "red",
+            ]
+        )
+        == 2
+    )
     assert "none.pt does not exist" in capsys.readouterr().err
 
 

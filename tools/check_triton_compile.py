@@ -1,16 +1,17 @@
 """Compile every attention kernel ahead of time for sm_80 and sm_90, without a GPU, and check its resources.
 
 Each Triton kernel of `fastclip.ops.attention_triton` (forward, backward preprocess, dK/dV, dQ) is compiled
-per dtype the kernels take on a GPU (bf16, fp16; fp32 goes to SDPA), head dim (32, 64, 80, 128), causal/mask/lengths variant and
-autotune config that the runtime's `_prune` keeps for the architecture at long sequence lengths, with the
-exact signature the runtime builds: the launchers' arguments are captured from a CPU call of `forward` and
-`backward` and specialised by Triton's own rule (pointer alignment, strides of 1, multiples of 16).
+per dtype the kernels take on a GPU (bf16, fp16; fp32 goes to SDPA), head dim (32, 64, 80, 128),
+causal/mask/lengths variant and autotune config that the runtime's `_prune` keeps for the architecture at
+long sequence lengths, with the exact signature the runtime builds: the launchers' arguments are captured
+from a CPU call of `forward` and `backward` and specialised by Triton's own rule (pointer alignment,
+strides of 1, multiples of 16).
 
 Shared memory comes from the kernel's metadata; registers and spills from the `ptxas -v` report of
 Triton's own ptxas run (a compiled kernel's `n_regs`/`n_spills` exist only once it is loaded on a GPU).
 Exit 1 on a compile error, on shared memory over the architecture's per-block limit, or on any register
-spill (the runtime prunes the configs that spill, so none may be left). Results are recorded per compile key under --cache-dir (Triton's
-cache key: source, signature, options, Triton build), so a rerun is fast.
+spill (the runtime prunes the configs that spill, so none may be left). Results are recorded per compile
+key under --cache-dir (Triton's cache key: source, signature, options, Triton build), so a rerun is fast.
 
 By default bf16 compiles in every variant (the image towers' plain attention, the text tower's causal
 attention with lengths, and causal with mask and lengths, which holds every code path), fp16 in the last
@@ -78,7 +79,9 @@ class Job:
         return int(block_m), int(block_n or 1)
 
     def label(self) -> str:
-        variant = ("causal" if self.causal else "-") + (" mask" if self.mask else " -") + (" len" if self.lengths else " -")
+        variant = (
+            ("causal" if self.causal else "-") + (" mask" if self.mask else " -") + (" len" if self.lengths else " -")
+        )
         return f"sm_{self.arch} {self.kernel:<4} {self.dtype:<11} d={self.head_dim:<3} {variant:<15} {self.config:<14}"
 
 
@@ -123,15 +126,16 @@ class _Recorder:
 
 def _capture_launches(at, dtype, causal: bool, mask: bool, lengths: bool, head_dim: int) -> list:
     """The kernel launches of one forward + backward on CPU tensors laid out as in a CLIP model."""
-    import torch
     from unittest import mock
+
+    import torch
 
     launches: list = []
     qkv = torch.empty(BATCH, SEQ, 3, HEADS, head_dim, dtype=dtype).permute(2, 0, 3, 1, 4)  # fused-qkv views
     q, k, v = qkv.unbind(0)
     padding = torch.zeros(BATCH, SEQ, dtype=torch.bool) if mask else None
     ends = torch.full((BATCH,), SEQ, dtype=torch.int32) if lengths else None
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     patches = [mock.patch.object(at, name, _Recorder(name, launches)) for name in KERNELS.values()]
     with contextlib.ExitStack() as stack:
         for patch in patches:
@@ -147,7 +151,7 @@ def _specialize(fn, bound: dict) -> tuple[dict, dict, dict]:
     try:
         from triton._C.libtriton import native_specialize_impl
     except ImportError as error:  # the runtime's own rule is the point: never guess a replacement
-        raise SystemExit(f"this Triton has no native_specialize_impl; update _specialize: {error}")
+        raise SystemExit(f"this Triton has no native_specialize_impl; update _specialize: {error}") from error
     from triton.backends.nvidia.compiler import CUDABackend
 
     signature, constexprs, attrs = {}, {}, {}
@@ -157,7 +161,10 @@ def _specialize(fn, bound: dict) -> tuple[dict, dict, dict]:
             kind, spec = "constexpr", None
         else:
             kind, spec = native_specialize_impl(
-                CUDABackend, value, param.is_const, not param.do_not_specialize,
+                CUDABackend,
+                value,
+                param.is_const,
+                not param.do_not_specialize,
                 not param.do_not_specialize_on_alignment,
             )
         signature[param.name] = kind
@@ -176,6 +183,7 @@ def _config_label(block_m: int, block_n: int | None, warps: int | None, stages: 
 def build_jobs(archs: list[int], matrix: list[tuple[str, int, bool, bool, bool]]) -> list[Job]:
     """Every compile the runtime could need for `matrix` (dtype, head dim, causal, mask, lengths) on `archs`."""
     import torch
+
     from fastclip.ops import attention_triton as at
 
     assert not at.INTERPRET, "TRITON_INTERPRET must be unset: the interpreter compiles nothing"
@@ -199,8 +207,9 @@ def build_jobs(archs: list[int], matrix: list[tuple[str, int, bool, bool, bool]]
     return list(jobs.values())
 
 
-def _job(kernel: str, label: str, head_dim: int, variant: tuple[bool, bool, bool], arch: int, fn, args, kwargs,
-         config) -> Job:
+def _job(
+    kernel: str, label: str, head_dim: int, variant: tuple[bool, bool, bool], arch: int, fn, args, kwargs, config
+) -> Job:
     """The compile of one captured launch with one autotune config (None: a plain launch)."""
     call = dict(kwargs, **(config.all_kwargs() if config else {}))
     options = {k: call.pop(k) for k in ("num_warps", "num_stages") if call.get(k) is not None}
@@ -208,12 +217,23 @@ def _job(kernel: str, label: str, head_dim: int, variant: tuple[bool, bool, bool
         call.pop(k)  # other launch options (num_ctas, maxnreg, ...) stay at their defaults
     bound = inspect.signature(fn.fn).bind(*args, **call).arguments
     signature, constexprs, attrs = _specialize(fn, bound)
-    config_label = _config_label(bound["BLOCK_M"], bound.get("BLOCK_N"), options.get("num_warps"), options.get("num_stages"))
+    config_label = _config_label(
+        bound["BLOCK_M"], bound.get("BLOCK_N"), options.get("num_warps"), options.get("num_stages")
+    )
     return Job(
-        kernel=kernel, dtype=label, head_dim=head_dim, causal=variant[0], mask=variant[1], lengths=variant[2],
+        kernel=kernel,
+        dtype=label,
+        head_dim=head_dim,
+        causal=variant[0],
+        mask=variant[1],
+        lengths=variant[2],
         config=config_label + (" dlse" if bound.get("HAS_DLSE") else ""),
-        arch=arch, fn_name=fn.fn.__name__, signature=tuple(signature.items()), constexprs=tuple(constexprs.items()),
-        attrs=tuple(attrs.items()), options=tuple(sorted(options.items())),
+        arch=arch,
+        fn_name=fn.fn.__name__,
+        signature=tuple(signature.items()),
+        constexprs=tuple(constexprs.items()),
+        attrs=tuple(attrs.items()),
+        options=tuple(sorted(options.items())),
     )
 
 
@@ -223,7 +243,9 @@ def default_matrix(full: bool) -> list[tuple[str, int, bool, bool, bool]]:
     code path only (compile errors, shared memory); `full`: every variant."""
     return [
         (label, head_dim, *variant)
-        for label in DTYPES for head_dim in HEAD_DIMS for variant in VARIANTS
+        for label in DTYPES
+        for head_dim in HEAD_DIMS
+        for variant in VARIANTS
         if full or label == "bf16" or variant == VARIANTS[-1]
     ]
 
@@ -249,7 +271,14 @@ def _run_ptxas(ptx: str, arch: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "kernel.ptx")
         src.write_text(ptx)
-        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src.with_suffix(".o"))]
+        cmd = [
+            get_ptxas(arch).path,
+            "-v",
+            f"--gpu-name={sm_arch_from_capability(arch)}",
+            str(src),
+            "-o",
+            str(src.with_suffix(".o")),
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
 
 
@@ -257,10 +286,11 @@ def compile_job(job: Job, records: Path) -> Result:
     """Compile one job (or read its cached result) and measure registers, spills and shared memory."""
     import triton
     from triton import knobs
+    from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.cache import get_cache_key
-    from triton._C.libtriton import get_cache_invalidating_env_vars
+
     from fastclip.ops import attention_triton as at
 
     fn = getattr(at, job.fn_name)
@@ -288,8 +318,13 @@ def compile_job(job: Job, records: Path) -> Result:
     if stats is None:
         return Result(job, error="no register report from ptxas -v")
     registers, stores, loads = stats
-    values = dict(registers=registers, spill_stores=stores, spill_loads=loads, shared=int(compiled.metadata.shared),
-                  wgmma="wgmma.mma_async" in compiled.asm["ptx"])
+    values = dict(
+        registers=registers,
+        spill_stores=stores,
+        spill_loads=loads,
+        shared=int(compiled.metadata.shared),
+        wgmma="wgmma.mma_async" in compiled.asm["ptx"],
+    )
     record.write_text(json.dumps(values))
     return Result(job, **values)
 
@@ -322,8 +357,19 @@ def report(results: list[Result], archs: list[int], seconds: float) -> int:
     import triton
 
     order = {k: i for i, k in enumerate(KERNELS)}
-    results.sort(key=lambda r: (r.job.arch, order[r.job.kernel], list(DTYPES).index(r.job.dtype), r.job.head_dim,
-                                r.job.causal, r.job.mask, r.job.lengths, r.job.tile, r.job.config))
+    results.sort(
+        key=lambda r: (
+            r.job.arch,
+            order[r.job.kernel],
+            list(DTYPES).index(r.job.dtype),
+            r.job.head_dim,
+            r.job.causal,
+            r.job.mask,
+            r.job.lengths,
+            r.job.tile,
+            r.job.config,
+        )
+    )
     failures = []
     for r in results:
         why = r.failure()
@@ -341,10 +387,12 @@ def report(results: list[Result], archs: list[int], seconds: float) -> int:
     ok = [r for r in results if not r.error]
     spills = sum(r.spills for r in ok)
     over = sum(r.shared > SHARED_LIMIT[r.job.arch] for r in ok)
-    print(f"triton {triton.__version__}: {len(ok)} kernels compiled for {', '.join(f'sm_{a}' for a in archs)}; "
-          f"{spills} spill; max shared {max((r.shared for r in ok), default=0)} B, "
-          f"{over} over the limit; {len(results) - len(ok)} errors ({sum(r.cached for r in results)} results cached, "
-          f"{seconds:.0f} s)")
+    print(
+        f"triton {triton.__version__}: {len(ok)} kernels compiled for {', '.join(f'sm_{a}' for a in archs)}; "
+        f"{spills} spill; max shared {max((r.shared for r in ok), default=0)} B, "
+        f"{over} over the limit; {len(results) - len(ok)} errors ({sum(r.cached for r in results)} results cached, "
+        f"{seconds:.0f} s)"
+    )
     return 1 if failures else 0
 
 
@@ -356,8 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma separated")
     parser.add_argument("--full", action="store_true", help="every dtype in every causal/mask/lengths variant")
     parser.add_argument("--quick", action="store_true", help="bf16 only (the spill gate), a few minutes less")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "triton-compile",
-                        help="Triton's cache and the recorded results (default .cache/triton-compile)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=ROOT / ".cache" / "triton-compile",
+        help="Triton's cache and the recorded results (default .cache/triton-compile)",
+    )
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
     unknown = [a for a in archs if a not in SHARED_LIMIT]

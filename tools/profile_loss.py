@@ -47,8 +47,10 @@ def main() -> None:
         parser.error("needs a CUDA GPU")
     dtype = DTYPES[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    image, text = (F.normalize(torch.randn(args.n, args.dim, device="cuda", generator=gen), dim=-1)
-                   .to(dtype).requires_grad_() for _ in range(2))
+    image, text = (
+        F.normalize(torch.randn(args.n, args.dim, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
+        for _ in range(2)
+    )
     scale = torch.tensor(100.0, device="cuda", requires_grad=True)
     run = lambda: step(image, text, scale)  # noqa: E731
     for _ in range(args.warmup):
@@ -63,8 +65,10 @@ def main() -> None:
         a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
         mm_ms = timed_ms(lambda: a @ a, 10)
         tflops, mm_tflops = 8 * args.n**2 * args.dim / ms / 1e9, 2 * 8192**3 / mm_ms / 1e9
-        print(f"N={args.n} D={args.dim} {args.dtype}: forward+backward {ms:.2f} ms, {tflops:.1f} TFLOP/s on 8*N^2*D "
-              f"= {100 * tflops / mm_tflops:.1f}% of this GPU's {mm_tflops:.0f} TFLOP/s {args.dtype} matmul")
+        print(
+            f"N={args.n} D={args.dim} {args.dtype}: forward+backward {ms:.2f} ms, {tflops:.1f} TFLOP/s on 8*N^2*D "
+            f"= {100 * tflops / mm_tflops:.1f}% of this GPU's {mm_tflops:.0f} TFLOP/s {args.dtype} matmul"
+        )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,13 @@ USAGE = re.compile(r"Used (\d+) registers")
 SMEM = re.compile(r"(\d+) bytes smem")
 # Template arguments as the demangler writes them -> short names.
 SHORT = {
-    "float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16", "true": "vec16", "false": "scalar",
-    "(fastclip::cuda::Float32Mode)0": "tf32", "(fastclip::cuda::Float32Mode)1": "3xtf32",  # Float32Mode's values
+    "float": "fp32",
+    "__half": "fp16",
+    "__nv_bfloat16": "bf16",
+    "true": "vec16",
+    "false": "scalar",
+    "(fastclip::cuda::Float32Mode)0": "tf32",
+    "(fastclip::cuda::Float32Mode)1": "3xtf32",  # Float32Mode's values
 }
 LOW_PRECISION = ("bf16", "fp16")
 

@@ -47,4 +47,3 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
     if config is None and is_transformers_state_dict(obj):  # a weights file taken out of a transformers folder
         return read_transformers_file(path, obj)
     return to_fastclip_state_dict(obj, source=f"checkpoint {path}"), config
-

@@ -19,7 +19,13 @@ from fastclip.checkpoint.files import CheckpointError
 from fastclip.model.config import CLIPConfig, TextConfig, VisionConfig
 
 NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
-TEXT_TOWER_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.resblocks.", "ln_final.", "text_projection")
+TEXT_TOWER_PREFIXES = (
+    "token_embedding.",
+    "positional_embedding",
+    "transformer.resblocks.",
+    "ln_final.",
+    "text_projection",
+)
 _SHOW = 5  # keys listed in an error message
 
 
@@ -41,7 +47,9 @@ def to_fastclip_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, to
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # open_clip training checkpoints
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{source} does not hold a state dict (a non-empty dict of tensors), got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{source} does not hold a state dict (a non-empty dict of tensors), got {type(obj).__name__}"
+        )
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source} is not a state dict: these entries are not named tensors: {first_keys(bad)}")
@@ -102,7 +110,10 @@ def infer_config(state: dict[str, torch.Tensor], *, act: str = "quick_gelu", sou
             layers = _indices(state, "visual.transformer.resblocks.")
             mlp = state.get("visual.transformer.resblocks.0.mlp.c_fc.weight")
             vision = VisionConfig(
-                image_size=patch * grid, layers=layers, width=width, patch_size=patch,
+                image_size=patch * grid,
+                layers=layers,
+                width=width,
+                patch_size=patch,
                 mlp_ratio=mlp.shape[0] / width if mlp is not None else 4.0,
             )
         else:
@@ -148,12 +159,15 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         for k, v in state.items()
         if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
     ]
-    raise_key_problems(f"{source} does not fit the model", {
-        "missing keys": missing,
-        "unexpected keys": unexpected,
-        "shape mismatches": mismatched,
-        "non-floating tensors for floating parameters": wrong_dtype,
-    })
+    raise_key_problems(
+        f"{source} does not fit the model",
+        {
+            "missing keys": missing,
+            "unexpected keys": unexpected,
+            "shape mismatches": mismatched,
+            "non-floating tensors for floating parameters": wrong_dtype,
+        },
+    )
     # NaN/inf weights (e.g. saved after a diverged step) would make every feature NaN, and a zero-shot
     # argmax over NaN silently picks class 0: refuse them here, naming the tensors.
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -79,7 +79,9 @@ def download_pretrained(name: str, tag: str, *, root: str | os.PathLike | None =
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise RuntimeError(f"cannot create the cache folder {target.parent} ({error}); set FASTCLIP_CACHE_DIR") from error
+        raise RuntimeError(
+            f"cannot create the cache folder {target.parent} ({error}); set FASTCLIP_CACHE_DIR"
+        ) from error
     partial = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.partial"
     try:
         _log.info("downloading %s to %s", url, target)
@@ -93,7 +95,9 @@ def download_pretrained(name: str, tag: str, *, root: str | os.PathLike | None =
             ) from error
         got = sha256_of(partial)
         if got != sha256:
-            raise RuntimeError(f"the download of {url} has sha256 {got}, expected {sha256}: the file is corrupt or incomplete")
+            raise RuntimeError(
+                f"the download of {url} has sha256 {got}, expected {sha256}: the file is corrupt or incomplete"
+            )
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

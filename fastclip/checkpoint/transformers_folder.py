@@ -155,16 +155,28 @@ def processor_files(config: CLIPConfig, *, bpe_path: str | os.PathLike | None = 
     merges = "\n".join([MERGES_HEADER, *(" ".join(pair) for pair in sorted(ranks, key=ranks.__getitem__))]) + "\n"
     specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     tokenizer_config = {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": config.text.context_length, "do_lower_case": True,
-        "errors": "replace", "add_prefix_space": False, **specials,
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": config.text.context_length,
+        "do_lower_case": True,
+        "errors": "replace",
+        "add_prefix_space": False,
+        **specials,
     }
     size = config.vision.image_size
     image_processor = {  # fastclip's CLIPPreprocess: bicubic resize of the short side, centre crop, normalise
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
-        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,  # PIL's BICUBIC
-        "do_center_crop": True, "crop_size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": "CLIPProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": 3,  # PIL's BICUBIC
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "do_convert_rgb": True,
     }
     return {
         "vocab.json": _json(vocab),

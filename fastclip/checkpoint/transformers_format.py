@@ -24,13 +24,26 @@ LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every fastclip LayerNorm 
 # transformers' defaults for fields a config.json may omit (CLIPTextConfig / CLIPVisionConfig / CLIPConfig,
 # the same in transformers 4.x and 5.x).
 TEXT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-    "layer_norm_eps": LAYER_NORM_EPS, "eos_token_id": 49407,
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": LAYER_NORM_EPS,
+    "eos_token_id": 49407,
 }
 VISION_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": LAYER_NORM_EPS,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": LAYER_NORM_EPS,
 }
 CLIP_DEFAULTS: dict[str, Any] = {"projection_dim": 512, "logit_scale_init_value": 2.6592}
 # transformers' pooling when eos_token_id is 2: the argmax of the ids, as OpenAI's (and fastclip's).
@@ -54,7 +67,10 @@ _TOP = {  # transformers name -> fastclip name, copied as they are
 }
 _TRANSPOSED = {"text_projection.weight": "text_projection", "visual_projection.weight": "visual.proj"}
 _BLOCK = {  # per residual block, for .weight and .bias
-    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
     "self_attn.out_proj": "attn.out_proj",
 }
 _QKV = ("q", "k", "v")  # the order of the rows of fastclip's in_proj_weight
@@ -99,10 +115,13 @@ def from_transformers_state_dict(
     names = {p.hf for p in pairs}
     missing = [p.hf for p in pairs if p.hf not in state]
     unexpected = [k for k in state if k not in names and k not in IGNORED_KEYS]
-    raise_key_problems(f"{source} does not fit its config.json as a transformers CLIPModel", {
-        "missing keys": missing,
-        "keys fastclip's CLIP has no place for": unexpected,
-    })
+    raise_key_problems(
+        f"{source} does not fit its config.json as a transformers CLIPModel",
+        {
+            "missing keys": missing,
+            "keys fastclip's CLIP has no place for": unexpected,
+        },
+    )
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for p in pairs:
@@ -118,7 +137,9 @@ def from_transformers_state_dict(
     for name, parts in fused.items():
         shapes = {tuple(t.shape) for t in parts.values()}
         if len(shapes) != 1:  # the model's shape check (load_into) would only see a failed concatenation
-            raise CheckpointError(f"{source}: the q, k and v projections of {name} have different shapes {sorted(shapes)}")
+            raise CheckpointError(
+                f"{source}: the q, k and v projections of {name} have different shapes {sorted(shapes)}"
+            )
         out[name] = torch.cat([parts[p] for p in _QKV])
     if out["logit_scale"].dim() != 0 and out["logit_scale"].numel() == 1:
         out["logit_scale"] = out["logit_scale"].reshape(())
@@ -155,7 +176,8 @@ def config_from_transformers(data: dict[str, Any], source: str = "config.json") 
     if model_type != MODEL_TYPE and not (model_type is None and "text_config" in data and "vision_config" in data):
         hint = (
             " (it looks like fastclip's own config: pass the weights file next to it, e.g. model.safetensors)"
-            if {"vision", "text"} <= set(data) else ""
+            if {"vision", "text"} <= set(data)
+            else ""
         )
         raise CheckpointError(
             f"{source} is not a transformers CLIP config: model_type is {model_type!r}, fastclip loads "
@@ -171,13 +193,19 @@ def config_from_transformers(data: dict[str, Any], source: str = "config.json") 
         config = CLIPConfig(
             embed_dim=top["projection_dim"],
             vision=VisionConfig(
-                image_size=image_size, layers=vision["num_hidden_layers"], width=vision["hidden_size"],
-                patch_size=patch_size, head_width=_head_width(vision, "vision_config", source),
+                image_size=image_size,
+                layers=vision["num_hidden_layers"],
+                width=vision["hidden_size"],
+                patch_size=patch_size,
+                head_width=_head_width(vision, "vision_config", source),
                 mlp_ratio=_mlp_ratio(vision, "vision_config", source),
             ),
             text=TextConfig(
-                context_length=text["max_position_embeddings"], vocab_size=text["vocab_size"],
-                width=text["hidden_size"], heads=text["num_attention_heads"], layers=text["num_hidden_layers"],
+                context_length=text["max_position_embeddings"],
+                vocab_size=text["vocab_size"],
+                width=text["hidden_size"],
+                heads=text["num_attention_heads"],
+                layers=text["num_hidden_layers"],
                 mlp_ratio=_mlp_ratio(text, "text_config", source),
             ),
             act=text["hidden_act"],
@@ -197,31 +225,42 @@ def _check_supported(text: dict[str, Any], vision: dict[str, Any], source: str) 
     towers = (("text_config", text), ("vision_config", vision))
     for tower, cfg in towers:
         if cfg["hidden_act"] not in ACTIVATIONS:
-            raise unsupported(f"{tower}.hidden_act", f"{cfg['hidden_act']!r}; fastclip's CLIP supports "
-                              f"{' and '.join(map(repr, ACTIVATIONS))}")
+            raise unsupported(
+                f"{tower}.hidden_act",
+                f"{cfg['hidden_act']!r}; fastclip's CLIP supports {' and '.join(map(repr, ACTIVATIONS))}",
+            )
     if text["hidden_act"] != vision["hidden_act"]:
-        raise unsupported("text_config.hidden_act", f"{text['hidden_act']!r} but vision_config.hidden_act is "
-                          f"{vision['hidden_act']!r}; fastclip's CLIP uses one activation in both towers")
+        raise unsupported(
+            "text_config.hidden_act",
+            f"{text['hidden_act']!r} but vision_config.hidden_act is "
+            f"{vision['hidden_act']!r}; fastclip's CLIP uses one activation in both towers",
+        )
     for tower, cfg in towers:
         eps = cfg["layer_norm_eps"]
         if not isinstance(eps, (int, float)) or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
             raise unsupported(f"{tower}.layer_norm_eps", f"{eps!r}; fastclip's LayerNorms use {LAYER_NORM_EPS}")
     if vision["num_channels"] != 3:
-        raise unsupported("vision_config.num_channels", f"{vision['num_channels']!r}; fastclip's CLIP takes RGB images (3)")
+        raise unsupported(
+            "vision_config.num_channels", f"{vision['num_channels']!r}; fastclip's CLIP takes RGB images (3)"
+        )
     eos = text["eos_token_id"]
     highest = text["vocab_size"] - 1 if isinstance(text["vocab_size"], int) else None
     if eos not in (LEGACY_EOS_TOKEN_ID, highest):
         # fastclip pools each text at its highest id (OpenAI's rule); transformers pools at the first
         # eos_token_id, which is the same token only when eos is the highest id of the vocabulary
-        raise unsupported("text_config.eos_token_id", f"{eos!r}, not the highest id of the vocabulary ({highest}); "
-                          f"fastclip pools each text at its highest id, as OpenAI's CLIP")
+        raise unsupported(
+            "text_config.eos_token_id",
+            f"{eos!r}, not the highest id of the vocabulary ({highest}); "
+            f"fastclip pools each text at its highest id, as OpenAI's CLIP",
+        )
 
 
 def config_to_transformers(config: CLIPConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """A transformers `CLIPConfig` dict (config.json) for a fastclip ViT CLIP with `config`."""
     if config.vision.is_resnet:
         raise CheckpointError(
-            f"transformers' CLIPModel has no ResNet image tower; this model's vision.layers is {list(config.vision.layers)}"
+            "transformers' CLIPModel has no ResNet image tower; "
+            f"this model's vision.layers is {list(config.vision.layers)}"
         )
     text, vision = config.text, config.vision
     eot = text.vocab_size - 1  # fastclip's end-of-text token is the highest id
@@ -278,7 +317,9 @@ def _square(value: Any, field: str, source: str) -> Any:
     """An int, or the int of a [n, n] pair (transformers accepts both for image and patch sizes)."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise CheckpointError(f"{source}: {field} is {list(value)}; fastclip's CLIP needs square images and patches")
+            raise CheckpointError(
+                f"{source}: {field} is {list(value)}; fastclip's CLIP needs square images and patches"
+            )
         return value[0]
     return value
 
@@ -293,9 +334,12 @@ def _head_width(cfg: dict[str, Any], tower: str, source: str) -> int:
 def _mlp_ratio(cfg: dict[str, Any], tower: str, source: str) -> float:
     width, hidden = cfg["hidden_size"], cfg["intermediate_size"]
     if not isinstance(width, int) or not isinstance(hidden, int) or width <= 0 or hidden <= 0:
-        raise CheckpointError(f"{source}: {tower}.hidden_size and intermediate_size must be positive ints, "
-                              f"got {width!r} and {hidden!r}")
+        raise CheckpointError(
+            f"{source}: {tower}.hidden_size and intermediate_size must be positive ints, got {width!r} and {hidden!r}"
+        )
     ratio = hidden / width
     if int(width * ratio) != hidden:  # fastclip sizes its MLP as int(width * mlp_ratio)
-        raise CheckpointError(f"{source}: {tower}.intermediate_size {hidden} is not representable as a ratio of {width}")
+        raise CheckpointError(
+            f"{source}: {tower}.intermediate_size {hidden} is not representable as a ratio of {width}"
+        )
     return ratio

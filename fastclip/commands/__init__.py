@@ -21,8 +21,15 @@ def device_argument(text: str) -> str:
     return text
 
 
-def add_command(commands: argparse._SubParsersAction, name: str, help: str, description: str | None,
-                run: Callable[[argparse.Namespace], int], *, keep_layout: bool = True) -> argparse.ArgumentParser:
+def add_command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    description: str | None,
+    run: Callable[[argparse.Namespace], int],
+    *,
+    keep_layout: bool = True,
+) -> argparse.ArgumentParser:
     """The parser of sub-command `name`, which calls `run(args)`. `keep_layout` shows the description (the
     module docstring, with its example command lines) as written rather than re-wrapped."""
     formatter = argparse.RawDescriptionHelpFormatter if keep_layout else argparse.HelpFormatter

@@ -17,17 +17,23 @@ from fastclip.zero_shot import TEMPLATE_SETS
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--checkpoint, --model and --act: which weights, and the model they fit."""
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint file (fastclip, OpenAI, open_clip), a Hugging Face transformers CLIPModel "
-                             "folder, or a released tag with --model")
-    parser.add_argument("--model",
-                        help="model name or JSON config (default: stored in or inferred from the checkpoint)")
-    parser.add_argument("--act", choices=("quick_gelu", "gelu"),
-                        help="MLP activation, for state dicts whose config is inferred")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint file (fastclip, OpenAI, open_clip), a Hugging Face transformers CLIPModel "
+        "folder, or a released tag with --model",
+    )
+    parser.add_argument(
+        "--model", help="model name or JSON config (default: stored in or inferred from the checkpoint)"
+    )
+    parser.add_argument(
+        "--act", choices=("quick_gelu", "gelu"), help="MLP activation, for state dicts whose config is inferred"
+    )
 
 
-def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, precision_default: str | None,
-                         precision_help: str) -> None:
+def add_device_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, precision_default: str | None, precision_help: str
+) -> None:
     """--device and --precision (the weights' dtype)."""
     parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=tuple(COMPUTE_DTYPES), default=precision_default, help=precision_help)
@@ -36,8 +42,9 @@ def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
 def add_backend_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--attn-backend and --bpe-path."""
     parser.add_argument("--attn-backend", default="auto", choices=ATTENTION_BACKENDS)
-    parser.add_argument("--bpe-path",
-                        help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (default: found automatically)")
+    parser.add_argument(
+        "--bpe-path", help="the tokenizer's bpe_simple_vocab_16e6.txt.gz (default: found automatically)"
+    )
 
 
 # (model, preprocess, tokenizer)
@@ -50,8 +57,13 @@ def load_model(args: argparse.Namespace) -> Loaded:
 
     device = torch.device(args.device)
     return create_model_and_transforms(
-        args.model, args.checkpoint, bpe_path=args.bpe_path, act=args.act, attn_backend=args.attn_backend,
-        device=device, dtype=compute_dtype(args.precision or "auto", device),
+        args.model,
+        args.checkpoint,
+        bpe_path=args.bpe_path,
+        act=args.act,
+        attn_backend=args.attn_backend,
+        device=device,
+        dtype=compute_dtype(args.precision or "auto", device),
     )
 
 
@@ -92,6 +104,21 @@ def class_mapping(labels: list[str] | None, folders: list[str] | None) -> tuple[
     raise ValueError(
         f"the {len(folders)} class sub-folders of --images neither carry the names of the {len(labels)} labels "
         f"nor match them in number (so they cannot be paired in sorted order)"
+    )
+
+
+def add_class_name_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, labels_help: str, templates: str
+) -> None:
+    """--labels / --labels-file (one of them) and --templates, whose default is `templates`."""
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--labels", help=labels_help)
+    labels.add_argument("--labels-file", help="file with one class name per line")
+    others = " or ".join(f"'{name}'" for name in ("single", "ensemble") if name != templates)
+    parser.add_argument(
+        "--templates",
+        default=templates,
+        help=f"'{templates}' (default), {others} or a file with one template per line, each with '{{}}'",
     )
 
 

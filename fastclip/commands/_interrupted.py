@@ -21,8 +21,14 @@ def launcher() -> list[str]:
     if world > 1:  # under torchrun: its own options are not visible here, except the per-node process count
         local = os.environ.get("LOCAL_WORLD_SIZE", str(world))
         single_node = local == str(world)
-        return ["torchrun", *(["--standalone"] if single_node else ["<rendezvous options>"]), "--nproc-per-node", local,
-                "-m", "fastclip"]
+        return [
+            "torchrun",
+            *(["--standalone"] if single_node else ["<rendezvous options>"]),
+            "--nproc-per-node",
+            local,
+            "-m",
+            "fastclip",
+        ]
     if Path(sys.argv[0]).name == "fastclip":  # the console script
         return ["fastclip"]
     return [sys.executable, "-m", "fastclip"]
@@ -48,6 +54,9 @@ def resume_command(argv: list[str], overwrite: bool = False) -> str:
 def report_interrupted(stop: TrainingInterrupted, command: str, argv: list[str], overwrite: bool = False) -> int:
     """The one line of a run stopped by a signal (rank 0; the others say nothing), and its exit status."""
     if stop.checkpoint is not None:
-        print(f"fastclip {command}: interrupted after step {stop.step}; checkpoint saved to {stop.checkpoint}; "
-              f"resume with: {resume_command(argv, overwrite)}", file=sys.stderr)
+        print(
+            f"fastclip {command}: interrupted after step {stop.step}; checkpoint saved to {stop.checkpoint}; "
+            f"resume with: {resume_command(argv, overwrite)}",
+            file=sys.stderr,
+        )
     return INTERRUPTED

@@ -20,8 +20,14 @@ GALLERY = "predictions.png"  # written beside curves.png at the end
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_command(commands, "demo", "train a small CLIP on built-in synthetic data and evaluate it zero-shot",
-                         __doc__, run, keep_layout=False)
+    parser = add_command(
+        commands,
+        "demo",
+        "train a small CLIP on built-in synthetic data and evaluate it zero-shot",
+        __doc__,
+        run,
+        keep_layout=False,
+    )
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"optimizer steps (default {DEMO_STEPS})")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
@@ -30,19 +36,35 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", type=device_argument, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", help='continue from a checkpoint file, or "latest" in --output-dir')
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over in a non-empty --output-dir: first delete the files fastclip writes there "
-                             "(never any other file)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a non-empty --output-dir: first delete the files fastclip writes there "
+        "(never any other file)",
+    )
 
 
 def demo_config(args: argparse.Namespace) -> TrainConfig:
     every = max(1, args.steps // 5)  # five evaluations, each followed by a checkpoint
     return TrainConfig(
-        model="demo-ViT", dataset="synthetic", synthetic_samples=max(50_000, args.steps * args.batch_size),
-        batch_size=args.batch_size, workers=args.workers, steps=args.steps, lr=1e-3, weight_decay=0.1,
-        warmup_steps=min(50, args.steps // 10), eval_every=every, save_every=every, eval_samples=args.eval_samples,
-        output_dir=args.output_dir, log_every=max(1, min(25, args.steps // 20)), device=args.device, seed=args.seed,
-        resume=args.resume, overwrite=args.overwrite,
+        model="demo-ViT",
+        dataset="synthetic",
+        synthetic_samples=max(50_000, args.steps * args.batch_size),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        steps=args.steps,
+        lr=1e-3,
+        weight_decay=0.1,
+        warmup_steps=min(50, args.steps // 10),
+        eval_every=every,
+        save_every=every,
+        eval_samples=args.eval_samples,
+        output_dir=args.output_dir,
+        log_every=max(1, min(25, args.steps // 20)),
+        device=args.device,
+        seed=args.seed,
+        resume=args.resume,
+        overwrite=args.overwrite,
     )
 
 
@@ -63,10 +85,14 @@ def run(args: argparse.Namespace) -> int:
     final = result.evals[-1]
     chance = final["chance"]
     loss = f"{result.losses[-1]:.3f}" if result.losses else "n/a (resumed at the end)"
-    print(f"\ntrained {config.model} for {config.steps} steps of {config.batch_size} synthetic pairs "
-          f"in {int(minutes)}m{seconds:02.0f}s; final loss {loss}")
-    print(f"zero-shot accuracy on held-out images, {round(1 / chance)} classes \"a photo of a <colour> <shape>.\" "
-          f"(chance {chance:.1%}):")
+    print(
+        f"\ntrained {config.model} for {config.steps} steps of {config.batch_size} synthetic pairs "
+        f"in {int(minutes)}m{seconds:02.0f}s; final loss {loss}"
+    )
+    print(
+        f'zero-shot accuracy on held-out images, {round(1 / chance)} classes "a photo of a <colour> <shape>." '
+        f"(chance {chance:.1%}):"
+    )
     for split, title in (("seen", "colour-shape pairs seen in training"), ("unseen", "pairs never seen in training")):
         top1, top5 = final[f"{split}_top1"], final[f"{split}_top5"]
         print(f"  {title:<38} top-1 {top1:6.1%} ({top1 / chance:4.1f}x chance)   top-5 {top5:6.1%}")
@@ -99,14 +125,23 @@ def save_predictions(config: TrainConfig, model_path: Path, path: Path, per_spli
     heldout = synthetic.SyntheticShapes(10 * per_split, model.image_size, seed=seed, split="heldout")
     chosen = []
     with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
-        classifier = build_classifier(model, ClipTokenizer(context_length=model.config.text.context_length), names,
-                                      SYNTHETIC_TEMPLATES, device=device)
+        classifier = build_classifier(
+            model,
+            ClipTokenizer(context_length=model.config.text.context_length),
+            names,
+            SYNTHETIC_TEMPLATES,
+            device=device,
+        )
         for dataset, allowed in ((test, lambda label: label not in unseen), (heldout, lambda label: True)):
             indices, labels = _one_per_class(dataset, allowed, per_split)
             chosen += _predict(model, classifier, dataset, indices, labels, names, Path(folder))
-        return save_gallery(chosen, path, title=f"zero-shot top-5 of {len(names)} classes: rows 1-{per_split // 2} "
-                                                f"pairs seen in training, rows {per_split // 2 + 1}-{per_split} pairs "
-                                                f"never seen")
+        return save_gallery(
+            chosen,
+            path,
+            title=f"zero-shot top-5 of {len(names)} classes: rows 1-{per_split // 2} "
+            f"pairs seen in training, rows {per_split // 2 + 1}-{per_split} pairs "
+            f"never seen",
+        )
 
 
 def _one_per_class(dataset, allowed: Callable[[int], bool], count: int) -> tuple[list[int], list[int]]:
@@ -120,8 +155,7 @@ def _one_per_class(dataset, allowed: Callable[[int], bool], count: int) -> tuple
     return indices, labels
 
 
-def _predict(model, classifier, dataset, indices: list[int], labels: list[int], names: list[str],
-             folder: Path) -> list:
+def _predict(model, classifier, dataset, indices: list[int], labels: list[int], names: list[str], folder: Path) -> list:
     """The top-5 predictions of images `indices` of `dataset`, each saved into `folder` (the gallery draws
     images from files)."""
     import torch

@@ -26,14 +26,21 @@ from typing import Any
 import torch
 
 from fastclip.commands import _inference, add_command
-from fastclip.commands._inference import class_mapping, load_model, parse_labels, resolve_templates
+from fastclip.commands._inference import (
+    add_class_name_arguments,
+    class_mapping,
+    load_model,
+    parse_labels,
+    resolve_templates,
+)
 
 TASKS = ("zero-shot", "linear-probe", "few-shot", "retrieval")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_command(commands, "eval",
-                         "zero-shot, linear-probe, few-shot and retrieval evaluation with JSON and plots", __doc__, run)
+    parser = add_command(
+        commands, "eval", "zero-shot, linear-probe, few-shot and retrieval evaluation with JSON and plots", __doc__, run
+    )
     _add_model_arguments(parser.add_argument_group("model"))
     _add_data_arguments(parser.add_argument_group("data"))
     _add_task_arguments(parser.add_argument_group("tasks"))
@@ -42,8 +49,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def _add_model_arguments(model: argparse._ArgumentGroup) -> None:
     _inference.add_checkpoint_arguments(model)
-    _inference.add_device_arguments(model, precision_default="fp32",
-                                    precision_help="weights' dtype (default fp32; CUDA runs under bf16 autocast)")
+    _inference.add_device_arguments(
+        model, precision_default="fp32", precision_help="weights' dtype (default fp32; CUDA runs under bf16 autocast)"
+    )
     model.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
     _inference.add_backend_arguments(model)
 
@@ -54,11 +62,9 @@ def _add_data_arguments(data: argparse._ArgumentGroup) -> None:
     data.add_argument("--captions", help="CSV/TSV of image paths and captions, for retrieval")
     data.add_argument("--csv-image-key", default="filepath", help="caption-file column with image paths")
     data.add_argument("--csv-caption-key", default="title", help="caption-file column with captions")
-    labels = data.add_mutually_exclusive_group()
-    labels.add_argument("--labels", help="comma-separated class names (default: sub-folder names, '_' read as a space)")
-    labels.add_argument("--labels-file", help="file with one class name per line")
-    data.add_argument("--templates", default="ensemble",
-                      help="'single', 'ensemble' (default) or a file with one template per line, each with '{}'")
+    add_class_name_arguments(
+        data, "comma-separated class names (default: sub-folder names, '_' read as a space)", templates="ensemble"
+    )
 
 
 def _add_task_arguments(tasks: argparse._ArgumentGroup) -> None:
@@ -67,25 +73,39 @@ def _add_task_arguments(tasks: argparse._ArgumentGroup) -> None:
     tasks.add_argument("--seeds", type=int, default=3, help="few-shot draws per k (seeds 0..N-1, default 3)")
     tasks.add_argument("--C", type=float, help="fixed inverse regularisation strength (default: searched)")
     tasks.add_argument("--C-grid", help="comma-separated C values to search (default: 1e-6..1e6, half-decade steps)")
-    tasks.add_argument("--refine-steps", type=int, default=2,
-                       help="halvings of the grid step around the best C (default 2)")
-    tasks.add_argument("--val-fraction", type=float, default=0.2,
-                       help="share of each training class held out to choose C (default 0.2)")
-    tasks.add_argument("--metric", choices=("top1", "mean-per-class"), default="top1",
-                       help="what the C search maximises (default top1)")
-    tasks.add_argument("--solver", choices=("torch", "sklearn"), default="torch",
-                       help="L-BFGS in PyTorch (default), or scikit-learn's")
+    tasks.add_argument(
+        "--refine-steps", type=int, default=2, help="halvings of the grid step around the best C (default 2)"
+    )
+    tasks.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of each training class held out to choose C (default 0.2)",
+    )
+    tasks.add_argument(
+        "--metric",
+        choices=("top1", "mean-per-class"),
+        default="top1",
+        help="what the C search maximises (default top1)",
+    )
+    tasks.add_argument(
+        "--solver", choices=("torch", "sklearn"), default="torch", help="L-BFGS in PyTorch (default), or scikit-learn's"
+    )
     tasks.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default 1000)")
     tasks.add_argument("--recall-k", default="1,5,10", help="retrieval recall@k values (default 1,5,10)")
 
 
 def _add_output_arguments(output: argparse._ArgumentGroup) -> None:
-    output.add_argument("--output-dir", default="runs/eval",
-                        help="where report.json, few_shot.png and predictions.png go (default runs/eval)")
+    output.add_argument(
+        "--output-dir",
+        default="runs/eval",
+        help="where report.json, few_shot.png and predictions.png go (default runs/eval)",
+    )
     output.add_argument("--show", type=int, default=3, help="test images whose top-5 are printed (default 3)")
     output.add_argument("--gallery", type=int, default=8, help="test images in predictions.png (default 8; 0: none)")
-    output.add_argument("--cache-dir",
-                        help="feature cache (default: $FASTCLIP_CACHE_DIR/features or ~/.cache/fastclip/features)")
+    output.add_argument(
+        "--cache-dir", help="feature cache (default: $FASTCLIP_CACHE_DIR/features or ~/.cache/fastclip/features)"
+    )
     output.add_argument("--no-cache", action="store_true", help="encode everything afresh and cache nothing")
     output.add_argument("--batch-size", type=int, default=64)
     output.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-loading processes")
@@ -113,8 +133,12 @@ def _float_list(text: str, flag: str) -> list[float]:
 
 def choose_tasks(args: argparse.Namespace) -> list[str]:
     """The requested tasks (or all that the data allow), each checked against the data given."""
-    needs = {"zero-shot": ("test",), "linear-probe": ("train", "test"), "few-shot": ("train", "test"),
-             "retrieval": ("captions",)}
+    needs = {
+        "zero-shot": ("test",),
+        "linear-probe": ("train", "test"),
+        "few-shot": ("train", "test"),
+        "retrieval": ("captions",),
+    }
     if args.tasks is None:
         tasks = [task for task in TASKS if all(getattr(args, need) for need in needs[task])]
         if not tasks:
@@ -147,8 +171,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--{flag} {path!r} does not exist")
 
 
-def label_space(args: argparse.Namespace, train_classes: list[str] | None, test_classes: list[str] | None
-                ) -> tuple[list[str], list[int] | None, list[int] | None]:
+def label_space(
+    args: argparse.Namespace, train_classes: list[str] | None, test_classes: list[str] | None
+) -> tuple[list[str], list[int] | None, list[int] | None]:
     """(class names for the text side, class index of each --train folder, of each --test folder).
 
     The classes are --train's folders when given (--test's folders must be among them), else --test's.
@@ -235,15 +260,22 @@ def _encode_folders(ev: _Evaluation) -> None:
     from fastclip.evaluate import image_folder_features, image_tower_fingerprint, sample_k_shot
 
     args = ev.args
-    encode = {"batch_size": args.batch_size, "num_workers": args.workers, "cache_dir": ev.cache, "amp": not args.no_amp,
-              "model_id": image_tower_fingerprint(ev.model) if ev.cache is not None else None}
+    encode = {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "cache_dir": ev.cache,
+        "amp": not args.no_amp,
+        "model_id": image_tower_fingerprint(ev.model) if ev.cache is not None else None,
+    }
     if "linear-probe" in ev.tasks or "few-shot" in ev.tasks:
-        ev.train = image_folder_features(ev.model, args.train, ev.preprocess, what="--train", desc="encode --train",
-                                         **encode)
+        ev.train = image_folder_features(
+            ev.model, args.train, ev.preprocess, what="--train", desc="encode --train", **encode
+        )
         ev.report["data"]["train"] = _split_report("--train", args.train, ev.train)
     if any(task in ev.tasks for task in ("zero-shot", "linear-probe", "few-shot")):
-        ev.test = image_folder_features(ev.model, args.test, ev.preprocess, what="--test", desc="encode --test",
-                                        **encode)
+        ev.test = image_folder_features(
+            ev.model, args.test, ev.preprocess, what="--test", desc="encode --test", **encode
+        )
         ev.report["data"]["test"] = _split_report("--test", args.test, ev.test)
     if ev.test is None:
         return
@@ -262,11 +294,18 @@ def _zero_shot(ev: _Evaluation) -> None:
     classifier = build_classifier(ev.model, ev.tokenizer, ev.classnames, ev.templates, device=ev.device)
     ev.probabilities = classify(ev.test.features.to(ev.device), classifier, logit_scale_of(ev.model)).cpu()  # (N, C)
     top = accuracy(ev.probabilities, ev.test_y, topk=(1, 5))
-    zero_shot = {"top1": top[1], "top5": top[5],
-                 "mean_per_class": mean_per_class_accuracy(ev.probabilities, ev.test_y), "templates": ev.templates}
+    zero_shot = {
+        "top1": top[1],
+        "top5": top[5],
+        "mean_per_class": mean_per_class_accuracy(ev.probabilities, ev.test_y),
+        "templates": ev.templates,
+    }
     ev.report["zero_shot"] = zero_shot
-    ev.rows += [("zero-shot", "top-1", _percent(top[1])), ("zero-shot", "top-5", _percent(top[5])),
-                ("zero-shot", "mean per-class", _percent(zero_shot["mean_per_class"]))]
+    ev.rows += [
+        ("zero-shot", "top-1", _percent(top[1])),
+        ("zero-shot", "top-5", _percent(top[5])),
+        ("zero-shot", "mean per-class", _percent(zero_shot["mean_per_class"])),
+    ]
 
 
 def _probe_config(ev: _Evaluation) -> Any:
@@ -274,19 +313,30 @@ def _probe_config(ev: _Evaluation) -> Any:
     from fastclip.evaluate import LinearProbeConfig
 
     args = ev.args
-    return LinearProbeConfig(C=args.C, C_grid=ev.C_grid, refine_steps=args.refine_steps,
-                             val_fraction=args.val_fraction, metric=args.metric.replace("-", "_"), solver=args.solver,
-                             max_iter=args.max_iter, device=ev.device, num_classes=len(ev.classnames))
+    return LinearProbeConfig(
+        C=args.C,
+        C_grid=ev.C_grid,
+        refine_steps=args.refine_steps,
+        val_fraction=args.val_fraction,
+        metric=args.metric.replace("-", "_"),
+        solver=args.solver,
+        max_iter=args.max_iter,
+        device=ev.device,
+        num_classes=len(ev.classnames),
+    )
 
 
 def _linear_probe(ev: _Evaluation) -> None:
     from fastclip.evaluate import linear_probe
 
-    ev.probe = probe = linear_probe(ev.train.features, ev.train_y, ev.test.features, ev.test_y,
-                                    config=_probe_config(ev))
+    ev.probe = probe = linear_probe(
+        ev.train.features, ev.train_y, ev.test.features, ev.test_y, config=_probe_config(ev)
+    )
     ev.report["linear_probe"] = probe.to_dict()
-    ev.rows += [("linear probe", f"top-1 (C={probe.C:.3g})", _percent(probe.top1)),
-                ("linear probe", "mean per-class", _percent(probe.mean_per_class))]
+    ev.rows += [
+        ("linear probe", f"top-1 (C={probe.C:.3g})", _percent(probe.top1)),
+        ("linear probe", "mean per-class", _percent(probe.mean_per_class)),
+    ]
     if ev.probabilities is None:
         ev.probabilities = probe.classifier.predict_proba(ev.test.features).float().cpu()
 
@@ -296,26 +346,48 @@ def _few_shot(ev: _Evaluation) -> None:
 
     args, probe = ev.args, ev.probe
     fallback_C = args.C or (probe.C if probe is not None else 1.0)
-    curve = few_shot(ev.train.features, ev.train_y, ev.test.features, ev.test_y, shots=ev.shots,
-                     seeds=range(args.seeds), classes=ev.classnames,
-                     zero_shot=ev.report.get("zero_shot", {}).get("top1"), fallback_C=fallback_C,
-                     config=_probe_config(ev))
-    plot = plot_few_shot(curve, ev.output / "few_shot.png", linear_probe_top1=probe.top1 if probe else None,
-                         title=f"few-shot linear probes: {Path(args.checkpoint).name}")
+    curve = few_shot(
+        ev.train.features,
+        ev.train_y,
+        ev.test.features,
+        ev.test_y,
+        shots=ev.shots,
+        seeds=range(args.seeds),
+        classes=ev.classnames,
+        zero_shot=ev.report.get("zero_shot", {}).get("top1"),
+        fallback_C=fallback_C,
+        config=_probe_config(ev),
+    )
+    plot = plot_few_shot(
+        curve,
+        ev.output / "few_shot.png",
+        linear_probe_top1=probe.top1 if probe else None,
+        title=f"few-shot linear probes: {Path(args.checkpoint).name}",
+    )
     ev.report["few_shot"] = {**curve.to_dict(), "fallback_C": fallback_C, "plot": os.fspath(plot)}
     for k, stats in curve.summary().items():
-        ev.rows.append(("few-shot", f"top-1, k={k} ({args.seeds} seeds)",
-                        f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}%"))
+        ev.rows.append(
+            ("few-shot", f"top-1, k={k} ({args.seeds} seeds)", f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}%")
+        )
 
 
 def _retrieval(ev: _Evaluation) -> None:
     from fastclip.evaluate import retrieval_from_csv
 
     args = ev.args
-    retrieval = retrieval_from_csv(ev.model, ev.preprocess, ev.tokenizer, args.captions, ks=ev.recall_ks,
-                                   image_key=args.csv_image_key, caption_key=args.csv_caption_key,
-                                   batch_size=args.batch_size, num_workers=args.workers, cache_dir=ev.cache,
-                                   amp=not args.no_amp)
+    retrieval = retrieval_from_csv(
+        ev.model,
+        ev.preprocess,
+        ev.tokenizer,
+        args.captions,
+        ks=ev.recall_ks,
+        image_key=args.csv_image_key,
+        caption_key=args.csv_caption_key,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        cache_dir=ev.cache,
+        amp=not args.no_amp,
+    )
     ev.report["retrieval"] = retrieval.to_dict()
     skipped = f", {len(retrieval.skipped_images)} unreadable images skipped" if retrieval.skipped_images else ""
     print(f"--captions: {retrieval.num_images} images, {retrieval.num_captions} captions{skipped}")
@@ -324,7 +396,10 @@ def _retrieval(ev: _Evaluation) -> None:
 
 
 _RUN_TASK: dict[str, Callable[[_Evaluation], None]] = {
-    "zero-shot": _zero_shot, "linear-probe": _linear_probe, "few-shot": _few_shot, "retrieval": _retrieval,
+    "zero-shot": _zero_shot,
+    "linear-probe": _linear_probe,
+    "few-shot": _few_shot,
+    "retrieval": _retrieval,
 }
 
 
@@ -341,8 +416,11 @@ def _show_predictions(ev: _Evaluation) -> None:
     for prediction in pick_gallery(predictions, args.show):
         print(format_prediction(prediction, root=args.test))
     if args.gallery:
-        gallery = save_gallery(pick_gallery(predictions, args.gallery), ev.output / "predictions.png",
-                               title=f"{ev.report['predictions_from']} predictions: {Path(args.checkpoint).name}")
+        gallery = save_gallery(
+            pick_gallery(predictions, args.gallery),
+            ev.output / "predictions.png",
+            title=f"{ev.report['predictions_from']} predictions: {Path(args.checkpoint).name}",
+        )
         ev.report["gallery"] = os.fspath(gallery)
 
 
@@ -361,8 +439,13 @@ def _write_report(ev: _Evaluation) -> None:
 def run(args: argparse.Namespace) -> int:
     ev = _plan(args)
     ev.model, ev.preprocess, ev.tokenizer = load_model(args)
-    ev.report = {"checkpoint": args.checkpoint, "model": args.model, "device": str(ev.device), "tasks": ev.tasks,
-                 "data": {}}
+    ev.report = {
+        "checkpoint": args.checkpoint,
+        "model": args.model,
+        "device": str(ev.device),
+        "tasks": ev.tasks,
+        "data": {},
+    }
     _encode_folders(ev)
     for task in ev.tasks:
         _RUN_TASK[task](ev)

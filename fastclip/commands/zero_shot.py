@@ -26,6 +26,7 @@ from fastclip.commands import add_command
 from fastclip.commands._inference import (
     add_backend_arguments,
     add_checkpoint_arguments,
+    add_class_name_arguments,
     add_device_arguments,
     class_mapping,
     load_model,
@@ -37,21 +38,22 @@ from fastclip.zero_shot import accuracy, build_classifier, classify, logit_scale
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_command(commands, "zero-shot",
-                         "classify a folder of images by label names (accuracy when sub-folders are classes)",
-                         __doc__, run)
+    parser = add_command(
+        commands,
+        "zero-shot",
+        "classify a folder of images by label names (accuracy when sub-folders are classes)",
+        __doc__,
+        run,
+    )
     add_checkpoint_arguments(parser)
     parser.add_argument("--images", required=True, help="folder of images, optionally one sub-folder per class")
-    labels = parser.add_mutually_exclusive_group()
-    labels.add_argument("--labels", help="comma-separated class names")
-    labels.add_argument("--labels-file", help="file with one class name per line")
-    parser.add_argument("--templates", default="single",
-                        help="'single', 'ensemble' or a file with one template per line, each with '{}'")
+    add_class_name_arguments(parser, "comma-separated class names", templates="single")
     parser.add_argument("--top-k", type=int, default=5, help="predictions kept per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-loading processes")
-    add_device_arguments(parser, precision_default=None,
-                         precision_help="weights' dtype (default: bf16 on CUDA, else fp32)")
+    add_device_arguments(
+        parser, precision_default=None, precision_help="weights' dtype (default: bf16 on CUDA, else fp32)"
+    )
     add_backend_arguments(parser)
     parser.add_argument("--output", help="write predictions (and accuracy) to this JSON file")
 
@@ -68,8 +70,12 @@ def run(args: argparse.Namespace) -> int:
     probs = _probabilities(model, dataset, classifier, args)
     predictions = _top_k(probs, dataset, classnames, min(args.top_k, len(classnames)))
     report: dict[str, Any] = {
-        "checkpoint": args.checkpoint, "model": args.model, "images": args.images, "classes": classnames,
-        "templates": templates, "num_images": len(dataset),
+        "checkpoint": args.checkpoint,
+        "model": args.model,
+        "images": args.images,
+        "classes": classnames,
+        "templates": templates,
+        "num_images": len(dataset),
     }
     if folder_to_class is not None:
         report["accuracy"] = _score(probs, dataset, folder_to_class, classnames, predictions)
@@ -84,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probabilities(model: torch.nn.Module, dataset: ImageFolder, classifier: torch.Tensor,
-                   args: argparse.Namespace) -> torch.Tensor:
+def _probabilities(
+    model: torch.nn.Module, dataset: ImageFolder, classifier: torch.Tensor, args: argparse.Namespace
+) -> torch.Tensor:
     """Class probabilities [N, C] of every image, on the CPU."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     logit_scale, device = logit_scale_of(model), torch.device(args.device)
@@ -99,18 +106,29 @@ def _top_k(probs: torch.Tensor, dataset: ImageFolder, classnames: list[str], k: 
     """Each image's `k` most probable labels, as the JSON report lists them."""
     values, indices = probs.topk(k, dim=1)
     rows = zip(dataset.paths, values.tolist(), indices.tolist(), strict=True)
-    return [{"image": os.fspath(path.relative_to(dataset.root)),
-             "top_k": [{"label": classnames[i], "probability": p} for i, p in zip(labels, chances, strict=True)]}
-            for path, chances, labels in rows]
+    return [
+        {
+            "image": os.fspath(path.relative_to(dataset.root)),
+            "top_k": [{"label": classnames[i], "probability": p} for i, p in zip(labels, chances, strict=True)],
+        }
+        for path, chances, labels in rows
+    ]
 
 
-def _score(probs: torch.Tensor, dataset: ImageFolder, folder_to_class: list[int], classnames: list[str],
-           predictions: list[dict[str, Any]]) -> dict[str, float]:
+def _score(
+    probs: torch.Tensor,
+    dataset: ImageFolder,
+    folder_to_class: list[int],
+    classnames: list[str],
+    predictions: list[dict[str, Any]],
+) -> dict[str, float]:
     """Top-1/top-5 accuracy against the sub-folders (printed); each prediction gets its "target"."""
     targets = torch.tensor([folder_to_class[t] for t in dataset.targets])
     for prediction, target in zip(predictions, targets.tolist(), strict=True):
         prediction["target"] = classnames[target]
     scores = {f"top{k}": v for k, v in accuracy(probs, targets, topk=(1, 5)).items()}
-    print(f"{len(dataset)} images, {len(classnames)} classes: "
-          + ", ".join(f"{name} accuracy {value:.4f}" for name, value in scores.items()))
+    print(
+        f"{len(dataset)} images, {len(classnames)} classes: "
+        + ", ".join(f"{name} accuracy {value:.4f}" for name, value in scores.items())
+    )
     return scores

@@ -22,7 +22,9 @@ from fastclip.data.transforms import CLIP_MEAN, CLIP_STD
 # ITU-R BT.601 luma weights, as Pillow's convert("L") and torchvision's rgb_to_grayscale use them.
 _LUMA = (0.299, 0.587, 0.114)
 # RGB <-> YIQ: a hue rotation is a rotation of the (I, Q) chroma plane, one 3x3 matrix for the whole image.
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+_RGB_TO_YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
+)
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
@@ -41,8 +43,13 @@ def _randint(high: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(0, high + 1, (), generator=generator).item())
 
 
-def crop_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def crop_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
     """(top, left, crop height, crop width) of a random crop: torchvision's RandomResizedCrop rule.
 
     Area fraction uniform in `scale`, aspect ratio log-uniform in `ratio`; after 10 misses (the crop
@@ -68,7 +75,9 @@ def crop_params(height: int, width: int, scale: tuple[float, float], ratio: tupl
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def colour_jitter(pixels: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float) -> torch.Tensor:
+def colour_jitter(
+    pixels: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float
+) -> torch.Tensor:
     """Jitter a float image [3, H, W] in [0, 1] by the given factors (1, 1, 1, 0 = unchanged); result in [0, 1].
 
     brightness scales, contrast blends with the mean grey level, saturation blends with the grey image,
@@ -99,9 +108,17 @@ class TrainTransform:
     global torch RNG.
     """
 
-    def __init__(self, image_size: int, *, scale: tuple[float, float] = (0.5, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4, hue: float | None = None,
-                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        *,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        jitter: float = 0.4,
+        hue: float | None = None,
+        mean: tuple[float, ...] = CLIP_MEAN,
+        std: tuple[float, ...] = CLIP_STD,
+    ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if not 0.0 <= jitter <= 1.0:
@@ -151,5 +168,7 @@ class TrainTransform:
         return resized[0].round_().clamp_(0, 255)  # rounded like a decoded image, as CLIPPreprocess does
 
     def __repr__(self) -> str:
-        return (f"TrainTransform(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
-                f"jitter={self.jitter}, hue={self.hue})")
+        return (
+            f"TrainTransform(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
+            f"jitter={self.jitter}, hue={self.hue})"
+        )

@@ -84,7 +84,9 @@ class PairBatch(NamedTuple):
     tokens: torch.Tensor  # (B, context_length) int64
     skipped: int  # samples of this batch dropped as unreadable (None)
     labels: torch.Tensor | None = None  # (B,) int64 class ids, when the samples carry labels
-    skip_reasons: tuple[str, ...] = ()  # why samples were dropped (as noted by the dataset), to be logged by the consumer
+    skip_reasons: tuple[
+        str, ...
+    ] = ()  # why samples were dropped (as noted by the dataset), to be logged by the consumer
 
 
 def _is_label(value: Any) -> bool:
@@ -97,10 +99,17 @@ def collate_pairs(samples: Sequence[Sample | None], tokenizer: Callable[[list[st
     Samples `(image, caption, label)` also give `PairBatch.labels`; a batch must not mix the two kinds."""
     kept = [sample for sample in samples if sample is not None]
     for sample in kept:
-        if not (isinstance(sample, (tuple, list)) and len(sample) in (2, 3) and isinstance(sample[0], torch.Tensor)
-                and isinstance(sample[1], str) and (len(sample) == 2 or _is_label(sample[2]))):
-            raise TypeError(f"samples must be (image tensor, caption str) pairs or None, or (image, caption, int label) "
-                            f"triples, got {type(sample).__name__}")
+        if not (
+            isinstance(sample, (tuple, list))
+            and len(sample) in (2, 3)
+            and isinstance(sample[0], torch.Tensor)
+            and isinstance(sample[1], str)
+            and (len(sample) == 2 or _is_label(sample[2]))
+        ):
+            raise TypeError(
+                f"samples must be (image tensor, caption str) pairs or None, or (image, caption, int label) "
+                f"triples, got {type(sample).__name__}"
+            )
     if len({len(sample) for sample in kept}) > 1:
         raise TypeError("samples of one batch must all be pairs or all (image, caption, label) triples")
     tokens = tokenizer([sample[1] for sample in kept])  # (B, context_length), B may be 0
@@ -148,9 +157,17 @@ class CaptionCsvDataset(torch.utils.data.Dataset):
     class id would silently teach wrong positives, unlike an unreadable image, which is only skipped.
     """
 
-    def __init__(self, path: str | os.PathLike, transform: Callable[[Any], torch.Tensor], *,
-                 image_key: str = "filepath", caption_key: str = "title", separator: str | None = None,
-                 root: str | os.PathLike | None = None, label_key: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        transform: Callable[[Any], torch.Tensor],
+        *,
+        image_key: str = "filepath",
+        caption_key: str = "title",
+        separator: str | None = None,
+        root: str | os.PathLike | None = None,
+        label_key: str | None = None,
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"caption file {os.fspath(path)!r} does not exist or is not a file")
@@ -163,7 +180,9 @@ class CaptionCsvDataset(torch.utils.data.Dataset):
             delimiter = self._separator(separator, [image_key, caption_key] + ([label_key] if label_key else []))
             rows = self._read(delimiter, image_key, caption_key, label_key)
         except (UnicodeDecodeError, csv.Error) as error:  # a binary file, or a line csv cannot parse
-            raise ValueError(f"caption file {os.fspath(path)!r} is not a readable UTF-8 CSV/TSV file: {error}") from error
+            raise ValueError(
+                f"caption file {os.fspath(path)!r} is not a readable UTF-8 CSV/TSV file: {error}"
+            ) from error
         if not rows:
             raise ValueError(f"caption file {os.fspath(path)!r} has a header but no rows")
         self.images = [row[0] for row in rows]
@@ -199,8 +218,11 @@ class CaptionCsvDataset(torch.utils.data.Dataset):
                     )
             image_col, caption_col = header.index(image_key), header.index(caption_key)
             if label_key is None:
-                return [(row[image_col] if image_col < len(row) else "", row[caption_col] if caption_col < len(row) else "")
-                        for row in reader if row]
+                return [
+                    (row[image_col] if image_col < len(row) else "", row[caption_col] if caption_col < len(row) else "")
+                    for row in reader
+                    if row
+                ]
             label_col, rows = header.index(label_key), []
             for row in reader:
                 if not row:
@@ -214,8 +236,13 @@ class CaptionCsvDataset(torch.utils.data.Dataset):
                         f"caption file {os.fspath(path)!r} row {len(rows) + 1} (line {reader.line_num}) has {what} "
                         f"in label column {label_key!r} (label_key)"
                     ) from None
-                rows.append((row[image_col] if image_col < len(row) else "", row[caption_col] if caption_col < len(row) else "",
-                             label))
+                rows.append(
+                    (
+                        row[image_col] if image_col < len(row) else "",
+                        row[caption_col] if caption_col < len(row) else "",
+                        label,
+                    )
+                )
             return rows
 
     def image_path(self, index: int) -> Path | None:

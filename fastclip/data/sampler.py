@@ -26,8 +26,16 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     of this rank already consumed); each later `iter()` yields the next epoch from its start.
     """
 
-    def __init__(self, num_samples: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ) -> None:
         self.num_samples = _check_int("num_samples", num_samples, 1)
         self.world_size = _check_int("world_size", world_size, 1)
         self.rank = _check_int("rank", rank, 0)
@@ -36,7 +44,9 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         self.seed = _check_int("seed", seed, 0)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         if self.drop_last and self.num_samples < self.world_size:
-            raise ValueError(f"num_samples={num_samples} < world_size={world_size}: with drop_last every rank gets nothing")
+            raise ValueError(
+                f"num_samples={num_samples} < world_size={world_size}: with drop_last every rank gets nothing"
+            )
         per_rank = self.num_samples // self.world_size if self.drop_last else -(-self.num_samples // self.world_size)
         self.per_rank = per_rank
         self.epoch, self.start = 0, 0
@@ -75,5 +85,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return iter(self.epoch_indices(epoch)[start:].tolist())
 
     def __repr__(self) -> str:
-        return (f"ResumableSampler(num_samples={self.num_samples}, shuffle={self.shuffle}, seed={self.seed}, "
-                f"rank={self.rank}, world_size={self.world_size}, drop_last={self.drop_last})")
+        return (
+            f"ResumableSampler(num_samples={self.num_samples}, shuffle={self.shuffle}, seed={self.seed}, "
+            f"rank={self.rank}, world_size={self.world_size}, drop_last={self.drop_last})"
+        )

@@ -174,12 +174,25 @@ def _check_int(name: str, value: int, minimum: int) -> int:
 class TarShardDataset(torch.utils.data.IterableDataset):
     """Samples `(image, caption)` or None from tar shards, split across ranks and workers; see the module doc."""
 
-    def __init__(self, shards: str | list[str], transform: Callable[[Any], torch.Tensor], *, shuffle: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                 label_extension: str | None = None) -> None:
+    def __init__(
+        self,
+        shards: str | list[str],
+        transform: Callable[[Any], torch.Tensor],
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        label_extension: str | None = None,
+    ) -> None:
         super().__init__()
-        if label_extension is not None and (not isinstance(label_extension, str) or not label_extension
-                                            or "." in label_extension or "/" in label_extension):
+        if label_extension is not None and (
+            not isinstance(label_extension, str)
+            or not label_extension
+            or "." in label_extension
+            or "/" in label_extension
+        ):
             raise ValueError(f"label_extension must be a member extension such as 'cls', got {label_extension!r}")
         self.label_extension = label_extension.lower() if label_extension is not None else None
         self.shards = expand_shards(shards)
@@ -193,8 +206,10 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be < world_size={self.world_size}, got {rank}")
         if len(self.shards) < self.world_size:
-            raise ValueError(f"{len(self.shards)} shards cannot be split across world_size={self.world_size} ranks: "
-                             f"every rank needs at least one shard")
+            raise ValueError(
+                f"{len(self.shards)} shards cannot be split across world_size={self.world_size} ranks: "
+                f"every rank needs at least one shard"
+            )
         self.shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 0) if self.shuffle else 0
         self.epoch, self.batches_done, self.batch_size = 0, 0, 1
 
@@ -220,7 +235,8 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         rank_shards = self.epoch_shards(self.epoch)[self.rank :: self.world_size]
         if len(rank_shards) < workers:
             raise ValueError(
-                f"rank {self.rank} gets {len(rank_shards)} of the {len(self.shards)} shards (world_size={self.world_size}), "
+                f"rank {self.rank} gets {len(rank_shards)} of the {len(self.shards)} shards "
+                f"(world_size={self.world_size}), "
                 f"fewer than its {workers} DataLoader workers: use num_workers <= "
                 f"{len(self.shards) // self.world_size} (or more shards)"
             )
@@ -273,5 +289,7 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         return (image, text) if label is None else (image, text, label)
 
     def __repr__(self) -> str:
-        return (f"TarShardDataset({len(self.shards)} shards, shuffle={self.shuffle}, seed={self.seed}, "
-                f"rank={self.rank}, world_size={self.world_size})")
+        return (
+            f"TarShardDataset({len(self.shards)} shards, shuffle={self.shuffle}, seed={self.seed}, "
+            f"rank={self.rank}, world_size={self.world_size})"
+        )

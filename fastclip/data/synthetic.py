@@ -43,8 +43,13 @@ POSITIONS: dict[str, tuple[float, float, str]] = {  # name: (x, y) centre as a f
 SIZES = {"small": 0.12, "large": 0.21}  # shape radius as a fraction of the side
 # 7 of the 40 pairs (17.5%); each colour at most once, each shape at most twice (black with none).
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
-    ("red", "triangle"), ("green", "cross"), ("blue", "square"), ("yellow", "star"),
-    ("purple", "circle"), ("orange", "triangle"), ("white", "cross"),
+    ("red", "triangle"),
+    ("green", "cross"),
+    ("blue", "square"),
+    ("yellow", "star"),
+    ("purple", "circle"),
+    ("orange", "triangle"),
+    ("white", "cross"),
 )
 TEMPLATES = (
     "a {colour} {shape} {where}",
@@ -87,12 +92,27 @@ def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
         points = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
         scale = radius
     elif shape == "star":
-        points = [((1.0 if k % 2 == 0 else 0.45) * math.cos(a), (1.0 if k % 2 == 0 else 0.45) * math.sin(a))
-                  for k, a in ((k, -math.pi / 2 + k * math.pi / 5) for k in range(10))]
+        points = [
+            ((1.0 if k % 2 == 0 else 0.45) * math.cos(a), (1.0 if k % 2 == 0 else 0.45) * math.sin(a))
+            for k, a in ((k, -math.pi / 2 + k * math.pi / 5) for k in range(10))
+        ]
         scale = radius
     else:  # cross: a plus sign with arms a third of its width
         t = 1 / 3
-        points = [(t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t), (-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t)]
+        points = [
+            (t, 1),
+            (-t, 1),
+            (-t, t),
+            (-1, t),
+            (-1, -t),
+            (-t, -t),
+            (-t, -1),
+            (t, -1),
+            (t, -t),
+            (1, -t),
+            (1, t),
+            (t, t),
+        ]
         scale = radius / math.hypot(1, t)
     cos, sin = math.cos(angle), math.sin(angle)
     return [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos)) for x, y in points]
@@ -127,8 +147,15 @@ class SyntheticShapes(torch.utils.data.Dataset):
     without drawing it.
     """
 
-    def __init__(self, num_samples: int, image_size: int = 64, *, seed: int = 0, split: str = "train",
-                 transform: Callable[[Image.Image], Any] | None = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        image_size: int = 64,
+        *,
+        seed: int = 0,
+        split: str = "train",
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
@@ -155,9 +182,17 @@ class SyntheticShapes(torch.utils.data.Dataset):
         position = list(POSITIONS)[rng.integers(len(POSITIONS))]
         size = list(SIZES)[rng.integers(len(SIZES))]
         template = TEMPLATES[rng.integers(len(TEMPLATES))]
-        caption = _AN.sub(r"\1n \2", template.format(colour=colour, shape=shape, size=size, where=POSITIONS[position][2]))
-        return {"colour": colour, "shape": shape, "position": position, "size": size,
-                "class_index": class_index(colour, shape), "caption": caption}
+        caption = _AN.sub(
+            r"\1n \2", template.format(colour=colour, shape=shape, size=size, where=POSITIONS[position][2])
+        )
+        return {
+            "colour": colour,
+            "shape": shape,
+            "position": position,
+            "size": size,
+            "class_index": class_index(colour, shape),
+            "caption": caption,
+        }
 
     def attributes(self, index: int) -> dict[str, Any]:
         """Item `index`'s colour, shape, position, size, class_index (into `class_names()`) and caption."""
@@ -186,7 +221,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
             draw.ellipse([(cx - radius) * s, (cy - radius) * s, (cx + radius) * s, (cy + radius) * s], fill=255)
         else:
             angle = rng.uniform(-0.35, 0.35)  # a small tilt: still clearly the named shape
-            draw.polygon([(px * s, py * s) for px, py in _polygon(attributes["shape"], cx, cy, radius, angle)], fill=255)
+            draw.polygon(
+                [(px * s, py * s) for px, py in _polygon(attributes["shape"], cx, cy, radius, angle)], fill=255
+            )
         alpha = np.asarray(mask.reduce(_SUPERSAMPLE), dtype=np.float32)[..., None] / 255.0  # (side, side, 1)
         pixels = background * (1.0 - alpha) + colour * alpha
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
@@ -199,5 +236,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous(), caption
 
     def __repr__(self) -> str:
-        return (f"SyntheticShapes({self.num_samples}, image_size={self.image_size}, seed={self.seed}, "
-                f"split={self.split!r}, {len(self._pairs)} colour-shape pairs)")
+        return (
+            f"SyntheticShapes({self.num_samples}, image_size={self.image_size}, seed={self.seed}, "
+            f"split={self.split!r}, {len(self._pairs)} colour-shape pairs)"
+        )

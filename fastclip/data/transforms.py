@@ -20,7 +20,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB; unreadable or non-image files raise ValueError naming the file."""
     is_path = isinstance(path, (str, os.PathLike))
     if not is_path and not hasattr(path, "read"):
-        raise TypeError(f"path must be a file path (str or os.PathLike) or a binary file object, got {type(path).__name__}")
+        raise TypeError(
+            f"path must be a file path (str or os.PathLike) or a binary file object, got {type(path).__name__}"
+        )
     try:
         with Image.open(path) as image:
             return image.convert("RGB")  # decodes now, so a truncated file fails here, not later

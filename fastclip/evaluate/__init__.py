@@ -19,8 +19,8 @@ from fastclip.evaluate.features import (
     image_tower_fingerprint,
     text_tower_fingerprint,
 )
-from fastclip.evaluate.few_shot import FewShotResult, few_shot, plot_few_shot, sample_k_shot
-from fastclip.evaluate.linear_probe import (
+from fastclip.evaluate.few_shot_curves import FewShotResult, few_shot, plot_few_shot, sample_k_shot
+from fastclip.evaluate.linear_probing import (
     PAPER_C_GRID,
     LinearClassifier,
     LinearProbeConfig,

@@ -160,8 +160,15 @@ class _Encoder:
     """What encoding images and encoding texts share: where the model runs and in which precision, the
     cache file of a key, the progress bar, and eval mode with L2-normalised fp32 rows on the CPU."""
 
-    def __init__(self, model: torch.nn.Module, *, amp: bool, cache_dir: str | os.PathLike | None,
-                 progress: bool | None, desc: str) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        amp: bool,
+        cache_dir: str | os.PathLike | None,
+        progress: bool | None,
+        desc: str,
+    ) -> None:
         self.model, self.cache_dir, self.desc = model, cache_dir, desc
         self.device = next(model.parameters()).device
         self.use_amp = amp and self.device.type == "cuda"
@@ -253,15 +260,21 @@ def extract_image_features(
     if targets is not None and len(targets) != len(paths):
         raise ValueError(f"targets must have one entry per path ({len(paths)}), got {len(targets)}")
     encoder = _Encoder(model, amp=amp, cache_dir=cache_dir, progress=progress, desc=desc)
-    path = encoder.cache_file("image", lambda: (model_id or image_tower_fingerprint(model), files_fingerprint(paths),
-                                                describe_preprocess(preprocess)))
+    path = encoder.cache_file(
+        "image",
+        lambda: (model_id or image_tower_fingerprint(model), files_fingerprint(paths), describe_preprocess(preprocess)),
+    )
     cached = _load_cached(path) if path is not None else None
     if cached is not None and {"features", "kept"} <= cached[0].keys():
         kept, skipped = cached[0]["kept"].tolist(), json.loads(cached[1].get("skipped", "[]"))
         return _image_features(cached[0]["features"], kept, skipped, paths, targets, classes, from_cache=True)
-    loader = torch.utils.data.DataLoader(_ReadableImages(paths, preprocess), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=_collate_readable,
-                                         pin_memory=encoder.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        _ReadableImages(paths, preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate_readable,
+        pin_memory=encoder.device.type == "cuda",
+    )
     rows, kept, skipped = [], [], []
     with encoder.evaluating():
         for indices, images, bad in encoder.bar(loader):
@@ -274,21 +287,43 @@ def extract_image_features(
         raise ValueError(f"none of the {len(paths)} images could be read (first: {os.fspath(paths[0])!r})")
     features = torch.cat(rows)
     if path is not None:
-        _save_cached(path, {"features": features, "kept": torch.tensor(kept, dtype=torch.int64)},
-                     {"skipped": json.dumps(skipped), "count": str(len(paths))})
+        _save_cached(
+            path,
+            {"features": features, "kept": torch.tensor(kept, dtype=torch.int64)},
+            {"skipped": json.dumps(skipped), "count": str(len(paths))},
+        )
     return _image_features(features, kept, skipped, paths, targets, classes, from_cache=False)
 
 
-def _image_features(features: torch.Tensor, kept: list[int], skipped: list[int], paths: list[Path],
-                    targets: Sequence[int] | None, classes: Sequence[str] | None, *, from_cache: bool) -> ImageFeatures:
+def _image_features(
+    features: torch.Tensor,
+    kept: list[int],
+    skipped: list[int],
+    paths: list[Path],
+    targets: Sequence[int] | None,
+    classes: Sequence[str] | None,
+    *,
+    from_cache: bool,
+) -> ImageFeatures:
     row_targets = torch.as_tensor([targets[i] for i in kept], dtype=torch.int64) if targets is not None else None
-    return ImageFeatures(features=features, paths=[paths[i] for i in kept], targets=row_targets,
-                         classes=list(classes) if classes is not None else None,
-                         skipped=[paths[i] for i in skipped], from_cache=from_cache)
+    return ImageFeatures(
+        features=features,
+        paths=[paths[i] for i in kept],
+        targets=row_targets,
+        classes=list(classes) if classes is not None else None,
+        skipped=[paths[i] for i in skipped],
+        from_cache=from_cache,
+    )
 
 
-def image_folder_features(model: torch.nn.Module, root: str | os.PathLike, preprocess: Callable[[Any], torch.Tensor],
-                          *, what: str = "image folder", **kwargs: Any) -> ImageFeatures:
+def image_folder_features(
+    model: torch.nn.Module,
+    root: str | os.PathLike,
+    preprocess: Callable[[Any], torch.Tensor],
+    *,
+    what: str = "image folder",
+    **kwargs: Any,
+) -> ImageFeatures:
     """Features of an image folder with one sub-folder per class (see `extract_image_features` for kwargs).
 
     An empty class folder, or a class none of whose images can be read, raises ValueError: a class
@@ -300,10 +335,13 @@ def image_folder_features(model: torch.nn.Module, root: str | os.PathLike, prepr
     sub_folders = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
     empty = [name for name in sub_folders if name not in listing.classes]
     if empty:
-        raise ValueError(f"{what} {os.fspath(root)!r}: class folder(s) {empty} contain no images "
-                         f"(remove them, or add images with extensions of fastclip.data.IMAGE_EXTENSIONS)")
-    result = extract_image_features(model, listing.paths, preprocess, targets=listing.targets,
-                                    classes=listing.classes, **kwargs)
+        raise ValueError(
+            f"{what} {os.fspath(root)!r}: class folder(s) {empty} contain no images "
+            f"(remove them, or add images with extensions of fastclip.data.IMAGE_EXTENSIONS)"
+        )
+    result = extract_image_features(
+        model, listing.paths, preprocess, targets=listing.targets, classes=listing.classes, **kwargs
+    )
     present = set(result.targets.tolist())
     unreadable = [name for i, name in enumerate(listing.classes) if i not in present]
     if unreadable:
@@ -312,10 +350,18 @@ def image_folder_features(model: torch.nn.Module, root: str | os.PathLike, prepr
 
 
 @torch.no_grad()
-def extract_text_features(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], texts: Sequence[str],
-                          *, batch_size: int = 256, amp: bool = True, cache_dir: str | os.PathLike | None = None,
-                          model_id: str | None = None, progress: bool | None = None,
-                          desc: str = "encode texts") -> torch.Tensor:
+def extract_text_features(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    texts: Sequence[str],
+    *,
+    batch_size: int = 256,
+    amp: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    model_id: str | None = None,
+    progress: bool | None = None,
+    desc: str = "encode texts",
+) -> torch.Tensor:
     """Unit-norm float32 text features [T, D] on the CPU, cached like image features (the keyword
     arguments mean what they mean for `extract_image_features`)."""
     texts = list(texts)

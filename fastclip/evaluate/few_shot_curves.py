@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fastclip.evaluate.linear_probe import LinearProbeConfig, _as_features, _as_targets, linear_probe
+from fastclip.evaluate.linear_probing import LinearProbeConfig, _as_features, _as_targets, linear_probe
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -38,8 +38,10 @@ def sample_k_shot(targets: torch.Tensor, k: int, seed: int, *, classes: Sequence
         members = (targets == c).nonzero().flatten()
         if len(members) < k:
             name = repr(classes[c]) if classes is not None and c < len(classes) else str(c)
-            raise ValueError(f"k={k} shots per class is more than class {name} has ({len(members)} training "
-                             f"images): lower the largest k or add images")
+            raise ValueError(
+                f"k={k} shots per class is more than class {name} has ({len(members)} training "
+                f"images): lower the largest k or add images"
+            )
         chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
     return torch.cat(chosen).sort().values
 
@@ -60,8 +62,13 @@ class FewShotResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shots": self.shots, "seeds": self.seeds, "zero_shot": self.zero_shot,
-                "summary": {str(k): v for k, v in self.summary().items()}, "runs": self.runs}
+        return {
+            "shots": self.shots,
+            "seeds": self.seeds,
+            "zero_shot": self.zero_shot,
+            "summary": {str(k): v for k, v in self.summary().items()},
+            "runs": self.runs,
+        }
 
 
 def few_shot(
@@ -102,8 +109,16 @@ def few_shot(
             run_C = config.C if config.C is not None else (None if k >= 2 else fallback_C)
             run = dataclasses.replace(config, C=run_C, num_classes=num_classes, seed=seed)
             result = linear_probe(train_x[indices], train_y[indices], test_features, test_targets, config=run)
-            runs.append({"k": k, "seed": seed, "num_train": len(indices), "C": result.C, "top1": result.top1,
-                         "mean_per_class": result.mean_per_class})
+            runs.append(
+                {
+                    "k": k,
+                    "seed": seed,
+                    "num_train": len(indices),
+                    "C": result.C,
+                    "top1": result.top1,
+                    "mean_per_class": result.mean_per_class,
+                }
+            )
     return FewShotResult(shots=sorted(set(shots)), seeds=list(seeds), runs=runs, zero_shot=zero_shot)
 
 
@@ -115,12 +130,20 @@ def _check_shots(train_y: torch.Tensor, k: int, classes: Sequence[str] | None) -
     if k > smallest:
         c = int(torch.nonzero(present & (counts == smallest))[0])
         name = repr(classes[c]) if classes is not None and c < len(classes) else str(c)
-        raise ValueError(f"k={k} shots per class is more than class {name} has ({smallest} training images): "
-                         f"lower the largest k or add images")
+        raise ValueError(
+            f"k={k} shots per class is more than class {name} has ({smallest} training images): "
+            f"lower the largest k or add images"
+        )
 
 
-def plot_few_shot(result: FewShotResult, path: str | os.PathLike, *, linear_probe_top1: float | None = None,
-                  title: str | None = None, metric: str = "top1") -> Path:
+def plot_few_shot(
+    result: FewShotResult,
+    path: str | os.PathLike,
+    *,
+    linear_probe_top1: float | None = None,
+    title: str | None = None,
+    metric: str = "top1",
+) -> Path:
     """Save a PNG of accuracy against shots per class (the paper's figure 6); returns its path.
 
     The x axis is the shot count, evenly spaced; mean ± std over seeds is a line with a band; zero-shot
@@ -138,15 +161,25 @@ def plot_few_shot(result: FewShotResult, path: str | os.PathLike, *, linear_prob
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     axes.plot(positions, means, "o-", color="tab:blue", label=f"linear probe, k shots ({len(result.seeds)} seeds)")
-    axes.fill_between(positions, [m - s for m, s in zip(means, stds, strict=True)],
-                      [m + s for m, s in zip(means, stds, strict=True)],
-                      color="tab:blue", alpha=0.2, linewidth=0)
+    axes.fill_between(
+        positions,
+        [m - s for m, s in zip(means, stds, strict=True)],
+        [m + s for m, s in zip(means, stds, strict=True)],
+        color="tab:blue",
+        alpha=0.2,
+        linewidth=0,
+    )
     if result.zero_shot is not None:
         axes.axhline(100 * result.zero_shot, color="tab:purple", linestyle="--", linewidth=1)
         axes.plot([0], [100 * result.zero_shot], "*", color="tab:purple", markersize=14, label="zero-shot")
     if linear_probe_top1 is not None:
-        axes.axhline(100 * linear_probe_top1, color="tab:green", linestyle=":", linewidth=1.5,
-                     label="linear probe, all training data")
+        axes.axhline(
+            100 * linear_probe_top1,
+            color="tab:green",
+            linestyle=":",
+            linewidth=1.5,
+            label="linear probe, all training data",
+        )
     axes.set_xticks([0, *positions], ["0", *[str(k) for k in result.shots]])
     axes.set_xlim(-0.4, positions[-1] + 0.4)
     axes.set_xlabel("labelled training examples per class")

@@ -59,8 +59,16 @@ class LinearProbeResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the weights)."""
-        return {"top1": self.top1, "mean_per_class": self.mean_per_class, "C": self.C, "metric": self.metric,
-                "solver": self.solver, "num_train": self.num_train, "num_test": self.num_test, "search": self.search}
+        return {
+            "top1": self.top1,
+            "mean_per_class": self.mean_per_class,
+            "C": self.C,
+            "metric": self.metric,
+            "solver": self.solver,
+            "num_train": self.num_train,
+            "num_test": self.num_test,
+            "search": self.search,
+        }
 
 
 # --- inputs and metrics
@@ -150,8 +158,17 @@ def _few_threads_if_small(work: int, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _fit_torch(features: torch.Tensor, targets: torch.Tensor, C: float, num_classes: int, *, max_iter: int,
-               tol: float, device: torch.device, init: LinearClassifier | None) -> LinearClassifier:
+def _fit_torch(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    C: float,
+    num_classes: int,
+    *,
+    max_iter: int,
+    tol: float,
+    device: torch.device,
+    init: LinearClassifier | None,
+) -> LinearClassifier:
     # float64 on the CPU costs little and lets the solver converge as tightly as scipy's; a GPU gets
     # float32, where large feature sets live and where float64 is slow.
     dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -172,8 +189,16 @@ def _fit_torch(features: torch.Tensor, targets: torch.Tensor, C: float, num_clas
     weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
     one_hot = F.one_hot(y, num_classes).to(dtype)  # (N, K)
     scale, penalty = 1.0 / x.shape[0], 1.0 / (2.0 * C * x.shape[0])
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, history_size=10,
-                                  tolerance_grad=tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=2 * max_iter,
+        history_size=10,
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         # The gradient in closed form (softmax minus one-hot), written into .grad for L-BFGS: about
@@ -191,8 +216,9 @@ def _fit_torch(features: torch.Tensor, targets: torch.Tensor, C: float, num_clas
     return LinearClassifier(weight.detach(), bias.detach() - mean @ weight.detach())
 
 
-def _fit_sklearn(features: torch.Tensor, targets: torch.Tensor, C: float, num_classes: int, *, max_iter: int,
-                 tol: float) -> LinearClassifier:
+def _fit_sklearn(
+    features: torch.Tensor, targets: torch.Tensor, C: float, num_classes: int, *, max_iter: int, tol: float
+) -> LinearClassifier:
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError as error:
@@ -279,8 +305,15 @@ def _log_step(grid: Sequence[float]) -> float:
 
 
 def search_C(
-    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
-    num_classes: int, C_grid: Sequence[float] = PAPER_C_GRID, refine_steps: int = 2, metric: str = "top1",
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    num_classes: int,
+    C_grid: Sequence[float] = PAPER_C_GRID,
+    refine_steps: int = 2,
+    metric: str = "top1",
     **fit_kwargs: Any,
 ) -> tuple[float, list[dict[str, float]], LinearClassifier]:
     """(best C, every trial {"C", "score", "loss"}, the classifier fitted at the best C on `train_x`).
@@ -314,7 +347,7 @@ def search_C(
     for _ in range(refine_steps):
         step /= 2
         centre = best()["C"]
-        for C in (centre * 10.0 ** -step, centre * 10.0 ** step):
+        for C in (centre * 10.0**-step, centre * 10.0**step):
             if all(not math.isclose(C, c, rel_tol=1e-9) for c in fitted):
                 trial(C)
     chosen = best()["C"]
@@ -366,8 +399,9 @@ def linear_probe(
     train_x = _as_features(train_features, "train_features")
     test_x = _as_features(test_features, "test_features")
     if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"train_features and test_features must have the same width, got "
-                         f"{train_x.shape[1]} and {test_x.shape[1]}")
+        raise ValueError(
+            f"train_features and test_features must have the same width, got {train_x.shape[1]} and {test_x.shape[1]}"
+        )
     train_y = _as_targets(train_targets, train_x.shape[0], "train_targets")
     test_y = _as_targets(test_targets, test_x.shape[0], "test_targets")
     num_classes = _num_classes(config.num_classes, train_y, test_y)
@@ -375,13 +409,25 @@ def linear_probe(
     if missing:
         raise ValueError(f"test classes {missing[:10]} have no training examples: the probe cannot predict them")
     C, search, init = _choose_C(train_x, train_y, num_classes, config)
-    classifier = fit_logistic_regression(train_x, train_y, C, num_classes=num_classes,
-                                         init=init if config.solver == "torch" else None, **_fit_options(config))
+    classifier = fit_logistic_regression(
+        train_x,
+        train_y,
+        C,
+        num_classes=num_classes,
+        init=init if config.solver == "torch" else None,
+        **_fit_options(config),
+    )
     logits = classifier.logits(test_x)
     return LinearProbeResult(
-        top1=top1_accuracy(logits, test_y), mean_per_class=mean_per_class_accuracy(logits, test_y), C=float(C),
-        search=search, classifier=classifier, num_train=train_x.shape[0], num_test=test_x.shape[0],
-        solver=config.solver, metric=config.metric,
+        top1=top1_accuracy(logits, test_y),
+        mean_per_class=mean_per_class_accuracy(logits, test_y),
+        C=float(C),
+        search=search,
+        classifier=classifier,
+        num_train=train_x.shape[0],
+        num_test=test_x.shape[0],
+        solver=config.solver,
+        metric=config.metric,
     )
 
 
@@ -390,13 +436,22 @@ def _fit_options(config: LinearProbeConfig) -> dict[str, Any]:
     return {"solver": config.solver, "max_iter": config.max_iter, "tol": config.tol, "device": config.device}
 
 
-def _choose_C(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, config: LinearProbeConfig
-              ) -> tuple[float, list[dict[str, float]], LinearClassifier | None]:
+def _choose_C(
+    train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, config: LinearProbeConfig
+) -> tuple[float, list[dict[str, float]], LinearClassifier | None]:
     """(C, the search's trials, the classifier fitted at C on the search's split to warm-start the refit):
     config.C as given, or searched on a stratified validation split."""
     if config.C is not None:
         return config.C, [], None
     fit_idx, val_idx = stratified_split(train_y, config.val_fraction, config.seed)
-    return search_C(train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx],
-                    num_classes=num_classes, C_grid=config.C_grid, refine_steps=config.refine_steps,
-                    metric=config.metric, **_fit_options(config))
+    return search_C(
+        train_x[fit_idx],
+        train_y[fit_idx],
+        train_x[val_idx],
+        train_y[val_idx],
+        num_classes=num_classes,
+        C_grid=config.C_grid,
+        refine_steps=config.refine_steps,
+        metric=config.metric,
+        **_fit_options(config),
+    )

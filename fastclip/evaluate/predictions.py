@@ -44,16 +44,24 @@ class Prediction:
         return out
 
 
-def top_predictions(probabilities: torch.Tensor, classnames: Sequence[str], images: Sequence[str | os.PathLike],
-                    targets: Sequence[int] | torch.Tensor | None = None, *, k: int = 5) -> list[Prediction]:
+def top_predictions(
+    probabilities: torch.Tensor,
+    classnames: Sequence[str],
+    images: Sequence[str | os.PathLike],
+    targets: Sequence[int] | torch.Tensor | None = None,
+    *,
+    k: int = 5,
+) -> list[Prediction]:
     """One `Prediction` per row of `probabilities` [N, C] (class probabilities of image N).
 
     The rank counts the classes strictly more probable than the true one, plus one.
     """
     probabilities = torch.as_tensor(probabilities).float().cpu()
     if probabilities.dim() != 2 or probabilities.shape[1] != len(classnames):
-        raise ValueError(f"probabilities must be [N, {len(classnames)}] (one column per class name), "
-                         f"got {tuple(probabilities.shape)}")
+        raise ValueError(
+            f"probabilities must be [N, {len(classnames)}] (one column per class name), "
+            f"got {tuple(probabilities.shape)}"
+        )
     if len(images) != probabilities.shape[0]:
         raise ValueError(f"images must name one file per row ({probabilities.shape[0]}), got {len(images)}")
     if k < 1:
@@ -68,10 +76,12 @@ def top_predictions(probabilities: torch.Tensor, classnames: Sequence[str], imag
         ranks = ((probabilities > true).sum(1) + 1).tolist()
     return [
         Prediction(
-            image=Path(images[i]), labels=[classnames[j] for j in indices[i].tolist()],
+            image=Path(images[i]),
+            labels=[classnames[j] for j in indices[i].tolist()],
             probabilities=values[i].tolist(),
             target=classnames[int(targets[i])] if targets is not None else None,
-            rank=ranks[i] if ranks is not None else None, num_classes=len(classnames),
+            rank=ranks[i] if ranks is not None else None,
+            num_classes=len(classnames),
         )
         for i in range(probabilities.shape[0])
     ]
@@ -80,8 +90,11 @@ def top_predictions(probabilities: torch.Tensor, classnames: Sequence[str], imag
 def format_prediction(prediction: Prediction, root: str | os.PathLike | None = None, bar_width: int = 20) -> str:
     """Text view: the image, the true label and its rank, then one line per top label with a bar."""
     name = prediction.to_dict(root)["image"]
-    lines = [name if prediction.target is None else
-             f"{name}  correct label: {prediction.target}, ranked {prediction.rank} out of {prediction.num_classes}"]
+    lines = [
+        name
+        if prediction.target is None
+        else f"{name}  correct label: {prediction.target}, ranked {prediction.rank} out of {prediction.num_classes}"
+    ]
     width = max(len(label) for label in prediction.labels)
     for i, (label, p) in enumerate(zip(prediction.labels, prediction.probabilities), start=1):
         bar = "#" * round(p * bar_width)
@@ -109,8 +122,9 @@ def pick_gallery(predictions: Sequence[Prediction], count: int, seed: int = 0) -
     return chosen
 
 
-def save_gallery(predictions: Sequence[Prediction], path: str | os.PathLike, *, columns: int = 2,
-                 title: str | None = None) -> Path:
+def save_gallery(
+    predictions: Sequence[Prediction], path: str | os.PathLike, *, columns: int = 2, title: str | None = None
+) -> Path:
     """Save a PNG grid: each image beside a horizontal bar chart of its top labels; returns the path."""
     if not predictions:
         raise ValueError("save_gallery needs at least one prediction")
@@ -149,8 +163,9 @@ def _draw_image(axes: Any, prediction: Prediction) -> None:
     axes.set_yticks([])
     if prediction.target is not None:
         colour = "tab:green" if prediction.correct else "tab:red"
-        axes.set_title(f"{prediction.target}\nrank {prediction.rank}/{prediction.num_classes}", fontsize=8,
-                       color=colour)
+        axes.set_title(
+            f"{prediction.target}\nrank {prediction.rank}/{prediction.num_classes}", fontsize=8, color=colour
+        )
 
 
 def _draw_bars(axes: Any, prediction: Prediction) -> None:

@@ -31,12 +31,24 @@ class CaptionSet:
     skipped_rows: int = 0  # rows left out for an empty caption or an empty image path
 
 
-def read_caption_csv(path: str | os.PathLike, *, image_key: str = "filepath", caption_key: str = "title",
-                     separator: str | None = None, root: str | os.PathLike | None = None) -> CaptionSet:
+def read_caption_csv(
+    path: str | os.PathLike,
+    *,
+    image_key: str = "filepath",
+    caption_key: str = "title",
+    separator: str | None = None,
+    root: str | os.PathLike | None = None,
+) -> CaptionSet:
     """Group a caption CSV by image. A relative image path is looked up under `root` (default: the CSV's
     folder), then in the working directory."""
-    table = CaptionCsvDataset(path, transform=lambda image: image, image_key=image_key, caption_key=caption_key,
-                              separator=separator, root=root)
+    table = CaptionCsvDataset(
+        path,
+        transform=lambda image: image,
+        image_key=image_key,
+        caption_key=caption_key,
+        separator=separator,
+        root=root,
+    )
     index: dict[str, int] = {}
     images, captions, text_to_image, skipped = [], [], [], 0
     for row, (image, caption) in enumerate(zip(table.images, table.captions)):
@@ -57,8 +69,14 @@ def read_caption_csv(path: str | os.PathLike, *, image_key: str = "filepath", ca
 
 
 @torch.no_grad()
-def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: Sequence[int] | torch.Tensor,
-                ks: Sequence[int] = DEFAULT_KS, *, chunk_size: int = 1024) -> dict[str, float]:
+def recall_at_k(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_to_image: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
     """{"image_to_text_R@k", "text_to_image_R@k"} for each k; features are compared by cosine similarity.
 
     Keys match `fastclip.zero_shot.retrieval_recall`, which gives the same numbers when there are no ties.
@@ -67,14 +85,17 @@ def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_
     texts = torch.nn.functional.normalize(torch.as_tensor(text_features).float(), dim=-1)  # (T, D)
     owner = torch.as_tensor(text_to_image, dtype=torch.int64).to(texts.device)  # (T,)
     if images.dim() != 2 or texts.dim() != 2 or images.shape[1] != texts.shape[1] or not len(images) or not len(texts):
-        raise ValueError(f"image_features [I, D] and text_features [T, D] must be non-empty with one D, "
-                         f"got {tuple(images.shape)} and {tuple(texts.shape)}")
+        raise ValueError(
+            f"image_features [I, D] and text_features [T, D] must be non-empty with one D, "
+            f"got {tuple(images.shape)} and {tuple(texts.shape)}"
+        )
     if owner.shape != (len(texts),) or int(owner.min()) < 0 or int(owner.max()) >= len(images):
         raise ValueError(f"text_to_image must be [{len(texts)}] indices into the {len(images)} images")
     captioned = torch.bincount(owner, minlength=len(images)) > 0
     if not captioned.all():
-        raise ValueError(f"every image needs a caption; images without one include "
-                         f"{(~captioned).nonzero().flatten()[:5].tolist()}")
+        raise ValueError(
+            f"every image needs a caption; images without one include {(~captioned).nonzero().flatten()[:5].tolist()}"
+        )
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"ks must be ints >= 1, got {list(ks)!r}")
 
@@ -103,8 +124,13 @@ class RetrievalResult:
     skipped_rows: int  # rows without a caption or an image path
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recall": self.recall, "num_images": self.num_images, "num_captions": self.num_captions,
-                "skipped_images": [os.fspath(p) for p in self.skipped_images], "skipped_rows": self.skipped_rows}
+        return {
+            "recall": self.recall,
+            "num_images": self.num_images,
+            "num_captions": self.num_captions,
+            "skipped_images": [os.fspath(p) for p in self.skipped_images],
+            "skipped_rows": self.skipped_rows,
+        }
 
 
 def retrieval_from_csv(
@@ -125,13 +151,32 @@ def retrieval_from_csv(
 ) -> RetrievalResult:
     """Encode the images and captions of a caption CSV and compute recall@k both ways."""
     pairs = read_caption_csv(csv_path, image_key=image_key, caption_key=caption_key, separator=separator)
-    encoded = extract_image_features(model, pairs.images, preprocess, batch_size=batch_size, num_workers=num_workers,
-                                     cache_dir=cache_dir, progress=progress, amp=amp, desc="encode CSV images")
+    encoded = extract_image_features(
+        model,
+        pairs.images,
+        preprocess,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        cache_dir=cache_dir,
+        progress=progress,
+        amp=amp,
+        desc="encode CSV images",
+    )
     # Unreadable images drop out with their captions; the rest are renumbered to the kept rows.
     row_of = {path: row for row, path in enumerate(encoded.paths)}
-    kept = [(caption, row_of[pairs.images[i]]) for caption, i in zip(pairs.captions, pairs.text_to_image)
-            if pairs.images[i] in row_of]
-    texts = extract_text_features(model, tokenizer, [caption for caption, _ in kept], cache_dir=cache_dir,
-                                  progress=progress, amp=amp, desc="encode captions")
+    kept = [
+        (caption, row_of[pairs.images[i]])
+        for caption, i in zip(pairs.captions, pairs.text_to_image)
+        if pairs.images[i] in row_of
+    ]
+    texts = extract_text_features(
+        model,
+        tokenizer,
+        [caption for caption, _ in kept],
+        cache_dir=cache_dir,
+        progress=progress,
+        amp=amp,
+        desc="encode captions",
+    )
     recall = recall_at_k(encoded.features, texts, [row for _, row in kept], ks)
     return RetrievalResult(recall, len(encoded.paths), len(kept), encoded.skipped, pairs.skipped_rows)

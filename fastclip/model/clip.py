@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastclip.backends import check_attention_backend
 from fastclip.model.config import CLIPConfig
 from fastclip.model.modified_resnet import AttentionPool2d, ModifiedResNet
 from fastclip.model.text_transformer import TextTransformer
-from fastclip.backends import check_attention_backend
 from fastclip.model.transformer import MultiheadSelfAttention, Transformer
 from fastclip.model.vision_transformer import VisionTransformer
 

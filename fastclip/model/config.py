@@ -60,9 +60,13 @@ class VisionConfig:
             _check_positive_int("vision", "layers", self.layers)
             _check_positive_int("vision", "patch_size", self.patch_size)
             if self.image_size % self.patch_size:
-                raise ValueError(f"vision.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+                raise ValueError(
+                    f"vision.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+                )
         if self.is_resnet and self.image_size % 32:
-            raise ValueError(f"a ResNet's vision.image_size must be a multiple of 32 (its total stride), got {self.image_size}")
+            raise ValueError(
+                f"a ResNet's vision.image_size must be a multiple of 32 (its total stride), got {self.image_size}"
+            )
         if self.embed_width % self.head_width:
             raise ValueError(f"vision width {self.embed_width} is not a multiple of head_width {self.head_width}")
 
@@ -118,12 +122,16 @@ class CLIPConfig:
             self.text = TextConfig(**self.text)
         for name, cls in (("vision", VisionConfig), ("text", TextConfig)):
             if not isinstance(getattr(self, name), cls):
-                raise ValueError(f"config.{name} must be a {cls.__name__} or a dict of its fields, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"config.{name} must be a {cls.__name__} or a dict of its fields, got {getattr(self, name)!r}"
+                )
         if not isinstance(self.act, str) or self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
         value = self.init_logit_scale
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"config.init_logit_scale must be a finite number (the log of the initial scale), got {value!r}")
+            raise ValueError(
+                f"config.init_logit_scale must be a finite number (the log of the initial scale), got {value!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastclip.backends import check_attention_backend, parse_dtype
 from fastclip.checkpoint import (
     CheckpointError,
     download_pretrained,
@@ -20,7 +21,6 @@ from fastclip.checkpoint import (
 )
 from fastclip.model.clip import CLIP
 from fastclip.model.config import CLIPConfig, resolve_config
-from fastclip.backends import check_attention_backend, parse_dtype
 
 if TYPE_CHECKING:
     from fastclip.data.transforms import CLIPPreprocess
@@ -71,7 +71,9 @@ def create_model(
         source = f"checkpoint {path}"
         state, stored = load_state_dict(path)
         if stored is not None and config is not None and _without_act(stored) != _without_act(config):
-            raise ValueError(f"{source} was saved for a different config than the one requested: {_diff(stored, config)}")
+            raise ValueError(
+                f"{source} was saved for a different config than the one requested: {_diff(stored, config)}"
+            )
         if stored is not None:  # the file knows what its weights were trained with (e.g. the activation)
             config = stored
         elif config is None:
@@ -168,11 +170,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}") from error
+        raise ValueError(
+            f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{resolved}' was asked for, but no CUDA device is available here (torch.cuda.is_available() is False)")
+        raise ValueError(
+            f"device '{resolved}' was asked for, but no CUDA device is available here "
+            "(torch.cuda.is_available() is False)"
+        )
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"device '{resolved}' was asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(
+            f"device '{resolved}' was asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return resolved
 
 
@@ -189,4 +198,3 @@ def _diff(stored: CLIPConfig, requested: CLIPConfig) -> str:
         elif a[key] != b[key] and key not in ("act", "init_logit_scale"):
             out.append(f"{key}: file {a[key]!r} vs {b[key]!r}")
     return "; ".join(out)
-

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastclip.model.config import VisionConfig
 from fastclip.backends import check_attention_backend
+from fastclip.model.config import VisionConfig
 from fastclip.model.vision_transformer import _check_image
 from fastclip.ops.attention import attention
 
@@ -38,11 +38,13 @@ class Bottleneck(nn.Module):
         if stride > 1 or inplanes != out:
             # "-1" holds no parameters, so the state-dict names stay downsample.0 / downsample.1
             self.downsample = nn.Sequential(
-                OrderedDict([
-                    ("-1", nn.AvgPool2d(stride) if stride > 1 else nn.Identity()),
-                    ("0", nn.Conv2d(inplanes, out, 1, bias=False)),
-                    ("1", nn.BatchNorm2d(out)),
-                ])
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride) if stride > 1 else nn.Identity()),
+                        ("0", nn.Conv2d(inplanes, out, 1, bias=False)),
+                        ("1", nn.BatchNorm2d(out)),
+                    ]
+                )
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +74,9 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1 + G*G, C)
         x = x + self.positional_embedding.to(x.dtype)
         dh = width // self.heads
-        q = self.q_proj(x[:, :1]).view(batch, 1, self.heads, dh).transpose(1, 2)  # (B, H, 1, Dh): only the mean token asks
+        q = (
+            self.q_proj(x[:, :1]).view(batch, 1, self.heads, dh).transpose(1, 2)
+        )  # (B, H, 1, Dh): only the mean token asks
         k = self.k_proj(x).view(batch, -1, self.heads, dh).transpose(1, 2)  # (B, H, 1 + G*G, Dh)
         v = self.v_proj(x).view(batch, -1, self.heads, dh).transpose(1, 2)  # (B, H, 1 + G*G, Dh)
         out = attention(q, k, v, backend=self.backend)  # (B, H, 1, Dh)

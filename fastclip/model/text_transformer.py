@@ -79,7 +79,9 @@ class TextTransformer(nn.Module):
         if not isinstance(text, torch.Tensor):
             raise TypeError(f"text must be a tensor of token ids, got {type(text).__name__}")
         if text.dim() != 2 or text.shape[0] == 0 or text.shape[1] == 0:
-            raise ValueError(f"text must be a non-empty [batch, seq] tensor of token ids, got shape {tuple(text.shape)}")
+            raise ValueError(
+                f"text must be a non-empty [batch, seq] tensor of token ids, got shape {tuple(text.shape)}"
+            )
         if text.dtype.is_floating_point or text.dtype.is_complex or text.dtype == torch.bool:
             raise TypeError(f"text must hold integer token ids, got {text.dtype}")
         if text.shape[1] > self.context_length:

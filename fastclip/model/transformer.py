@@ -9,6 +9,7 @@ those are free from a batch-first fused qkv projection.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,9 @@ class MultiheadSelfAttention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, S, 3W)
         qkv = qkv.view(batch, seq, 3, self.heads, width // self.heads)  # (B, S, 3, H, Dh)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, Dh), strided views, no copy
-        out = attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, lengths=lengths,
-                        backend=self.backend)
+        out = attention(
+            q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, lengths=lengths, backend=self.backend
+        )
         out = out.transpose(1, 2).reshape(batch, seq, width)  # (B, S, W); free for the Triton output layout
         return self.out_proj(out)
 
@@ -75,7 +77,13 @@ class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(
-        self, width: int, heads: int, *, mlp_ratio: float = 4.0, act: str = "quick_gelu", causal: bool = False,
+        self,
+        width: int,
+        heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        act: str = "quick_gelu",
+        causal: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -84,11 +92,13 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = MultiheadSelfAttention(width, heads, causal=causal, backend=backend)
         self.ln_2 = LayerNorm(width)
         self.mlp = nn.Sequential(
-            OrderedDict([
-                ("c_fc", nn.Linear(width, hidden)),
-                ("gelu", make_activation(act)),  # named "gelu" in OpenAI's code whichever it is (no parameters)
-                ("c_proj", nn.Linear(hidden, width)),
-            ])
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, hidden)),
+                    ("gelu", make_activation(act)),  # named "gelu" in OpenAI's code whichever it is (no parameters)
+                    ("c_proj", nn.Linear(hidden, width)),
+                ]
+            )
         )
 
     def forward(
@@ -101,17 +111,12 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual attention blocks, optionally gradient-checkpointed block by block."""
 
-    def __init__(
-        self, width: int, layers: int, heads: int, *, mlp_ratio: float = 4.0, act: str = "quick_gelu",
-        causal: bool = False, backend: str = "auto",
-    ) -> None:
+    def __init__(self, width: int, layers: int, heads: int, **block_options: Any) -> None:
+        """`block_options`: each ResidualAttentionBlock's keywords (mlp_ratio, act, causal, backend)."""
         super().__init__()
         self.width, self.layers = width, layers
         self.grad_checkpointing = False
-        self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_ratio=mlp_ratio, act=act, causal=causal, backend=backend)
-            for _ in range(layers)
-        )
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, **block_options) for _ in range(layers))
 
     def init_weights(self) -> None:
         """OpenAI's init: std width^-0.5 for q/k/v, scaled down by depth for the residual projections."""

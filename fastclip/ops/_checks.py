@@ -57,7 +57,9 @@ def check_offset(offset: int, rows: int, num_pairs: int) -> None:
         raise ValueError(f"offset must be an int with 0 <= offset and offset + {rows} <= {num_pairs}, got {offset!r}")
 
 
-def one_value(name: str, value: torch.Tensor | float, device: torch.device, meaning: str) -> tuple[torch.Tensor, float | None]:
+def one_value(
+    name: str, value: torch.Tensor | float, device: torch.device, meaning: str
+) -> tuple[torch.Tensor, float | None]:
     """`value` as a one-element floating tensor on `device`, and its float (None when it cannot be read)."""
     device = torch.device(device)
     if not isinstance(value, torch.Tensor):
@@ -81,7 +83,9 @@ def as_logit_scale(logit_scale: torch.Tensor | float, device: torch.device) -> t
     """The multiplier s as a one-element tensor on `device`; positive and finite (checked in eager mode)."""
     logit_scale, value = one_value("logit_scale", logit_scale, device, "the multiplier exp(t)")
     if value is not None and not (math.isfinite(value) and value > 0):
-        raise ValueError(f"logit_scale must be positive and finite (it multiplies the cosine similarities), got {value}")
+        raise ValueError(
+            f"logit_scale must be positive and finite (it multiplies the cosine similarities), got {value}"
+        )
     return logit_scale
 
 
@@ -126,8 +130,11 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_fake_inputs(
-    image: torch.Tensor, text: torch.Tensor, scalars: dict[str, torch.Tensor],
-    rows: dict[str, torch.Tensor] | None = None, columns: dict[str, torch.Tensor] | None = None,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scalars: dict[str, torch.Tensor],
+    rows: dict[str, torch.Tensor] | None = None,
+    columns: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """The shape checks of the compiled pairwise ops, for their fake (meta) kernels.
 
@@ -135,14 +142,22 @@ def check_fake_inputs(
     instead of inside the kernel, and symbolic sizes stay symbolic. `scalars` hold one value each;
     `rows` are [n] vectors (one per image row), `columns` [N] vectors (one per text row).
     """
-    torch._check(image.dim() == 2 and text.dim() == 2,
-                 lambda: f"image and text must be 2-D, got shapes {tuple(image.shape)} and {tuple(text.shape)}")
-    torch._check(image.shape[1] == text.shape[1],
-                 lambda: f"feature dims differ: image has D={image.shape[1]}, text has D={text.shape[1]}")
+    torch._check(
+        image.dim() == 2 and text.dim() == 2,
+        lambda: f"image and text must be 2-D, got shapes {tuple(image.shape)} and {tuple(text.shape)}",
+    )
+    torch._check(
+        image.shape[1] == text.shape[1],
+        lambda: f"feature dims differ: image has D={image.shape[1]}, text has D={text.shape[1]}",
+    )
     torch._check(image.dtype == text.dtype, lambda: f"image and text dtypes differ: {image.dtype} and {text.dtype}")
     for name, value in scalars.items():
-        torch._check(value.numel() == 1, lambda name=name, value=value: f"{name} must hold one value, got {value.shape}")
+        torch._check(
+            value.numel() == 1, lambda name=name, value=value: f"{name} must hold one value, got {value.shape}"
+        )
     for size, vectors in ((image.shape[0], rows or {}), (text.shape[0], columns or {})):
         for name, vector in vectors.items():
-            torch._check(vector.dim() == 1 and vector.shape[0] == size,
-                         lambda name=name, vector=vector, size=size: f"{name} must be [{size}], got {tuple(vector.shape)}")
+            torch._check(
+                vector.dim() == 1 and vector.shape[0] == size,
+                lambda name=name, vector=vector, size=size: f"{name} must be [{size}], got {tuple(vector.shape)}",
+            )

@@ -16,8 +16,9 @@ Conventions (the same on every backend and in `attention_reference`):
 Backends: "triton" (the fused kernels of `attention_triton`, registered as the `fastclip::attention`
 custom op with fake and autograd kernels) and "torch" (`F.scaled_dot_product_attention`, which picks its
 own best kernel), or "auto": `fastclip.backends` says which runs where (fp32 goes to SDPA on a GPU: the
-kernels compiled for fp32 spill registers). `backend="triton"` also runs on CPU tensors when `TRITON_INTERPRET=1` was set before Triton kernels were
-first defined: that is how CI tests the kernel without a GPU.
+kernels compiled for fp32 spill registers). `backend="triton"` also runs on CPU tensors when
+`TRITON_INTERPRET=1` was set before Triton kernels were first defined: that is how CI tests the kernel
+without a GPU.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ from fastclip.backends import resolve_attention_backend
 from fastclip.ops._checks import check_float_tensor
 from fastclip.ops.attention_masks import visible_keys
 
+
 def check_attention_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
     lengths: torch.Tensor | None = None,
 ) -> None:
     """Shapes, dtypes and devices; raises TypeError/ValueError naming the argument and the expectation."""
@@ -43,7 +49,10 @@ def check_attention_inputs(
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device} and {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [batch, heads, seq_k, head_dim], got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            "k and v must have the same shape [batch, heads, seq_k, head_dim], "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
         raise ValueError(
             f"q [batch, heads, seq_q, head_dim] and k [batch, heads, seq_k, head_dim] must agree in batch, heads and "
@@ -63,7 +72,9 @@ def check_attention_inputs(
         )
     expected = (k.shape[0], k.shape[2])
     if tuple(key_padding_mask.shape) != expected:
-        raise ValueError(f"key_padding_mask must have shape [batch, seq_k] = {list(expected)}, got {tuple(key_padding_mask.shape)}")
+        raise ValueError(
+            f"key_padding_mask must have shape [batch, seq_k] = {list(expected)}, got {tuple(key_padding_mask.shape)}"
+        )
     if key_padding_mask.device != q.device:
         raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), got {key_padding_mask.device}")
 
@@ -121,8 +132,13 @@ def attention(
 
 
 def attention_torch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None,
-    scale: float, lengths: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The PyTorch path: SDPA, with `is_causal` (its fastest kernels) whenever there is no padding mask."""
     seq_q, seq_k = q.shape[-2], k.shape[-2]
@@ -182,8 +198,9 @@ def _attention_op(q, k, v, key_padding_mask, causal, scale, lengths=None):
     "Tensor? key_padding_mask, bool causal, float scale, Tensor? lengths=None) -> (Tensor, Tensor, Tensor)",
 )
 def _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, lengths=None):
-    return _check_triton_mode(q).backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale,
-                                          lengths=lengths)
+    return _check_triton_mode(q).backward(
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, lengths=lengths
+    )
 
 
 @_attention_op.register_fake

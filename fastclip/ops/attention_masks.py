@@ -6,7 +6,11 @@ import torch
 
 
 def visible_keys(
-    seq_q: int, seq_k: int, causal: bool, key_padding_mask: torch.Tensor | None, device: torch.device,
+    seq_q: int,
+    seq_k: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    device: torch.device,
     lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean [batch or 1, 1, seq_q or 1, seq_k] mask, True where query i may attend to key j; None = all."""

@@ -47,7 +47,8 @@ from fastclip.backends import triton_interpreting
 INTERPRET: bool = triton_interpreting()
 MAX_HEAD_DIM = 128  # register/shared-memory budget of one [BLOCK, head_dim] tile set; SDPA covers larger
 
-LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals (plain globals are not visible to jit code)
+# The kernels spell out log2(e) and ln(2) as literals: plain globals are not visible to jit code.
+LOG2E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -201,8 +202,8 @@ def _bwd_preprocess(
     tile_ok = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
                 mask=tile_ok, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=tile_ok, other=0.0)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    do = tl.load(do_ptrs, mask=tile_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     rows = pid_bh.to(tl.int64) * seq_q + offs_m
     if HAS_DLSE:
@@ -350,8 +351,8 @@ def _bwd_dq_kernel(
     tile_ok = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=tile_ok, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=tile_ok, other=0.0)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    do = tl.load(do_ptrs, mask=tile_ok, other=0.0)
     lse2, delta = _load_row_stats(Lse, Delta, pid_bh.to(tl.int64) * seq_q + offs_m, row_ok)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
@@ -520,7 +521,8 @@ def _resident_rows(kernel: str, config: triton.Config) -> int:
 
 def _tuned(kernel, table: list[tuple[int, int, int, int]], name: str):
     prune = functools.partial(_prune, kernel=name)
-    return triton.autotune(configs=_configs(table), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
+    tune = triton.autotune(configs=_configs(table), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})
+    return tune(kernel)
 
 
 _fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS, "fwd")

@@ -58,8 +58,14 @@ class LossTerms:
     masked_diagonal: int | None = None
 
 
-def clip_terms(num_pairs: int, labels: torch.Tensor | None, weight: float, label_smoothing: float,
-               acc: torch.dtype, device: torch.device) -> LossTerms:
+def clip_terms(
+    num_pairs: int,
+    labels: torch.Tensor | None,
+    weight: float,
+    label_smoothing: float,
+    acc: torch.dtype,
+    device: torch.device,
+) -> LossTerms:
     """CLIP's loss (module docstring of contrastive_loss) for N matched pairs, one process."""
     n, eps = num_pairs, label_smoothing
     full = lambda size, value: torch.full((size,), value, dtype=acc, device=device)  # noqa: E731
@@ -159,8 +165,10 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("the fused contrastive-loss gradient is first-order only: double backward through "
-                           "fastclip's losses is not supported")
+        raise RuntimeError(
+            "the fused contrastive-loss gradient is first-order only: double backward through "
+            "fastclip's losses is not supported"
+        )
 
 
 def _first_order(grad: torch.Tensor, anchors: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -170,9 +178,16 @@ def _first_order(grad: torch.Tensor, anchors: tuple[torch.Tensor, ...]) -> torch
     return grad
 
 
-def attach_fused_gradient(value: torch.Tensor, image: torch.Tensor, text: torch.Tensor | None,
-                          logit_scale: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
-                          terms: Callable[[], LossTerms], backend: str) -> torch.Tensor:
+def attach_fused_gradient(
+    value: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor | None,
+    logit_scale: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    terms: Callable[[], LossTerms],
+    backend: str,
+) -> torch.Tensor:
     """`value` (computed without autograd) as a differentiable function of the features and the scale.
 
     `terms` builds the loss's LossTerms, only when a gradient is wanted; `backend` is a resolved one.
@@ -187,15 +202,42 @@ def _register_compiled_op() -> None:
     """Fake kernel and first-order-only autograd of the C++/CUDA op."""
 
     @torch.library.register_fake(f"fastclip::{OP}")
-    def _(grad_row, grad_col, grad_positive, grad_uniform, grad_pair, image, text, logit_scale, row_lse, col_lse,
-          row_ids, col_ids, partner, masked_diagonal=None):
-        check_fake_inputs(image, text, {"logit_scale": logit_scale, "grad_uniform": grad_uniform},
-                          rows={"grad_row": grad_row, "grad_positive": grad_positive, "grad_pair": grad_pair,
-                                "row_lse": row_lse, "row_ids": row_ids, "partner": partner},
-                          columns={"grad_col": grad_col, "col_lse": col_lse, "col_ids": col_ids})
+    def _(
+        grad_row,
+        grad_col,
+        grad_positive,
+        grad_uniform,
+        grad_pair,
+        image,
+        text,
+        logit_scale,
+        row_lse,
+        col_lse,
+        row_ids,
+        col_ids,
+        partner,
+        masked_diagonal=None,
+    ):
+        check_fake_inputs(
+            image,
+            text,
+            {"logit_scale": logit_scale, "grad_uniform": grad_uniform},
+            rows={
+                "grad_row": grad_row,
+                "grad_positive": grad_positive,
+                "grad_pair": grad_pair,
+                "row_lse": row_lse,
+                "row_ids": row_ids,
+                "partner": partner,
+            },
+            columns={"grad_col": grad_col, "col_lse": col_lse, "col_ids": col_ids},
+        )
         acc = accumulate_dtype(image.dtype)
-        return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
-                logit_scale.new_empty((), dtype=acc))
+        return (
+            image.new_empty(image.shape, dtype=acc),
+            text.new_empty(text.shape, dtype=acc),
+            logit_scale.new_empty((), dtype=acc),
+        )
 
     register_first_order_only(OP)
 

@@ -32,9 +32,9 @@ from fastclip.ops._checks import (
     check_features,
     check_labels,
     check_matched_pairs,
-    share_hint,
     check_offset,
     check_unit_interval,
+    share_hint,
 )
 from fastclip.ops.contrastive_gradient import LossTerms, attach_fused_gradient, clip_terms
 from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
@@ -113,7 +113,9 @@ def contrastive_loss_from_lse(
         if lse.device != image_features.device:
             raise ValueError(f"{name} must be on the features' device {image_features.device}, got {lse.device}")
     if row_lse.shape != (n,) or col_lse.shape != (num_pairs,):
-        raise ValueError(f"row_lse must be [{n}] and col_lse [{num_pairs}], got {tuple(row_lse.shape)} and {tuple(col_lse.shape)}")
+        raise ValueError(
+            f"row_lse must be [{n}] and col_lse [{num_pairs}], got {tuple(row_lse.shape)} and {tuple(col_lse.shape)}"
+        )
     if labels is not None:
         labels = check_labels("labels", labels, num_pairs, image_features.device)
     scale = as_logit_scale(logit_scale, image_features.device)

@@ -64,7 +64,9 @@ def register_first_order_only(op: str) -> None:
     """
 
     def backward(ctx, *grads):
-        raise RuntimeError(f"fastclip::{op} is first-order only: double backward through fastclip's losses is not supported")
+        raise RuntimeError(
+            f"fastclip::{op} is first-order only: double backward through fastclip's losses is not supported"
+        )
 
     torch.library.register_autograd(f"fastclip::{op}", backward)
 
@@ -80,8 +82,13 @@ def _register_compiled_op() -> None:
 
     @torch.library.register_fake(f"fastclip::{OP}_backward")
     def _(grad_row, grad_col, image, text, logit_scale, row_lse, col_lse, masked_diagonal=None):
-        check_fake_inputs(image, text, {"logit_scale": logit_scale}, rows={"grad_row_lse": grad_row, "row_lse": row_lse},
-                          columns={"grad_col_lse": grad_col, "col_lse": col_lse})
+        check_fake_inputs(
+            image,
+            text,
+            {"logit_scale": logit_scale},
+            rows={"grad_row_lse": grad_row, "row_lse": row_lse},
+            columns={"grad_col_lse": grad_col, "col_lse": col_lse},
+        )
         return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
 
     def setup_context(ctx, inputs, output):

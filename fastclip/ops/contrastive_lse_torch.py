@@ -151,13 +151,25 @@ def tiled_loss_gradient(
         grad_scale += (grad_sim * dot).sum()
         grad_img[rows] = (grad_sim @ txt).mul_(scale)
         grad_txt.addmm_(grad_sim.T, img[rows], alpha=scale)
-    add_pair_entries(img, txt, scale, (grad_row, grad_col, grad_pair), partner, row_rest, col_rest, pair_dot,
-                     grad_img, grad_txt, grad_scale)
+    add_pair_entries(
+        img,
+        txt,
+        scale,
+        (grad_row, grad_col, grad_pair),
+        partner,
+        row_rest,
+        col_rest,
+        pair_dot,
+        grad_img,
+        grad_txt,
+        grad_scale,
+    )
     return grad_img, grad_txt, grad_scale
 
 
-def add_pair_entries(img, txt, scale, coefficients, partner, row_rest, col_rest, pair_dot, grad_img, grad_txt,
-                     grad_scale) -> None:
+def add_pair_entries(
+    img, txt, scale, coefficients, partner, row_rest, col_rest, pair_dot, grad_img, grad_txt, grad_scale
+) -> None:
     """Add the pair entries G_i,partner(i) = grad_pair_i - gr_i row_rest_i - gc_p col_rest_p in place.
 
     P - 1 at a pair entry is minus the rest of its row (column): a sum of small terms, exact where 1 - P is

@@ -37,8 +37,9 @@ def column_sum(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return total
 
 
-def class_sums(x: torch.Tensor, ids: torch.Tensor, num_ids: int, acc: torch.dtype,
-               weights: torch.Tensor | None = None) -> torch.Tensor:
+def class_sums(
+    x: torch.Tensor, ids: torch.Tensor, num_ids: int, acc: torch.dtype, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """[num_ids, D]: row k sums (weights_i *) x_i over the rows i with ids[i] == k, in `acc`."""
     sums = x.new_zeros((num_ids, x.shape[1]), dtype=acc)
     for start, stop in row_chunks(x.shape[0], x.shape[1], acc):

@@ -51,7 +51,9 @@ def pairwise_sigmoid(
     return dispatch_pairwise_sigmoid(image_features, text_features, scale, bias, row_labels, col_labels, backend)
 
 
-def dispatch_pairwise_sigmoid(image, text, logit_scale, logit_bias, row_labels, col_labels, backend: str) -> torch.Tensor:
+def dispatch_pairwise_sigmoid(
+    image, text, logit_scale, logit_bias, row_labels, col_labels, backend: str
+) -> torch.Tensor:
     """Run the chosen backend on already-checked inputs (labels int64)."""
     if resolve_loss_backend(backend, image.device, image.dtype, OP) == "torch":
         return pairwise_sigmoid_torch(image, text, logit_scale, logit_bias, row_labels, col_labels)
@@ -63,16 +65,30 @@ def _register_compiled_op() -> None:
 
     @torch.library.register_fake(f"fastclip::{OP}")
     def _(image, text, logit_scale, logit_bias, row_labels, col_labels):
-        check_fake_inputs(image, text, {"logit_scale": logit_scale, "logit_bias": logit_bias},
-                          rows={"row_labels": row_labels}, columns={"col_labels": col_labels})
+        check_fake_inputs(
+            image,
+            text,
+            {"logit_scale": logit_scale, "logit_bias": logit_bias},
+            rows={"row_labels": row_labels},
+            columns={"col_labels": col_labels},
+        )
         return image.new_empty(image.shape[0], dtype=accumulate_dtype(image.dtype))
 
     @torch.library.register_fake(f"fastclip::{OP}_backward")
     def _(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels):
-        check_fake_inputs(image, text, {"logit_scale": logit_scale, "logit_bias": logit_bias},
-                          rows={"grad_row_loss": grad_row, "row_labels": row_labels}, columns={"col_labels": col_labels})
-        return (torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale),
-                torch.empty_like(logit_bias))
+        check_fake_inputs(
+            image,
+            text,
+            {"logit_scale": logit_scale, "logit_bias": logit_bias},
+            rows={"grad_row_loss": grad_row, "row_labels": row_labels},
+            columns={"col_labels": col_labels},
+        )
+        return (
+            torch.empty_like(image),
+            torch.empty_like(text),
+            torch.empty_like(logit_scale),
+            torch.empty_like(logit_bias),
+        )
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

@@ -28,7 +28,8 @@ def class_sums(features: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) ->
     return sums.index_add(0, ids, features.to(dtype))
 
 
-def same_label_dots(rows: torch.Tensor, columns: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor,
-                    dtype: torch.dtype) -> torch.Tensor:
+def same_label_dots(
+    rows: torch.Tensor, columns: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """[n]: sum over columns j with col_ids[j] == row_ids[i] of <rows_i, columns_j>, in `dtype`."""
     return (rows.to(dtype) * class_sums(columns, col_ids, dtype)[row_ids]).sum(1)

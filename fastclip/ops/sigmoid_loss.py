@@ -18,8 +18,8 @@ from fastclip.ops._checks import (
     check_features,
     check_labels,
     check_matched_pairs,
-    share_hint,
     check_offset,
+    share_hint,
 )
 from fastclip.ops.pairwise_sigmoid import dispatch_pairwise_sigmoid
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from fastclip.ops._checks import one_value, accumulate_dtype, check_features, check_labels
-from fastclip.ops.contrastive_gradient import attach_fused_gradient, supcon_terms
 from fastclip.backends import resolve_loss_backend
+from fastclip.ops._checks import accumulate_dtype, check_features, check_labels, one_value
+from fastclip.ops.contrastive_gradient import attach_fused_gradient, supcon_terms
 from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
 from fastclip.ops.positives import class_ids, same_label_dots
 
@@ -60,8 +60,10 @@ def supcon_loss(
     """
     check_features(features, features, ("features", "features"))
     device = features.device
-    labels = view_labels(features.shape[0], device) if labels is None else check_labels(
-        "labels", labels, features.shape[0], device
+    labels = (
+        view_labels(features.shape[0], device)
+        if labels is None
+        else check_labels("labels", labels, features.shape[0], device)
     )
     scale = as_temperature_scale(temperature, device, features.dtype)
     backend = resolve_loss_backend(backend, device, features.dtype)
@@ -71,8 +73,9 @@ def supcon_loss(
     # A view as the second operand: torch.compile cannot trace one tensor passed twice to an autograd.Function.
     row_lse, col_lse = dispatch_contrastive_lse(detached, detached.view_as(detached), scale.detach(), backend, 0)
     value = supcon_loss_share(detached, detached, scale.detach(), row_lse, labels, offset=0)
-    return attach_fused_gradient(value, features, None, scale, row_lse, col_lse,
-                                 lambda: supcon_terms(labels, row_lse.dtype), backend)
+    return attach_fused_gradient(
+        value, features, None, scale, row_lse, col_lse, lambda: supcon_terms(labels, row_lse.dtype), backend
+    )
 
 
 def supcon_loss_share(

@@ -105,8 +105,9 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 < self.crop_scale <= 1.0:
-            raise ValueError(f"crop_scale must lie in (0, 1] (the smallest crop's share of the image area), "
-                             f"got {self.crop_scale}")
+            raise ValueError(
+                f"crop_scale must lie in (0, 1] (the smallest crop's share of the image area), got {self.crop_scale}"
+            )
         if not 0.0 <= self.loss_weight <= 1.0 or not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError("loss_weight and label_smoothing must lie in [0, 1]")
         if self.loss not in LOSSES:
@@ -114,8 +115,10 @@ class TrainConfig:
         if self.loss == "siglip":
             for name in ("loss_weight", "label_smoothing"):
                 if getattr(self, name) != getattr(TrainConfig, name):
-                    raise ValueError(f"{name} applies to loss='clip' only; loss='siglip' has no {name} "
-                                     f"(leave it at {getattr(TrainConfig, name)})")
+                    raise ValueError(
+                        f"{name} applies to loss='clip' only; loss='siglip' has no {name} "
+                        f"(leave it at {getattr(TrainConfig, name)})"
+                    )
         if self.use_labels and self.dataset == "csv" and not self.csv_label_key:
             raise ValueError("use_labels with dataset='csv' needs csv_label_key (the column of integer class ids)")
         self._check_outputs_and_data()
@@ -127,8 +130,10 @@ class TrainConfig:
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must lie in [0, 1], got {self.max_skip_fraction}")
         if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite contradict each other: resume continues the run in output_dir, "
-                             "overwrite deletes it; give one of them")
+            raise ValueError(
+                "resume and overwrite contradict each other: resume continues the run in output_dir, "
+                "overwrite deletes it; give one of them"
+            )
         if self.csv_separator is not None:
             from fastclip.data.pairs import normalize_separator
 
@@ -184,11 +189,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             text = f"{text} (default: {default})".strip()
         text = text.replace("%", "%%")  # argparse formats help with %
         if kind is bool:
-            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=text)
+            parser.add_argument(
+                *flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
         else:
-            parser.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=text,
-                                metavar=name.upper())
+            parser.add_argument(
+                *flags, dest=name, type=kind, default=argparse.SUPPRESS, help=text, metavar=name.upper()
+            )
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

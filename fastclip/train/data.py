@@ -126,9 +126,12 @@ class DataHealth:
         if seen and self.read == 0:
             raise ValueError(self._message(f"none of the first {seen} training samples could be read"))
         if seen and self.skipped / seen > self.max_skip_fraction:
-            raise ValueError(self._message(
-                f"{self.skipped} of the first {seen} training samples could not be read (more than "
-                f"max_skip_fraction={self.max_skip_fraction:g}; --max-skip-fraction 1 trains on what can be read)"))
+            raise ValueError(
+                self._message(
+                    f"{self.skipped} of the first {seen} training samples could not be read (more than "
+                    f"max_skip_fraction={self.max_skip_fraction:g}; --max-skip-fraction 1 trains on what can be read)"
+                )
+            )
         self.judged = True
         self.flush()
 
@@ -158,39 +161,59 @@ def build_train_data(config: TrainConfig, image_size: int, tokenizer, *, rank: i
     take_skip_reasons()  # reasons noted by reads before this run (a dataset indexed by hand) are not its own
     transform = TrainTransform(image_size, scale=(config.crop_scale, 1.0), jitter=config.jitter)
     collate = make_collate(tokenizer)
-    loader_options = dict(batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate,
-                          drop_last=True, pin_memory=torch.cuda.is_available(),
-                          worker_init_fn=_own_process_group if config.workers > 0 else None)
+    loader_options = dict(
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_own_process_group if config.workers > 0 else None,
+    )
     if config.dataset == "shards":
         from fastclip.data.shards import TarShardDataset
 
-        dataset = TarShardDataset(config.train_data, transform, shuffle=True, seed=config.seed, rank=rank,
-                                  world_size=world_size, label_extension="cls" if config.use_labels else None)
+        dataset = TarShardDataset(
+            config.train_data,
+            transform,
+            shuffle=True,
+            seed=config.seed,
+            rank=rank,
+            world_size=world_size,
+            label_extension="cls" if config.use_labels else None,
+        )
         lookup = "each sample is a key's jpg/jpeg/png/webp and txt members in the tar shards"
         return TrainData(torch.utils.data.DataLoader(dataset, **loader_options), config.batch_size, lookup=lookup)
     dataset, lookup = _map_style_dataset(config, image_size, transform)
     seeded = SeededSamples(dataset, config.seed)
-    sampler = ResumableSampler(len(dataset), shuffle=True, seed=config.seed, rank=rank, world_size=world_size,
-                               drop_last=True)
+    sampler = ResumableSampler(
+        len(dataset), shuffle=True, seed=config.seed, rank=rank, world_size=world_size, drop_last=True
+    )
     if len(sampler) < config.batch_size:
         raise ValueError(f"each rank gets {len(sampler)} samples per epoch, fewer than batch_size={config.batch_size}")
     loader = torch.utils.data.DataLoader(seeded, sampler=sampler, **loader_options)
     return TrainData(loader, config.batch_size, sampler, seeded, lookup)
 
 
-def _map_style_dataset(config: TrainConfig, image_size: int, transform: TrainTransform
-                       ) -> tuple[torch.utils.data.Dataset, str]:
+def _map_style_dataset(
+    config: TrainConfig, image_size: int, transform: TrainTransform
+) -> tuple[torch.utils.data.Dataset, str]:
     """(the csv or synthetic training dataset, how its sample paths are found: "" for synthetic)."""
     if config.dataset == "csv":
         from fastclip.data.pairs import CaptionCsvDataset
 
         label_key = config.csv_label_key if config.use_labels else None
-        dataset = CaptionCsvDataset(config.train_data, transform, image_key=config.csv_image_key,
-                                    caption_key=config.csv_caption_key, separator=config.csv_separator,
-                                    label_key=label_key)
+        dataset = CaptionCsvDataset(
+            config.train_data,
+            transform,
+            image_key=config.csv_image_key,
+            caption_key=config.csv_caption_key,
+            separator=config.csv_separator,
+            label_key=label_key,
+        )
         return dataset, dataset.describe_lookup()
     from fastclip.data.synthetic import SyntheticShapes
 
-    dataset = SyntheticShapes(config.synthetic_samples, image_size, seed=config.seed, split="train",
-                              transform=transform)
+    dataset = SyntheticShapes(
+        config.synthetic_samples, image_size, seed=config.seed, split="train", transform=transform
+    )
     return (LabelledSynthetic(dataset) if config.use_labels else dataset), ""

@@ -161,8 +161,13 @@ def _train_step(model, loss_fn: TrainingLoss | torch.nn.Module, group, *, device
 
 
 def _build_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    model = create_model(config.model, pretrained=config.pretrained, attn_backend=config.attn_backend,
-                         grad_checkpointing=config.grad_checkpointing, device=device)
+    model = create_model(
+        config.model,
+        pretrained=config.pretrained,
+        attn_backend=config.attn_backend,
+        grad_checkpointing=config.grad_checkpointing,
+        device=device,
+    )
     if config.lock_image:
         model.visual.requires_grad_(False)
     return model
@@ -190,8 +195,11 @@ def _evaluates(config: TrainConfig, is_main: bool) -> bool:
     if config.eval_images or config.dataset == "synthetic":
         return True
     if is_main:
-        print(f"no zero-shot evaluation: a {config.dataset} run evaluates only on --eval-images FOLDER "
-              f"(one sub-folder per class), which was not given", file=sys.stderr)
+        print(
+            f"no zero-shot evaluation: a {config.dataset} run evaluates only on --eval-images FOLDER "
+            f"(one sub-folder per class), which was not given",
+            file=sys.stderr,
+        )
     return False
 
 
@@ -238,10 +246,17 @@ class _Run:
         self.model = _build_model(config, device)
         self.loss = build_training_loss(config, self.model, device)
         self.tokenizer = ClipTokenizer(context_length=self.model.config.text.context_length)
-        self.data = build_train_data(config, self.model.image_size, self.tokenizer, rank=rank,
-                                     world_size=self.world_size)
-        self.optimizer = make_optimizer(self.model, lr=config.lr, weight_decay=config.weight_decay,
-                                        betas=(config.beta1, config.beta2), eps=config.eps, extra=self.loss.learned)
+        self.data = build_train_data(
+            config, self.model.image_size, self.tokenizer, rank=rank, world_size=self.world_size
+        )
+        self.optimizer = make_optimizer(
+            self.model,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=(config.beta1, config.beta2),
+            eps=config.eps,
+            extra=self.loss.learned,
+        )
         self.scheduler = make_scheduler(self.optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
         self.autocast = autocast_for(config.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
@@ -254,8 +269,14 @@ class _Run:
         if not self.config.resume:
             return
         path = resolve_resume(self.config.resume, self.output_dir / "checkpoints")
-        self.progress, _ = load_training_state(path, model=self.model, optimizer=self.optimizer,
-                                               scheduler=self.scheduler, scaler=self.scaler, loss=self.loss.learned)
+        self.progress, _ = load_training_state(
+            path,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            loss=self.loss.learned,
+        )
         if self.is_main:
             drop_rows_after(self.output_dir, self.progress.step)
 
@@ -263,11 +284,11 @@ class _Run:
         """Tune the attention kernels, wrap the model for DDP, and put it in training mode."""
         config, device = self.config, self.device
         # Every rank autotunes the attention kernels here, together, rather than at random steps later.
-        warm_up_attention(self.model, config.batch_size, device, self.autocast,
-                          compute_dtype(config.precision, device))
+        warm_up_attention(self.model, config.batch_size, device, self.autocast, compute_dtype(config.precision, device))
         device_ids = [device.index] if device.type == "cuda" else None
-        self.trained = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-                        if self.ddp else self.model)
+        self.trained = (
+            torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids) if self.ddp else self.model
+        )
         _set_train_mode(self.model, config)
 
     def _open_outputs(self, show_progress: bool | None) -> None:
@@ -279,8 +300,14 @@ class _Run:
             write_config(self.output_dir, config.to_dict())
         self.evaluates = _evaluates(config, self.is_main)
         show = self.is_main and (sys.stderr.isatty() if show_progress is None else show_progress)
-        self.bar = tqdm(total=config.steps, initial=self.progress.step, desc="train", unit="step", disable=not show,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=config.steps,
+            initial=self.progress.step,
+            desc="train",
+            unit="step",
+            disable=not show,
+            dynamic_ncols=True,
+        )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad] + self.loss.parameters()
         self.log_scale = self.loss.log_scale(self.model)
         self.health = DataHealth(config.max_skip_fraction, self.data.lookup)
@@ -293,14 +320,16 @@ class _Run:
 
     def step(self, group: list) -> bool:
         """One optimizer step over the micro-batches in `group`; False when a non-finite loss dropped it."""
-        loss = _train_step(self.trained, self.loss, group, device=self.device, autocast=self.autocast,
-                           scaler=self.scaler, ddp=self.ddp)
+        loss = _train_step(
+            self.trained, self.loss, group, device=self.device, autocast=self.autocast, scaler=self.scaler, ddp=self.ddp
+        )
         if not math.isfinite(loss):  # every rank sees the same value: the loss is the global batch's
             self._drop_nonfinite(loss)
             return False
         self.nonfinite_in_a_row = 0
-        _optimizer_step(self.optimizer, self.scheduler, self.scaler, self.trainable, self.config.grad_clip,
-                        self.log_scale)
+        _optimizer_step(
+            self.optimizer, self.scheduler, self.scaler, self.trainable, self.config.grad_clip, self.log_scale
+        )
         self.progress.step += 1
         step_samples = sum(b.images.shape[0] for b in group) * self.world_size
         self.progress.samples_seen += step_samples
@@ -327,10 +356,18 @@ class _Run:
             return
         per_s = self.window_samples / max(time.perf_counter() - self.window_start, 1e-9)
         # the loss is the global batch's, the same on every rank: nothing to average
-        row = {"step": step, "epoch": self.progress.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-               "logit_scale": self.log_scale.exp().item(), "samples_per_s": per_s,
-               "samples_seen": self.progress.samples_seen, "skipped": self.progress.skipped,
-               "nonfinite_skipped": self.progress.nonfinite_skipped, **self.loss.metrics()}
+        row = {
+            "step": step,
+            "epoch": self.progress.epoch,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "logit_scale": self.log_scale.exp().item(),
+            "samples_per_s": per_s,
+            "samples_seen": self.progress.samples_seen,
+            "skipped": self.progress.skipped,
+            "nonfinite_skipped": self.progress.nonfinite_skipped,
+            **self.loss.metrics(),
+        }
         if self.is_main:
             self.log.write("metrics", row)
             self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{per_s:.0f}", lr=f"{row['lr']:.2e}")
@@ -352,9 +389,15 @@ class _Run:
         """Zero-shot accuracy now (rank 0, when the run evaluates); the other ranks wait for it."""
         if self.is_main and self.evaluates:
             config = self.config
-            scores = evaluate_zero_shot(self.model, self.tokenizer, image_folder=config.eval_images,
-                                        synthetic_samples=config.eval_samples, seed=config.seed + 1,
-                                        device=self.device, autocast=self.autocast)
+            scores = evaluate_zero_shot(
+                self.model,
+                self.tokenizer,
+                image_folder=config.eval_images,
+                synthetic_samples=config.eval_samples,
+                seed=config.seed + 1,
+                device=self.device,
+                autocast=self.autocast,
+            )
             row = {"step": self.progress.step, **scores}
             _set_train_mode(self.model, config)
             self.result.evals.append(row)
@@ -368,9 +411,16 @@ class _Run:
         if self.is_main and self.saved_step != self.progress.step:
             folder = self.output_dir / "checkpoints"
             with stop.saving_checkpoint():  # a signal now waits: the stop it asks for saves anyway
-                path = save_training_state(folder, model=self.model, optimizer=self.optimizer,
-                                           scheduler=self.scheduler, scaler=self.scaler, progress=self.progress,
-                                           config=self.config.to_dict(), loss=self.loss.learned)
+                path = save_training_state(
+                    folder,
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    scaler=self.scaler,
+                    progress=self.progress,
+                    config=self.config.to_dict(),
+                    loss=self.loss.learned,
+                )
                 prune_checkpoints(folder, self.config.keep_checkpoints, path)
             self.saved_step, self.saved_path = self.progress.step, path
         return self.saved_path
@@ -428,5 +478,9 @@ def _set_train_mode(model, config: TrainConfig) -> None:
 
 
 def summary(result: TrainResult) -> dict[str, Any]:
-    return {"final_loss": result.losses[-1] if result.losses else None, "evals": result.evals,
-            "skipped": result.skipped, "model": str(result.model_path) if result.model_path else None}
+    return {
+        "final_loss": result.losses[-1] if result.losses else None,
+        "evals": result.evals,
+        "skipped": result.skipped,
+        "model": str(result.model_path) if result.model_path else None,
+    }

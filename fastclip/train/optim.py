@@ -17,8 +17,15 @@ def decays(name: str, parameter: nn.Parameter) -> bool:
     return "embedding" not in name and "logit_scale" not in name
 
 
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                   extra: nn.Module | None = None) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    extra: nn.Module | None = None,
+) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, in a decayed and an undecayed group.
 
     `extra`: a module trained alongside the model (SigLipLoss's scale and bias), named "loss.<name>"."""
@@ -43,6 +50,8 @@ def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int) -> flo
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     rule = functools.partial(cosine_with_warmup, warmup_steps=warmup_steps, total_steps=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, rule)

@@ -45,15 +45,19 @@ def refuse_reused_folder(folder: Path, *, resume: str | None, overwrite: bool) -
     """Raise ValueError when a run would mix with what `folder` holds; checks only, deletes nothing."""
     config = folder / CONFIG
     if config.exists() and not is_fastclip_config(config):
-        raise ValueError(f"output folder {folder} holds a {CONFIG} that fastclip did not write, and a run writes its "
-                         f"own there: move that file, or choose another --output-dir")
+        raise ValueError(
+            f"output folder {folder} holds a {CONFIG} that fastclip did not write, and a run writes its "
+            f"own there: move that file, or choose another --output-dir"
+        )
     if resume or overwrite:
         return
     names = _in_use(folder)
     if names:
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-        raise ValueError(f"output folder {folder} is not empty ({shown}): continue its run with --resume latest, or "
-                         f"start over with --overwrite (deletes only the files fastclip writes there)")
+        raise ValueError(
+            f"output folder {folder} is not empty ({shown}): continue its run with --resume latest, or "
+            f"start over with --overwrite (deletes only the files fastclip writes there)"
+        )
 
 
 def clear_previous_run(folder: Path) -> list[Path]:

@@ -2,8 +2,9 @@
 
 A checkpoint holds the model's weights (without any DDP wrapper), the optimizer, scheduler and
 GradScaler states, the step, the data position (epoch, batches consumed in it), the RNG states and the
-config, and with loss=siglip the loss module's learnable scale and bias ("loss"). It is written to a temporary file in the same folder and moved into place with os.replace, so
-an interrupted save leaves the previous checkpoint intact, never a half-written file.
+config, and with loss=siglip the loss module's learnable scale and bias ("loss"). It is written to a
+temporary file in the same folder and moved into place with os.replace, so an interrupted save leaves the
+previous checkpoint intact, never a half-written file.
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ def checkpoint_bytes(model, optimizer) -> int:
     return weights + 2 * per_parameter
 
 
-def save_training_state(folder: Path, *, model, optimizer, scheduler, scaler, progress: Progress, config: dict,
-                        loss=None) -> Path:
+def save_training_state(
+    folder: Path, *, model, optimizer, scheduler, scaler, progress: Progress, config: dict, loss=None
+) -> Path:
     """Write checkpoints/step_<k>.pt and point checkpoints/latest.pt at the same file; `loss`: a loss
     module with learnable parameters (SigLipLoss), saved with them."""
     state = {
@@ -104,7 +106,10 @@ def save_training_state(folder: Path, *, model, optimizer, scheduler, scaler, pr
         "scaler": scaler.state_dict(),
         "progress": vars(progress).copy(),
         "config": config,
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
     }
     if loss is not None:
         state["loss"] = loss.state_dict()
@@ -168,7 +173,9 @@ def load_training_state(path: Path, *, model, optimizer, scheduler, scaler, loss
     if (loss is None) != ("loss" not in state):
         written = (state["config"] or {}).get("loss", "siglip" if "loss" in state else "clip")
         wanted = "clip" if loss is None else "siglip"
-        raise ValueError(f"{path} was written with loss={written!r}, not {wanted!r}: resume with the loss it was trained with")
+        raise ValueError(
+            f"{path} was written with loss={written!r}, not {wanted!r}: resume with the loss it was trained with"
+        )
     if loss is not None:
         loss.load_state_dict(state["loss"])
     model.load_state_dict(state["model"])

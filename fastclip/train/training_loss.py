@@ -22,8 +22,9 @@ class TrainingLoss:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    def __call__(self, images: torch.Tensor, texts: torch.Tensor, model_scale: torch.Tensor,
-                 labels: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, texts: torch.Tensor, model_scale: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
         return self.module(images, texts, model_scale, labels=labels)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -49,8 +50,9 @@ class OwnScaleLoss(TrainingLoss):
 
     curve_label = "sigmoid loss"
 
-    def __call__(self, images: torch.Tensor, texts: torch.Tensor, model_scale: torch.Tensor,
-                 labels: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, texts: torch.Tensor, model_scale: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
         return self.module(images, texts, labels=labels)
 
     @property

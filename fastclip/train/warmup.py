@@ -50,7 +50,10 @@ def _captions(batch: int, length: int, device: torch.device) -> torch.Tensor:
 
 
 def warm_up_attention(
-    model: torch.nn.Module, batch_size: int, device: torch.device, autocast: Callable[[], AbstractContextManager],
+    model: torch.nn.Module,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
     dtype: torch.dtype,
 ) -> int:
     """Run each tower forward and backward once per attention shape, leaving no gradient behind.

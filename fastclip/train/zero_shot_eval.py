@@ -42,8 +42,7 @@ def _folder_splits(image_folder: str, preprocess: CLIPPreprocess) -> tuple[list[
     return [name.replace("_", " ") for name in dataset.classes], {"folder": dataset}
 
 
-def _synthetic_splits(samples: int, image_size: int, seed: int, preprocess: CLIPPreprocess
-                      ) -> tuple[list[str], Splits]:
+def _synthetic_splits(samples: int, image_size: int, seed: int, preprocess: CLIPPreprocess) -> tuple[list[str], Splits]:
     """(every colour-shape class, {"seen": pairs shown in training, "unseen": pairs never shown})."""
     from fastclip.data import synthetic
 
@@ -55,13 +54,23 @@ def _synthetic_splits(samples: int, image_size: int, seed: int, preprocess: CLIP
     test = labelled(2 * samples, "test")
     unseen = {synthetic.class_index(*pair) for pair in synthetic.HELDOUT_PAIRS}
     seen = [i for i in range(len(test)) if test.dataset.label_of(i) not in unseen][:samples]
-    return synthetic.class_names(), {"seen": torch.utils.data.Subset(test, seen),
-                                     "unseen": labelled(samples, "heldout")}
+    return synthetic.class_names(), {
+        "seen": torch.utils.data.Subset(test, seen),
+        "unseen": labelled(samples, "heldout"),
+    }
 
 
-def evaluate_zero_shot(model, tokenizer, *, image_folder: str | None, synthetic_samples: int, seed: int,
-                       device: torch.device, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-                       batch_size: int = 256) -> dict[str, float]:
+def evaluate_zero_shot(
+    model,
+    tokenizer,
+    *,
+    image_folder: str | None,
+    synthetic_samples: int,
+    seed: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    batch_size: int = 256,
+) -> dict[str, float]:
     """Top-1/top-5 zero-shot accuracy per split, and `chance` (1 / number of classes).
 
     Synthetic: "seen" = images of colour-shape pairs that occur in training (the "test" stream, minus the
