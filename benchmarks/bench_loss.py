@@ -3,7 +3,8 @@ over a batch-size sweep, each fastclip backend against the eager PyTorch loss a 
 
     python benchmarks/bench_loss.py [--loss clip,siglip,supcon] [--device cuda] [--dtypes bf16,fp32]
                                     [--dims 512,1024] [--sizes 1024,4096] [--max-n 524288]
-                                    [--backends naive,infcl,torch,cpp,cuda] [--no-cpu-memory] [--out DIR]
+                                    [--backends naive,infcl,torch,cpp,cpp-chunked,cuda,cuda-fused,cuda-chunked]
+                                    [--no-cpu-memory] [--out DIR]
 
 --loss picks the losses (comma-separated, or `all`); the default is `clip`, the original benchmark, so an
 existing invocation measures and writes exactly what it did. Each loss writes its own files into --out:
@@ -13,8 +14,11 @@ existing invocation measures and writes exactly what it did. Each loss writes it
 Every point (row) carries "loss", so rows from different files never mix up.
 
 Competitors, all measured in the same run on the same inputs ("naive" is the eager PyTorch baseline,
-memory O(N^2); torch / cpp / cuda are fastclip's tiled PyTorch, C++ CPU op and fused CUDA kernel, memory
-O(N * D)):
+memory O(N^2); torch / cpp / cuda are fastclip's tiled PyTorch, C++ CPU op and CUDA op, memory
+O(N * D)). The C++ and CUDA ops of CLIP and SupCon each have two paths, the fused tile sweep and the
+chunked GEMM (a BLAS/cuBLAS GEMM per row chunk and one epilogue): "cpp" and "cuda" run the path the op
+picks by default, "cpp-chunked", "cuda-fused" and "cuda-chunked" force one (FASTCLIP_CPU_LOSS_PATH /
+FASTCLIP_CUDA_LOSS_PATH around every call, backward included), so one run compares them:
   clip    naive: logits = scale * image @ text.T in the input dtype (N x N, materialised), then
           (F.cross_entropy(logits.float(), arange) + F.cross_entropy(logits.float().T, arange)) / 2.
           fastclip: fastclip.contrastive_loss(image, text, scale, backend=...).
@@ -67,9 +71,11 @@ bench_loss_siglip.json as "target" (tools/gpu_check.sh runs it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,6 +104,13 @@ CHECK_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}  # loss error / max
 DEFAULT_SIZES = {"cpu": [256, 1024, 2048, 4096], "cuda": [2**k for k in (10, 12, 13, 14, 15, 16, 17, 18)]}
 LOSSES = ("clip", "siglip", "supcon")
 BASELINES = ("naive", "infcl")  # the competitors that are not fastclip's
+# Competitors that run a fastclip backend on one path: name -> (backend, environment variable, path)
+PATH_VARIANTS = {
+    "cpp-chunked": ("cpp", "FASTCLIP_CPU_LOSS_PATH", "chunked"),
+    "cuda-fused": ("cuda", "FASTCLIP_CUDA_LOSS_PATH", "fused"),
+    "cuda-chunked": ("cuda", "FASTCLIP_CUDA_LOSS_PATH", "chunked"),
+}
+COMPETITORS = ("naive", "infcl", "torch", "cpp", "cpp-chunked", "cuda", "cuda-fused", "cuda-chunked")
 # The SigLIP GPU target: at (dtype, D, N), fwd+bwd speed-up at least, memory fraction below
 SIGLIP_TARGET = {
     "dtype": "bf16",
@@ -246,7 +259,27 @@ def loss_fn(backend: str, loss: str = "clip") -> Callable[..., torch.Tensor]:
     spec = SPECS[loss]
     if backend == "infcl":
         return infcl_loss
-    return spec.naive if backend == "naive" else spec.fused(backend)
+    if backend == "naive":
+        return spec.naive
+    return spec.fused(PATH_VARIANTS[backend][0] if backend in PATH_VARIANTS else backend)
+
+
+@contextlib.contextmanager
+def loss_path(backend: str) -> Iterator[None]:
+    """The op path a PATH_VARIANTS competitor forces, set while it runs (the ops read it on every call)."""
+    if backend not in PATH_VARIANTS:
+        yield
+        return
+    _, variable, path = PATH_VARIANTS[backend]
+    before = os.environ.get(variable)
+    os.environ[variable] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
 
 
 def make_inputs(n: int, d: int, dtype: str, device: str, seed: int = 0, loss: str = "clip") -> tuple[torch.Tensor, ...]:
@@ -267,15 +300,20 @@ def make_step(
 
 def _step(backend: str, inputs: tuple[torch.Tensor, ...], backward: bool, loss: str = "clip") -> Callable[[], object]:
     fn = loss_fn(backend, loss)
-    if not backward:
-        return lambda: fn(*inputs)
-    return lambda: torch.autograd.grad(fn(*inputs), inputs)
+
+    def step() -> object:
+        with loss_path(backend):
+            value = fn(*inputs)
+            return torch.autograd.grad(value, inputs) if backward else value
+
+    return step
 
 
 def check_error(backend: str, inputs: tuple[torch.Tensor, ...], loss: str = "clip") -> dict:
     """Loss and gradients against the fp64 reference on the same (rounded) inputs."""
-    value = loss_fn(backend, loss)(*inputs)
-    grads = torch.autograd.grad(value, inputs)
+    with loss_path(backend):
+        value = loss_fn(backend, loss)(*inputs)
+        grads = torch.autograd.grad(value, inputs)
     leaves = [x.detach().double().requires_grad_() for x in inputs]
     ref = SPECS[loss].reference(*leaves)
     ref_grads = torch.autograd.grad(ref, leaves)
@@ -297,8 +335,11 @@ def unavailable(backend: str, device: str, dtype: str, loss: str = "clip") -> st
         return None
     if backend == "infcl":
         return _infcl_unavailable(device, loss)
+    if backend in PATH_VARIANTS and SPECS[loss].op != "contrastive_lse":
+        return f"{loss} has one path"
     try:
-        resolve_loss_backend(backend, torch.device(device), DTYPES[dtype], SPECS[loss].op)
+        base = PATH_VARIANTS[backend][0] if backend in PATH_VARIANTS else backend
+        resolve_loss_backend(base, torch.device(device), DTYPES[dtype], SPECS[loss].op)
     except (RuntimeError, ValueError) as error:
         return str(error).split(":")[0]
     return None
@@ -369,7 +410,7 @@ TABLE = Table(
     Column("dtype", 5),
     Column("D", 5),
     Column("N", 7),
-    Column("backend", 7),
+    Column("backend", 12),
     Column("fwd ms", 9, ".2f"),
     Column("f+b ms", 9, ".2f"),
     Column("TFLOP/s", 8, ".3f"),
@@ -484,7 +525,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backends",
         type=common.name_list,
-        help="comma-separated of naive,infcl,torch,cpp,cuda (default: all that run on the device)",
+        help=f"comma-separated of {','.join(COMPETITORS)} (default: all that run on the device)",
     )
     common.add_timing_arguments(parser, warmup=ByDevice(5, 1), reps=ByDevice(20, 5), budget_s=5.0)
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls (CUDA kernel and cuBLAS)")
@@ -494,6 +535,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.losses = list(LOSSES) if args.loss == "all" else list(dict.fromkeys(args.loss.split(",")))
     if unknown := [x for x in args.losses if x not in SPECS]:
         parser.error(f"--loss: unknown {unknown}; choose from {','.join(LOSSES)} or all")
+    if unknown := [x for x in args.backends or [] if x not in COMPETITORS]:
+        parser.error(f"--backends: unknown {unknown}; choose from {','.join(COMPETITORS)}")
     if not args.sizes:
         sizes = DEFAULT_SIZES[args.device]
         args.sizes = common.doubled(sizes, args.max_n) if args.max_n else sizes
@@ -504,10 +547,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def backends_for(loss: str, args: argparse.Namespace) -> list[str]:
     """The competitors for `loss`: --backends, or all that can run it on the device; naive first."""
-    backends = list(
-        args.backends
-        or [b for b in ("naive", "infcl", "torch", "cpp", "cuda") if unavailable(b, args.device, "fp32", loss) is None]
-    )
+    backends = list(args.backends or [b for b in COMPETITORS if unavailable(b, args.device, "fp32", loss) is None])
     backends.sort(key=lambda b: b != "naive")  # naive first: the others' ratios need it
     return backends
 

@@ -5,7 +5,7 @@
 #   build        FASTCLIP_FORCE_CUDA=1 editable build, then `python -m fastclip info`
 #   tests        pytest -m cuda on the loss kernels (stops after a few failures)
 #   sanitizer    compute-sanitizer memcheck and racecheck on small CUDA loss tests
-#   loss         bench_loss: naive, Inf-CL, tiled torch and the CUDA kernel, bf16 and fp32, D = 512 and 768
+#   loss         bench_loss: naive, Inf-CL, tiled torch and both paths of the CUDA op, bf16 and fp32, D = 512, 768
 #   profile      one ncu profile of the loss forward and backward at N = 65536, D = 768, bf16
 #   attention_tests  pytest -m cuda on the Triton attention and the models
 #   siglip attention train model   the other benchmarks, each cut at its time limit
@@ -56,8 +56,8 @@ step() {
 }
 
 # The loss tests first (the kernels this project exists for), then the attention and model tests.
-LOSS_TESTS=(tests/test_contrastive_cuda.py tests/test_contrastive_loss.py tests/test_contrastive_op.py
-            tests/test_loss_family.py tests/test_loss_gradient_rounding.py tests/test_properties.py
+LOSS_TESTS=(tests/test_contrastive_cuda.py tests/test_chunked_loss_path.py tests/test_contrastive_loss.py
+            tests/test_contrastive_op.py tests/test_loss_family.py tests/test_loss_gradient_rounding.py tests/test_properties.py
             tests/test_properties_family.py)
 # Small, fast CUDA tests of both kernels' forward and backward, for the sanitizers (10-100x slower there).
 SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -p no:cacheprovider -x
@@ -82,11 +82,13 @@ SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -
     step tests 200 python3 -m pytest "${LOSS_TESTS[@]}" -m cuda -q -p no:cacheprovider --maxfail=5
   fi
   if want sanitizer; then
-    for tool in memcheck racecheck; do
+    # memcheck on both paths of the CUDA loss; racecheck on the fused one (the chunked epilogue shares no memory)
+    for check in memcheck:chunked memcheck:fused racecheck:fused; do
+      tool=${check%%:*} path=${check##*:}
       if command -v compute-sanitizer >/dev/null; then
         # no caching allocator: out-of-bounds accesses inside PyTorch's pooled segments would go unseen
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer_$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-          python3 -m pytest "${SANITIZED[@]}"
+        FASTCLIP_CUDA_LOSS_PATH=$path PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer_${tool}_$path" 90 \
+          compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all python3 -m pytest "${SANITIZED[@]}"
       else
         echo "== step sanitizer_$tool: compute-sanitizer not found"
       fi
