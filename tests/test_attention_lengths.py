@@ -182,3 +182,29 @@ def test_cuda_lengths_match_float64(
     kwargs = dict(causal=causal, key_padding_mask=mask, lengths=lengths_t)
     out, grad = run(attention, qkv, views, grad_out, backend="triton", **kwargs)
     assert_close_to_float64((out, grad), qkv, grad_out, **kwargs)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_packed_text_tower_equals_dense(checkpointing: bool) -> None:
+    """The packed tower (only each caption's tokens up to its end-of-text run) gives the features and
+    every parameter gradient of the dense one (all positions of the [B, S] batch), in float64."""
+    from fastclip.model.factory import create_model
+
+    torch.manual_seed(1)
+    model = create_model("tiny-ViT", attn_backend="torch", dtype=torch.float64)
+    model.set_grad_checkpointing(checkpointing)
+    text = _text_batch(model, 7, seed=5)
+    text[3] = 0  # an empty row: all padding, its "end-of-text" is position 0
+    text[5, 0], text[5, 1:] = 49407, 0  # a caption that is its end-of-text token alone
+
+    def features_and_grads(trim: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        features = model.encode_text(text, normalize=False, trim=trim)
+        (features * torch.linspace(-1, 1, features.shape[-1], dtype=features.dtype)).sum().backward()
+        return features.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    packed, dense = features_and_grads(trim=True), features_and_grads(trim=False)
+    torch.testing.assert_close(packed[0], dense[0], rtol=0, atol=1e-12)
+    assert len(packed[1]) == len(dense[1]) > 0
+    for got, want in zip(packed[1], dense[1]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

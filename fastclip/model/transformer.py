@@ -9,7 +9,7 @@ those are free from a batch-first fused qkv projection.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,21 @@ def make_activation(name: str) -> nn.Module:
     raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {name!r}")
 
 
+class PackedTokens(NamedTuple):
+    """Which tokens of a [batch, seq] layout a forward keeps, as the rows [T] of a packed tensor."""
+
+    index: torch.Tensor  # (T,) each packed row's position in the flattened (batch * seq) layout
+    lengths: torch.Tensor  # (batch,) int32: sequence b keeps its first lengths[b] positions
+    batch: int
+    seq: int
+
+
+def pack_tokens(lengths: torch.Tensor, seq: int) -> PackedTokens:
+    """The first lengths[b] positions of each of the len(lengths) sequences (one device sync: their count)."""
+    kept = torch.arange(seq, device=lengths.device) < lengths[:, None]  # (B, S)
+    return PackedTokens(kept.flatten().nonzero().squeeze(1), lengths, lengths.shape[0], seq)
+
+
 class MultiheadSelfAttention(nn.Module):
     """Self-attention with nn.MultiheadAttention's parameters, computed by `fastclip.ops.attention`."""
 
@@ -62,15 +77,28 @@ class MultiheadSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
-        batch, seq, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, S, 3W)
+        return self.out_proj(self._attend(qkv, key_padding_mask, lengths))
+
+    def forward_packed(self, x: torch.Tensor, tokens: PackedTokens) -> torch.Tensor:
+        """x (T, W), the kept tokens only -> (T, W): no projection runs for a position past its sequence."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (T, 3W)
+        # The attention takes the [B, S] layout; the zeros past each length are never attended to.
+        padded = qkv.new_zeros(tokens.batch * tokens.seq, qkv.shape[1]).index_copy(0, tokens.index, qkv)
+        out = self._attend(padded.view(tokens.batch, tokens.seq, -1), None, tokens.lengths)  # (B, S, W)
+        return self.out_proj(out.flatten(0, 1).index_select(0, tokens.index))
+
+    def _attend(
+        self, qkv: torch.Tensor, key_padding_mask: torch.Tensor | None, lengths: torch.Tensor | None
+    ) -> torch.Tensor:
+        """qkv (B, S, 3W) -> the heads' outputs (B, S, W), before the output projection."""
+        batch, seq, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         qkv = qkv.view(batch, seq, 3, self.heads, width // self.heads)  # (B, S, 3, H, Dh)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, Dh), strided views, no copy
         out = attention(
             q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, lengths=lengths, backend=self.backend
         )
-        out = out.transpose(1, 2).reshape(batch, seq, width)  # (B, S, W); free for the Triton output layout
-        return self.out_proj(out)
+        return out.transpose(1, 2).reshape(batch, seq, width)  # free for the Triton output layout
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -107,6 +135,11 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), key_padding_mask, lengths)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_packed(self, x: torch.Tensor, tokens: PackedTokens) -> torch.Tensor:
+        """x (T, W), the kept tokens only -> (T, W)."""
+        x = x + self.attn.forward_packed(self.ln_1(x), tokens)
+        return x + self.mlp(self.ln_2(x))
+
 
 class Transformer(nn.Module):
     """A stack of residual attention blocks, optionally gradient-checkpointed block by block."""
@@ -132,10 +165,18 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """x (B, S, W) -> (B, S, W). `lengths` [B] ends each sequence: attention skips the positions past
         it, whose outputs are then not those of the full sequence (see `fastclip.ops.attention`)."""
-        for block in self.resblocks:
+        return self._run([block for block in self.resblocks], x, key_padding_mask, lengths)
+
+    def forward_packed(self, x: torch.Tensor, tokens: PackedTokens) -> torch.Tensor:
+        """x (T, W), the tokens `tokens` keeps of a [B, S] batch -> (T, W): every block runs on the kept
+        tokens only, and the attention of each sequence ends at its length."""
+        return self._run([block.forward_packed for block in self.resblocks], x, tokens)
+
+    def _run(self, blocks: list, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations in the backward.
-                x = checkpoint(block, x, key_padding_mask, lengths, use_reentrant=False)
+                x = checkpoint(block, x, *args, use_reentrant=False)
             else:
-                x = block(x, key_padding_mask, lengths)
+                x = block(x, *args)
         return x
