@@ -345,6 +345,8 @@ def environment_header() -> dict:
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # other work on the machine skews CPU timings: the 1/5/15-minute load when the run started
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
         "gpu_driver": _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None,
         "python": platform.python_version(),
