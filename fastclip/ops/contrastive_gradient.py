@@ -56,6 +56,9 @@ class LossTerms:
     col_ids: torch.Tensor  # [N] int64
     partner: torch.Tensor  # [n] int64: the row's only positive column, or -1
     masked_diagonal: int | None = None
+    # Every positive entry is a pair entry (CLIP without labels): the same-class term can be skipped,
+    # since the pair entries are set afterwards anyway.
+    positives_are_pairs: bool = False
 
 
 def clip_terms(
@@ -80,7 +83,8 @@ def clip_terms(
     # a + b - y - u at a pair entry, worked out in float64: w/N + (1-w)/N - (1-eps)/N - eps/N^2
     pair = full(n, eps * (n - 1) / n**2)
     uniform = torch.tensor(eps / n**2, dtype=acc, device=device)
-    return LossTerms(full(n, weight / n), full(n, (1.0 - weight) / n), positive, uniform, pair, ids, ids, partner)
+    row, col = full(n, weight / n), full(n, (1.0 - weight) / n)
+    return LossTerms(row, col, positive, uniform, pair, ids, ids, partner, positives_are_pairs=labels is None)
 
 
 def supcon_terms(labels: torch.Tensor, acc: torch.dtype) -> LossTerms:
@@ -115,7 +119,17 @@ def loss_gradient(backend: str, image, text, logit_scale, row_lse, col_lse, coef
     """(grad_image, grad_text, grad_scale) in the accumulation dtype from the chosen backend."""
     ids = (terms.row_ids, terms.col_ids, terms.partner)
     if backend == "torch":
-        return tiled_loss_gradient(image, text, logit_scale, row_lse, col_lse, coefficients, ids, terms.masked_diagonal)
+        return tiled_loss_gradient(
+            image,
+            text,
+            logit_scale,
+            row_lse,
+            col_lse,
+            coefficients,
+            ids,
+            terms.masked_diagonal,
+            positives_are_pairs=terms.positives_are_pairs,
+        )
     return torch.ops.fastclip.contrastive_loss_backward(
         *coefficients, image, text, logit_scale, row_lse, col_lse, *ids, terms.masked_diagonal
     )

@@ -46,10 +46,17 @@ def tiled_lse(
         masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
         if masked is not None:
             sim[masked] = float("-inf")
-        row_lse[r0 : r0 + chunk] = sim.logsumexp(1)
-        part = sim.logsumexp(0)
+        row_lse[r0 : r0 + chunk] = _logsumexp(sim, 1)
+        part = _logsumexp(sim, 0)
         col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
     return row_lse, col_lse
+
+
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """torch.logsumexp's result (a row of -inf gives -inf) in fewer passes over x."""
+    top = x.amax(dim, keepdim=True)
+    top = torch.where(top == float("-inf"), 0.0, top)  # all -inf: exp(-inf - 0) = 0, log 0 = -inf
+    return (x - top).exp_().sum(dim).log_() + top.squeeze(dim)
 
 
 class TiledContrastiveLse(torch.autograd.Function):
@@ -109,12 +116,15 @@ def tiled_loss_gradient(
     coefficients: tuple[torch.Tensor, ...],
     ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     masked_diagonal: int | None,
+    *,
+    positives_are_pairs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tiled PyTorch `contrastive_loss_backward` (see fastclip.ops.contrastive_gradient for the math).
 
     `coefficients` = (grad_row [n], grad_col [N], grad_positive [n], grad_uniform [], grad_pair [n]) and
-    `ids` = (row_ids [n], col_ids [N], partner [n]). Returns the feature and scale gradients unrounded,
-    in the accumulation dtype: the caller rounds each once.
+    `ids` = (row_ids [n], col_ids [N], partner [n]). `positives_are_pairs`: the caller knows every entry
+    with row_ids == col_ids is a pair entry (see LossTerms). Returns the feature and scale gradients
+    unrounded, in the accumulation dtype: the caller rounds each once.
     """
     acc = row_lse.dtype
     grad_row, grad_col, grad_positive, grad_uniform, grad_pair = (c.to(acc) for c in coefficients)
@@ -126,29 +136,26 @@ def tiled_loss_gradient(
     row_rest = torch.empty(n, dtype=acc, device=img.device)  # sum of P_row over the row but its pair entry
     col_rest = torch.zeros(num_cols, dtype=acc, device=img.device)  # the same for P_col down each column
     pair_dot = torch.empty(n, dtype=acc, device=img.device)  # <image_i, text_partner(i)>
-    columns = torch.arange(num_cols, device=img.device)
     chunk = chunk_rows(num_cols, txt.element_size())
     for r0 in range(0, n, chunk):
         rows = slice(r0, r0 + chunk)
         dot = img[rows] @ txt.T  # (chunk, N)
-        sim = dot * scale
-        p_row = (sim - row_lse[rows, None]).exp_()
-        p_col = (sim - col_lse[None, :]).exp_()
-        pair = columns[None, :] == partner[rows, None]  # (chunk, N): the entries filled in from the rests
-        left_out = pair.clone()
-        masked = diagonal_in_chunk(r0, sim.shape[0], num_cols, masked_diagonal, sim.device)
-        if masked is not None:
-            left_out[masked] = True  # and masked entries have no gradient (exp(S + inf) would not be 0)
-        p_row.masked_fill_(left_out, 0.0)
-        p_col.masked_fill_(left_out, 0.0)
+        p_row = torch.addcmul(-row_lse[rows, None], dot, scale).exp_()  # exp(s <I_i, T_j> - row_lse_i)
+        p_col = torch.addcmul(-col_lse[None, :], dot, scale).exp_()
+        # the entries filled in from the rests (pair entries) and the masked ones (exp(S + inf) is not 0)
+        masked = diagonal_in_chunk(r0, dot.shape[0], num_cols, masked_diagonal, dot.device)
+        left_out = _LeftOut(partner[rows], masked)
+        left_out.zero(p_row, p_col)
         row_rest[rows] = p_row.sum(1)
         col_rest += p_col.sum(0)
-        pair_dot[rows] = torch.where(pair, dot, 0.0).sum(1)
+        pair_dot[rows] = torch.where(left_out.has_pair, dot.gather(1, left_out.pair_cols)[:, 0], 0.0)
         # G = gr P_row + gc P_col - gp [same class] - gu, all in fp32 before anything is rounded
-        grad_sim = p_row.mul_(grad_row[rows, None]).addcmul_(p_col, grad_col[None, :])
-        positive = row_ids[rows, None] == col_ids[None, :]
-        grad_sim.sub_(torch.where(positive, grad_positive[rows, None], 0.0) + grad_uniform).masked_fill_(left_out, 0.0)
-        grad_scale += (grad_sim * dot).sum()
+        grad_sim = p_row.mul_(grad_row[rows, None]).addcmul_(p_col, grad_col[None, :]).sub_(grad_uniform)
+        if not positives_are_pairs:  # else the term lands on pair entries only, which are set afterwards
+            positive = row_ids[rows, None] == col_ids[None, :]
+            grad_sim.sub_(torch.where(positive, grad_positive[rows, None], 0.0))
+        left_out.zero(grad_sim)
+        grad_scale += (grad_sim * dot).sum()  # a pairwise sum: torch.dot's running one loses bits at large N
         grad_img[rows] = (grad_sim @ txt).mul_(scale)
         grad_txt.addmm_(grad_sim.T, img[rows], alpha=scale)
     add_pair_entries(
@@ -165,6 +172,24 @@ def tiled_loss_gradient(
         grad_scale,
     )
     return grad_img, grad_txt, grad_scale
+
+
+class _LeftOut:
+    """The entries of a [chunk, N] tile whose gradient is not the tile formula's: each row's pair entry
+    (i, partner_i) where partner_i >= 0, and the masked diagonal. Indexed, never a [chunk, N] mask."""
+
+    def __init__(self, partner: torch.Tensor, masked: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.has_pair = partner >= 0  # (chunk,)
+        self.pair_cols = partner.clamp_min(0)[:, None]  # (chunk, 1): column 0 stands in where there is none
+        self.masked = masked
+
+    def zero(self, *tiles: torch.Tensor) -> None:
+        """Set the left-out entries of each tile to 0, in place."""
+        for tile in tiles:
+            kept = torch.where(self.has_pair[:, None], 0.0, tile.gather(1, self.pair_cols))
+            tile.scatter_(1, self.pair_cols, kept)
+            if self.masked is not None:
+                tile[self.masked] = 0.0
 
 
 def add_pair_entries(
