@@ -59,6 +59,28 @@ BlockBudget backward_budget(const at::Tensor& img, int64_t budget_bytes) {
 
 at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) { return t.detach().to(acc).contiguous(); }
 
+// What every backward block reads besides its dots: both log-sum-exps' upstream gradients and values
+// (accumulation dtype), the scale, the whole matrix's masked diagonal and the fp16 tile scaling.
+struct BackwardInputs {
+  at::Tensor grad_row, row_lse, grad_col, col_lse, scale;
+  std::optional<int64_t> diagonal;
+  std::optional<TileScaling> scaling;
+};
+
+// Set the fields of `c` that both backward ops share, for block `b`, and return its epilogue grid.
+EpilogueGrid set_backward_chunk(BackwardChunk& c, const BlockSpan& b, const BackwardInputs& in,
+                                at::Tensor& scratch, int64_t target_units) {
+  const auto grid = plan_epilogue(b.rows, b.cols, target_units);
+  static_cast<Dots&>(c) =
+      Dots{block_dots(scratch, b.image, b.text), in.scale, local_diagonal(in.diagonal, b.r0, b.c0), grid};
+  c.grad_row = in.grad_row.narrow(0, b.r0, b.rows), c.row_lse = in.row_lse.narrow(0, b.r0, b.rows);
+  c.grad_col = in.grad_col.narrow(0, b.c0, b.cols), c.col_lse = in.col_lse.narrow(0, b.c0, b.cols);
+  c.grad_tile = b.grad_tile;
+  if (in.scaling) c.tile_scale = in.scaling->factor;
+  c.scale_partial = at::empty({grid.units()}, in.scale.options());
+  return grid;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> contrastive_lse(const at::Tensor& image, const at::Tensor& text,
@@ -103,24 +125,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward(
   const auto scale = as_acc(logit_scale, acc_type).reshape({});
   const auto diagonal = effective_diagonal(masked_diagonal, img.size(0), txt.size(0));
 
-  std::optional<TileScaling> scaling;  // fp16 tiles only
+  BackwardInputs in{gr, rl, gc, cl, scale, diagonal, std::nullopt};
   // |s * G_ij| = |s| * |gr_i * P_row + gc_j * P_col| <= |s| * (max |gr| + max |gc|), as P_row, P_col <= 1.
-  if (img.scalar_type() == at::kHalf) scaling = fp16_tile_scaling(scale.abs() * (gr.abs().max() + gc.abs().max()));
+  if (img.scalar_type() == at::kHalf) in.scaling = fp16_tile_scaling(scale.abs() * (gr.abs().max() + gc.abs().max()));
   at::Tensor scratch;
   std::vector<at::Tensor> partials;
   const auto fill = [&](const BlockSpan& b) {
-    const auto grid = plan_epilogue(b.rows, b.cols, epilogue.target_units(img));
     BackwardChunk c;
-    static_cast<Dots&>(c) = Dots{block_dots(scratch, b.image, b.text), scale, local_diagonal(diagonal, b.r0, b.c0), grid};
-    c.grad_row = gr.narrow(0, b.r0, b.rows), c.row_lse = rl.narrow(0, b.r0, b.rows);
-    c.grad_col = gc.narrow(0, b.c0, b.cols), c.col_lse = cl.narrow(0, b.c0, b.cols);
-    c.grad_tile = b.grad_tile;
-    if (scaling) c.tile_scale = scaling->factor;
-    c.scale_partial = at::empty({grid.units()}, scale.options());
+    set_backward_chunk(c, b, in, scratch, epilogue.target_units(img));
     epilogue.lse_backward(c);
     partials.push_back(c.scale_partial);
   };
-  auto [grad_img, grad_txt] = backward_through_blocks(img, txt, scaling, backward_budget(img, budget_bytes), fill);
+  auto [grad_img, grad_txt] = backward_through_blocks(img, txt, in.scaling, backward_budget(img, budget_bytes), fill);
   // grad_logit_scale = sum(G * S) / s = sum(G * dot), summed in double in a fixed order (deterministic).
   auto grad_scale = at::cat(partials).sum(at::kDouble).to(logit_scale.scalar_type()).reshape(logit_scale.sizes());
   return {grad_img, grad_txt, grad_scale};
@@ -145,21 +161,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward(
   const auto diagonal = effective_diagonal(masked_diagonal, n, N);
   auto row_rest = at::zeros({n}, acc), col_rest = at::zeros({N}, acc), pair_dot = at::zeros({n}, acc);
 
-  std::optional<TileScaling> scaling;  // fp16 tiles only
+  BackwardInputs in{gr, rl, gc, cl, scale, diagonal, std::nullopt};
   // |s * G_ij| <= |s| * (max |gr| + max |gc| + max |gp| + |gu|), as P_row, P_col <= 1.
   if (img.scalar_type() == at::kHalf)
-    scaling = fp16_tile_scaling(scale.abs() * (gr.abs().max() + gc.abs().max() + gp.abs().max() + gu.abs()));
+    in.scaling = fp16_tile_scaling(scale.abs() * (gr.abs().max() + gc.abs().max() + gp.abs().max() + gu.abs()));
   at::Tensor scratch;
   std::vector<at::Tensor> partials;
   const auto fill = [&](const BlockSpan& b) {
-    const auto grid = plan_epilogue(b.rows, b.cols, epilogue.target_units(img));
     LossChunk c;
-    static_cast<Dots&>(c) = Dots{block_dots(scratch, b.image, b.text), scale, local_diagonal(diagonal, b.r0, b.c0), grid};
-    c.grad_row = gr.narrow(0, b.r0, b.rows), c.row_lse = rl.narrow(0, b.r0, b.rows);
-    c.grad_col = gc.narrow(0, b.c0, b.cols), c.col_lse = cl.narrow(0, b.c0, b.cols);
-    c.grad_tile = b.grad_tile;
-    if (scaling) c.tile_scale = scaling->factor;
-    c.scale_partial = at::empty({grid.units()}, acc);
+    const auto grid = set_backward_chunk(c, b, in, scratch, epilogue.target_units(img));
     c.grad_positive = gp.narrow(0, b.r0, b.rows), c.grad_uniform = gu;
     c.row_ids = rid.narrow(0, b.r0, b.rows), c.col_ids = cid.narrow(0, b.c0, b.cols);
     c.partner = pid.narrow(0, b.r0, b.rows), c.col_offset = b.c0;
@@ -171,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward(
     col_rest.narrow(0, b.c0, b.cols).add_(c.col_rest.sum(0));
   };
   auto [grad_img, grad_txt] =
-      backward_through_blocks(img, txt, scaling, backward_budget(img, budget_bytes), fill, /*keep_fp32=*/true);
+      backward_through_blocks(img, txt, in.scaling, backward_budget(img, budget_bytes), fill, /*keep_fp32=*/true);
   auto grad_scale = at::cat(partials).sum(at::kDouble);
   // 16-bit features promote to the accumulation dtype inside (row by row), no whole upcast copy.
   grad_scale += add_pair_entries(img, txt, scale, gr, gc, ge, pid, row_rest, col_rest, pair_dot, grad_img, grad_txt);
