@@ -87,7 +87,7 @@ SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -
       tool=${check%%:*} path=${check##*:}
       if command -v compute-sanitizer >/dev/null; then
         # no caching allocator: out-of-bounds accesses inside PyTorch's pooled segments would go unseen
-        FASTCLIP_CUDA_LOSS_PATH=$path PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer_${tool}_$path" 90 \
+        FASTCLIP_CUDA_LOSS_PATH=$path PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer_${tool}_$path" 75 \
           compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all python3 -m pytest "${SANITIZED[@]}"
       else
         echo "== step sanitizer_$tool: compute-sanitizer not found"
@@ -95,7 +95,9 @@ SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -
     done
   fi
   if want loss; then
-    step loss 150 python3 benchmarks/bench_loss.py --device cuda --out "$results" --loss clip --dtypes bf16,fp32 --dims 512,768 --sizes 4096,16384,65536 --budget-s 2 "$@"
+    # both CUDA paths by name ("cuda" would time the default one twice)
+    step loss 150 python3 benchmarks/bench_loss.py --device cuda --out "$results" --loss clip --dtypes bf16,fp32 \
+      --dims 512,768 --sizes 4096,16384,65536 --budget-s 2 --backends naive,infcl,torch,cuda-fused,cuda-chunked "$@"
   fi
   if want profile; then
     if command -v ncu >/dev/null; then
