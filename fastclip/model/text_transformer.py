@@ -22,17 +22,25 @@ from fastclip.model.config import TextConfig
 from fastclip.model.transformer import LayerNorm, Transformer, pack_tokens
 
 
-def _length_and_range(text: torch.Tensor) -> tuple[int, int, int]:
-    """(1 + the position of the last non-zero token over the batch, min id, max id): one device sync."""
+def _batch_stats(text: torch.Tensor, lengths: torch.Tensor) -> tuple[int, int, int, int]:
+    """(1 + the position of the last non-zero token over the batch, min id, max id, the sum of `lengths`):
+    all that the host needs to know of a batch, in one device sync."""
     positions = torch.arange(1, text.shape[1] + 1, device=text.device)  # (S,)
     last = ((text != 0) * positions).amax()
-    length, low, high = torch.stack([last, text.amin().long(), text.amax().long()]).tolist()
-    return max(length, 1), low, high
+    stats = torch.stack([last, text.amin().long(), text.amax().long(), lengths.sum().long()]).tolist()
+    length, low, high, kept = stats
+    return max(length, 1), low, high, kept
+
+
+def end_of_text_lengths(text: torch.Tensor) -> torch.Tensor:
+    """Each row's end-of-text position + 1 (the end-of-text token has the highest id), as int32: the
+    attention kernels' index type, converted once rather than in every layer."""
+    return (text.argmax(dim=-1) + 1).to(torch.int32)
 
 
 def trimmed_length(text: torch.Tensor) -> int:
     """1 + the position of the last non-zero token over the batch (at least 1). Syncs with the device."""
-    return _length_and_range(text)[0]
+    return _batch_stats(text, end_of_text_lengths(text))[0]
 
 
 class TextTransformer(nn.Module):
@@ -63,28 +71,27 @@ class TextTransformer(nn.Module):
         L2-normalised unless `normalize=False`. `trim=False` runs all S positions (same result, slower).
         """
         self._check_text(text)
-        length, low, high = _length_and_range(text)
+        lengths = end_of_text_lengths(text)  # (B,)
+        length, low, high, kept = _batch_stats(text, lengths)
         if low < 0 or high >= self.vocab_size:  # checked here: on a GPU the embedding would assert
             raise ValueError(f"text token ids must lie in [0, {self.vocab_size}), got ids from {low} to {high}")
-        eot = text.argmax(dim=-1)  # (B,) the end-of-text token has the highest id
-        lengths = (eot + 1).to(torch.int32)  # the kernels' index type: converted once, not in every layer
-        pooled = self._packed(text[:, :length], lengths) if trim else self._dense(text, lengths, eot)
+        pooled = self._packed(text[:, :length], lengths, kept) if trim else self._dense(text, lengths)
         x = self.ln_final(pooled) @ self.text_projection  # (B, embed_dim)
         return nn.functional.normalize(x, dim=-1) if normalize else x
 
-    def _packed(self, text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Each caption's end-of-text feature (B, W), from its tokens up to it only."""
-        tokens = pack_tokens(lengths, text.shape[1])
+    def _packed(self, text: torch.Tensor, lengths: torch.Tensor, kept: int) -> torch.Tensor:
+        """Each caption's end-of-text feature (B, W), from its `kept` tokens up to it only."""
+        tokens = pack_tokens(lengths, text.shape[1], kept)
         positions = tokens.index % text.shape[1]
         x = self.token_embedding(text.flatten().index_select(0, tokens.index)) + self.positional_embedding[positions]
         x = self.transformer.forward_packed(x.to(self.text_projection.dtype), tokens)  # (T, W)
         return x.index_select(0, lengths.cumsum(0) - 1)  # a caption's end-of-text token is its last kept one
 
-    def _dense(self, text: torch.Tensor, lengths: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    def _dense(self, text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Each caption's end-of-text feature (B, W), running every position of the [B, S] batch."""
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (B, S, W)
         x = self.transformer(x.to(self.text_projection.dtype), lengths=lengths)
-        return x[torch.arange(x.shape[0], device=x.device), eot]
+        return x[torch.arange(x.shape[0], device=x.device), lengths.long() - 1]
 
     def _check_text(self, text: torch.Tensor) -> None:
         if not isinstance(text, torch.Tensor):

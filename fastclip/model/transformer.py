@@ -54,10 +54,14 @@ class PackedTokens(NamedTuple):
     seq: int
 
 
-def pack_tokens(lengths: torch.Tensor, seq: int) -> PackedTokens:
-    """The first lengths[b] positions of each of the len(lengths) sequences (one device sync: their count)."""
-    kept = torch.arange(seq, device=lengths.device) < lengths[:, None]  # (B, S)
-    return PackedTokens(kept.flatten().nonzero().squeeze(1), lengths, lengths.shape[0], seq)
+def pack_tokens(lengths: torch.Tensor, seq: int, total: int) -> PackedTokens:
+    """The first lengths[b] positions of each of the len(lengths) sequences, in order. `total` is
+    lengths.sum(), which the caller has read already: no device sync here."""
+    batch = lengths.shape[0]
+    owner = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths, output_size=total)  # (T,)
+    first = lengths.cumsum(0) - lengths  # (B,) each sequence's first packed row
+    position = torch.arange(total, device=lengths.device) - first[owner]
+    return PackedTokens(owner * seq + position, lengths, batch, seq)
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -165,7 +169,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """x (B, S, W) -> (B, S, W). `lengths` [B] ends each sequence: attention skips the positions past
         it, whose outputs are then not those of the full sequence (see `fastclip.ops.attention`)."""
-        return self._run([block for block in self.resblocks], x, key_padding_mask, lengths)
+        return self._run(list(self.resblocks), x, key_padding_mask, lengths)
 
     def forward_packed(self, x: torch.Tensor, tokens: PackedTokens) -> torch.Tensor:
         """x (T, W), the tokens `tokens` keeps of a [B, S] batch -> (T, W): every block runs on the kept
