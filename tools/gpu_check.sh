@@ -10,7 +10,7 @@
 #   attention_tests  pytest -m cuda on the Triton attention and the models
 #   siglip attention train model   the other benchmarks, each cut at its time limit
 # Each step runs under a time limit printed in the log; a step cut at its limit (exit 124) keeps what it
-# wrote. STEPS picks and orders steps, e.g. STEPS="build tests sanitizer loss profile" for one 10-minute
+# wrote; LIMIT_<step>=SECONDS overrides a step's limit. STEPS picks and orders steps, e.g. STEPS="build tests sanitizer loss profile" for one 10-minute
 # command and STEPS="attention_tests siglip attention train model" for a second one on the warm machine.
 # Outputs go to benchmarks/results/<device>/ (DEVICE_NAME overrides <device>). When $OUT is set (a lent
 # device machine, which returns at most 8 files) the live log is $OUT/gpu_check.log and, after every step,
@@ -45,7 +45,8 @@ snapshot() {
 # step NAME LIMIT_S COMMAND...: run under a time limit (exit 124 when cut), report, snapshot. COMMAND is a
 # program, not a shell function: timeout execs it.
 step() {
-  local name=$1 limit=$2 start=$SECONDS rc
+  local name=$1 limit_var="LIMIT_$1" start=$SECONDS rc
+  local limit=${!limit_var:-$2}  # LIMIT_<step>=SECONDS overrides the default, to fit a short lease
   shift 2
   echo "== step $name (limit ${limit}s, $SECONDS s so far): $*"
   timeout -k 10 "$limit" "$@" 2>&1
