@@ -142,7 +142,8 @@ std::pair<at::Tensor, at::Tensor> backward_through_blocks(const at::Tensor& img,
   const bool direct_img = full || (block_cols >= N && !scaling && !keep_fp32);
   const bool direct_txt = full || (block_rows >= n && !scaling && !keep_fp32);
   auto grad_img = direct_img || !keep_fp32 ? at::empty_like(img) : at::empty({n, D}, acc);
-  auto grad_txt = direct_txt ? at::empty_like(txt) : at::Tensor();
+  // Unrounded column sums are views of one [N, D] sum: no concatenating copy of it at the end.
+  auto grad_txt = direct_txt ? at::empty_like(txt) : keep_fp32 ? at::empty({N, D}, acc) : at::Tensor();
   auto row_sum = direct_img || keep_fp32 ? at::Tensor() : at::empty({block_rows, D}, acc);
   std::vector<at::Tensor> col_sums;  // [cols, D] per column block, unless direct_txt
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
@@ -162,7 +163,7 @@ std::pair<at::Tensor, at::Tensor> backward_through_blocks(const at::Tensor& img,
         if (full) add_product(txt_sum, r0 == 0, g.t(), img_rows);
         else at::mm_out(txt_sum, g.t(), img_rows);
       } else {
-        if (r0 == 0) col_sums.push_back(at::empty({cols, D}, acc));
+        if (r0 == 0) col_sums.push_back(keep_fp32 ? grad_txt.narrow(0, c0, cols) : at::empty({cols, D}, acc));
         add_product(col_sums[b], r0 == 0, g.t(), img_rows);
       }
     }
@@ -174,13 +175,15 @@ std::pair<at::Tensor, at::Tensor> backward_through_blocks(const at::Tensor& img,
   }
   grad_tile.reset();
   row_sum.reset();
-  if (!direct_txt) {
+  if (!direct_txt && keep_fp32) {
+    if (scaling) grad_txt.mul_(scaling->inverse);
+  } else if (!direct_txt) {
     // Rounded one column block at a time, each sum freed before the next: the peak stays near the sums
     // alone, not the sums plus a whole rounded copy.
     std::vector<at::Tensor> rounded;
     for (auto& sum : col_sums) {
       if (scaling) sum.mul_(scaling->inverse);
-      rounded.push_back(keep_fp32 ? sum : sum.to(txt.scalar_type()));
+      rounded.push_back(sum.to(txt.scalar_type()));
       sum.reset();
     }
     grad_txt = rounded.size() == 1 ? rounded.front() : at::cat(rounded);

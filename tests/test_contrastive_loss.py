@@ -134,7 +134,8 @@ def test_offset_shares_sum_to_the_loss(target: tuple[str, str], dtype: torch.dty
 
     got = loss_and_grads(sharded_loss, image, text, scale)
     naive = naive_same_dtype(image, text, scale, **options) if dtype != torch.float32 else None
-    assert_matches(got, reference(image, text, scale, **options), dtype, naive)
+    # the positive-pair terms come from autograd here, after the op's rounded gradient tiles
+    assert_matches(got, reference(image, text, scale, **options), dtype, naive, rounded_tiles=backend == "cuda")
 
 
 @pytest.mark.parametrize("target", FLOAT64_TARGETS)

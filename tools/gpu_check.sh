@@ -15,7 +15,7 @@
 # Outputs go to benchmarks/results/<device>/ (DEVICE_NAME overrides <device>). When $OUT is set (a lent
 # device machine, which returns at most 8 files) the live log is $OUT/gpu_check.log and, after every step,
 # $OUT/results.tar.gz holds the whole results folder, so a command killed midway still returns its data.
-# Extra arguments go to the loss step's bench_loss.py.
+# LOSS_TESTS_ONLY replaces the tests step's list. Extra arguments go to the loss step's bench_loss.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -23,8 +23,9 @@ steps=" ${STEPS-build tests sanitizer loss profile attention_tests siglip attent
 want() { [[ $steps == *" $1 "* ]]; }
 
 # Wheels the GPU image lacks, installed beside it exactly as the device README shows (no registry there).
+# Installed once per machine: several checks may run side by side (say, correctness tests beside the build).
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastclip-site .whl/*.whl \
+  [[ -d /tmp/fastclip-site ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastclip-site .whl/*.whl \
     || { echo "installing the wheels in .whl failed" >&2; exit 1; }
   export PYTHONPATH=/tmp/fastclip-site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -60,6 +61,7 @@ step() {
 LOSS_TESTS=(tests/test_contrastive_cuda.py tests/test_chunked_loss_path.py tests/test_contrastive_loss.py
             tests/test_contrastive_op.py tests/test_loss_family.py tests/test_loss_gradient_rounding.py tests/test_properties.py
             tests/test_properties_family.py)
+[[ -z ${LOSS_TESTS_ONLY-} ]] || read -ra LOSS_TESTS <<< "$LOSS_TESTS_ONLY"  # e.g. the node ids that failed last time
 # Small, fast CUDA tests of both kernels' forward and backward, for the sanitizers (10-100x slower there).
 SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -p no:cacheprovider -x
            -k "lse_rectangular or identical_rows_tie or masked_lse_matches_dense or pairwise_sigmoid_rows_match_dense")

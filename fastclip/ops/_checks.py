@@ -57,6 +57,16 @@ def check_offset(offset: int, rows: int, num_pairs: int) -> None:
         raise ValueError(f"offset must be an int with 0 <= offset and offset + {rows} <= {num_pairs}, got {offset!r}")
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one, with an index-less "cuda" meaning the current CUDA device."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else 0
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.index == b.index
+
+
 def one_value(
     name: str, value: torch.Tensor | float, device: torch.device, meaning: str
 ) -> tuple[torch.Tensor, float | None]:
@@ -70,7 +80,7 @@ def one_value(
         raise ValueError(f"{name} must hold one value ({meaning}), got shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if value.device != device:
+    if not same_device(value.device, device):
         raise ValueError(f"{name} must be on the features' device {device}, got {value.device}")
     # A value check reads the scalar (one host-device sync on a GPU); it is skipped while tracing for
     # torch.compile, where a data-dependent branch would break the graph, and on meta tensors (no data).
@@ -105,7 +115,7 @@ def check_labels(name: str, labels: torch.Tensor, size: int, device: torch.devic
         raise TypeError(f"{name} must hold integer class ids (int64, int32, ...), got {labels.dtype}")
     if labels.shape != (size,):
         raise ValueError(f"{name} must have shape [{size}] (one label per row), got {tuple(labels.shape)}")
-    if labels.device != device:
+    if not same_device(labels.device, device):
         raise ValueError(f"{name} must be on the features' device {device}, got {labels.device}")
     return labels.long()
 
