@@ -30,8 +30,15 @@ at::Tensor add_pair_entries(const at::Tensor& img, const at::Tensor& txt, const 
   auto pair_grad = grad_pair - grad_row * row_rest - grad_col.index_select(0, target) * col_rest.index_select(0, target);
   pair_grad = at::where(partner >= 0, pair_grad, at::zeros_like(pair_grad));
   const auto weight = (scale * pair_grad).unsqueeze(1);
-  grad_img.add_(txt.index_select(0, target) * weight);
-  grad_txt.index_add_(0, target, img * weight);
+  // In row chunks: whole [n, D] products (gathered rows, promoted to the sums' dtype) would add about one and
+  // a half gradients to the backward's peak memory, which at N = 1M is the fp32 sums themselves.
+  constexpr int64_t kChunkRows = int64_t{1} << 16;
+  for (int64_t r0 = 0; r0 < img.size(0); r0 += kChunkRows) {
+    const int64_t rows = std::min(kChunkRows, img.size(0) - r0);
+    const auto rows_target = target.narrow(0, r0, rows), rows_weight = weight.narrow(0, r0, rows);
+    grad_img.narrow(0, r0, rows).add_(txt.index_select(0, rows_target) * rows_weight);
+    grad_txt.index_add_(0, rows_target, img.narrow(0, r0, rows) * rows_weight);
+  }
   return (pair_grad * pair_dot).sum().to(at::kDouble);
 }
 

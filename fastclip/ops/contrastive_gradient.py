@@ -160,12 +160,13 @@ class _FusedLossGradient(torch.autograd.Function):
         if ctx.same:
             grad_img, grad_txt = grad_img + grad_txt, None
         anchor = (image, text, logit_scale)
-        grads = [
-            _first_order(grad_img.to(image.dtype), anchor),
-            None if grad_txt is None else _first_order(grad_txt.to(text.dtype), anchor),
-            _first_order(grad_scale.to(logit_scale.dtype).reshape(logit_scale.shape), anchor),
-        ]
-        return None, grads[0], grads[1], grads[2], None, None, None, None
+        # Each unrounded sum is dropped as soon as it is rounded: at N = 1M the fp32 sums are the backward's
+        # peak memory, and holding both through both roundings would add a rounded copy on top.
+        grad_img = _first_order(grad_img.to(image.dtype), anchor)
+        if grad_txt is not None:
+            grad_txt = _first_order(grad_txt.to(text.dtype), anchor)
+        grad_scale = _first_order(grad_scale.to(logit_scale.dtype).reshape(logit_scale.shape), anchor)
+        return None, grad_img, grad_txt, grad_scale, None, None, None, None
 
 
 class _FirstOrderOnly(torch.autograd.Function):
