@@ -22,9 +22,12 @@ latter, as the RSS high-water mark in a fresh process (skip with --no-cpu-memory
 On CUDA without --batch-sizes each competitor's sweep doubles from 64 until it runs out of memory or passes
 --max-batch, then bisects (--refine steps), to find its largest batch; on a CPU it runs only the listed
 sizes (8,16,32 by default). Reports the throughput ratio fastclip / baseline at every batch both ran and
-checks the issue's targets: at least 1.2x the baseline's throughput at equal batch (taken at the largest
-batch both fit) and at least 2x its largest batch. Writes bench_train.json (after every point) and
-bench_train.png into --out.
+checks the targets: at least 1.3x the baseline's throughput at equal batch (taken at the largest batch both
+fit), at least 4x its largest batch, and fastclip at 35% MFU or more there. MFU is model FLOPs per second over
+the bf16 (fp32) matmul rate measured in the same run; the model FLOPs of a step are what torch's FLOP counter
+counts in one forward + backward of the baseline (whose SDPA attention it sees, while fastclip's Triton
+kernels it cannot), the same work for both competitors at one batch size. Writes bench_train.json (after
+every point) and bench_train.png into --out.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file, however this is run
 import common  # noqa: E402
@@ -49,8 +53,9 @@ from fastclip.train.optim import make_optimizer  # noqa: E402
 
 IMPLEMENTATIONS = ("baseline", "fastclip")  # baseline first: the ratios need it
 ATTN_BACKEND = {"fastclip": "auto", "baseline": "torch"}
-TARGET_THROUGHPUT_RATIO = 1.2  # the issue's targets: fastclip vs baseline at equal batch,
-TARGET_BATCH_RATIO = 2.0  # and largest batch that fits vs the baseline's
+TARGET_THROUGHPUT_RATIO = 1.3  # the targets: fastclip vs baseline at equal batch,
+TARGET_BATCH_RATIO = 4.0  # largest batch that fits vs the baseline's,
+TARGET_MFU = 0.35  # and fastclip's model FLOPs utilisation at the largest batch both fit
 EOT_ID = 49407  # the highest id: argmax pooling takes the end-of-text token
 OPTIMIZER = {"lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6}  # CLIP's
 DEFAULT_BATCHES = {"cuda": [64, 128, 256, 512, 1024, 2048], "cpu": [8, 16, 32]}
@@ -122,6 +127,15 @@ def make_warm_step(**kwargs) -> Callable[[], torch.Tensor]:
 # -------------------------------------------------------------------------------------------- measure
 
 
+def step_flops(batch: int, args: argparse.Namespace) -> int:
+    """The model FLOPs of one training step: torch's FLOP counter over the baseline's forward + backward
+    (matmuls, convolutions and SDPA; with --grad-checkpointing the recomputed forward counts too)."""
+    step = make_step("baseline", args.model, batch, args.precision, args.grad_checkpointing, args.device)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def measure_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
     """Memory and time of one competitor at one batch size; raises on out-of-memory."""
     step = make_step(impl, args.model, batch, args.precision, args.grad_checkpointing, args.device)
@@ -152,6 +166,9 @@ def measure_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
     timing = {"warmup": args.warmup, "reps": args.steps, "budget_s": args.budget_s, "warmed": True}
     row["step"] = common.time_fn(step, args.device, **timing)
     row["samples_per_s"] = batch / (row["step"]["median_ms"] / 1e3)
+    del step  # its model and optimizer state, before the FLOP count builds another
+    row["model_flops"] = step_flops(batch, args)
+    row["mfu"] = row["model_flops"] / (row["step"]["median_ms"] / 1e3) / (args.matmul_tflops * 1e12)
     return row
 
 
@@ -173,7 +190,7 @@ def sweep(impl: str, args: argparse.Namespace, record: common.Record) -> None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Largest batches, throughput ratios at equal batch, and the verdict on each of the issue's targets."""
+    """Largest batches, throughput ratios at equal batch, and the verdict on each target."""
     ok = {impl: {r["batch"]: r for r in rows if r["impl"] == impl and r["status"] == "ok"} for impl in IMPLEMENTATIONS}
     oom = {impl: any(r["impl"] == impl and r["status"] == "oom" for r in rows) for impl in IMPLEMENTATIONS}
     largest = {impl: max(ok[impl], default=None) for impl in IMPLEMENTATIONS}
@@ -188,6 +205,7 @@ def summarize(rows: list[dict]) -> dict:
     loss_diff = max(diffs, default=None)
     at = common_batches[-1] if common_batches else None
     throughput_met = None if at is None else bool(ratios[at] >= TARGET_THROUGHPUT_RATIO)
+    mfu = None if at is None else ok["fastclip"][at]["mfu"]
     batch_ratio = largest["fastclip"] / largest["baseline"] if largest["fastclip"] and largest["baseline"] else None
     if batch_ratio is None or not oom["baseline"]:
         batch_met = None  # the baseline's limit was never reached: nothing to compare with
@@ -210,7 +228,12 @@ def summarize(rows: list[dict]) -> dict:
             "largest_batch_ratio": TARGET_BATCH_RATIO,
             "largest_batch_rule": "largest fitting batch, fastclip/baseline; undecided unless both sweeps ran out of "
             "memory (or fastclip's reached the ratio)",
+            "mfu": TARGET_MFU,
+            "mfu_rule": "fastclip's model FLOPs per second over the measured matmul rate, at the largest batch "
+            "both fit",
         },
+        "fastclip_mfu": mfu,
+        "mfu_target_met": None if mfu is None else bool(mfu >= TARGET_MFU),
         "throughput_target_met": throughput_met,
         "largest_batch_target_met": batch_met,
     }
@@ -224,6 +247,7 @@ TABLE = Table(
     Column("peak MiB", 9, ".0f"),
     Column("extra MiB", 9, ".0f"),
     Column("1st loss", 9, ".4f"),
+    Column("MFU %", 6, ".1f"),
 )
 
 
@@ -233,7 +257,8 @@ def format_row(row: dict) -> str:
     if row["status"] != "ok":
         return common.status_line(TABLE.line(*head), row)
     mib = [row[key] / 2**20 if row[key] is not None else None for key in ("peak_bytes", "peak_extra_bytes")]
-    return TABLE.line(*head, row["step"]["median_ms"], row["samples_per_s"], *mib, row["first_loss"])
+    mfu = 100 * row["mfu"]
+    return TABLE.line(*head, row["step"]["median_ms"], row["samples_per_s"], *mib, row["first_loss"], mfu)
 
 
 def _verdict(met: bool | None) -> str:
@@ -241,7 +266,7 @@ def _verdict(met: bool | None) -> str:
 
 
 def print_summary(summary: dict) -> None:
-    """The ratios and, for each of the issue's targets, whether this run met it."""
+    """The ratios and, for each target, whether this run met it."""
     ratios = summary["throughput_ratio"]
     print(
         "\nthroughput fastclip / baseline at equal batch: "
@@ -267,6 +292,10 @@ def print_summary(summary: dict) -> None:
     shown = f"{batch_ratio:.2f}x" if batch_ratio is not None else "n/a"
     verdict = _verdict(summary["largest_batch_target_met"])
     print(f"target: >= {TARGET_BATCH_RATIO}x the baseline's largest batch: {shown} -> {verdict}")
+    mfu = summary["fastclip_mfu"]
+    shown = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+    verdict = _verdict(summary["mfu_target_met"])
+    print(f"target: fastclip MFU >= {100 * TARGET_MFU:.0f}% at that batch: {shown} -> {verdict}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -376,6 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the payload written to bench_train.json."""
     args = parse_args(argv)
     header = common.environment_header()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    args.matmul_tflops = common.matmul_rate_tflops(args.device, dtype)
     config = train_config(args)
     resolved = config["fastclip_resolved_backends"]
     print(
@@ -385,7 +416,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if resolved["attention"] == "torch":
         print("(attention on 'torch' for both: the competitors differ only in the loss)")
-    payload = {"benchmark": "train_step", "environment": header, "config": config, "rows": []}
+    payload = {
+        "benchmark": "train_step",
+        "environment": header,
+        "config": config,
+        "matmul_tflops": {args.precision: args.matmul_tflops},
+        "rows": [],
+    }
     record = common.Record(args.out, "bench_train", payload)
     for impl in IMPLEMENTATIONS:
         sweep(impl, args, record)

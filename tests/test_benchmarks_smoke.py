@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import `common` from their own folder
 
@@ -46,6 +48,14 @@ def test_bench_train_writes_results(tmp_path: Path) -> None:
     assert set(summary["throughput_ratio"]) == {"2", "4"} and all(r > 0 for r in summary["throughput_ratio"].values())
     assert summary["largest_batch_target_met"] is None  # no sweep on a CPU: no out-of-memory to compare
     assert summary["max_first_loss_abs_diff"] < 1e-4  # same weights and inputs, fp32: the two losses agree
+    # MFU: the same model FLOPs for both competitors at one batch, growing with it, over the measured rate
+    flops = {(r["impl"], r["batch"]): r["model_flops"] for r in rows}
+    assert flops["baseline", 2] == flops["fastclip", 2] and flops["baseline", 4] == flops["fastclip", 4]
+    assert 0 < flops["baseline", 2] < flops["baseline", 4]
+    rate = payload["matmul_tflops"]["fp32"] * 1e12
+    for r in rows:
+        assert r["mfu"] == pytest.approx(r["model_flops"] / (r["step"]["median_ms"] / 1e3) / rate)
+    assert summary["fastclip_mfu"] == rows[-1]["mfu"] and summary["mfu_target_met"] is (rows[-1]["mfu"] >= 0.35)
     assert (tmp_path / "bench_train.png").exists()
 
 

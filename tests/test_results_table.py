@@ -311,6 +311,15 @@ def test_train_mfu_when_recorded(tmp_path: Path, capsys) -> None:
     out = rendered(write(tmp_path / "r", {"bench_train.json": payload}), capsys)
     assert "| baseline MFU | fastclip MFU |" in out
     assert "| 1024 | 1510 | 1990 | 1.32× | 31.2% | 41.1% |" in out
+    assert "its largest batch: 2.00×, met." in out  # no MFU target in this summary
+
+
+def test_train_mfu_target(tmp_path: Path, capsys) -> None:
+    payload = train_payload()
+    payload["summary"]["targets"]["mfu"] = 0.35
+    payload["summary"].update(fastclip_mfu=0.2846, mfu_target_met=False)
+    out = rendered(write(tmp_path / "r", {"bench_train.json": payload}), capsys)
+    assert "its largest batch: 2.00×, met; fastclip's MFU ≥ 35.0% there: 28.5%, **missed**." in out
 
 
 def test_model_throughput_per_backend(tmp_path: Path, capsys) -> None:
@@ -410,3 +419,10 @@ def test_command_line(tmp_path: Path) -> None:
     assert ok.returncode == 0 and "| 1024 | 1510 | 1990 | 1.32× |" in ok.stdout
     missing = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stdout == "" and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_readme_block_is_the_committed_gpu_results() -> None:
+    """The README's GPU tables are exactly what the committed JSON renders to (nothing typed by hand)."""
+    repo = SCRIPT.parents[1]
+    args = [str(repo / "benchmarks/results/NVIDIA_H200"), "--readme", str(repo / "README.md"), "--check"]
+    assert results_table.main(args) == 0

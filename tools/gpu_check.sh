@@ -6,7 +6,8 @@
 #   tests        pytest -m cuda on the loss kernels (stops after a few failures)
 #   sanitizer    compute-sanitizer memcheck and racecheck on small CUDA loss tests
 #   loss         bench_loss: naive, Inf-CL, tiled torch and both paths of the CUDA op, bf16 and fp32, D = 512, 768
-#   profile      one ncu profile of the loss forward and backward at N = 65536, D = 768, bf16
+#   profile      ncu profiles of both CUDA loss paths' kernels at N = 65536, D = 768, bf16
+#   chunk_sweep  the chunked path's time at N = 65536 for scratch budgets from 16 to 512 MiB
 #   attention_tests  pytest -m cuda on the Triton attention and the models
 #   siglip attention train model   the other benchmarks, each cut at its time limit
 # Each step runs under a time limit printed in the log; a step cut at its limit (exit 124) keeps what it
@@ -19,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-steps=" ${STEPS-build tests sanitizer loss profile attention_tests siglip attention train model} "
+steps=" ${STEPS-build tests sanitizer loss profile chunk_sweep attention_tests siglip attention train model} "
 want() { [[ $steps == *" $1 "* ]]; }
 
 # Wheels the GPU image lacks, installed beside it exactly as the device README shows (no registry there).
@@ -104,18 +105,31 @@ SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -
   fi
   if want profile; then
     if command -v ncu >/dev/null; then
-      for kernel in forward backward; do  # one launch of each kernel, inside tools/profile_loss.py's profiled call
-        rep=$results/ncu_loss_${kernel}_n65536_d768_bf16
-        step "profile_$kernel" 90 ncu --profile-from-start off --kernel-name "regex:lse_${kernel}_kernel" --launch-count 1 \
-          --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-          --section Occupancy --section LaunchStats --section WarpStateStats -f -o "$rep" \
-          python3 tools/profile_loss.py --n 65536 --dim 768 --dtype bf16 \
+      # name:path:kernel regex:launches, inside tools/profile_loss.py's one profiled forward + backward: the
+      # chunked path's first forward GEMM and epilogue, its backward epilogue, and the fused path's two kernels
+      for target in "chunked_forward:chunked:chunk_forward_kernel|gemm|xmma|cutlass:2" \
+                    "chunked_backward:chunked:chunk_loss_backward_kernel:1" \
+                    "fused_forward:fused:lse_forward_kernel:1" "fused_backward:fused:loss_backward_kernel:1"; do
+        IFS=: read -r name path regex launches <<< "$target"
+        rep=$results/ncu_loss_${name}_n65536_d768_bf16
+        FASTCLIP_CUDA_LOSS_PATH=$path step "profile_$name" 90 ncu --profile-from-start off --kernel-name "regex:$regex" \
+          --launch-count "$launches" --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+          -f -o "$rep" python3 tools/profile_loss.py --n 65536 --dim 768 --dtype bf16 \
           && ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1; cat "$rep.txt" 2>/dev/null
       done
     else
       echo "== step profile: ncu not found"
     fi
     step profile_timing 60 python3 tools/profile_loss.py --n 65536 --dim 768 --dtype bf16 --reps 5
+  fi
+  if want chunk_sweep; then
+    # The chunked path's scratch budget: does keeping the similarity chunk in L2 (60 MB on an H200) beat
+    # larger GEMMs? One timing line per budget, N = 65536, D = 768, bf16.
+    for mib in 16 32 64 128 256 512; do
+      FASTCLIP_CUDA_LOSS_PATH=chunked FASTCLIP_LOSS_CHUNK_BYTES=$((mib << 20)) step "chunk_sweep_${mib}MiB" 40 \
+        python3 tools/profile_loss.py --n 65536 --dim 768 --dtype bf16 --reps 5
+    done
   fi
   if want attention_tests; then
     step attention_tests 240 python3 -m pytest tests/test_attention.py tests/test_attention_launch.py tests/test_attention_lengths.py tests/test_model.py -m cuda -q -p no:cacheprovider --maxfail=5

@@ -311,7 +311,7 @@ def largest_batch_line(rows: list[dict], sides: list[str], summary: dict) -> str
 
 
 def train_targets_line(summary: dict) -> list[str]:
-    """The two training targets and whether the run met them (as bench_train.py judged)."""
+    """The training targets and whether the run met them (as bench_train.py judged)."""
     targets = summary.get("targets")
     if not targets:
         return []
@@ -324,7 +324,13 @@ def train_targets_line(summary: dict) -> list[str]:
         f"Targets: ≥ {limit(targets['throughput_ratio'])}× the baseline's samples/s at the largest batch both fit: "
         f"{throughput}, {verdict[summary.get('throughput_target_met')]}; ≥ {limit(targets['largest_batch_ratio'])}× "
         f"its largest batch: {times(summary.get('largest_batch_ratio'))}, "
-        f"{verdict[summary.get('largest_batch_target_met')]}.",
+        f"{verdict[summary.get('largest_batch_target_met')]}"
+        + (
+            f"; fastclip's MFU ≥ {percent(targets['mfu'])} there: {percent(summary.get('fastclip_mfu'))}, "
+            f"{verdict[summary.get('mfu_target_met')]}."
+            if "mfu" in targets
+            else "."
+        ),
     ]
 
 
