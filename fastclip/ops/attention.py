@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastclip.backends import resolve_attention_backend
 from fastclip.ops._checks import check_float_tensor
@@ -127,8 +128,9 @@ def attention(
     scale = resolve_scale(scale, q.shape[-1])
     if resolve_attention_backend(backend, q) == "torch":
         return attention_torch(q, k, v, causal, key_padding_mask, scale, lengths)
-    out, _ = torch.ops.fastclip.attention(q, k, v, key_padding_mask, causal, scale, lengths)
-    return out
+    if torch.compiler.is_compiling():  # the registered op: one opaque node in the compiled graph
+        return torch.ops.fastclip.attention(q, k, v, key_padding_mask, causal, scale, lengths)[0]
+    return _EagerAttention.apply(q, k, v, key_padding_mask, causal, scale, lengths)
 
 
 def attention_torch(
@@ -236,3 +238,28 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The registered op's forward and backward without the custom-op dispatch, for eager mode.
+
+    Each call of a `torch.library.custom_op` passes through the dispatcher, default filling and its own
+    autograd wrapper, in both directions: on this path's small launches (CLIP's text tower, small batches)
+    that host time exceeds the kernels' own. Both paths run the same kernels with the same arguments.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, lengths):
+        out, lse = _check_triton_mode(q).forward(q, k, v, key_padding_mask, causal, scale, lengths=lengths)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, lengths)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    @once_differentiable  # the kernels' gradients are first-order only
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask, lengths = ctx.saved_tensors
+        dq, dk, dv = _check_triton_mode(q).backward(
+            grad_out, None, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale, lengths=lengths
+        )
+        return dq, dk, dv, None, None, None, None

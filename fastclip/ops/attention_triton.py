@@ -532,7 +532,9 @@ _PREPROCESS_BLOCK = 64
 
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(n)
+    """The smallest power of two >= n (n >= 1). Plain Python: triton.next_power_of_2 is a constexpr function
+    whose call wrapper costs microseconds, several times per launch."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 # CUDA's grid limits: axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535. batch * heads reaches
@@ -543,7 +545,7 @@ MAX_GRID_Y = 65535
 
 def launch_grid(batch_heads: int, length: int, block: int) -> tuple[int, int]:
     """(batch * heads, blocks of `block` along `length`): the grid of every attention kernel."""
-    blocks = triton.cdiv(length, block)
+    blocks = -(-length // block)  # ceil division (triton.cdiv's call wrapper is slow on the launch path)
     if batch_heads > MAX_GRID_X:
         raise ValueError(f"batch * heads = {batch_heads} exceeds the {MAX_GRID_X} programs a CUDA grid axis takes; "
                          "split the batch")
