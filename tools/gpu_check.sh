@@ -9,6 +9,7 @@
 #   profile      ncu profiles of both CUDA loss paths' kernels at N = 65536, D = 768, bf16
 #   chunk_sweep  the chunked path's time at N = 65536 for scratch budgets from 16 to 512 MiB
 #   attention_tests  pytest -m cuda on the Triton attention and the models
+#   attention_profile  kernel time against wall time per attention call (tools/profile_attention.py)
 #   siglip attention train model   the other benchmarks, each cut at its time limit
 # Each step runs under a time limit printed in the log; a step cut at its limit (exit 124) keeps what it
 # wrote; LIMIT_<step>=SECONDS overrides a step's limit. STEPS picks and orders steps, e.g. STEPS="build tests sanitizer loss profile" for one 10-minute
@@ -20,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-steps=" ${STEPS-build tests sanitizer loss profile chunk_sweep attention_tests siglip attention train model} "
+steps=" ${STEPS-build tests sanitizer loss profile chunk_sweep attention_tests attention_profile siglip attention train model} "
 want() { [[ $steps == *" $1 "* ]]; }
 
 # Wheels the GPU image lacks, installed beside it exactly as the device README shows (no registry there).
@@ -133,6 +134,13 @@ SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -
   fi
   if want attention_tests; then
     step attention_tests 240 python3 -m pytest tests/test_attention.py tests/test_attention_launch.py tests/test_attention_lengths.py tests/test_model.py -m cuda -q -p no:cacheprovider --maxfail=5
+  fi
+  # Kernel time against wall time per attention call (host-bound or kernel-bound?), text and ViT-B/16 shapes
+  if want attention_profile; then
+    for shape in text vit_b16; do
+      step "attention_profile_$shape" 60 python3 tools/profile_attention.py --shape "$shape" \
+        --competitors "fastclip,sdpa,sdpa_flash$([[ $shape == text ]] && echo ,fastclip_dense)"
+    done
   fi
   # SigLIP fused vs eager forward+backward in bf16 at D = 768 up to N = 65536 (eager peaks near 18 bytes per
   # logit in bf16, ~77 GiB at 65536^2, inside an H200's 139 GiB; an OOM is recorded as such, not fatal)
