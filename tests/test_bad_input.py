@@ -1169,3 +1169,18 @@ def test_cli_user_errors_exit_2_with_one_line(
     assert re.search(message, lines[-1]), lines[-1]
     if not err.startswith("usage:"):  # runtime errors: exactly one line
         assert len(lines) == 1, err
+
+
+def test_same_device_reads_an_index_less_cuda_as_the_current_one() -> None:
+    """The features' device check compares devices, not their spellings (`cuda` is the current GPU)."""
+    from fastclip.ops._checks import same_device
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert same_device(cpu, torch.device("cpu")) and not same_device(cpu, meta)
+    assert same_device(torch.device("cuda:1"), torch.device("cuda:1"))
+    assert not same_device(torch.device("cuda:0"), torch.device("cuda:1"))
+    assert not same_device(torch.device("cuda:0"), cpu)
+    if torch.cuda.is_available():
+        current = torch.cuda.current_device()
+        assert same_device(torch.device("cuda"), torch.device(f"cuda:{current}"))
+        assert not same_device(torch.device("cuda"), torch.device(f"cuda:{current + 1}"))
