@@ -46,9 +46,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def demo_config(args: argparse.Namespace) -> TrainConfig:
     every = max(1, args.steps // 5)  # five evaluations, each followed by a checkpoint
-    kw = __import__("json").loads(__import__("os").environ.get("DEMO_EXP", "{}"))  # EXPERIMENT-ONLY
     return TrainConfig(
-        model=kw.pop("model", "demo-ViT"),
+        model="demo-ViT",
         dataset="synthetic",
         synthetic_samples=max(50_000, args.steps * args.batch_size),
         batch_size=args.batch_size,
@@ -66,7 +65,6 @@ def demo_config(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         resume=args.resume,
         overwrite=args.overwrite,
-        **__import__("json").loads(__import__("os").environ.get("DEMO_EXP", "{}")),  # EXPERIMENT-ONLY
     )
 
 
