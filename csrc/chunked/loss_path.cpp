@@ -21,8 +21,8 @@ std::optional<LossPath> forced_path(const char* variable) {
 // The CUDA path by problem size, for calls that force none. The first GPU benchmark of both paths (an
 // H200, bf16, D = 768; benchmarks/results/NVIDIA_H200/bench_loss.json) measured the chunked path 3.4x
 // faster than the fused kernel at N = 16384 and 4.1x at 65536. At N = 4096 the fused one was 7% ahead,
-// where both are bound by kernel launches (about 3x slower than the naive loss), so that size does not
-// decide anything yet: the chunked path runs everywhere. Sweeps over D, dtype and architecture refine it.
+// with both about 3x slower than the naive loss (most likely host-bound, not yet profiled), so that size
+// decides nothing yet: the chunked path runs everywhere. Sweeps over D, dtype and architecture refine it.
 LossPath loss_path_table(int64_t /*n*/, int64_t /*N*/, int64_t /*D*/, at::ScalarType /*dtype*/) {
   return LossPath::kChunked;
 }
