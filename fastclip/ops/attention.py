@@ -244,7 +244,7 @@ class _EagerAttention(torch.autograd.Function):
     """The registered op's forward and backward without the custom-op dispatch, for eager mode.
 
     Each call of a `torch.library.custom_op` passes through the dispatcher, default filling and its own
-    autograd wrapper, in both directions: about half of this path's host time per call, which matters where
+    autograd wrapper, in both directions: over a quarter of this path's host time per call, which matters where
     the kernels are short (CLIP's text tower, small batches). Both paths run the same kernels with the same
     arguments.
     """
