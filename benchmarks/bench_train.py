@@ -24,9 +24,9 @@ On CUDA without --batch-sizes each competitor's sweep doubles from 64 until it r
 sizes (8,16,32 by default). Reports the throughput ratio fastclip / baseline at every batch both ran and
 checks the targets: at least 1.3x the baseline's throughput at equal batch (taken at the largest batch both
 fit), at least 4x its largest batch, and fastclip at 35% MFU or more there. MFU is model FLOPs per second over
-the bf16 (fp32) matmul rate measured in the same run; the model FLOPs of a step are what torch's FLOP counter
-counts in one forward + backward of the baseline (whose SDPA attention it sees, while fastclip's Triton
-kernels it cannot), the same work for both competitors at one batch size. Writes bench_train.json (after
+the bf16 (fp32) matmul rate measured in the same run; the model FLOPs of a step are the batch times what
+torch's FLOP counter counts per sample in one forward + backward of the baseline (whose SDPA attention it sees,
+while fastclip's Triton kernels it cannot), the same work for both competitors. Writes bench_train.json (after
 every point) and bench_train.png into --out.
 """
 
@@ -127,13 +127,19 @@ def make_warm_step(**kwargs) -> Callable[[], torch.Tensor]:
 # -------------------------------------------------------------------------------------------- measure
 
 
-def step_flops(batch: int, args: argparse.Namespace) -> int:
-    """The model FLOPs of one training step: torch's FLOP counter over the baseline's forward + backward
-    (matmuls, convolutions and SDPA; with --grad-checkpointing the recomputed forward counts too)."""
-    step = make_step("baseline", args.model, batch, args.precision, args.grad_checkpointing, args.device)
+FLOP_COUNT_BATCH = 32  # the batch whose step the FLOP counter runs once: small enough to fit wherever the sweep runs
+
+
+@functools.cache
+def flops_per_sample(model: str, precision: str, grad_checkpointing: bool, device: str) -> float:
+    """Model FLOPs of one training step per sample: torch's FLOP counter over one forward + backward of the
+    baseline at FLOP_COUNT_BATCH (matmuls, convolutions and SDPA; with --grad-checkpointing the recomputed
+    forward counts too). Counted once per run, not per point: a step at the sweep's largest batches could
+    run out of memory, and the work per sample does not depend on the batch (caption lengths aside)."""
+    step = make_step("baseline", model, FLOP_COUNT_BATCH, precision, grad_checkpointing, device)
     with FlopCounterMode(display=False) as counter:
         step()
-    return counter.get_total_flops()
+    return counter.get_total_flops() / FLOP_COUNT_BATCH
 
 
 def measure_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
@@ -166,8 +172,7 @@ def measure_point(impl: str, batch: int, args: argparse.Namespace) -> dict:
     timing = {"warmup": args.warmup, "reps": args.steps, "budget_s": args.budget_s, "warmed": True}
     row["step"] = common.time_fn(step, args.device, **timing)
     row["samples_per_s"] = batch / (row["step"]["median_ms"] / 1e3)
-    del step  # its model and optimizer state, before the FLOP count builds another
-    row["model_flops"] = step_flops(batch, args)
+    row["model_flops"] = batch * flops_per_sample(args.model, args.precision, args.grad_checkpointing, args.device)
     row["mfu"] = row["model_flops"] / (row["step"]["median_ms"] / 1e3) / (args.matmul_tflops * 1e12)
     return row
 
