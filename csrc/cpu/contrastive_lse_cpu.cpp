@@ -2,7 +2,7 @@
 //
 // The same tiled algorithm as the CUDA kernel (kernels/contrastive_lse.cu), so that CI tests it
 // (tiles are wider here and their dot products come from a BLAS call instead of tensor cores):
-//  - forward: rows in blocks of kRowBlock, in parallel; each block sweeps the columns tile by tile,
+//  - forward: rows in blocks (cpu/tile_sweep_cpu.h), in parallel; each block sweeps the columns tile by tile,
 //    keeping a running (max, sum) per row (online log-sum-exp) and writing the tile's column partials
 //    (max, sum over the block's rows) to a [blocks, N] buffer, merged afterwards. Rows are processed in
 //    chunks so that this buffer stays within a fixed budget whatever N is.
@@ -14,6 +14,7 @@
 // epilogue (chunked/chunked_loss.h), so that the CPU tests check that path's arithmetic.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -23,14 +24,16 @@
 #include "chunked/loss_path.h"
 #include "common.h"
 #include "cpu/chunked_epilogue_cpu.h"
+#include "cpu/row_sums.h"
 #include "cpu/tile_sweep_cpu.h"
+#include "cpu/vector_exp.h"
 #include "ops/contrastive_loss_backward.h"
 #include "ops/contrastive_lse.h"
 
 namespace fastclip {
 namespace {
 
-using cpu::kRowBlock;
+using cpu::kMaxRowBlock;
 
 // The chunked path's scratch budget on CPU: the tile sweep's.
 int64_t chunk_budget() { return chunk_budget_bytes(cpu::kScratchBudgetBytes); }
@@ -42,35 +45,60 @@ inline int64_t masked_column(const std::optional<int64_t>& diagonal, int64_t r, 
   return j >= 0 && j < cols ? j : -1;
 }
 
+// One row's exponentials: out[j] = exp(scale * dot[j] - shift[j]) (shift per column) or - shift (one value).
+template <typename acc_t>
+void exp_of_scaled(const acc_t* dot, acc_t scale, const acc_t* shift, int64_t n, acc_t* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = scale * dot[j] - shift[j];
+  cpu::exp_inplace(out, n);
+}
+
+template <typename acc_t>
+void exp_of_scaled(const acc_t* dot, acc_t scale, acc_t shift, int64_t n, acc_t* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = scale * dot[j] - shift;
+  cpu::exp_inplace(out, n);
+}
+
+// Zero the entries of a row that take no part in the sweep's sums (the masked one, a pair entry): they
+// may hold inf or NaN (a fully masked row's lse is -inf), so they are overwritten, never subtracted.
+template <typename acc_t>
+void clear_entry(int64_t j, int64_t n, acc_t* a, acc_t* b, acc_t* c) {
+  if (j < 0 || j >= n) return;
+  a[j] = 0, b[j] = 0;
+  if (c != nullptr) c[j] = 0;
+}
+
 template <typename acc_t>
 void forward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t scale, std::optional<int64_t> diagonal,
-                   int64_t row_begin, int64_t row_end, acc_t* row_lse, acc_t* col_max, acc_t* col_sum) {
+                   int64_t row_begin, int64_t row_end, acc_t* strip, acc_t* row_lse, acc_t* col_max, acc_t* col_sum) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t cols = txt.size(0);
-  cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
-    acc_t run_max[kRowBlock], run_sum[kRowBlock];
+  cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, strip, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
+    acc_t run_max[kMaxRowBlock], run_sum[kMaxRowBlock];
+    acc_t e[cpu::kColBlock], tile_col_max[cpu::kColBlock], tile_col_sum[cpu::kColBlock], col_shift[cpu::kColBlock];
     for (int64_t i = 0; i < rows; ++i) run_max[i] = kNegInf, run_sum[i] = 0;
     visit_tiles([&](int64_t c0, int64_t tc, acc_t* tile) {
+      std::fill_n(tile_col_max, tc, kNegInf);
       for (int64_t i = 0; i < rows; ++i) {
         acc_t* s_row = tile + i * tc;
-        acc_t tile_max = kNegInf;
         for (int64_t j = 0; j < tc; ++j) s_row[j] *= scale;
         const int64_t masked = masked_column(diagonal, r0 + i, cols);
         if (masked >= c0 && masked < c0 + tc) s_row[masked - c0] = kNegInf;
-        for (int64_t j = 0; j < tc; ++j) tile_max = std::max(tile_max, s_row[j]);
-        const acc_t new_max = std::max(run_max[i], tile_max);
+        for (int64_t j = 0; j < tc; ++j) tile_col_max[j] = std::max(tile_col_max[j], s_row[j]);
+        const acc_t new_max = std::max(run_max[i], cpu::row_max(s_row, tc));
         if (new_max == kNegInf) continue;  // nothing unmasked in this row yet
-        acc_t sum = run_sum[i] * std::exp(run_max[i] - new_max);
-        for (int64_t j = 0; j < tc; ++j) sum += std::exp(s_row[j] - new_max);
-        run_max[i] = new_max, run_sum[i] = sum;
+        exp_of_scaled(s_row, acc_t(1), new_max, tc, e);
+        run_sum[i] = run_sum[i] * std::exp(run_max[i] - new_max) + cpu::row_sum(e, tc);
+        run_max[i] = new_max;
       }
-      for (int64_t j = 0; j < tc; ++j) {
-        acc_t m = kNegInf, sum = 0;
-        for (int64_t i = 0; i < rows; ++i) m = std::max(m, tile[i * tc + j]);
-        if (m != kNegInf)  // a column the mask empties in this block contributes (-inf, 0)
-          for (int64_t i = 0; i < rows; ++i) sum += std::exp(tile[i * tc + j] - m);
-        col_max[b * cols + c0 + j] = m, col_sum[b * cols + c0 + j] = sum;
+      // A column the mask empties in this block has max -inf: shifted by 0, its entries give exp(-inf) = 0.
+      for (int64_t j = 0; j < tc; ++j) col_shift[j] = tile_col_max[j] == kNegInf ? acc_t(0) : tile_col_max[j];
+      std::fill_n(tile_col_sum, tc, acc_t(0));
+      for (int64_t i = 0; i < rows; ++i) {
+        exp_of_scaled(tile + i * tc, acc_t(1), col_shift, tc, e);
+        for (int64_t j = 0; j < tc; ++j) tile_col_sum[j] += e[j];
       }
+      std::copy_n(tile_col_max, tc, col_max + b * cols + c0);
+      std::copy_n(tile_col_sum, tc, col_sum + b * cols + c0);
     });
     for (int64_t i = 0; i < rows; ++i) row_lse[r0 + i] = run_max[i] + std::log(run_sum[i]);  // -inf if all masked
   });
@@ -81,23 +109,19 @@ void backward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t scale, s
                     int64_t row_begin, int64_t row_end, const acc_t* grad_row, const acc_t* grad_col,
                     const acc_t* row_lse, const acc_t* col_lse, acc_t* grad_tile, double* scale_partial) {
   const int64_t cols = txt.size(0);
-  cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
+  cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, grad_tile, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
     double ds = 0;  // sum of G * dS/ds = G * <image_i, text_j>; double: it cancels against the positives
+    acc_t p_row[cpu::kColBlock], p_col[cpu::kColBlock];
     visit_tiles([&](int64_t c0, int64_t tc, const acc_t* tile) {
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
+        const acc_t* dot = tile + i * tc;
         acc_t* g_row = grad_tile + (r - row_begin) * cols + c0;
-        const int64_t masked = masked_column(diagonal, r, cols) - c0;  // in this tile if 0 <= masked < tc
-        for (int64_t j = 0; j < tc; ++j) {
-          if (j == masked) {  // no gradient; skipped, since a fully masked row's lse is -inf
-            g_row[j] = 0;
-            continue;
-          }
-          const acc_t dot = tile[i * tc + j], s = scale * dot;
-          const acc_t g = grad_row[r] * std::exp(s - row_lse[r]) + grad_col[c0 + j] * std::exp(s - col_lse[c0 + j]);
-          g_row[j] = g;
-          ds += g * dot;
-        }
+        exp_of_scaled(dot, scale, row_lse[r], tc, p_row);
+        exp_of_scaled(dot, scale, col_lse + c0, tc, p_col);
+        for (int64_t j = 0; j < tc; ++j) g_row[j] = grad_row[r] * p_row[j] + grad_col[c0 + j] * p_col[j];
+        clear_entry<acc_t>(masked_column(diagonal, r, cols) - c0, tc, g_row, p_row, nullptr);  // no gradient
+        ds += cpu::row_dot(g_row, dot, tc);
       }
     });
     scale_partial[b] = ds;
@@ -121,37 +145,35 @@ void loss_backward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t sca
                          const acc_t* col_lse, acc_t* grad_tile, acc_t* row_rest, acc_t* col_rest, acc_t* pair_dot,
                          double* scale_partial) {
   const int64_t cols = txt.size(0);
-  cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
+  cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, grad_tile, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
     double ds = 0;  // sum of G * <image_i, text_j>
-    acc_t rest[kRowBlock];
-    for (int64_t i = 0; i < rows; ++i) rest[i] = 0;
+    acc_t rest[kMaxRowBlock], p_row[cpu::kColBlock], p_col[cpu::kColBlock];
+    std::fill_n(rest, rows, acc_t(0));
     acc_t* col_part = col_rest + b * cols;
     visit_tiles([&](int64_t c0, int64_t tc, const acc_t* tile) {
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
+        const acc_t* dot = tile + i * tc;
         acc_t* g_row = grad_tile + (r - row_begin) * cols + c0;
-        const int64_t masked = masked_column(diagonal, r, cols) - c0;
-        const int64_t pair = k.partner[r] - c0;  // in this tile if 0 <= pair < tc
         const acc_t gr = k.grad_row[r], gp = k.grad_positive[r];
         const int64_t id = k.row_ids[r];
-        for (int64_t j = 0; j < tc; ++j) {
-          const acc_t dot = tile[i * tc + j];
-          if (j == masked || j == pair) {  // no entry, or one filled in from the rests afterwards
-            g_row[j] = 0;
-            if (j == pair) pair_dot[r] = dot;
-            continue;
-          }
-          const int64_t c = c0 + j;
-          const acc_t s = scale * dot, gc = k.grad_col[c];
-          const acc_t p_row = std::exp(s - row_lse[r]);
-          const acc_t p_col = gc != 0 ? std::exp(s - col_lse[c]) : acc_t(0);  // SupCon has no column terms
-          rest[i] += p_row;
-          col_part[c] += p_col;
-          const acc_t target = (id == k.col_ids[c] ? gp : acc_t(0)) + k.grad_uniform;
-          const acc_t g = gr * p_row + gc * p_col - target;
-          g_row[j] = g;
-          ds += g * dot;
-        }
+        exp_of_scaled(dot, scale, row_lse[r], tc, p_row);
+        exp_of_scaled(dot, scale, col_lse + c0, tc, p_col);
+        const acc_t* gc = k.grad_col + c0;
+        for (int64_t j = 0; j < tc; ++j) p_col[j] = gc[j] != 0 ? p_col[j] : acc_t(0);  // SupCon: no column terms
+        for (int64_t j = 0; j < tc; ++j) g_row[j] = gr * p_row[j] + gc[j] * p_col[j] - k.grad_uniform;
+        // The positive targets apart: a few entries per row, and an int64 compare would keep the loop
+        // above from vectorising.
+        if (gp != 0)
+          for (int64_t j = 0; j < tc; ++j) g_row[j] -= id == k.col_ids[c0 + j] ? gp : acc_t(0);
+        // No entry where masked; the pair entry is filled in from the rests after the sweep.
+        const int64_t pair = k.partner[r] - c0;
+        if (pair >= 0 && pair < tc) pair_dot[r] = dot[pair];
+        clear_entry(pair, tc, g_row, p_row, p_col);
+        clear_entry(masked_column(diagonal, r, cols) - c0, tc, g_row, p_row, p_col);
+        rest[i] += cpu::row_sum(p_row, tc);
+        for (int64_t j = 0; j < tc; ++j) col_part[c0 + j] += p_col[j];
+        ds += cpu::row_dot(g_row, dot, tc);
       }
     });
     for (int64_t i = 0; i < rows; ++i) row_rest[r0 + i] = rest[i];
@@ -173,13 +195,16 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& image, 
   at::Tensor col_lse;
   AT_DISPATCH_FLOATING_TYPES(acc_type, "contrastive_lse_cpu", [&] {
     const auto scale = static_cast<scalar_t>(logit_scale.item<double>());
-    // Column partials: one (max, sum) pair per row block and column.
-    const int64_t chunk = rows_per_chunk(n, 2 * sizeof(scalar_t) * N / kRowBlock, kRowBlock, cpu::kScratchBudgetBytes);
+    // Per row: its dot products (the sweep's strip) and its share of the column partials, one (max, sum)
+    // pair per row block (kMinRowBlock rows or more) and column.
+    const int64_t row_bytes = sizeof(scalar_t) * N + 2 * sizeof(scalar_t) * N / cpu::kMinRowBlock;
+    const int64_t chunk = rows_per_chunk(n, row_bytes, kMaxRowBlock, cpu::kScratchBudgetBytes);
+    auto strip = at::empty({std::min(n, chunk) * N}, img.options());
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t r1 = std::min(n, r0 + chunk);
       auto col_max = at::empty({cpu::row_blocks(r1 - r0), N}, img.options()), col_sum = at::empty_like(col_max);
-      forward_chunk<scalar_t>(img, txt, scale, masked_diagonal, r0, r1, row_lse.data_ptr<scalar_t>(),
-                              col_max.data_ptr<scalar_t>(), col_sum.data_ptr<scalar_t>());
+      forward_chunk<scalar_t>(img, txt, scale, masked_diagonal, r0, r1, strip.data_ptr<scalar_t>(),
+                              row_lse.data_ptr<scalar_t>(), col_max.data_ptr<scalar_t>(), col_sum.data_ptr<scalar_t>());
       auto chunk_lse = merge_partial_lse(col_max, col_sum, 0);
       col_lse = col_lse.defined() ? at::logaddexp(col_lse, chunk_lse) : chunk_lse;
     }

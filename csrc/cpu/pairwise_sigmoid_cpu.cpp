@@ -39,8 +39,8 @@ struct Labels {
 template <typename acc_t>
 void forward_rows(const at::Tensor& img, const at::Tensor& txt, acc_t scale, acc_t bias, Labels labels,
                   acc_t* row_loss) {
-  cpu::sweep_row_blocks<acc_t>(img, txt, 0, img.size(0), [&](int64_t, int64_t r0, int64_t rows, auto visit_tiles) {
-    double sums[cpu::kRowBlock] = {};  // double: a row sums N terms
+  cpu::sweep_row_blocks<acc_t>(img, txt, 0, img.size(0), static_cast<acc_t*>(nullptr), [&](int64_t, int64_t r0, int64_t rows, auto visit_tiles) {
+    double sums[cpu::kMaxRowBlock] = {};  // double: a row sums N terms
     visit_tiles([&](int64_t c0, int64_t tc, const acc_t* tile) {
       for (int64_t i = 0; i < rows; ++i) {
         acc_t sum = 0;
@@ -58,7 +58,7 @@ void backward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t scale, a
                     const acc_t* grad_row, int64_t row_begin, int64_t row_end, acc_t* grad_tile, double* dot_partial,
                     double* sum_partial) {
   const int64_t cols = txt.size(0);
-  cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
+  cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, grad_tile, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
     double g_dot = 0, g_sum = 0;  // partials of the logit_scale and logit_bias gradients
     visit_tiles([&](int64_t c0, int64_t tc, const acc_t* tile) {
       for (int64_t i = 0; i < rows; ++i) {

@@ -42,7 +42,7 @@ def tiled_lse(
     row_lse = torch.empty(img.shape[0], dtype=acc, device=img.device)
     col_lse = None
     for r0 in range(0, img.shape[0], chunk):
-        sim = (img[r0 : r0 + chunk] @ txt.T).mul_(scale)  # (chunk, N)
+        sim = (img[r0 : r0 + chunk] * scale) @ txt.T  # (chunk, N); scaling [chunk, D] rows beats a pass over the tile
         masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
         if masked is not None:
             sim[masked] = float("-inf")
