@@ -3,20 +3,26 @@
     python benchmarks/bench_attention.py [--dtypes bf16,fp16] [--shapes vit_b16,text] [--out benchmarks/results/local]
 
 Inputs are what `MultiheadSelfAttention.forward` makes: one packed leaf `qkv` [B, S, 3, H, D] (requires grad),
-q, k, v its strided views `t.transpose(1, 2) for t in qkv.unbind(2)`, the output consumed as
-`out.transpose(1, 2).reshape(B, S, H * D)`. The forward + backward runs `torch.autograd.grad` to the packed
-leaf, so autograd's re-stacking of dq, dk, dv into d(qkv) is timed too. Every competitor gets the same inputs.
+the output consumed as `out.transpose(1, 2).reshape(B, S, H * D)`. The forward + backward runs
+`torch.autograd.grad` to the packed leaf. Every competitor gets the same inputs; all but the packed calls
+take q, k, v as its strided views `t.transpose(1, 2) for t in qkv.unbind(2)`, so autograd's re-stacking
+of dq, dk, dv into d(qkv) is timed for them.
 
-Competitors: fastclip (`attention(..., backend="triton")`, autotuned in an untimed first call); SDPA as a user
-gets it (it picks its kernel) and forced to each backend with `torch.nn.attention.sdpa_kernel`
-(FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION, MATH). A backend that refuses the inputs (e.g. flash
-with a mask) is recorded as skipped with SDPA's reason (its warnings, then its error).
+Competitors: fastclip (`attention_packed(qkv, ..., backend="triton")`, the model's call: d(qkv) written as one
+tensor, the backward path the rule picks; autotuned in an untimed first call), fastclip_fused and
+fastclip_split (the same call with FASTCLIP_ATTENTION_BACKWARD forcing the 5-dot atomic backward or the 7-dot
+deterministic one around the whole measurement), fastclip_views (`attention` on the views: dq, dk, dv
+stacked by autograd); SDPA as a user gets it (it picks its kernel) and forced to each backend with
+`torch.nn.attention.sdpa_kernel` (FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION, MATH). A backend that
+refuses the inputs (e.g. flash with a mask) is recorded as skipped with SDPA's reason (its warnings, then its
+error).
 
 The text shape (S=77, causal) holds realistic captions: lengths from `common.caption_lengths` (log-normal,
-mean ~18 tokens, clipped to [2, 77]), as CLIP's text tower sees them. Its competitors:
-  fastclip        attention(causal=True, lengths=lengths): the ragged path the text tower runs;
-  fastclip_mask   attention(causal=True, key_padding_mask=...): the same result through the mask;
-  fastclip_dense  attention(causal=True): every caption at full length;
+mean ~18 tokens, clipped to [2, 77]), as CLIP's text tower sees them. Its fastclip competitors (the first
+also as fastclip_fused, fastclip_split and fastclip_views, as above):
+  fastclip        attention_packed(causal=True, lengths=lengths): the ragged path the text tower runs;
+  fastclip_mask   attention_packed(causal=True, key_padding_mask=...): the same result through the mask;
+  fastclip_dense  attention_packed(causal=True): every caption at full length;
   sdpa*           is_causal=True, dense: exact at each caption's real tokens (a token sees only earlier ones),
                   so the pooled end-of-text feature is the same;
   sdpa_mask*      a [B, 1, S, S] boolean mask, causal and key padding: what SDPA needs to skip the padding.
@@ -34,8 +40,11 @@ PyTorch path, as a smoke test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import inspect
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -50,9 +59,12 @@ import common  # noqa: E402
 from common import Column, Table  # noqa: E402
 
 from fastclip.backends import DTYPES, SHORT_DTYPE_NAMES  # noqa: E402
-from fastclip.ops.attention import attention  # noqa: E402
+from fastclip.ops.attention import attention, attention_packed  # noqa: E402
 
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> out [B, H, S, D]
+# The fastclip competitors that force a backward path: label -> FASTCLIP_ATTENTION_BACKWARD's value
+BACKWARD_PATH_ENV = "FASTCLIP_ATTENTION_BACKWARD"
+FORCED_PATHS = {"fastclip_fused": "fused", "fastclip_split": "split"}
 
 
 @dataclass(frozen=True)
@@ -131,24 +143,55 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) ->
 # ---------------------------------------------------------------------------------------------- competitors
 
 
+class PackedCall:
+    """A competitor that takes the packed leaf [B, S, 3, H, D] (`measure` hands it over whole). Called with
+    q, k, v, as other tools call every competitor, it ignores them: they are views of that very leaf."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], qkv: torch.Tensor) -> None:
+        self.fn, self.qkv = fn, qkv
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.qkv)
+
+
 def fastclip_competitors(shape: Shape, inputs: Inputs, backend: str) -> dict[str, Attn]:
-    """fastclip's attention on `backend`; for padded shapes: ragged (lengths=), masked and dense."""
+    """fastclip's packed call on `backend` (for padded shapes: ragged, masked and dense); the headline call
+    also with each backward path forced (FORCED_PATHS, set around its measurement) and on the views."""
+    options = dict(causal=shape.causal, backend=backend)
+    headline_options = dict(options, lengths=inputs.lengths) if shape.padded else options
 
-    def dense(q, k, v):
-        return attention(q, k, v, causal=shape.causal, backend=backend)
-
-    if not shape.padded:
-        return {"fastclip": dense}
-
-    def ragged(q, k, v):
-        if not HAS_LENGTHS:  # a RuntimeError, so it is recorded as skipped with this reason
+    def headline(qkv):
+        if shape.padded and not HAS_LENGTHS:  # a RuntimeError, so it is recorded as skipped with this reason
             raise RuntimeError("fastclip.ops.attention.attention takes no `lengths` keyword in this checkout")
-        return attention(q, k, v, causal=shape.causal, lengths=inputs.lengths, backend=backend)
+        return attention_packed(qkv, **headline_options)
 
-    def masked(q, k, v):
-        return attention(q, k, v, causal=shape.causal, key_padding_mask=inputs.key_padding_mask, backend=backend)
+    def views(q, k, v):
+        return attention(q, k, v, **headline_options)
 
-    return {"fastclip": ragged, "fastclip_mask": masked, "fastclip_dense": dense}
+    packed = PackedCall(headline, inputs.qkv)
+    found = {"fastclip": packed, **dict.fromkeys(FORCED_PATHS, packed), "fastclip_views": views}
+    if shape.padded:
+        masked = functools.partial(attention_packed, key_padding_mask=inputs.key_padding_mask, **options)
+        found["fastclip_mask"] = PackedCall(masked, inputs.qkv)
+        found["fastclip_dense"] = PackedCall(functools.partial(attention_packed, **options), inputs.qkv)
+    return found
+
+
+@contextlib.contextmanager
+def forced_backward(label: str):
+    """FASTCLIP_ATTENTION_BACKWARD set to the path `label` forces (read at every backward), if any."""
+    if label not in FORCED_PATHS:
+        yield
+        return
+    before = os.environ.get(BACKWARD_PATH_ENV)
+    os.environ[BACKWARD_PATH_ENV] = FORCED_PATHS[label]
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[BACKWARD_PATH_ENV]
+        else:
+            os.environ[BACKWARD_PATH_ENV] = before
 
 
 def sdpa_competitors(shape: Shape, inputs: Inputs) -> dict[str, Attn]:
@@ -229,6 +272,8 @@ def measure(fn: Attn, inputs: Inputs, device: str, warmup: int, reps: int) -> di
     or {"skipped": reason}."""
 
     def forward():
+        if isinstance(fn, PackedCall):  # the packed leaf itself, as the model hands it over
+            return merge_heads(fn.fn(inputs.qkv))
         return merge_heads(fn(*split_heads(inputs.qkv)))
 
     def forward_backward():
@@ -292,7 +337,8 @@ def run_shape(name: str, shape: Shape, dtype_name: str, device: str, warmup: int
     work = flops_and_bytes(shape, dtype, lengths)
     rows, reference, reference_label = {}, None, None
     for label, fn in competitors(shape, inputs, device).items():
-        result = measure(fn, inputs, device, warmup, reps)
+        with forced_backward(label):
+            result = measure(fn, inputs, device, warmup, reps)
         out = result.pop("output", None)
         if out is not None:
             if reference is None:
@@ -486,8 +532,9 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": args.warmup,
         "reps": args.reps,
         "has_lengths": HAS_LENGTHS,
-        "inputs": "strided q/k/v views of one packed [B, S, 3, H, D] leaf; backward to that leaf; output merged "
-        "to [B, S, H*D]",
+        "inputs": "one packed [B, S, 3, H, D] leaf (fastclip: attention_packed; the others: its strided q/k/v "
+        "views); backward to that leaf; output merged to [B, S, H*D]",
+        "backward_paths": f"fastclip: the rule's path; fastclip_fused / fastclip_split: {BACKWARD_PATH_ENV} forced",
         "flops": "tflops: useful FLOPs (visible pairs of real tokens); tflops_dense_equiv: every caption at full "
         "length (text only); backward counted as 2.5x forward",
         "targets": TARGETS,

@@ -141,10 +141,12 @@ def test_triton_kernel_matches_reference(
 
 
 @interpreted
+@pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("block", [(16, 16), (16, 32), (32, 16), (64, 32)], ids=str)
 @pytest.mark.parametrize("seq_q, seq_k, causal", [(77, 77, True), (50, 50, False), (50, 77, True), (77, 50, True)])
-def test_triton_kernel_other_tilings(block: tuple[int, int], seq_q: int, seq_k: int, causal: bool) -> None:
-    """The GPU autotuner picks other tiles than the interpreter's: the bounds/causal splits must hold for all."""
+def test_triton_kernel_other_tilings(block: tuple[int, int], seq_q: int, seq_k: int, causal: bool, path: str) -> None:
+    """The GPU autotuner picks other tiles than the interpreter's: the bounds/causal splits must hold for all,
+    on both backward paths."""
     from fastclip.ops import attention_triton
 
     q, k, v, mask = make_inputs(2, 1, seq_q, seq_k, 64, torch.float32, masked=True)
@@ -152,7 +154,7 @@ def test_triton_kernel_other_tilings(block: tuple[int, int], seq_q: int, seq_k: 
     grad_out = torch.randn_like(q)
     out, lse = attention_triton.forward(q.detach(), k.detach(), v.detach(), mask, causal, scale, block)
     grads = attention_triton.backward(
-        grad_out, None, q.detach(), k.detach(), v.detach(), out, lse, mask, causal, scale, block
+        grad_out, None, q.detach(), k.detach(), v.detach(), out, lse, mask, causal, scale, block, path=path
     )
     truth = reference_results(q, k, v, grad_out, torch.float64, causal=causal, key_padding_mask=mask, scale=scale)
     assert_fp32_close([out, *grads], truth)
@@ -254,6 +256,102 @@ def test_eager_path_matches_the_registered_op(causal: bool) -> None:
         assert torch.equal(g, w), name
     with pytest.raises(RuntimeError, match="does not require grad"):
         got[0].sum().backward()
+
+
+# -------------------------------------------------------------------------------- the two backward paths
+
+# (batch, heads, seq_q, seq_k, head_dim, causal, masked, lengths): S = 1, odd lengths, lengths that are not
+# a multiple of the interpreter's 32-row block, causal, a key padding mask, per-sequence lengths (0, inside
+# a block, on its edge, full), cross lengths, and batch * heads well over one program.
+BACKWARD_CASES = [
+    (2, 1, 1, 1, 32, True, False, None),
+    (1, 2, 7, 7, 80, False, True, None),
+    (3, 5, 37, 37, 16, True, True, None),
+    (2, 2, 50, 50, 64, False, False, [50, 17]),
+    (4, 1, 77, 77, 32, True, True, [0, 32, 77, 50]),
+    (2, 1, 50, 7, 32, True, True, None),
+    (2, 1, 7, 50, 32, False, True, None),
+]
+
+
+def _both_backwards(q, k, v, mask, causal, lengths, scale=0.2):
+    """(out, {path: (dq, dk, dv)}, grad_out) of the launchers, with each backward path forced."""
+    from fastclip.ops import attention_triton
+
+    q, k, v = (t.detach() for t in (q, k, v))
+    grad_out = torch.randn_like(q)
+    out, lse = attention_triton.forward(q, k, v, mask, causal, scale, lengths=lengths)
+    grads = {
+        path: attention_triton.backward(
+            grad_out, None, q, k, v, out, lse, mask, causal, scale, lengths=lengths, path=path
+        )
+        for path in attention_triton.BACKWARD_PATHS
+    }
+    return out, grads, grad_out
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+def test_fused_and_split_backwards_match_float64(case: tuple, dtype: torch.dtype) -> None:
+    """Both backwards against float64 math; dK and dV are the same bits on both (the same tiles in the same
+    order), dQ differs only by its summation order (atomics across key blocks vs one loop)."""
+    batch, heads, seq_q, seq_k, head_dim, causal, masked, lengths = case
+    q, k, v, mask = make_inputs(batch, heads, seq_q, seq_k, head_dim, dtype, masked=masked)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    out, grads, grad_out = _both_backwards(q, k, v, mask, causal, lengths)
+    kwargs = dict(causal=causal, key_padding_mask=mask, lengths=lengths, scale=0.2)
+    truth = reference_results(q, k, v, grad_out, torch.float64, **kwargs)
+    for got in grads.values():
+        if dtype == torch.float32:
+            assert_fp32_close([out, *got], truth)
+        else:
+            assert_low_precision_close([out, *got], truth, reference_results(q, k, v, grad_out, dtype, **kwargs))
+    fused, split = grads["fused"], grads["split"]
+    assert torch.equal(fused[1], split[1]) and torch.equal(fused[2], split[2])
+    ulp = torch.finfo(dtype).eps * max(1.0, split[0].abs().max().item())
+    assert max_err(fused[0], split[0]) <= (4 if dtype == torch.float32 else 1) * ulp
+
+
+@interpreted
+def test_fused_backward_writes_into_given_strided_grads() -> None:
+    """`grads=` slices of one packed buffer are written in place, on both paths, with the values of fresh ones."""
+    from fastclip.ops import attention_triton
+
+    q, k, v, mask = make_inputs(2, 3, 41, 41, 16, torch.float32, masked=True)
+    out, grads, grad_out = _both_backwards(q, k, v, mask, True, None)
+    for path, want in grads.items():
+        packed = torch.full((2, 41, 3, 3, 16), float("nan"))
+        views = tuple(t.transpose(1, 2) for t in packed.unbind(2))
+        lse = attention_triton.forward(q.detach(), k.detach(), v.detach(), mask, True, 0.2)[1]
+        got = attention_triton.backward(
+            grad_out, None, q.detach(), k.detach(), v.detach(), out, lse, mask, True, 0.2, grads=views, path=path
+        )
+        assert all(g is w for g, w in zip(got, views))
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert torch.equal(g, w), (path, name)
+
+
+@interpreted
+def test_default_backward_is_fused_and_deterministic_mode_takes_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through `attention`: "fused" by default (the table is empty until a GPU run fills it), "split" in
+    torch's deterministic mode even when the variable asks for "fused"."""
+    from fastclip.ops import attention_triton
+
+    taken: list[str] = []
+    for path, launcher in (("fused", "_fused_backward"), ("split", "_split_backward")):
+        original = getattr(attention_triton, launcher)
+        monkeypatch.setattr(attention_triton, launcher, lambda *a, _o=original, _p=path: (taken.append(_p), _o(*a))[1])
+    q, k, v, _ = make_inputs(1, 2, 9, 9, 16, torch.float32)
+    triton_attention(q, k, v).sum().backward()
+    monkeypatch.setenv("FASTCLIP_ATTENTION_BACKWARD", "fused")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        triton_attention(q, k, v).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert taken == ["fused", "split"]
 
 
 # --------------------------------------------------------------------------------------- the torch path
@@ -360,6 +458,7 @@ def test_kernels_compile_for_hopper() -> None:
             sig = {}
             for name in kernel.arg_names:
                 if name in consts: sig[name] = "constexpr"
+                elif name == "DQ" and kernel is at._bwd_fused_kernel: sig[name] = "*fp32"  # the atomic sum
                 elif name in POINTERS: sig[name] = "*" + dtype
                 elif name == "Mask": sig[name] = "*u8"
                 elif name == "Lengths": sig[name] = "*i32"
@@ -374,6 +473,7 @@ def test_kernels_compile_for_hopper() -> None:
             compile_(at._fwd_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=64), 4, 3)
             compile_(at._bwd_dkdv_kernel, dtype, dict(flags, BLOCK_M=32, BLOCK_N=64), 4, 2)
             compile_(at._bwd_dq_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=32), 4, 3)
+            compile_(at._bwd_fused_kernel, dtype, dict(flags, BLOCK_M=32, BLOCK_N=128), 8, 2)
         compile_(at._bwd_preprocess, "bf16", dict(HEAD_DIM=80, BLOCK_D=128, HAS_DLSE=True, BLOCK_M=64), 4, 1)
         print("compiled")
         """

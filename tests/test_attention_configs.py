@@ -11,8 +11,8 @@ import torch
 triton = pytest.importorskip("triton")
 from fastclip.ops import attention_triton as at  # noqa: E402
 
-TUNED = {"fwd": at._fwd_tuned, "dkdv": at._dkdv_tuned, "dq": at._dq_tuned}
-TABLES = {"fwd": at._FWD_CONFIGS, "dkdv": at._DKDV_CONFIGS, "dq": at._DQ_CONFIGS}
+TUNED = {"fwd": at._fwd_tuned, "dkdv": at._dkdv_tuned, "dq": at._dq_tuned, "fused": at._fused_tuned}
+TABLES = {"fwd": at._FWD_CONFIGS, "dkdv": at._DKDV_CONFIGS, "dq": at._DQ_CONFIGS, "fused": at._FUSED_CONFIGS}
 FAMILIES = (80, 90)
 HEAD_DIMS = (32, 64, 80, 128)
 CLIP_LENGTHS = (50, 77, 197, 257, 577)  # ViT-B/32, text, ViT-B/16, ViT-L/14, ViT-L/14@336
@@ -36,8 +36,8 @@ def prune(kernel: str, arch: int | None, head_dim: int, seq: int, dtype: torch.d
 
 
 def resident_rows(kernel: str, config: tuple) -> int:
-    """The M of the program's dots: BLOCK_N for dK/dV (a key block), BLOCK_M otherwise."""
-    return config[1] if kernel == "dkdv" else config[0]
+    """The M of the program's dots: BLOCK_N for dK/dV and the fused backward (a key block), BLOCK_M otherwise."""
+    return config[1] if kernel in ("dkdv", "fused") else config[0]
 
 
 def area(config: tuple) -> int:
@@ -95,13 +95,16 @@ def test_no_tile_over_two_64x64_at_head_dim_128(kernel: str, arch: int | None) -
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autotuning_keeps_a_choice_at_clip_lengths(kernel: str, arch: int, head_dim: int, dtype: torch.dtype) -> None:
-    """At CLIP's lengths the autotuner still has at least two configs to time, with different tiles. The one
-    measured exception:
-    sm_90 dK/dV at BLOCK_D 128, where every other config spills or misses wgmma, keeps 64x64 with 8 warps."""
+    """At CLIP's lengths the autotuner still has at least two configs to time, with different tiles. The
+    measured exceptions, where every other config spills or misses wgmma: sm_90 dK/dV at BLOCK_D 128 keeps
+    64x64 with 8 warps; the sm_90 fused backward at BLOCK_D 128 keeps 32x64 and 32x128 with 8 warps, so
+    only the first at 50 tokens (the 128-key block is longer than the sequence)."""
     for seq in CLIP_LENGTHS:
         kept = prune(kernel, arch, head_dim, seq, dtype)
         if (kernel, arch, block_d(head_dim)) == ("dkdv", 90, 128):
             assert kept == [(64, 64, 8, 2)], (seq, kept)
+        elif (kernel, arch, block_d(head_dim)) == ("fused", 90, 128) and seq <= 64:
+            assert kept == [(32, 64, 8, 2)], (seq, kept)
         else:
             assert len({c[:2] for c in kept}) >= 2, (seq, kept)
 

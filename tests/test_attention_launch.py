@@ -14,7 +14,12 @@ import torch
 triton = pytest.importorskip("triton")
 from fastclip.ops import attention_triton as at  # noqa: E402
 
-KERNELS = ("_fwd_tuned", "_bwd_preprocess", "_dkdv_tuned", "_dq_tuned")
+KERNELS = ("_fwd_tuned", "_bwd_preprocess", "_dkdv_tuned", "_dq_tuned", "_fused_tuned")
+# The launches of one forward + backward, per backward path.
+LAUNCHES = {
+    "split": ["_fwd_tuned", "_bwd_preprocess", "_dkdv_tuned", "_dq_tuned"],
+    "fused": ["_fwd_tuned", "_bwd_preprocess", "_fused_tuned"],
+}
 
 
 class _Recorder:
@@ -35,23 +40,26 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list:
     return recorded
 
 
-def _forward_backward(batch: int, heads: int, seq: int, head_dim: int = 64, dtype=torch.bfloat16) -> None:
+def _forward_backward(
+    batch: int, heads: int, seq: int, head_dim: int = 64, dtype=torch.bfloat16, path: str | None = None
+) -> None:
     """One forward and backward of meta tensors laid out as a fused qkv projection (nothing allocated)."""
     qkv = torch.empty(batch, seq, 3, heads, head_dim, dtype=dtype, device="meta")
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
     out, lse = at.forward(q, k, v, None, False, head_dim**-0.5)
-    at.backward(torch.empty_like(out), None, q, k, v, out, lse, None, False, head_dim**-0.5)
+    at.backward(torch.empty_like(out), None, q, k, v, out, lse, None, False, head_dim**-0.5, path=path)
 
 
 def _grid(grid, block_m: int, block_n: int) -> tuple[int, ...]:
     return grid({"BLOCK_M": block_m, "BLOCK_N": block_n}) if callable(grid) else tuple(grid)
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("batch, heads, seq", [(4096, 16, 257), (5462, 12, 197), (1, 1, 1), (3, 5, 577)])
-def test_batch_times_heads_goes_on_grid_axis_0(launches: list, batch: int, heads: int, seq: int) -> None:
+def test_batch_times_heads_goes_on_grid_axis_0(launches: list, batch: int, heads: int, seq: int, path: str) -> None:
     """ViT-L/14 at batch 4096 (65,536 heads) and ViT-B/16 from batch 5,462 overflow grid axis 1 (65,535)."""
-    _forward_backward(batch, heads, seq)
-    assert [name for name, _, _ in launches] == list(KERNELS)
+    _forward_backward(batch, heads, seq, path=path)
+    assert [name for name, _, _ in launches] == LAUNCHES[path]
     for name, grid, _ in launches:
         for block in (16, 32, 64, 128):
             x, y = _grid(grid, block, block)
@@ -90,6 +98,41 @@ def test_device_guard_names_the_tensors_gpu() -> None:
     guard = at._device_guard(types.SimpleNamespace(device=torch.device("cuda", 1)))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(at._device_guard(torch.empty(1)), contextlib.nullcontext)
+
+
+def _backward_launches(launches: list) -> list[str]:
+    _forward_backward(2, 2, 50)
+    names = [name for name, _, _ in launches]
+    launches.clear()
+    return names[2:]  # after the forward and the preprocess
+
+
+def test_backward_path_rule(launches: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused by default; FASTCLIP_ATTENTION_BACKWARD forces either; torch's deterministic mode takes the
+    split (atomic-free) backward whatever the variable says; a table entry overrides the default."""
+    monkeypatch.delenv(at.BACKWARD_PATH_ENV, raising=False)
+    assert _backward_launches(launches) == ["_fused_tuned"]
+    for path in ("split", "fused", "auto"):
+        monkeypatch.setenv(at.BACKWARD_PATH_ENV, path)
+        assert _backward_launches(launches) == LAUNCHES["fused" if path == "auto" else path][2:]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _backward_launches(launches) == LAUNCHES["split"][2:]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    monkeypatch.setenv(at.BACKWARD_PATH_ENV, "auto")
+    monkeypatch.setitem(at.BACKWARD_TABLE, (0, torch.bfloat16, 64), "split")  # meta tensors: family 0
+    assert _backward_launches(launches) == LAUNCHES["split"][2:]
+
+
+def test_backward_path_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(at.BACKWARD_PATH_ENV, "atomic")
+    q = torch.empty(1, 1, 4, 16, device="meta")
+    with pytest.raises(RuntimeError, match="FASTCLIP_ATTENTION_BACKWARD must be 'fused', 'split' or 'auto'"):
+        at.backward_path(q, 4)
+    with pytest.raises(ValueError, match="path must be one of"):
+        at.backward(q, None, q, q, q, q, torch.empty(1, 1, 4, device="meta"), None, False, 0.25, path="both")
 
 
 @pytest.mark.cuda

@@ -156,8 +156,8 @@ def test_text_tower_ragged_equals_full_attention(backend: str, monkeypatch: pyte
         return features.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     ragged = features_and_grads()
-    full_attention = transformer.attention
-    monkeypatch.setattr(transformer, "attention", lambda *a, lengths=None, **kw: full_attention(*a, **kw))
+    full_attention = transformer.attention_packed
+    monkeypatch.setattr(transformer, "attention_packed", lambda *a, lengths=None, **kw: full_attention(*a, **kw))
     full = features_and_grads()
     torch.testing.assert_close(ragged[0], full[0], atol=1e-5, rtol=1e-5)
     assert len(ragged[1]) == len(full[1]) > 0

@@ -1,6 +1,7 @@
 """Compile every attention kernel ahead of time for sm_80 and sm_90, without a GPU, and check its resources.
 
-Each Triton kernel of `fastclip.ops.attention_triton` (forward, backward preprocess, dK/dV, dQ) is compiled
+Each Triton kernel of `fastclip.ops.attention_triton` (forward, backward preprocess, the split backward's
+dK/dV and dQ, the fused backward) is compiled
 per dtype the kernels take on a GPU (bf16, fp16; fp32 goes to SDPA), head dim (32, 64, 80, 128),
 causal/mask/lengths variant and autotune config that the runtime's `_prune` keeps for the architecture at
 long sequence lengths, with the exact signature the runtime builds: the launchers' arguments are captured
@@ -17,7 +18,7 @@ By default bf16 compiles in every variant (the image towers' plain attention, th
 attention with lengths, and causal with mask and lengths, which holds every code path), fp16 in the last
 (see `default_matrix`); --full compiles every variant, --quick bf16 only.
 
-    python tools/check_triton_compile.py [--arch 80,90] [--jobs 2] [--quick | --full]
+    python tools/check_triton_compile.py [--arch 80,90] [--jobs 2] [--quick | --full] [--kernels fused,dq]
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 # Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
 SHARED_LIMIT = {80: 166912, 90: 232448}
-KERNELS = {"fwd": "_fwd_tuned", "dkdv": "_dkdv_tuned", "dq": "_dq_tuned", "pre": "_bwd_preprocess"}
+KERNELS = {
+    "fwd": "_fwd_tuned",
+    "dkdv": "_dkdv_tuned",
+    "dq": "_dq_tuned",
+    "fused": "_fused_tuned",
+    "pre": "_bwd_preprocess",
+}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # label: torch dtype
 HEAD_DIMS = (32, 64, 80, 128)
 # (causal, key padding mask, lengths): the image towers' plain path, the text tower's, and the one that holds
@@ -58,7 +65,7 @@ BATCH, HEADS, SEQ = 2, 12, 577
 class Job:
     """One compile: what the report names it by, and the exact `triton.compile` inputs."""
 
-    kernel: str  # fwd | pre | dkdv | dq
+    kernel: str  # fwd | pre | dkdv | dq | fused
     dtype: str  # a DTYPES label
     head_dim: int
     causal: bool
@@ -82,7 +89,7 @@ class Job:
         variant = (
             ("causal" if self.causal else "-") + (" mask" if self.mask else " -") + (" len" if self.lengths else " -")
         )
-        return f"sm_{self.arch} {self.kernel:<4} {self.dtype:<11} d={self.head_dim:<3} {variant:<15} {self.config:<14}"
+        return f"sm_{self.arch} {self.kernel:<5} {self.dtype:<11} d={self.head_dim:<3} {variant:<15} {self.config:<14}"
 
 
 @dataclasses.dataclass
@@ -142,7 +149,10 @@ def _capture_launches(at, dtype, causal: bool, mask: bool, lengths: bool, head_d
             stack.enter_context(patch)
         out, lse = at.forward(q, k, v, padding, causal, scale, lengths=ends)
         for grad_lse in (None, torch.empty_like(lse)):  # the preprocess with and without an lse gradient
-            at.backward(torch.empty_like(out), grad_lse, q, k, v, out, lse, padding, causal, scale, lengths=ends)
+            for path in at.BACKWARD_PATHS:  # both backwards: the runtime picks one per call
+                at.backward(
+                    torch.empty_like(out), grad_lse, q, k, v, out, lse, padding, causal, scale, lengths=ends, path=path
+                )
     return launches
 
 
@@ -330,10 +340,10 @@ def compile_job(job: Job, records: Path) -> Result:
 
 
 def _cost(job: Job) -> tuple:
-    """Slowest first, so that no long compile is left running alone at the end: dK/dV has the most dots,
-    and bigger tiles unroll more."""
+    """Slowest first, so that no long compile is left running alone at the end: the backward kernels that
+    keep a key block (fused, dK/dV) have the most dots, and bigger tiles unroll more."""
     block_m, block_n = job.tile
-    return job.kernel == "dkdv", block_m * block_n
+    return job.kernel in ("fused", "dkdv"), job.kernel == "fused", block_m * block_n
 
 
 def run_jobs(jobs: list[Job], records: Path, workers: int) -> list[Result]:
@@ -402,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma separated, of {', '.join(DTYPES)}")
     parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma separated")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma separated, of {', '.join(KERNELS)}")
     parser.add_argument("--full", action="store_true", help="every dtype in every causal/mask/lengths variant")
     parser.add_argument("--quick", action="store_true", help="bf16 only (the spill gate), a few minutes less")
     parser.add_argument(
@@ -432,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--dtypes: one of {', '.join(DTYPES)}, comma separated")
     head_dims = [int(d) for d in args.head_dims.split(",")]
     matrix = [m for m in default_matrix(args.full) if m[0] in dtypes and m[1] in head_dims]
-    jobs = build_jobs(archs, matrix)
+    kernels = args.kernels.split(",")
+    if not set(kernels) <= set(KERNELS):
+        parser.error(f"--kernels: one of {', '.join(KERNELS)}, comma separated")
+    jobs = [job for job in build_jobs(archs, matrix) if job.kernel in kernels]
     results = run_jobs(jobs, cache / "records", args.jobs)
     return report(results, archs, time.monotonic() - start)
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastclip.backends import check_attention_backend
-from fastclip.ops.attention import attention
+from fastclip.ops.attention import attention_packed
 
 
 class LayerNorm(nn.LayerNorm):
@@ -65,7 +65,7 @@ def pack_tokens(lengths: torch.Tensor, seq: int, total: int) -> PackedTokens:
 
 
 class MultiheadSelfAttention(nn.Module):
-    """Self-attention with nn.MultiheadAttention's parameters, computed by `fastclip.ops.attention`."""
+    """Self-attention with nn.MultiheadAttention's parameters, computed by `fastclip.ops.attention_packed`."""
 
     def __init__(self, width: int, heads: int, *, causal: bool = False, backend: str = "auto") -> None:
         super().__init__()
@@ -98,10 +98,11 @@ class MultiheadSelfAttention(nn.Module):
         """qkv (B, S, 3W) -> the heads' outputs (B, S, W), before the output projection."""
         batch, seq, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         qkv = qkv.view(batch, seq, 3, self.heads, width // self.heads)  # (B, S, 3, H, Dh)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, Dh), strided views, no copy
-        out = attention(
-            q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, lengths=lengths, backend=self.backend
-        )
+        # The packed entry point: on Triton its gradient is one (B, S, 3, H, Dh) tensor the kernels write,
+        # not three that autograd stacks; SDPA gets the q, k, v views as before.
+        out = attention_packed(
+            qkv, causal=self.causal, key_padding_mask=key_padding_mask, lengths=lengths, backend=self.backend
+        )  # (B, H, S, Dh)
         return out.transpose(1, 2).reshape(batch, seq, width)  # free for the Triton output layout
 
 

@@ -13,12 +13,17 @@ Conventions (the same on every backend and in `attention_reference`):
 - a query row that sees no key at all (e.g. every key of its sequence padded) gets output 0 and
   passes no gradient, instead of the NaN of a plain softmax.
 
-Backends: "triton" (the fused kernels of `attention_triton`, registered as the `fastclip::attention`
-custom op with fake and autograd kernels) and "torch" (`F.scaled_dot_product_attention`, which picks its
-own best kernel), or "auto": `fastclip.backends` says which runs where (fp32 goes to SDPA on a GPU: the
-kernels compiled for fp32 spill registers). `backend="triton"` also runs on CPU tensors when
-`TRITON_INTERPRET=1` was set before Triton kernels were first defined: that is how CI tests the kernel
-without a GPU.
+`attention_packed(qkv, ...)` takes the output of a fused qkv projection, [B, S, 3, H, D], and returns the
+same as `attention` on its q, k, v slices; on the Triton backend its gradient is ONE tensor shaped like
+qkv whose slices the backward kernels write directly, instead of three that autograd then stacks (an
+extra read and write of 3*B*S*H*D elements per layer). The model's transformer calls it.
+
+Backends: "triton" (the fused kernels of `attention_triton`, registered as the `fastclip::attention` and
+`fastclip::attention_packed` custom ops with fake and autograd kernels) and "torch"
+(`F.scaled_dot_product_attention`, which picks its own best kernel), or "auto": `fastclip.backends` says
+which runs where (fp32 goes to SDPA on a GPU: the kernels compiled for fp32 spill registers).
+`backend="triton"` also runs on CPU tensors when `TRITON_INTERPRET=1` was set before Triton kernels were
+first defined: that is how CI tests the kernel without a GPU.
 """
 
 from __future__ import annotations
@@ -133,6 +138,47 @@ def attention(
     return _EagerAttention.apply(q, k, v, key_padding_mask, causal, scale, lengths)
 
 
+def check_packed_qkv(qkv: torch.Tensor) -> None:
+    """A [batch, seq, 3, heads, head_dim] floating tensor: q, k, v stacked on dim 2."""
+    check_float_tensor("qkv", qkv, ["batch", "seq", "3", "heads", "head_dim"])
+    if qkv.shape[2] != 3:
+        raise ValueError(
+            f"qkv must have shape [batch, seq, 3, heads, head_dim] (q, k, v on dim 2), got {tuple(qkv.shape)}"
+        )
+
+
+def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, H, S, D]: strided views of a packed [B, S, 3, H, D] tensor, no copy."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return q, k, v
+
+
+def attention_packed(
+    qkv: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`attention` on the q, k, v slices of a fused projection qkv [B, S, 3, H, D] -> [B, H, S, D].
+
+    The same result and arguments as `attention(*split_qkv(qkv), ...)`. On the Triton path the gradient
+    of qkv is one tensor that the backward kernels write slice by slice (no stack of dq, dk, dv); the torch
+    path is `attention`'s on the views.
+    """
+    check_packed_qkv(qkv)
+    q, k, v = split_qkv(qkv)
+    check_attention_inputs(q, k, v, key_padding_mask, causal, lengths)
+    scale = resolve_scale(scale, q.shape[-1])
+    if resolve_attention_backend(backend, q) == "torch":
+        return attention_torch(q, k, v, causal, key_padding_mask, scale, lengths)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastclip.attention_packed(qkv, key_padding_mask, causal, scale, lengths)[0]
+    return _EagerPackedAttention.apply(qkv, key_padding_mask, causal, scale, lengths)
+
+
 def attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -240,6 +286,81 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _packed_forward(qkv, key_padding_mask, causal, scale, lengths):
+    return _check_triton_mode(qkv).forward(*split_qkv(qkv), key_padding_mask, causal, scale, lengths=lengths)
+
+
+def _packed_backward(grad_out, grad_lse, qkv, out, lse, key_padding_mask, causal, scale, lengths):
+    """d(qkv) in one tensor: the kernels write dq, dk and dv straight into its slices."""
+    dqkv = torch.empty_like(qkv)
+    _check_triton_mode(qkv).backward(
+        grad_out,
+        grad_lse,
+        *split_qkv(qkv),
+        out,
+        lse,
+        key_padding_mask,
+        causal,
+        scale,
+        lengths=lengths,
+        grads=split_qkv(dqkv),
+    )
+    return dqkv
+
+
+@torch.library.custom_op(
+    "fastclip::attention_packed",
+    mutates_args=(),
+    schema="(Tensor qkv, Tensor? key_padding_mask, bool causal, float scale, Tensor? lengths=None) -> (Tensor, Tensor)",
+)
+def _attention_packed_op(qkv, key_padding_mask, causal, scale, lengths=None):
+    """`fastclip::attention` on the slices of qkv [B, S, 3, H, D]: (out, lse) as that op returns them."""
+    return _packed_forward(qkv, key_padding_mask, causal, scale, lengths)
+
+
+@torch.library.custom_op(
+    "fastclip::attention_packed_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor? grad_lse, Tensor qkv, Tensor out, Tensor lse, Tensor? key_padding_mask, "
+    "bool causal, float scale, Tensor? lengths=None) -> Tensor",
+)
+def _attention_packed_backward_op(grad_out, grad_lse, qkv, out, lse, key_padding_mask, causal, scale, lengths=None):
+    return _packed_backward(grad_out, grad_lse, qkv, out, lse, key_padding_mask, causal, scale, lengths)
+
+
+@_attention_packed_op.register_fake
+def _(qkv, key_padding_mask, causal, scale, lengths=None):
+    batch, seq, _, heads, head_dim = qkv.shape
+    out = qkv.new_empty((batch, seq, heads, head_dim)).transpose(1, 2)  # the kernel's layout
+    return out, qkv.new_empty((batch, heads, seq), dtype=torch.float32)
+
+
+@_attention_packed_backward_op.register_fake
+def _(grad_out, grad_lse, qkv, out, lse, key_padding_mask, causal, scale, lengths=None):
+    return torch.empty_like(qkv)
+
+
+def _setup_packed_context(ctx, inputs, output) -> None:
+    qkv, key_padding_mask, causal, scale, lengths = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, key_padding_mask, lengths)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.set_materialize_grads(False)  # as `_setup_context`: the log-sum-exp's gradient is usually unused
+
+
+def _packed_backward_formula(ctx, grad_out, grad_lse):
+    qkv, out, lse, key_padding_mask, lengths = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dqkv = torch.ops.fastclip.attention_packed_backward(
+        grad_out, grad_lse, qkv, out, lse, key_padding_mask, ctx.causal, ctx.scale, lengths
+    )
+    return dqkv, None, None, None, None
+
+
+_attention_packed_op.register_autograd(_packed_backward_formula, setup_context=_setup_packed_context)
+
+
 class _EagerAttention(torch.autograd.Function):
     """The registered op's forward and backward without the custom-op dispatch, for eager mode.
 
@@ -264,3 +385,21 @@ class _EagerAttention(torch.autograd.Function):
             grad_out, None, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale, lengths=lengths
         )
         return dq, dk, dv, None, None, None, None
+
+
+class _EagerPackedAttention(torch.autograd.Function):
+    """`attention_packed`'s registered op without the custom-op dispatch, for eager mode (as `_EagerAttention`)."""
+
+    @staticmethod
+    def forward(ctx, qkv, key_padding_mask, causal, scale, lengths):
+        out, lse = _packed_forward(qkv, key_padding_mask, causal, scale, lengths)
+        ctx.save_for_backward(qkv, out, lse, key_padding_mask, lengths)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        qkv, out, lse, key_padding_mask, lengths = ctx.saved_tensors
+        dqkv = _packed_backward(grad_out, None, qkv, out, lse, key_padding_mask, ctx.causal, ctx.scale, lengths)
+        return dqkv, None, None, None, None

@@ -18,9 +18,11 @@ Algorithm (FlashAttention-2, as in Triton's tutorial 06), adapted to what CLIP n
 
 Softmax runs in base 2 (exp2; scores pre-multiplied by scale * log2(e)), all accumulation is fp32, and
 the forward saves the natural-log log-sum-exp per query row for the backward, which recomputes the
-probability tiles: a preprocess kernel (delta = rowsum(dO * O) - dLSE), a dK/dV kernel (one program per
-key block, looping over query blocks) and a dQ kernel (one program per query block, looping over key
-blocks); no atomics, so every kernel is deterministic and safe to re-run while autotuning. Every grid is
+probability tiles after a preprocess kernel (delta = rowsum(dO * O) - dLSE), on one of two paths (see
+`backward_path`): "fused", one kernel per key block that makes S, P and dP once and writes dK, dV and its
+share of dQ (5 dots per tile; dQ summed with fp32 atomics into a zeroed buffer, then cast), or "split", a
+dK/dV kernel (one program per key block, looping over query blocks) and a dQ kernel (one program per query
+block, looping over key blocks): 7 dots per tile, no atomics, deterministic. Every grid is
 (batch * heads, blocks along the sequence): axis 0 takes 2^31 - 1 programs, axis 1 only 65535.
 On a GPU the kernels take fp16 and bf16. Compiled for fp32 with fp32 accuracy (3xTF32 dots; IEEE dots are
 worse) they spill registers in 33 of 44 configs of tiles up to 64x32 (ptxas, sm_80/sm_90), so fp32 goes to
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -412,6 +415,115 @@ def _bwd_dq_tile(
     return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
 
 
+@triton.jit
+def _bwd_fused_kernel(
+    Q, K, V, Mask, Lengths, DO, Lse, Delta, DQ, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    num_heads, seq_q, seq_k, qk_scale, scale,
+    SEQ_Q_BUCKET, SEQ_K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV of one key block and its share of dQ, with S, P and dP made once per tile (5 dots, not the
+    split path's 7). dQ = scale * dS K is added across key blocks with fp32 atomics into DQ, which the
+    caller zeroes; the summation order then varies from run to run (not deterministic)."""
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < seq_k
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_ok, other=0.0)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    stats_base = pid_bh.to(tl.int64) * seq_q
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Unlike dK/dV alone, dQ sums over keys, so a key that is hidden (past the end, past the length,
+    # padded) must have P = 0 in every tile: its stray P could be inf, and inf * 0 would poison dQ.
+    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
+    key_ok = offs_n < k_end
+    if HAS_MASK:
+        padded = tl.load(Mask + off_b * stride_mb + offs_n * stride_mn, mask=col_ok, other=1)
+        key_ok = key_ok & (padded == 0)
+    if HAS_LENGTHS:
+        q_end = tl.where(start_n < k_end, q_end, 0)
+    # The query blocks as in the dK/dV kernel: only those straddling the causal diagonal need its mask.
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, tl.cdiv(q_end, BLOCK_M) * BLOCK_M)
+        mid = tl.maximum(mid, lo)
+    else:
+        lo = 0
+        mid = 0
+    for start_m in range(lo, mid, BLOCK_M):
+        dk, dv = _bwd_fused_tile(
+            dk, dv, k, v, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base, start_m, offs_m, offs_n,
+            offs_d, d_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, q_end, qk_scale,
+            scale, True,
+        )
+    for start_m in range(mid, q_end, BLOCK_M):
+        dk, dv = _bwd_fused_tile(
+            dk, dv, k, v, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base, start_m, offs_m, offs_n,
+            offs_d, d_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, q_end, qk_scale,
+            scale, False,
+        )
+    # Hidden keys had P = 0 throughout, so their rows of dK and dV are already 0.
+    dk = dk * scale
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _bwd_fused_tile(
+    dk, dv, k, v, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, seq_q, qk_scale, scale,
+    CAUSAL_TILE: tl.constexpr,
+):
+    """One query block against the resident key block: dK, dV accumulate in registers, dQ goes out by atomics."""
+    rows = start_m + offs_m
+    rows_ok = rows < seq_q
+    tile_ok = rows_ok[None, :] & d_ok[:, None]
+    qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=tile_ok, other=0.0)  # (D, M)
+    dot_ = tl.load(do_base + rows[None, :] * stride_dom + offs_d[:, None] * stride_dod, mask=tile_ok, other=0.0)
+    lse2, delta = _load_row_stats(Lse, Delta, stats_base + rows, rows_ok)
+    st = tl.dot(k, qt) * qk_scale  # (BLOCK_N, BLOCK_M): S^T, base 2
+    pt = tl.exp2(st - lse2[None, :])
+    visible = key_ok[:, None]
+    if CAUSAL_TILE:
+        visible = visible & (offs_n[:, None] <= rows[None, :])
+    pt = tl.where(visible, pt, 0.0)
+    dv = tl.dot(pt.to(dot_.dtype), tl.trans(dot_), dv)
+    dpt = tl.dot(v, dot_)  # (BLOCK_N, BLOCK_M): (dO V^T)^T
+    dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
+    dk = tl.dot(dst, tl.trans(qt), dk)
+    dq = tl.dot(tl.trans(dst), k) * scale  # (BLOCK_M, BLOCK_D): this key block's share of dQ
+    # relaxed: the sum is read only by a later kernel, so no ordering between the adds is needed.
+    tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
+                  mask=rows_ok[:, None] & d_ok[None, :], sem="relaxed")
+    return dk, dv
+
+
 # ------------------------------------------------------------------------------------- tuning + launchers
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). CLIP's sequences are short (50-577) and batches large
@@ -423,6 +535,10 @@ _DKDV_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3),
                  (32, 128, 8, 2), (64, 128, 8, 2)]
 _DQ_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2),
                (128, 32, 8, 3), (128, 64, 8, 2)]
+# The fused backward keeps a key block resident like dK/dV, and a dQ tile per step besides: dK/dV's candidates
+# plus 8-warp small tiles, the only ones that fit sm_80's registers at head dim 80/128 (tools/check_triton_compile.py).
+_FUSED_CONFIGS = [(32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2),
+                  (64, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 
 # Configs that spill registers, per (kernel, GPU family, BLOCK_D): measured with bf16 and fp16 inputs,
 # Triton 3.6 and 3.9, by tools/check_triton_compile.py (ptxas -v; spill bytes noted are the worst case).
@@ -450,6 +566,15 @@ _SPILLS: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
     ("dq", 80, 64): {(64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2)},
     ("dq", 80, 128): {(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)},
     ("dq", 90, 32): {(32, 64, 4, 3)},  # causal with mask and lengths (255 registers, 28 B)
+    # The fused backward holds dK/dV's key block and a dQ tile besides. sm_80: at head dim 64 the 64-row
+    # query blocks and 32x64/4 warps spill (8-812 B); at 128 everything with 4 warps or a 64x64+ tile
+    # (44-5904 B), leaving the 8-warp small tiles. sm_90: 64x64/4 warps and 64x128 from head dim 64 on
+    # (24-68 B), at 128 also 32x64/4 warps and 64x64/8 warps (148-724 B).
+    ("fused", 80, 64): {(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)},
+    ("fused", 80, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3),
+                         (64, 64, 8, 2), (64, 128, 8, 2)},
+    ("fused", 90, 64): {(64, 64, 4, 3), (64, 128, 8, 2)},
+    ("fused", 90, 128): {(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)},
 }
 # Hopper's warpgroup MMA (wgmma) works on 64-row blocks: a program whose resident block (the queries of
 # the forward and dQ, the keys of dK/dV) has fewer rows compiles to Ampere's mma.sync on sm_90 (read from
@@ -486,7 +611,7 @@ def _arch_family(q) -> int:
 def _prune(
     configs: list[triton.Config], named_args: dict, *, kernel: str = "", arch: int | None = None, **kwargs,
 ) -> list[triton.Config]:
-    """The configs worth compiling and timing for one launch of `kernel` ("fwd", "dkdv" or "dq").
+    """The configs worth compiling and timing for one launch of `kernel` ("fwd", "dkdv", "dq" or "fused").
 
     Drops, in order: the largest tiles at head dim 128, configs that spill registers on the GPU's family
     (`_SPILLS`), on sm_90 blocks too small for wgmma, and then tiles longer than the sequence (pure
@@ -515,19 +640,25 @@ def _area(config: triton.Config) -> int:
 
 
 def _resident_rows(kernel: str, config: triton.Config) -> int:
-    """Rows of the block a program keeps (the M of its dots): keys for dK/dV, queries otherwise."""
-    return config.kwargs["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"]
+    """Rows of the block a program keeps (the M of its dots): keys for dK/dV and the fused backward (4 of its
+    5 dots), queries otherwise."""
+    return config.kwargs["BLOCK_N" if kernel in ("dkdv", "fused") else "BLOCK_M"]
 
 
-def _tuned(kernel, table: list[tuple[int, int, int, int]], name: str):
+def _tuned(kernel, table: list[tuple[int, int, int, int]], name: str, reset_to_zero: list[str] | None = None):
+    """The autotuned kernel; `reset_to_zero` names accumulators that each timed run must start from zero."""
     prune = functools.partial(_prune, kernel=name)
-    tune = triton.autotune(configs=_configs(table), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})
+    tune = triton.autotune(
+        configs=_configs(table), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune},
+        reset_to_zero=reset_to_zero,
+    )
     return tune(kernel)
 
 
 _fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS, "fwd")
 _dkdv_tuned = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, "dkdv")
 _dq_tuned = _tuned(_bwd_dq_kernel, _DQ_CONFIGS, "dq")
+_fused_tuned = _tuned(_bwd_fused_kernel, _FUSED_CONFIGS, "fused", reset_to_zero=["DQ"])
 _PREPROCESS_BLOCK = 64
 
 
@@ -614,6 +745,34 @@ def forward(
     return out, lse
 
 
+# ------------------------------------------------------------------------------------ the backward path
+
+# Two backwards. "fused": one kernel per key block computes S, P and dP once and writes dK, dV and its share
+# of dQ (5 dots per tile; dQ summed with fp32 atomics, FlashAttention-2's scheme, which its CUDA code uses on
+# sm_80 and sm_90 alike). "split": a dK/dV kernel and a dQ kernel, each recomputing P (7 dots per tile), no
+# atomics, so the same inputs give the same bits on every run. Deterministic mode always takes "split".
+BACKWARD_PATHS = ("fused", "split")
+BACKWARD_PATH_ENV = "FASTCLIP_ATTENTION_BACKWARD"  # "fused" | "split" forces one ("" or "auto": the rule)
+# (GPU family, dtype, power-of-two bucket of seq_k) -> the path where it is not the default "fused". Empty
+# until measured: the first GPU benchmark (bench_attention.py times both paths) sets it.
+BACKWARD_TABLE: dict[tuple[int, torch.dtype, int], str] = {}
+
+
+def backward_path(q: torch.Tensor, seq_k: int) -> str:
+    """The backward that runs for `q` ("fused" or "split"): "split" under torch's deterministic mode, else
+    the one FASTCLIP_ATTENTION_BACKWARD forces (read on every call), else BACKWARD_TABLE's, else "fused"."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "split"
+    forced = os.environ.get(BACKWARD_PATH_ENV, "")
+    if forced and forced != "auto":
+        if forced not in BACKWARD_PATHS:
+            raise RuntimeError(f"{BACKWARD_PATH_ENV} must be 'fused', 'split' or 'auto', got {forced!r}")
+        return forced
+    if not BACKWARD_TABLE:  # no rule yet: skip the device query on the launch path
+        return "fused"
+    return BACKWARD_TABLE.get((_arch_family(q), q.dtype, _bucket(seq_k)), "fused")
+
+
 def backward(
     grad_out: torch.Tensor,
     grad_lse: torch.Tensor | None,
@@ -627,42 +786,89 @@ def backward(
     scale: float,
     block: tuple[int, int] | None = None,
     lengths: torch.Tensor | None = None,
+    *,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    path: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (like q, k, v) from the output gradient and, optionally, the log-sum-exp's gradient."""
+    """dq, dk, dv (like q, k, v) from the output gradient and, optionally, the log-sum-exp's gradient.
+
+    `grads`: three tensors shaped like q, k, v (any strides: the slices of one packed d(qkv)) that the
+    kernels write instead of allocating. `path`: "fused" or "split" forces a backward (default:
+    `backward_path`).
+    """
+    if grads is None:
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    path = backward_path(q, k.shape[2]) if path is None else path
+    if path not in BACKWARD_PATHS:
+        raise ValueError(f"path must be one of {BACKWARD_PATHS} or None, got {path!r}")
     with _device_guard(q):
-        return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, block, lengths)
+        delta = _delta(grad_out, grad_lse, out, lse)
+        launch = _fused_backward if path == "fused" else _split_backward
+        launch(grad_out, q, k, v, lse.contiguous(), delta, grads, key_padding_mask, causal, scale, block, lengths)
+    return grads
 
 
-def _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, causal, scale, block, lengths):
-    batch, heads, seq_q, head_dim = q.shape
-    seq_k = k.shape[2]
-    block_d = max(16, _bucket(head_dim))
-    lse = lse.contiguous()  # (b, h, s_q) fp32: the kernels index it as one flat row per (b, h)
-    delta = torch.empty_like(lse)
+def _delta(grad_out, grad_lse, out, lse) -> torch.Tensor:
+    """rowsum(dO * O) - dLSE [b, h, s_q] fp32: the softmax backward's row term, one preprocess launch."""
+    batch, heads, seq_q, head_dim = out.shape
+    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=out.device)
     has_dlse = grad_lse is not None
     dlse = grad_lse.to(torch.float32).contiguous() if has_dlse else delta
     _bwd_preprocess[launch_grid(batch * heads, seq_q, _PREPROCESS_BLOCK)](
         out, grad_out, dlse, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_DLSE=has_dlse, BLOCK_M=_PREPROCESS_BLOCK,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)), HAS_DLSE=has_dlse, BLOCK_M=_PREPROCESS_BLOCK,
     )
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return delta
+
+
+def _kernel_args(q, k, key_padding_mask, causal, scale, block, lengths) -> tuple[tuple, tuple, dict]:
+    """(mask and lengths pointers, shape scalars, constexpr keywords) shared by the backward kernels."""
+    batch, heads, seq_q, head_dim = q.shape
     mask, stride_mb, stride_mn, has_mask = _mask_arg(key_padding_mask, q)
     lengths, has_lengths = _lengths_arg(lengths, q)
-    common = dict(
-        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_MASK=has_mask, HAS_LENGTHS=has_lengths,
-        **_block_kwargs(block),
+    constants = dict(
+        HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)), CAUSAL=causal, HAS_MASK=has_mask,
+        HAS_LENGTHS=has_lengths, **_block_kwargs(block),
     )
-    shape_args = (heads, seq_q, seq_k, scale * LOG2E, scale, _bucket(seq_q), _bucket(seq_k))
+    shape_args = (heads, seq_q, k.shape[2], scale * LOG2E, scale, _bucket(seq_q), _bucket(k.shape[2]))
+    return (mask, lengths, stride_mb, stride_mn), shape_args, constants
+
+
+def _split_backward(grad_out, q, k, v, lse, delta, grads, key_padding_mask, causal, scale, block, lengths):
+    """The dK/dV kernel (one program per key block) and the dQ kernel (one per query block): deterministic."""
+    dq, dk, dv = grads
+    (mask, lengths, stride_mb, stride_mn), shape_args, common = _kernel_args(
+        q, k, key_padding_mask, causal, scale, block, lengths
+    )
+    batch_heads, seq_q, seq_k = q.shape[0] * q.shape[1], q.shape[2], k.shape[2]
     dkdv = _dkdv_tuned if block is None else _bwd_dkdv_kernel
-    dkdv[lambda meta: launch_grid(batch * heads, seq_k, meta["BLOCK_N"])](
+    dkdv[lambda meta: launch_grid(batch_heads, seq_k, meta["BLOCK_N"])](
         q, k, v, mask, lengths, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
         *dk.stride(), *dv.stride(), *shape_args, **common,
     )
     dq_kernel = _dq_tuned if block is None else _bwd_dq_kernel
-    dq_kernel[lambda meta: launch_grid(batch * heads, seq_q, meta["BLOCK_M"])](
+    dq_kernel[lambda meta: launch_grid(batch_heads, seq_q, meta["BLOCK_M"])](
         q, k, v, mask, lengths, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
         *dq.stride(), *shape_args, **common,
     )
-    return dq, dk, dv
+
+
+def _fused_backward(grad_out, q, k, v, lse, delta, grads, key_padding_mask, causal, scale, block, lengths):
+    """One kernel per key block; dQ summed in an fp32 buffer laid out as the forward's output ([b, s, h, d]
+    memory order, like the slices of a packed d(qkv)), then cast into dq."""
+    dq, dk, dv = grads
+    batch, heads, seq_q, head_dim = q.shape
+    # Zeroed here: the autotuner zeroes it only around its timing runs (reset_to_zero).
+    dq_acc = torch.zeros((batch, seq_q, heads, head_dim), dtype=torch.float32, device=q.device).transpose(1, 2)
+    (mask, lengths, stride_mb, stride_mn), shape_args, common = _kernel_args(
+        q, k, key_padding_mask, causal, scale, block, lengths
+    )
+    kernel = _fused_tuned if block is None else _bwd_fused_kernel
+    kernel[lambda meta: launch_grid(batch * heads, k.shape[2], meta["BLOCK_N"])](
+        q, k, v, mask, lengths, grad_out, lse, delta, dq_acc, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
+        *dq_acc.stride(), *dk.stride(), *dv.stride(), *shape_args, **common,
+    )
+    dq.copy_(dq_acc)
