@@ -642,3 +642,39 @@ def test_cuda_opcheck_and_compile() -> None:
     assert_low_precision_close(
         got, truth, reference_results(q, k, v, grad_out, torch.bfloat16, causal=True, key_padding_mask=mask)
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "batch, heads, seq, head_dim, causal, masked",
+    [
+        (8, 12, 197, 64, False, False),
+        (8, 8, 77, 64, True, True),
+        (4, 16, 257, 80, False, False),
+        (3, 2, 50, 128, False, True),
+    ],
+)
+def test_cuda_both_backward_paths(
+    path: str, dtype: torch.dtype, batch, heads, seq, head_dim, causal, masked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each backward path, forced by FASTCLIP_ATTENTION_BACKWARD, autotuned, against float64."""
+    monkeypatch.setenv("FASTCLIP_ATTENTION_BACKWARD", path)
+    q, k, v, mask = make_inputs(batch, heads, seq, seq, head_dim, dtype, masked=masked, device="cuda")
+    check_against_reference(triton_attention, q, k, v, causal=causal, key_padding_mask=mask)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_mode_repeats_bit_for_bit() -> None:
+    """Deterministic mode takes the split backward: the same inputs give the same gradient bits every run."""
+    q, k, v, mask = make_inputs(4, 8, 197, 64, torch.bfloat16, masked=True, device="cuda")
+    grad_out = torch.randn_like(q)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = [forward_backward(triton_attention, q, k, v, grad_out, key_padding_mask=mask) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
