@@ -133,7 +133,7 @@ SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py -m cuda -q -
     done
   fi
   if want attention_tests; then
-    step attention_tests 240 python3 -m pytest tests/test_attention.py tests/test_attention_launch.py tests/test_attention_lengths.py tests/test_model.py -m cuda -q -p no:cacheprovider --maxfail=5
+    step attention_tests 240 python3 -m pytest tests/test_attention*.py tests/test_model.py -m cuda -q -p no:cacheprovider --maxfail=5
   fi
   # Kernel time against wall time per attention call (host-bound or kernel-bound?), text and ViT-B/16 shapes
   if want attention_profile; then
