@@ -25,7 +25,8 @@ from fastclip.train.loop import _train_step
 from fastclip.train.optim import cosine_with_warmup, decays, make_optimizer
 from fastclip.train.state import Progress, load_training_state, save_training_state
 
-# Small, quick runs for the mechanics; the learning test uses the demo's model, which learns within 80 steps.
+# Small, quick runs for the mechanics; the learning test uses demo-ViT (the earlier demo model), which learns within
+# 80 steps.
 FAST = dict(model="tiny-ViT", batch_size=32, workers=0, lr=1e-3, warmup_steps=5, eval_samples=40, log_every=1)
 
 

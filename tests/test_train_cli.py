@@ -289,6 +289,9 @@ def test_demo_checkpoints_at_every_evaluation() -> None:
     demo.add_parser(commands)
     config = demo.demo_config(commands.choices["demo"].parse_args([]))
     assert config.save_every == config.eval_every == 120 and config.keep_checkpoints == 2
+    # the recipe that learns shapes within the demo's steps: the ConvNet tower, class-aware positives, no
+    # augmentation of the fresh images
+    assert config.model == "demo-CNN" and config.use_labels and config.crop_scale == 1.0 and config.jitter == 0.0
 
 
 def test_resume_command_drops_overwrite_and_an_earlier_resume() -> None:

@@ -262,6 +262,11 @@ def config_to_transformers(config: CLIPConfig, dtype: torch.dtype = torch.float3
             "transformers' CLIPModel has no ResNet image tower; "
             f"this model's vision.layers is {list(config.vision.layers)}"
         )
+    if config.vision.is_convnet:
+        raise CheckpointError(
+            "transformers' CLIPModel has no ConvNet image tower; "
+            f"this model's vision.conv_widths is {list(config.vision.conv_widths)}"
+        )
     text, vision = config.text, config.vision
     eot = text.vocab_size - 1  # fastclip's end-of-text token is the highest id
     return {

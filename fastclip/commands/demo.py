@@ -16,6 +16,10 @@ from fastclip.commands import add_command, device_argument
 from fastclip.train.config import TrainConfig
 
 DEMO_STEPS = 600
+# A small ConvNet image tower (see fastclip.model.convnet) and a 1-layer text transformer: the ConvNet learns
+# the five shapes within the demo's steps, where demo-ViT (and the modified ResNet) of the same cost learn the
+# colours but barely the shapes.
+DEMO_MODEL = "demo-CNN"
 GALLERY = "predictions.png"  # written beside curves.png at the end
 
 
@@ -47,15 +51,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def demo_config(args: argparse.Namespace) -> TrainConfig:
     every = max(1, args.steps // 5)  # five evaluations, each followed by a checkpoint
     return TrainConfig(
-        model="demo-ViT",
+        model=DEMO_MODEL,
         dataset="synthetic",
         synthetic_samples=max(50_000, args.steps * args.batch_size),
         batch_size=args.batch_size,
         workers=args.workers,
         steps=args.steps,
-        lr=1e-3,
+        lr=2e-3,  # the BatchNorm ConvNet takes it: 86% / 42% (seen / unseen) at step 360, against 69% / 29% at 1e-3
         weight_decay=0.1,
         warmup_steps=min(50, args.steps // 10),
+        # Class-aware positives: images and captions of the same colour-shape pair attract each other. Without
+        # them, colour, size and position already tell a batch's captions apart, and the shape is barely learnt.
+        use_labels=True,
+        # Every pair is drawn fresh (one epoch of new images), so augmentation adds no data, only noise: no crop
+        # (which would also contradict the captions' size and position) and no colour jitter (nor their colours).
+        crop_scale=1.0,
+        jitter=0.0,
         eval_every=every,
         save_every=every,
         eval_samples=args.eval_samples,

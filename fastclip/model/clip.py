@@ -11,6 +11,7 @@ from torch import nn
 
 from fastclip.backends import check_attention_backend
 from fastclip.model.config import CLIPConfig
+from fastclip.model.convnet import ConvNet
 from fastclip.model.modified_resnet import AttentionPool2d, ModifiedResNet
 from fastclip.model.text_transformer import TextTransformer
 from fastclip.model.transformer import MultiheadSelfAttention, Transformer
@@ -24,7 +25,9 @@ class CLIP(TextTransformer):
         check_attention_backend(attn_backend)
         super().__init__(config.text, config.embed_dim, act=config.act, backend=attn_backend)
         self.config = config
-        if config.vision.is_resnet:
+        if config.vision.is_convnet:
+            self.visual = ConvNet(config.vision, config.embed_dim)
+        elif config.vision.is_resnet:
             self.visual = ModifiedResNet(config.vision, config.embed_dim, backend=attn_backend)
         else:
             self.visual = VisionTransformer(config.vision, config.embed_dim, act=config.act, backend=attn_backend)

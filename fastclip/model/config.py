@@ -7,8 +7,10 @@ A config file looks like
      "text": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}
 
 `vision.layers` decides the image tower: an int is a Vision Transformer, four ints are the modified
-ResNet's stage depths. open_clip's spelling (`vision_cfg`, `text_cfg`, `quick_gelu`) is read too, so its
-model_configs/*.json files work as they are (as long as they only use the options fastclip has).
+ResNet's stage depths; `vision.conv_widths` (a list of channel counts) instead makes a plain ConvNet,
+a small tower for small images (the demo's), with no released weights. open_clip's spelling (`vision_cfg`,
+`text_cfg`, `quick_gelu`) is read too, so its model_configs/*.json files work as they are (as long as they
+only use the options fastclip has).
 """
 
 from __future__ import annotations
@@ -44,8 +46,14 @@ class VisionConfig:
     patch_size: int | None = 32  # ViT only (None for a ResNet)
     head_width: int = 64  # channels per attention head (ViT blocks and the ResNet's attention pool)
     mlp_ratio: float = 4.0  # ViT MLP hidden width / token width
+    # Set: a plain ConvNet tower instead (fastclip.model.convnet), one 3x3 conv-BN-ReLU-max-pool stage per
+    # width; then `layers` and `width` are set from it (stages, last width) and patch_size is None.
+    conv_widths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.conv_widths is not None:
+            self._check_convnet()
+            return
         for name in ("image_size", "width", "head_width"):
             _check_positive_int("vision", name, getattr(self, name))
         _check_positive_number("vision", "mlp_ratio", self.mlp_ratio)
@@ -70,9 +78,27 @@ class VisionConfig:
         if self.embed_width % self.head_width:
             raise ValueError(f"vision width {self.embed_width} is not a multiple of head_width {self.head_width}")
 
+    def _check_convnet(self) -> None:
+        if not isinstance(self.conv_widths, (list, tuple)) or not self.conv_widths:
+            raise ValueError(f"vision.conv_widths must be a non-empty list of ints, got {self.conv_widths!r}")
+        self.conv_widths = tuple(self.conv_widths)
+        for width in self.conv_widths:
+            _check_positive_int("vision", "conv_widths[i]", width)
+        _check_positive_int("vision", "image_size", self.image_size)
+        if self.image_size < 2 ** len(self.conv_widths):
+            raise ValueError(
+                f"vision.image_size ({self.image_size}) is too small for {len(self.conv_widths)} stages "
+                f"that each halve it (at least {2 ** len(self.conv_widths)})"
+            )
+        self.layers, self.width, self.patch_size = len(self.conv_widths), self.conv_widths[-1], None
+
     @property
     def is_resnet(self) -> bool:
         return isinstance(self.layers, tuple)
+
+    @property
+    def is_convnet(self) -> bool:
+        return self.conv_widths is not None
 
     @property
     def embed_width(self) -> int:
@@ -85,7 +111,9 @@ class VisionConfig:
 
     @property
     def grid_size(self) -> int:
-        """Side of the token grid: patches per side (ViT) or the final feature map side (ResNet)."""
+        """Side of the token grid: patches per side (ViT) or the final feature map side (ResNet, ConvNet)."""
+        if self.is_convnet:
+            return self.image_size // 2 ** len(self.conv_widths)
         return self.image_size // (32 if self.is_resnet else self.patch_size)
 
 
@@ -135,8 +163,9 @@ class CLIPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if isinstance(out["vision"]["layers"], tuple):
-            out["vision"]["layers"] = list(out["vision"]["layers"])
+        for key in ("layers", "conv_widths"):
+            if isinstance(out["vision"][key], tuple):
+                out["vision"][key] = list(out["vision"][key])
         return out
 
     def to_json(self) -> str:
