@@ -333,6 +333,20 @@ def test_fused_backward_writes_into_given_strided_grads() -> None:
 
 
 @interpreted
+def test_preprocess_zeroes_the_fused_dq_sum() -> None:
+    """The fused path allocates its fp32 dQ sum uninitialised: the preprocess launch must zero all of it
+    (head dim 80: the padding lanes of the 128-wide block must not be written past the row)."""
+    from fastclip.ops import attention_triton
+
+    q, k, v, _ = make_inputs(2, 3, 37, 37, 80, torch.float32)
+    out, lse = attention_triton.forward(q.detach(), k.detach(), v.detach(), None, False, 0.2)
+    storage = torch.full((2 * 37 * 3 * 80 + 1,), float("nan"))
+    acc = storage[:-1].view(2, 37, 3, 80).transpose(1, 2)
+    attention_triton._delta(torch.randn_like(out), None, out, lse, acc)
+    assert acc.eq(0).all() and storage[-1].isnan()
+
+
+@interpreted
 def test_default_backward_is_fused_and_deterministic_mode_takes_split(monkeypatch: pytest.MonkeyPatch) -> None:
     """Through `attention`: "fused" by default (the table is empty until a GPU run fills it), "split" in
     torch's deterministic mode even when the variable asks for "fused"."""
@@ -459,6 +473,7 @@ def test_kernels_compile_for_hopper() -> None:
             for name in kernel.arg_names:
                 if name in consts: sig[name] = "constexpr"
                 elif name == "DQ" and kernel is at._bwd_fused_kernel: sig[name] = "*fp32"  # the atomic sum
+                elif name == "DQAcc": sig[name] = "*fp32"
                 elif name in POINTERS: sig[name] = "*" + dtype
                 elif name == "Mask": sig[name] = "*u8"
                 elif name == "Lengths": sig[name] = "*i32"
@@ -474,7 +489,8 @@ def test_kernels_compile_for_hopper() -> None:
             compile_(at._bwd_dkdv_kernel, dtype, dict(flags, BLOCK_M=32, BLOCK_N=64), 4, 2)
             compile_(at._bwd_dq_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=32), 4, 3)
             compile_(at._bwd_fused_kernel, dtype, dict(flags, BLOCK_M=32, BLOCK_N=128), 8, 2)
-        compile_(at._bwd_preprocess, "bf16", dict(HEAD_DIM=80, BLOCK_D=128, HAS_DLSE=True, BLOCK_M=64), 4, 1)
+        pre = dict(HEAD_DIM=80, BLOCK_D=128, HAS_DLSE=True, ZERO_DQ=True, BLOCK_M=64)
+        compile_(at._bwd_preprocess, "bf16", pre, 4, 1)
         print("compiled")
         """
     )

@@ -237,7 +237,7 @@ def _job(
         causal=variant[0],
         mask=variant[1],
         lengths=variant[2],
-        config=config_label + (" dlse" if bound.get("HAS_DLSE") else ""),
+        config=config_label + (" dlse" if bound.get("HAS_DLSE") else "") + (" dq0" if bound.get("ZERO_DQ") else ""),
         arch=arch,
         fn_name=fn.fn.__name__,
         signature=tuple(signature.items()),

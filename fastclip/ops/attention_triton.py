@@ -189,13 +189,16 @@ def _fwd_tile(
 
 @triton.jit
 def _bwd_preprocess(
-    Out, DO, DLse, Delta,
+    Out, DO, DLse, Delta, DQAcc,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_ab, stride_ah, stride_am, stride_ad,
     num_heads, seq_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, ZERO_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """delta_i = sum_d dO_id * O_id - dLSE_i: the softmax-backward row term (dLSE folds in the lse's gradient)."""
+    """delta_i = sum_d dO_id * O_id - dLSE_i: the softmax-backward row term (dLSE folds in the lse's gradient).
+    ZERO_DQ: also zero the same rows of the fused backward's fp32 dQ sum, which saves that path a launch."""
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: axis 1 stops at 65535
     pid_m = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
@@ -212,6 +215,9 @@ def _bwd_preprocess(
     if HAS_DLSE:
         delta -= tl.load(DLse + rows, mask=offs_m < seq_q, other=0.0)
     tl.store(Delta + rows, delta, mask=offs_m < seq_q)
+    if ZERO_DQ:
+        acc = DQAcc + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad
+        tl.store(acc, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=tile_ok)
 
 
 @triton.jit
@@ -802,21 +808,36 @@ def backward(
     if path not in BACKWARD_PATHS:
         raise ValueError(f"path must be one of {BACKWARD_PATHS} or None, got {path!r}")
     with _device_guard(q):
-        delta = _delta(grad_out, grad_lse, out, lse)
-        launch = _fused_backward if path == "fused" else _split_backward
-        launch(grad_out, q, k, v, lse.contiguous(), delta, grads, key_padding_mask, causal, scale, block, lengths)
+        if path == "fused":
+            # fp32 dQ sum in the forward output's [b, s, h, d] memory order, like the slices of a packed
+            # d(qkv); uninitialised here: the preprocess zeroes it (the autotuner also does, around its timings).
+            batch, heads, seq_q, head_dim = q.shape
+            dq_acc = torch.empty((batch, seq_q, heads, head_dim), dtype=torch.float32, device=q.device)
+            dq_acc = dq_acc.transpose(1, 2)
+            delta = _delta(grad_out, grad_lse, out, lse, dq_acc)
+            _fused_backward(grad_out, q, k, v, lse.contiguous(), delta, dq_acc, grads, key_padding_mask, causal,
+                            scale, block, lengths)
+        else:
+            delta = _delta(grad_out, grad_lse, out, lse, None)
+            _split_backward(grad_out, q, k, v, lse.contiguous(), delta, grads, key_padding_mask, causal, scale,
+                            block, lengths)
     return grads
 
 
-def _delta(grad_out, grad_lse, out, lse) -> torch.Tensor:
-    """rowsum(dO * O) - dLSE [b, h, s_q] fp32: the softmax backward's row term, one preprocess launch."""
+def _delta(grad_out, grad_lse, out, lse, dq_acc: torch.Tensor | None) -> torch.Tensor:
+    """rowsum(dO * O) - dLSE [b, h, s_q] fp32: the softmax backward's row term, one preprocess launch, which
+    also zeroes `dq_acc` (the fused path's dQ sum, shaped like out) when given."""
     batch, heads, seq_q, head_dim = out.shape
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=out.device)
     has_dlse = grad_lse is not None
     dlse = grad_lse.to(torch.float32).contiguous() if has_dlse else delta
+    zero_dq = dq_acc is not None
+    acc = dq_acc if zero_dq else delta  # a dummy pointer when absent
+    acc_strides = dq_acc.stride() if zero_dq else (0, 0, 0, 0)
     _bwd_preprocess[launch_grid(batch * heads, seq_q, _PREPROCESS_BLOCK)](
-        out, grad_out, dlse, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)), HAS_DLSE=has_dlse, BLOCK_M=_PREPROCESS_BLOCK,
+        out, grad_out, dlse, delta, acc, *out.stride(), *grad_out.stride(), *acc_strides, heads, seq_q,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)), HAS_DLSE=has_dlse, ZERO_DQ=zero_dq,
+        BLOCK_M=_PREPROCESS_BLOCK,
     )
     return delta
 
@@ -855,13 +876,10 @@ def _split_backward(grad_out, q, k, v, lse, delta, grads, key_padding_mask, caus
     )
 
 
-def _fused_backward(grad_out, q, k, v, lse, delta, grads, key_padding_mask, causal, scale, block, lengths):
-    """One kernel per key block; dQ summed in an fp32 buffer laid out as the forward's output ([b, s, h, d]
-    memory order, like the slices of a packed d(qkv)), then cast into dq."""
+def _fused_backward(grad_out, q, k, v, lse, delta, dq_acc, grads, key_padding_mask, causal, scale, block, lengths):
+    """One kernel per key block, dQ summed into the zeroed fp32 `dq_acc`, then cast into dq."""
     dq, dk, dv = grads
-    batch, heads, seq_q, head_dim = q.shape
-    # Zeroed here: the autotuner zeroes it only around its timing runs (reset_to_zero).
-    dq_acc = torch.zeros((batch, seq_q, heads, head_dim), dtype=torch.float32, device=q.device).transpose(1, 2)
+    batch, heads = q.shape[:2]
     (mask, lengths, stride_mb, stride_mn), shape_args, common = _kernel_args(
         q, k, key_padding_mask, causal, scale, block, lengths
     )
