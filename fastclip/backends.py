@@ -4,7 +4,8 @@ The one place these facts live; the ops, the models, the command line and the be
 
 - Loss ops (`contrastive_lse`, `pairwise_sigmoid` and the losses built on them): "cuda" (the fused CUDA
   kernels, CUDA tensors), "cpp" (the C++ CPU kernels), "torch" (tiled PyTorch, any device). "auto" takes
-  the CUDA kernel for CUDA tensors on a supported GPU when it is built, else "torch".
+  the CUDA kernel for CUDA tensors on a supported GPU when it is built, the C++ kernel for CPU tensors
+  where `CPU_AUTO` says the CPU benchmark found it faster and it is built, else "torch".
 - Attention: "triton" (the fused Triton kernels) and "torch" (SDPA). "auto" takes Triton for CUDA tensors
   on a supported GPU when Triton imports and the kernels cover the inputs (fp16/bf16, head dim <= 128).
 - Supported GPU: compute capability 8.0 or newer (bf16 and TF32 tensor cores).
@@ -23,6 +24,12 @@ from fastclip import _extension
 
 LOSS_BACKENDS = ("auto", "cuda", "cpp", "torch")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
+
+# The backend "auto" takes for CPU tensors, per loss op, when the extension is built: the faster path
+# of `bench_loss --device cpu` (benchmarks/results/cpu-2core/bench_loss_fused.json, fp32, D = 512: the
+# C++ op 1.00-1.96x the naive loss at N = 1024-16384, the tiled PyTorch path 0.88-1.73x). Ops not
+# listed (pairwise_sigmoid: not yet compared) take the tiled PyTorch path.
+CPU_AUTO = {"contrastive_lse": "cpp"}
 
 # bf16 and TF32 tensor cores, which the CUDA loss kernels and the Triton attention's bf16 dots need
 # (A100 = 8.0). Newer GPUs than the built architectures run the kernels from the PTX the build embeds.
@@ -143,7 +150,10 @@ def resolve_loss_backend(backend: str, device: torch.device, dtype: torch.dtype,
     check_backend(backend, LOSS_BACKENDS)
     cuda_ok = device.type == "cuda" and dtype != torch.float64 and _extension.has_kernel(op, "CUDA")
     if backend == "auto":
-        return "cuda" if cuda_ok and supports_fused_kernels(device) else "torch"
+        if cuda_ok and supports_fused_kernels(device):
+            return "cuda"
+        cpu_ok = device.type == "cpu" and _extension.has_kernel(op, "CPU")
+        return CPU_AUTO.get(op, "torch") if cpu_ok else "torch"
     if backend == "cuda" and cuda_ok and not supports_fused_kernels(device):
         raise RuntimeError(f"backend='cuda' cannot run here: {unsupported_reason(device)}; use backend='torch'")
     if backend == "cuda" and not cuda_ok:

@@ -52,10 +52,15 @@ def test_torch_compile_fullgraph(backend: str, device: str) -> None:
     assert_matches(got, reference(image, text, scale, weight=0.3, label_smoothing=0.1), torch.float32)
 
 
-def test_auto_backend_on_cpu_is_the_tiled_fallback() -> None:
+def test_auto_backend_on_cpu_is_the_faster_cpu_path() -> None:
+    """The C++ op where it is built (the CPU benchmark's faster path), the tiled PyTorch path without it,
+    and the tiled PyTorch path for the op the table does not list."""
     from fastclip.backends import resolve_loss_backend as resolve_backend
 
-    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    cpu = torch.device("cpu")
+    built = _extension.has_kernel("contrastive_lse", "CPU")
+    assert resolve_backend("auto", cpu, torch.float32) == ("cpp" if built else "torch")
+    assert resolve_backend("auto", cpu, torch.float32, "pairwise_sigmoid") == "torch"
 
 
 def test_python_number_logit_scale() -> None:
