@@ -59,3 +59,53 @@ def test_one_pass_per_shape_and_no_gradient_left(monkeypatch: pytest.MonkeyPatch
 def test_captions_end_with_end_of_text() -> None:
     text = warmup._captions(2, 5, torch.device("cpu"))
     assert text[:, 0].eq(49406).all() and text[:, -1].eq(49407).all() and text.argmax(-1).eq(4).all()
+
+
+def _share_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Each rank starts from its own autotune choices (rank 0 alone has one for a second key), shares, and
+    records what its kernels' caches then hold."""
+    import json
+
+    import torch.distributed as dist
+    import triton
+
+    from fastclip.ops import attention_triton
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    kernels = attention_triton.autotuned_kernels()
+    for kernel in kernels.values():
+        kernel.cache.clear()
+    common, rank0_only = (256, 64, "torch.bfloat16"), (128, 64, "torch.float16")
+    kernels["fwd"].cache[common] = triton.Config(
+        {"BLOCK_M": 64 * (rank + 1), "BLOCK_N": 64}, num_warps=4 + 4 * rank, num_stages=2 + rank
+    )
+    if rank == 0:
+        kernels["dq"].cache[rank0_only] = triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3)
+    shared = warmup.share_tuned_configs()
+    held = {
+        name: {repr(key): [config.kwargs, config.num_warps, config.num_stages] for key, config in kernel.cache.items()}
+        for name, kernel in kernels.items()
+    }
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump({"shared": shared, "held": held}, f)
+    dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0s_configs(tmp_path) -> None:
+    """Two gloo ranks that tuned a shape differently end with rank 0's config for it, and with rank 0's
+    choice for a shape only rank 0 had met."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("triton")
+    mp.spawn(_share_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["shared"] for r in results] == [2, 2]
+    assert results[0]["held"] == results[1]["held"]
+    assert results[1]["held"]["fwd"] == {"(256, 64, 'torch.bfloat16')": [{"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2]}
+    assert results[1]["held"]["dq"] == {"(128, 64, 'torch.float16')": [{"BLOCK_M": 32, "BLOCK_N": 128}, 8, 3]}
+
+
+def test_nothing_is_shared_outside_a_distributed_run() -> None:
+    assert warmup.share_tuned_configs() == 0

@@ -665,6 +665,11 @@ _fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS, "fwd")
 _dkdv_tuned = _tuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, "dkdv")
 _dq_tuned = _tuned(_bwd_dq_kernel, _DQ_CONFIGS, "dq")
 _fused_tuned = _tuned(_bwd_fused_kernel, _FUSED_CONFIGS, "fused", reset_to_zero=["DQ"])
+
+
+def autotuned_kernels() -> dict[str, triton.runtime.Autotuner]:
+    """The autotuned kernels by name; each one's `.cache` maps an autotune key to the config it chose."""
+    return {"fwd": _fwd_tuned, "dkdv": _dkdv_tuned, "dq": _dq_tuned, "fused": _fused_tuned}
 _PREPROCESS_BLOCK = 64
 
 

@@ -57,7 +57,7 @@ from fastclip.train.state import (
     weight_bytes,
 )
 from fastclip.train.training_loss import TrainingLoss, as_training_loss, build_training_loss
-from fastclip.train.warmup import warm_up_attention
+from fastclip.train.warmup import runs_triton_attention, share_tuned_configs, warm_up_attention
 from fastclip.train.zero_shot_eval import evaluate_zero_shot
 
 # logit_scale (CLIP's, or SigLIP's) is clamped to [0, ln 100] after every step, as in CLIP
@@ -284,7 +284,10 @@ class _Run:
         """Tune the attention kernels, wrap the model for DDP, and put it in training mode."""
         config, device = self.config, self.device
         # Every rank autotunes the attention kernels here, together, rather than at random steps later.
-        warm_up_attention(self.model, config.batch_size, device, self.autocast, compute_dtype(config.precision, device))
+        dtype = compute_dtype(config.precision, device)
+        warm_up_attention(self.model, config.batch_size, device, self.autocast, dtype)
+        if runs_triton_attention(self.model, device, dtype):
+            share_tuned_configs()  # and with the same configs, so that every rank rounds the same way
         device_ids = [device.index] if device.type == "cuda" else None
         self.trained = (
             torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids) if self.ddp else self.model

@@ -5,6 +5,9 @@ lengths, head dim, causal, masks, dtype). The text tower trims each batch to its
 new buckets would otherwise turn up at random steps, on each rank at a different one: the other ranks
 wait at the next all-reduce while one benchmarks tiles. One forward and backward per bucket at the
 start, on every rank at the same time and at the run's batch size, moves that cost to one place.
+Each rank times the tiles itself, so two ranks can pick different configs for a shape (the timings are
+close and noisy) and then compute it with different rounding: `share_tuned_configs` gives every rank
+rank 0's choices.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
+import torch.distributed as dist
 
 from fastclip.backends import resolve_attention_backend
 from fastclip.model.transformer import MultiheadSelfAttention
@@ -79,3 +83,18 @@ def warm_up_attention(
         model.train(training)
         model.zero_grad(set_to_none=True)
     return len(inputs)
+
+
+def share_tuned_configs() -> int:
+    """In a distributed run, replace every rank's autotuned attention configs by rank 0's (a collective:
+    every rank calls it). Returns the number of choices rank 0 shared; 0 outside a distributed run."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    from fastclip.ops import attention_triton
+
+    kernels = attention_triton.autotuned_kernels()
+    choices = [{name: dict(kernel.cache) for name, kernel in kernels.items()} if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choices, src=0)
+    for name, cache in choices[0].items():
+        kernels[name].cache.update(cache)
+    return sum(len(cache) for cache in choices[0].values())
