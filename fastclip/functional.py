@@ -4,7 +4,7 @@ Each dispatches to a fused kernel (CUDA, Triton or C++) or to PyTorch (`backend=
 The implementations live one op per module in `fastclip.ops`.
 """
 
-from fastclip.ops.attention import attention
+from fastclip.ops.attention import attention, attention_packed
 from fastclip.ops.contrastive_loss import contrastive_loss, contrastive_loss_from_lse
 from fastclip.ops.contrastive_lse import contrastive_lse
 from fastclip.ops.pairwise_sigmoid import pairwise_sigmoid
@@ -13,6 +13,7 @@ from fastclip.ops.supcon_loss import supcon_loss, supcon_loss_share
 
 __all__ = [
     "attention",
+    "attention_packed",
     "contrastive_loss",
     "contrastive_loss_from_lse",
     "contrastive_lse",
