@@ -198,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& image, 
     // Per row: its dot products (the sweep's strip) and its share of the column partials, one (max, sum)
     // pair per row block (kMinRowBlock rows or more) and column.
     const int64_t row_bytes = sizeof(scalar_t) * N + 2 * sizeof(scalar_t) * N / cpu::kMinRowBlock;
-    const int64_t chunk = rows_per_chunk(n, row_bytes, kMaxRowBlock, cpu::kScratchBudgetBytes);
+    const int64_t chunk = rows_per_chunk(n, row_bytes, cpu::kMinRowBlock, cpu::kScratchBudgetBytes);
     auto strip = at::empty({std::min(n, chunk) * N}, img.options());
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t r1 = std::min(n, r0 + chunk);

@@ -97,7 +97,7 @@ template <typename acc_t, typename FillFn>
 void backward_through_gradient_tiles(const at::Tensor& img, const at::Tensor& txt, acc_t scale, at::Tensor& grad_img,
                                      at::Tensor& grad_txt, const FillFn& fill) {
   const int64_t n = img.size(0), N = txt.size(0);
-  const int64_t chunk = rows_per_chunk(n, sizeof(acc_t) * N, kMaxRowBlock, kScratchBudgetBytes);
+  const int64_t chunk = rows_per_chunk(n, sizeof(acc_t) * N, kMinRowBlock, kScratchBudgetBytes);
   auto grad_tile = at::empty({chunk, N}, img.options());
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t r1 = std::min(n, r0 + chunk);
