@@ -57,7 +57,7 @@ from fastclip.train.state import (
     weight_bytes,
 )
 from fastclip.train.training_loss import TrainingLoss, as_training_loss, build_training_loss
-from fastclip.train.warmup import runs_triton_attention, share_tuned_configs, warm_up_attention
+from fastclip.train.warmup import share_tuned_configs, warm_up_attention
 from fastclip.train.zero_shot_eval import evaluate_zero_shot
 
 # logit_scale (CLIP's, or SigLIP's) is clamped to [0, ln 100] after every step, as in CLIP
@@ -285,8 +285,7 @@ class _Run:
         config, device = self.config, self.device
         # Every rank autotunes the attention kernels here, together, rather than at random steps later.
         dtype = compute_dtype(config.precision, device)
-        warm_up_attention(self.model, config.batch_size, device, self.autocast, dtype)
-        if runs_triton_attention(self.model, device, dtype):
+        if warm_up_attention(self.model, config.batch_size, device, self.autocast, dtype) > 0:
             share_tuned_configs()  # and with the same configs, so that every rank rounds the same way
         device_ids = [device.index] if device.type == "cuda" else None
         self.trained = (
