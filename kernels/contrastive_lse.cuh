@@ -52,7 +52,7 @@ struct LossTerms {
   const int64_t* partner;      // [rows]: a column of the whole matrix, or -1
   int64_t col_offset;          // this block's first column in the whole matrix
   float* row_rest;             // [col_splits, rows]
-  float* col_rest;             // [2 * ceil(rows / kRowBlock), cols]
+  float* col_rest;             // [2 * ceil(rows / kRowBlock), cols]: per row block and half of its rows
   float* pair_dot;             // [rows]: written where the pair entry lies in this block
 };
 
@@ -83,6 +83,12 @@ cudaError_t launch_lse_forward(ElementType type, Float32Mode mode, const LseForw
 cudaError_t launch_lse_backward(ElementType type, Float32Mode mode, const LseBackwardArgs& args, cudaStream_t stream);
 // contrastive_loss_backward's kernel (contrastive_loss.cu).
 cudaError_t launch_loss_backward(ElementType type, Float32Mode mode, const LossBackwardArgs& args, cudaStream_t stream);
+
+// CTAs of each kernel that one SM of the current device runs at once (the CUDA occupancy calculator):
+// the host sizes its column splits so that the grid fills the GPU.
+int lse_forward_ctas_per_sm(ElementType type, Float32Mode mode);
+int lse_backward_ctas_per_sm(ElementType type, Float32Mode mode);
+int loss_backward_ctas_per_sm(ElementType type, Float32Mode mode);
 
 }  // namespace cuda
 }  // namespace fastclip

@@ -1,7 +1,7 @@
 // Fused similarity + pairwise sigmoid (SigLIP) loss kernels, forward and backward.
 //
 // The CTA layout and the similarity tiles are those of the contrastive kernels (similarity_tile.cuh):
-// one CTA of 4 warps owns kRowBlock = 64 rows of `image` and sweeps the 64-column tiles of its split;
+// one CTA of 8 warps owns kRowBlock = 128 rows of `image` and sweeps the 128-column tiles of its split;
 // each tile of dot products is computed on the tensor cores and consumed in shared memory:
 //  - forward: per row, the sum over the tile's columns of softplus(-z * L), L = s * dot + b, added to a
 //    compensated (Kahan) running sum: a row sums up to N positive terms in fp32, and compensation keeps
@@ -24,13 +24,6 @@ namespace {
 
 using namespace tile;
 
-// CTAs per SM the kernels are built for. 16-bit inputs get an explicit 4 (at most 128 registers a
-// thread): left to itself, ptxas aims at more CTAs and spills (the bf16 forward's Kahan sums at 96
-// registers, the fp16 backward on sm_80). fp32, which needs far more registers for its 3xTF32 split,
-// keeps ptxas's own choice.
-template <typename T>
-constexpr int kMinBlocksPerSm = std::is_same_v<T, float> ? 1 : 4;
-
 // softplus(u) = log(1 + e^u) = max(u, 0) + log1p(e^-|u|).
 __device__ __forceinline__ float softplus(float u) { return fmaxf(u, 0.f) + log1pf(fast_exp2(-fabsf(u) * kLog2e)); }
 
@@ -45,56 +38,42 @@ template <typename T, Float32Mode kMode, bool kVectorized>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<T>) sigmoid_forward_kernel(SigmoidForwardArgs args) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   SharedTiles<T>& tiles = shared_tiles<T>();
-  __shared__ int64_t row_label[kRowBlock];
   const T* image = static_cast<const T*>(args.image);
   const T* text = static_cast<const T*>(args.text);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowBlock;
   const int split = blockIdx.y;
   const float scale = *args.scale, bias = *args.bias;
-  for (int r = threadIdx.x; r < kRowBlock; r += kThreads)
-    row_label[r] = row0 + r < args.rows ? args.row_labels[row0 + r] : 0;
-  // row_label is visible after the barriers inside similarity_tile (every split has at least one tile).
   int tile_count;
   const int64_t tile_begin = split_range(args.cols, args.col_splits, split, tile_count);
 
-  // Warp w owns rows 16w..16w+15; lane l sees columns l and l + 32 of every tile and keeps its own
-  // running sums, added across lanes at the end.
-  constexpr int kRowsPerWarp = kRowBlock / 4;
-  float run_sum[kRowsPerWarp], run_err[kRowsPerWarp];  // Kahan sum and its compensation
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) run_sum[i] = 0.f, run_err[i] = 0.f;
+  // Each lane sums its half row (HalfRow) into a compensated running sum; the two halves are added at
+  // the end. The layout is recomputed after each tile, to keep registers free for its GEMM.
+  float run_sum = 0.f, run_err = 0.f;  // Kahan sum and its compensation
 
   for (int t = 0; t < tile_count; ++t) {
     const int64_t col0 = (tile_begin + t) * kColBlock;
     similarity_tile<T, kMode, kVectorized>(tiles, image, text, row0, args.rows, col0, args.cols, args.dim);
-
-    const bool lo_ok = col0 + lane < args.cols, hi_ok = col0 + lane + 32 < args.cols;
-    const int64_t label_lo = lo_ok ? args.col_labels[col0 + lane] : 0;
-    const int64_t label_hi = hi_ok ? args.col_labels[col0 + lane + 32] : 0;
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int r = warp * kRowsPerWarp + i;
-      const int64_t label = row_label[r];
+    const HalfRow mine = half_row();
+    const int64_t row = row0 + mine.row;
+    if (row >= args.rows) continue;  // no barrier below: lanes of rows past the edge may skip the tile
+    const int64_t label = args.row_labels[row];
+    for (int k = 0; k < kHalfRow; ++k) {
+      const int col = mine.col(k);
+      if (col0 + col >= args.cols) continue;
       // softplus(-z * L): -L for a positive pair (z = +1), L for a negative one.
-      const float l0 = fmaf(scale, tiles.sim[r][lane], bias), l1 = fmaf(scale, tiles.sim[r][lane + 32], bias);
-      float term = 0.f;
-      if (lo_ok) term += softplus(label == label_lo ? -l0 : l0);
-      if (hi_ok) term += softplus(label == label_hi ? -l1 : l1);
-      const float y = term - run_err[i], total = run_sum[i] + y;
-      run_err[i] = (total - run_sum[i]) - y;
-      run_sum[i] = total;
+      const float logit = fmaf(scale, tiles.sim[mine.row][col], bias);
+      const float term = softplus(label == args.col_labels[col0 + col] ? -logit : logit);
+      const float y = term - run_err, total = run_sum + y;
+      run_err = (total - run_sum) - y;
+      run_sum = total;
     }
   }
 
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    float sum = run_sum[i] - run_err[i];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-    const int64_t row = row0 + warp * kRowsPerWarp + i;
-    if (lane == 0 && row < args.rows) args.row_partial[static_cast<int64_t>(split) * args.rows + row] = sum;
-  }
+  float sum = run_sum - run_err;
+  sum += __shfl_xor_sync(kFullMask, sum, 1);
+  const HalfRow mine = half_row();
+  const int64_t row = row0 + mine.row;
+  if (mine.col0 == 0 && row < args.rows) args.row_partial[static_cast<int64_t>(split) * args.rows + row] = sum;
 #else
   __trap();  // the host refuses devices below sm_80
 #endif
@@ -154,7 +133,8 @@ cudaError_t launch_sigmoid_forward(ElementType type, Float32Mode mode, const Sig
                                    cudaStream_t stream) {
   return launch_variant(type, mode, args, [&](auto variant, dim3 grid) {
     using V = decltype(variant);
-    sigmoid_forward_kernel<typename V::Element, V::kMode, V::kVectorized><<<grid, kThreads, 0, stream>>>(args);
+    launch_tile_kernel<typename V::Element>(sigmoid_forward_kernel<typename V::Element, V::kMode, V::kVectorized>, grid,
+                                            stream, args);
   });
 }
 
@@ -162,7 +142,22 @@ cudaError_t launch_sigmoid_backward(ElementType type, Float32Mode mode, const Si
                                     cudaStream_t stream) {
   return launch_variant(type, mode, args, [&](auto variant, dim3 grid) {
     using V = decltype(variant);
-    sigmoid_backward_kernel<typename V::Element, V::kMode, V::kVectorized><<<grid, kThreads, 0, stream>>>(args);
+    launch_tile_kernel<typename V::Element>(sigmoid_backward_kernel<typename V::Element, V::kMode, V::kVectorized>, grid,
+                                            stream, args);
+  });
+}
+
+int sigmoid_forward_ctas_per_sm(ElementType type, Float32Mode mode) {
+  return query_variant(type, mode, [](auto variant) {
+    using V = decltype(variant);
+    return ctas_per_sm<typename V::Element>(sigmoid_forward_kernel<typename V::Element, V::kMode, V::kVectorized>);
+  });
+}
+
+int sigmoid_backward_ctas_per_sm(ElementType type, Float32Mode mode) {
+  return query_variant(type, mode, [](auto variant) {
+    using V = decltype(variant);
+    return ctas_per_sm<typename V::Element>(sigmoid_backward_kernel<typename V::Element, V::kMode, V::kVectorized>);
   });
 }
 

@@ -53,5 +53,9 @@ cudaError_t launch_sigmoid_forward(ElementType type, Float32Mode mode, const Sig
 cudaError_t launch_sigmoid_backward(ElementType type, Float32Mode mode, const SigmoidBackwardArgs& args,
                                     cudaStream_t stream);
 
+// CTAs of each kernel that one SM of the current device runs at once (see contrastive_lse.cuh).
+int sigmoid_forward_ctas_per_sm(ElementType type, Float32Mode mode);
+int sigmoid_backward_ctas_per_sm(ElementType type, Float32Mode mode);
+
 }  // namespace cuda
 }  // namespace fastclip

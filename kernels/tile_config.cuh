@@ -7,8 +7,8 @@
 namespace fastclip {
 namespace cuda {
 
-constexpr int kRowBlock = 64;  // rows per CTA
-constexpr int kColBlock = 64;  // columns per tile
+constexpr int kRowBlock = 128;  // rows per CTA
+constexpr int kColBlock = 128;  // columns per tile
 
 enum class ElementType { kFloat32, kBFloat16, kFloat16 };
 

@@ -303,12 +303,14 @@ needs_op = pytest.mark.skipif(
 )
 
 
-def op_arguments(n: int, num_cols: int, dim: int, dtype: torch.dtype, device: str, masked_diagonal: int | None):
+def op_arguments(
+    n: int, num_cols: int, dim: int, dtype: torch.dtype, device: str, masked_diagonal: int | None, scale: float = 7.0
+):
     """Inputs of fastclip::contrastive_loss_backward with arbitrary coefficients, some pairs, some classes."""
     gen = torch.Generator().manual_seed(n + num_cols)
     image = F.normalize(torch.randn(n, dim, generator=gen), dim=-1).to(dtype).to(device)
     text = F.normalize(torch.randn(num_cols, dim, generator=gen), dim=-1).to(dtype).to(device)
-    scale = torch.tensor(7.0, device=device)
+    scale = torch.tensor(scale, device=device)
     row_lse, col_lse = contrastive_lse(image, text, scale, masked_diagonal=masked_diagonal, backend="torch")
     acc = row_lse.dtype
     coefficient = lambda size: torch.rand(size, generator=gen, dtype=acc).to(device)  # noqa: E731
@@ -351,10 +353,14 @@ def test_opcheck(device: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", ["chunked", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_cuda_op_matches_tiled_twin(dtype: torch.dtype) -> None:
-    """The CUDA kernel's pair entries, classes and rests across its 64 x 64 tiles, against the twin."""
-    args = op_arguments(150, 600, 40, dtype, "cuda", 3)
+@pytest.mark.parametrize("scale", [7.0, 100.0], ids=lambda s: f"scale={s}")
+def test_cuda_op_matches_tiled_twin(monkeypatch, path: str, dtype: torch.dtype, scale: float) -> None:
+    """Both CUDA paths' pair entries, classes and rests across their tiles (128 x 128 for the fused
+    kernel, whose shared exponential covers every tile at s = 7 and few at s = 100), against the twin."""
+    monkeypatch.setenv("FASTCLIP_CUDA_LOSS_PATH", path)
+    args = op_arguments(150, 600, 40, dtype, "cuda", 3, scale)
     got = torch.ops.fastclip.contrastive_loss_backward(*args)
     coefficients, (image, text, scale, row_lse, col_lse), ids = args[:5], args[5:10], args[10:13]
     want = contrastive_lse_torch.tiled_loss_gradient(image, text, scale, row_lse, col_lse, coefficients, ids, 3)

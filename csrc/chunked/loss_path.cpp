@@ -22,7 +22,9 @@ std::optional<LossPath> forced_path(const char* variable) {
 // H200, bf16, D = 768; benchmarks/results/NVIDIA_H200/bench_loss.json) measured the chunked path 3.4x
 // faster than the fused kernel at N = 16384 and 4.1x at 65536. At N = 4096 the fused one was 7% ahead,
 // with both about 3x slower than the naive loss (most likely host-bound, not yet profiled), so that size
-// decides nothing yet: the chunked path runs everywhere. Sweeps over D, dtype and architecture refine it.
+// decides nothing yet: the chunked path runs everywhere. That fused kernel (64 x 64 WMMA tiles) has since
+// been replaced (128 x 128 tiles, mma.sync, a cp.async ring, a shared exponential), not yet measured; a
+// benchmark of both paths over N, D, dtype and architecture sets this table.
 LossPath loss_path_table(int64_t /*n*/, int64_t /*N*/, int64_t /*D*/, at::ScalarType /*dtype*/) {
   return LossPath::kChunked;
 }

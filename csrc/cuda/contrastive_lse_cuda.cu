@@ -65,13 +65,14 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cuda(const at::Tensor& image,
 
   auto row_lse = at::empty({n}, f32);
   at::Tensor col_lse;
+  const int ctas_per_sm = cuda::lse_forward_ctas_per_sm(type, glue::float32_mode());
   // Column partials: one (max, sum) pair of floats per row block and column.
   const int64_t chunk =
       rows_per_chunk(n, 2 * sizeof(float) * N / cuda::kRowBlock, cuda::kRowBlock, glue::kScratchBudgetBytes);
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
     const int64_t blocks = glue::row_blocks_of(rows);
-    const int splits = glue::column_splits(blocks, N, image.get_device());
+    const int splits = glue::column_splits(blocks, N, image.get_device(), ctas_per_sm);
     auto row_max = at::empty({splits, rows}, f32), row_sum = at::empty({splits, rows}, f32);
     auto col_max = at::empty({blocks, N}, f32), col_sum = at::empty({blocks, N}, f32);
     cuda::LseForwardArgs args{};
@@ -145,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cuda(
     C10_CUDA_CHECK(cuda::launch_lse_backward(type, glue::float32_mode(), args, stream));
     scale_partials.push_back(partial);
   };
-  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(img, txt, scaling, launch);
+  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(
+      img, txt, scaling, cuda::lse_backward_ctas_per_sm(type, glue::float32_mode()), launch);
   return {grad_img, grad_txt, glue::sum_partials(scale_partials, logit_scale)};
 }
 
@@ -200,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(
     row_rest.narrow(0, block.r0, block.rows).add_(row_part.sum(0));
     col_rest.narrow(0, block.c0, block.cols).add_(col_part.sum(0));
   };
-  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(img, txt, scaling, launch, /*keep_fp32=*/true);
+  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(
+      img, txt, scaling, cuda::loss_backward_ctas_per_sm(type, glue::float32_mode()), launch, /*keep_fp32=*/true);
   auto grad_scale = at::cat(scale_partials).sum(at::kDouble);
   // 16-bit features promote to fp32 inside (row by row), no whole fp32 copy.
   grad_scale += add_pair_entries(img, txt, scale.reshape({}), gr, gc, ge, pid, row_rest, col_rest, pair_dot, grad_img,

@@ -68,10 +68,11 @@ inline void check_cuda_device(const at::Tensor& image, const at::Tensor& logit_s
               "bf16/tf32), this device is ", major, ".x; use backend='torch'");
 }
 
-// Enough column splits that the grid fills the GPU about twice over.
-inline int column_splits(int64_t row_blocks, int64_t cols, int device) {
+// Enough column splits that the grid fills the GPU: one wave of the kernel's resident CTAs (ctas_per_sm,
+// from the kernel's occupancy query) on every SM.
+inline int column_splits(int64_t row_blocks, int64_t cols, int device, int ctas_per_sm) {
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const int64_t wanted = (2 * sms + row_blocks - 1) / row_blocks;
+  const int64_t wanted = (ctas_per_sm * sms + row_blocks - 1) / row_blocks;
   return cuda::plan_col_splits(cols, static_cast<int>(std::min<int64_t>(wanted, 65535)));
 }
 
@@ -102,14 +103,15 @@ struct GradientBlock {
 // (backward_through_blocks, gradient_blocks.h) over blocks sized for a tile in the input dtype within the
 // scratch budget, each block handed to launch(block) with the kernel's launch geometry. launch must
 // enqueue, on the current stream, the kernel that writes the (scaled) s * G for `block`; the caller holds
-// its device guard. keep_fp32: see backward_through_blocks.
+// its device guard. ctas_per_sm: the kernel's occupancy (column_splits). keep_fp32: see backward_through_blocks.
 template <typename Launch>
 std::pair<at::Tensor, at::Tensor> backward_through_gradient_blocks(const at::Tensor& img, const at::Tensor& txt,
                                                                    const std::optional<TileScaling>& scaling,
-                                                                   Launch&& launch, bool keep_fp32 = false) {
+                                                                   int ctas_per_sm, Launch&& launch,
+                                                                   bool keep_fp32 = false) {
   const BlockBudget budget{static_cast<int64_t>(img.element_size()), kScratchBudgetBytes, cuda::kRowBlock};
   const auto fill = [&](const BlockSpan& block) {
-    const int splits = column_splits(row_blocks_of(block.rows), block.cols, img.get_device());
+    const int splits = column_splits(row_blocks_of(block.rows), block.cols, img.get_device(), ctas_per_sm);
     launch(GradientBlock{block.r0, block.rows, block.c0, block.cols, block.image.data_ptr(), block.text.data_ptr(),
                          block.grad_tile.data_ptr(), scaling ? scaling->factor.data_ptr<float>() : nullptr, splits,
                          row_blocks_of(block.rows) * splits});

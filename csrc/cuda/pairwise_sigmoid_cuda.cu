@@ -39,7 +39,8 @@ at::Tensor pairwise_sigmoid_cuda(const at::Tensor& image, const at::Tensor& text
   const auto scale = logit_scale.to(at::kFloat).contiguous(), bias = logit_bias.to(at::kFloat).contiguous();
   const auto rl = row_labels.contiguous(), cl = col_labels.contiguous();
   const int64_t n = img.size(0), N = txt.size(0), D = img.size(1);
-  const int splits = glue::column_splits(glue::row_blocks_of(n), N, image.get_device());
+  const int splits = glue::column_splits(glue::row_blocks_of(n), N, image.get_device(),
+                                         cuda::sigmoid_forward_ctas_per_sm(type, glue::float32_mode()));
   auto partial = at::empty({splits, n}, img.options().dtype(at::kFloat));
 
   cuda::SigmoidForwardArgs args{};
@@ -87,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_back
     scale_partials.push_back(scale_partial);
     bias_partials.push_back(bias_partial);
   };
-  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(img, txt, scaling, launch);
+  auto [grad_img, grad_txt] = glue::backward_through_gradient_blocks(
+      img, txt, scaling, cuda::sigmoid_backward_ctas_per_sm(type, glue::float32_mode()), launch);
   return {grad_img, grad_txt, glue::sum_partials(scale_partials, logit_scale),
           glue::sum_partials(bias_partials, logit_bias)};
 }
