@@ -68,6 +68,11 @@ union SharedTiles {
   float sim[kRowBlock][kSimLd];  // the finished tile of dot products <image_i, text_j>
 };
 
+// Dynamic shared memory per CTA (the kernels' static arrays add at most ~6 KB): two CTAs fit an A100's
+// 164 KB and three an H100's 228 KB; one fits the 100 KB of sm_86/sm_89/sm_120 parts.
+static_assert(sizeof(SharedTiles<__half>) <= 72 * 1024 && sizeof(SharedTiles<float>) <= 72 * 1024,
+              "the tile's shared memory decides how many CTAs an SM holds");
+
 template <typename T>
 __device__ __forceinline__ SharedTiles<T>& shared_tiles() {
   extern __shared__ __align__(128) unsigned char dynamic_shared[];
