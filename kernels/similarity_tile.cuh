@@ -327,23 +327,21 @@ __device__ __forceinline__ void split_tf32(Frag& frag, Frag& rest) {
 
 template <Float32Mode kMode>
 __device__ __forceinline__ void mma_stage32(const Stages32& st, FragC32 (&acc)[kWmmaM][kWmmaN], int wr, int wc) {
-#pragma unroll
+#pragma unroll 1  // unrolled, ptxas hoists every step's fragment loads beside the 64 accumulators and spills
   for (int kk = 0; kk < kDepth32; kk += 8) {
-    FragA32 a[kWmmaM];
     FragB32 b[kWmmaN];
-#pragma unroll
-    for (int i = 0; i < kWmmaM; ++i) wmma::load_matrix_sync(a[i], &st.a[wr + i * 16][kk], kLd32);
 #pragma unroll
     for (int j = 0; j < kWmmaN; ++j) wmma::load_matrix_sync(b[j], &st.b[wc + j * 16][kk], kLd32);
     if constexpr (kMode == Float32Mode::kTf32x3) {
-      FragA32 a_lo[kWmmaM];
       FragB32 b_lo[kWmmaN];
 #pragma unroll
-      for (int i = 0; i < kWmmaM; ++i) split_tf32(a[i], a_lo[i]);
-#pragma unroll
       for (int j = 0; j < kWmmaN; ++j) split_tf32(b[j], b_lo[j]);
+      // One A fragment (and its split) at a time: with all four live beside the accumulators, ptxas spills.
 #pragma unroll
-      for (int i = 0; i < kWmmaM; ++i)
+      for (int i = 0; i < kWmmaM; ++i) {
+        FragA32 a, a_lo;
+        wmma::load_matrix_sync(a, &st.a[wr + i * 16][kk], kLd32);
+        split_tf32(a, a_lo);
 #pragma unroll
         for (int j = 0; j < kWmmaN; ++j) {
           // This stage's three products go into a fresh accumulator, small terms first, and only then
@@ -351,21 +349,24 @@ __device__ __forceinline__ void mma_stage32(const Stages32& st, FragC32 (&acc)[k
           // never sees the large running sum beside the small correction terms.
           FragC32 part;
           wmma::fill_fragment(part, 0.f);
-          wmma::mma_sync(part, a_lo[i], b[j], part);
-          wmma::mma_sync(part, a[i], b_lo[j], part);
-          wmma::mma_sync(part, a[i], b[j], part);
+          wmma::mma_sync(part, a_lo, b[j], part);
+          wmma::mma_sync(part, a, b_lo[j], part);
+          wmma::mma_sync(part, a, b[j], part);
 #pragma unroll
           for (int t = 0; t < part.num_elements; ++t) acc[i][j].x[t] += part.x[t];
         }
+      }
     } else {
-#pragma unroll
-      for (int i = 0; i < kWmmaM; ++i) to_tf32(a[i]);
 #pragma unroll
       for (int j = 0; j < kWmmaN; ++j) to_tf32(b[j]);
 #pragma unroll
-      for (int i = 0; i < kWmmaM; ++i)
+      for (int i = 0; i < kWmmaM; ++i) {
+        FragA32 a;
+        wmma::load_matrix_sync(a, &st.a[wr + i * 16][kk], kLd32);
+        to_tf32(a);
 #pragma unroll
-        for (int j = 0; j < kWmmaN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        for (int j = 0; j < kWmmaN; ++j) wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
+      }
     }
   }
 }
