@@ -484,6 +484,79 @@ def _speedup(row: dict, name: str) -> float:
     return best["median_ms"] / mine["median_ms"] if mine and best else 0.0
 
 
+# ------------------------------------------------------------------------------------ tile quantization
+
+TILE_LENGTHS = (50, 77, 197, 257, 577)  # ViT-B/32, text, ViT-B/16, ViT-L/14, ViT-L/14@336
+TILINGS = ((32, 32), (64, 64), (128, 64), (128, 128))  # (BLOCK_M, BLOCK_N) of the forward's configs
+
+
+def computed_pairs(seq_q: int, seq_k: int, block_m: int, block_n: int, tail: int | None, causal: bool) -> int:
+    """Query-key pairs the Triton forward computes, padding included, following its programs and key loops:
+    whole blocks, then the ragged end in `tail`-wide tiles (None: in whole blocks, as before narrow tiles)."""
+    tail_m, tail_n = min(tail or block_m, block_m), min(tail or block_n, block_n)
+    full = seq_q // block_m
+    programs = [(i * block_m, block_m) for i in range(full)]
+    programs += [(full * block_m + j * tail_m, tail_m) for j in range(-(-(seq_q % block_m) // tail_m))]
+    total = 0
+    for start_m, rows in programs:
+        if causal:  # as _key_range: keys up to the block's last row; whole blocks up to its first
+            hi = min(seq_k, start_m + rows)
+            full_hi = min(seq_k, start_m + 1) // block_n * block_n
+            tail_lo = full_hi + (hi - full_hi) // block_n * block_n
+        else:
+            hi, full_hi = seq_k, seq_k // block_n * block_n
+            tail_lo = full_hi
+        total += rows * (tail_lo + -(-(hi - tail_lo) // tail_n) * tail_n)
+    return total
+
+
+def tile_work(head_dims: tuple[int, ...] = (64, 80)) -> list[dict]:
+    """Useful fraction of the forward's tile work at CLIP's lengths, per tiling, before and after narrow
+    ragged-end tiles (sequence: visible pairs / computed pairs) and head-dim pieces (lanes: head dim / lanes
+    its dots compute). Pure arithmetic over the kernel's loop structure: no GPU, no timing."""
+    from fastclip.ops import attention_triton as at  # the pieces rule; importing defines, never launches
+
+    rows = []
+    for head_dim in head_dims:
+        padded = max(16, 1 << (head_dim - 1).bit_length())
+        lanes = sum(at.head_dim_pieces(head_dim))
+        for causal in (False, True):
+            for seq in TILE_LENGTHS:
+                useful = sum(min(i + 1, seq) for i in range(seq)) if causal else seq * seq
+                for block_m, block_n in TILINGS:
+                    before = useful / computed_pairs(seq, seq, block_m, block_n, None, causal)
+                    after = useful / computed_pairs(seq, seq, block_m, block_n, at.TAIL, causal)
+                    rows.append(
+                        dict(
+                            seq=seq,
+                            head_dim=head_dim,
+                            causal=causal,
+                            tile=f"{block_m}x{block_n}",
+                            seq_before=before,
+                            seq_after=after,
+                            lanes_before=head_dim / padded,
+                            lanes_after=head_dim / lanes,
+                            total_before=before * head_dim / padded,
+                            total_after=after * head_dim / lanes,
+                        )
+                    )
+    return rows
+
+
+def format_tile_work(rows: list[dict]) -> list[str]:
+    lines = [
+        "useful fraction of the forward's tile work (sequence x head-dim lanes), before -> after narrow "
+        "ragged-end tiles and head-dim pieces"
+    ]
+    for r in rows:
+        lines.append(
+            f"  S={r['seq']:<4} d={r['head_dim']:<3} {'causal' if r['causal'] else 'full  '} {r['tile']:<8} "
+            f"sequence {r['seq_before']:6.1%} -> {r['seq_after']:6.1%}   lanes {r['lanes_before']:6.1%} -> "
+            f"{r['lanes_after']:6.1%}   total {r['total_before']:6.1%} -> {r['total_after']:6.1%}"
+        )
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -498,6 +571,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {list(SHAPES)}")
     parser.add_argument("--batch", type=int, default=None, help="override every shape's batch size")
+    parser.add_argument(
+        "--tiles", action="store_true", help="print the useful fraction of the tile work at CLIP's lengths and exit"
+    )
     common.add_timing_arguments(parser, warmup=5, reps=20)
     common.add_out_argument(parser)
     args = common.parse_benchmark_args(parser, argv)
@@ -523,6 +599,10 @@ def selected_shapes(args: argparse.Namespace) -> tuple[dict[str, Shape], list[st
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the payload written to attention_<device>.json."""
     args = parse_args(argv)
+    if args.tiles:
+        rows = tile_work()
+        print("\n".join(format_tile_work(rows)))
+        return {"benchmark": "attention_tiles", "rows": rows}
     device = args.device
     shapes, dtypes = selected_shapes(args)
     payload = {

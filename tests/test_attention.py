@@ -484,11 +484,11 @@ def test_kernels_compile_for_hopper() -> None:
             options = {"num_warps": warps, "num_stages": stages}
             return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         for dtype in ("bf16", "fp16"):
-            flags = dict(HEAD_DIM=80, BLOCK_D=128, CAUSAL=True, HAS_MASK=True, HAS_LENGTHS=True)
-            compile_(at._fwd_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=64), 4, 3)
-            compile_(at._bwd_dkdv_kernel, dtype, dict(flags, BLOCK_M=32, BLOCK_N=64), 4, 2)
-            compile_(at._bwd_dq_kernel, dtype, dict(flags, BLOCK_M=64, BLOCK_N=32), 4, 3)
-            compile_(at._bwd_fused_kernel, dtype, dict(flags, BLOCK_M=32, BLOCK_N=128), 8, 2)
+            flags = dict(HEAD_DIM=80, BLOCK_D=64, BLOCK_D1=16, CAUSAL=True, HAS_MASK=True, HAS_LENGTHS=True)
+            compile_(at._fwd_kernel, dtype, dict(flags, **at._tiles(64, 64)), 4, 3)
+            compile_(at._bwd_dkdv_kernel, dtype, dict(flags, **at._tiles(32, 64)), 4, 2)
+            compile_(at._bwd_dq_kernel, dtype, dict(flags, **at._tiles(64, 32)), 4, 3)
+            compile_(at._bwd_fused_kernel, dtype, dict(flags, **at._tiles(32, 128)), 8, 2)
         pre = dict(HEAD_DIM=80, BLOCK_D=128, HAS_DLSE=True, ZERO_DQ=True, BLOCK_M=64)
         compile_(at._bwd_preprocess, "bf16", pre, 4, 1)
         print("compiled")

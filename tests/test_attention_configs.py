@@ -19,8 +19,9 @@ CLIP_LENGTHS = (50, 77, 197, 257, 577)  # ViT-B/32, text, ViT-B/16, ViT-L/14, Vi
 ALL_LENGTHS = (1, 7, 16, 33, *CLIP_LENGTHS, 4096)
 
 
-def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+def lanes(head_dim: int) -> int:
+    """The head-dim lanes the kernels' dots compute (the spill rules' key): 80 as 64 + 16, else a power of two."""
+    return sum(at.head_dim_pieces(head_dim))
 
 
 def prune(kernel: str, arch: int | None, head_dim: int, seq: int, dtype: torch.dtype = torch.bfloat16) -> list[tuple]:
@@ -31,7 +32,10 @@ def prune(kernel: str, arch: int | None, head_dim: int, seq: int, dtype: torch.d
         "SEQ_Q_BUCKET": triton.next_power_of_2(seq),
         "SEQ_K_BUCKET": triton.next_power_of_2(seq),
     }
-    kept = TUNED[kernel].early_config_prune(configs, named, arch=arch, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim))
+    block_d, block_d1 = at.head_dim_pieces(head_dim)
+    kept = TUNED[kernel].early_config_prune(
+        configs, named, arch=arch, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D1=block_d1
+    )
     return [at._config_key(c) for c in kept]
 
 
@@ -47,7 +51,7 @@ def area(config: tuple) -> int:
 def test_every_rule_names_a_real_config() -> None:
     """A rule naming a config that is not in its table (a typo, a retuned table) would silently drop nothing."""
     for (kernel, family, bd), configs in at._SPILLS.items():
-        assert kernel in TABLES and family in FAMILIES and bd in (32, 64, 128), (kernel, family, bd)
+        assert kernel in TABLES and family in FAMILIES and bd in {lanes(d) for d in HEAD_DIMS}, (kernel, family, bd)
         assert configs and configs <= set(TABLES[kernel]), (kernel, family, bd, configs - set(TABLES[kernel]))
 
 
@@ -58,7 +62,7 @@ def test_no_ruled_out_config_is_ever_kept(kernel: str, arch: int, dtype: torch.d
     """Neither the length rule nor its fallback (a sequence shorter than every usable tile) brings back a
     config that spills, or on sm_90 one that falls back to mma.sync; and something is always left to launch."""
     for head_dim in HEAD_DIMS:
-        ruled_out = at._SPILLS.get((kernel, arch, block_d(head_dim)), set())
+        ruled_out = at._SPILLS.get((kernel, arch, lanes(head_dim)), set())
         for seq in ALL_LENGTHS:
             kept = prune(kernel, arch, head_dim, seq, dtype)
             assert kept, (head_dim, seq)
@@ -101,9 +105,9 @@ def test_autotuning_keeps_a_choice_at_clip_lengths(kernel: str, arch: int, head_
     only the first at 50 tokens (the 128-key block is longer than the sequence)."""
     for seq in CLIP_LENGTHS:
         kept = prune(kernel, arch, head_dim, seq, dtype)
-        if (kernel, arch, block_d(head_dim)) == ("dkdv", 90, 128):
+        if (kernel, arch, lanes(head_dim)) == ("dkdv", 90, 128):
             assert kept == [(64, 64, 8, 2)], (seq, kept)
-        elif (kernel, arch, block_d(head_dim)) == ("fused", 90, 128) and seq <= 64:
+        elif (kernel, arch, lanes(head_dim)) == ("fused", 90, 128) and seq <= 64:
             assert kept == [(32, 64, 8, 2)], (seq, kept)
         else:
             assert len({c[:2] for c in kept}) >= 2, (seq, kept)

@@ -50,8 +50,10 @@ def _forward_backward(
     at.backward(torch.empty_like(out), None, q, k, v, out, lse, None, False, head_dim**-0.5, path=path)
 
 
-def _grid(grid, block_m: int, block_n: int) -> tuple[int, ...]:
-    return grid({"BLOCK_M": block_m, "BLOCK_N": block_n}) if callable(grid) else tuple(grid)
+def _grid(grid, block_m: int, block_n: int, tail: int | None = None) -> tuple[int, ...]:
+    """The grid for one config; `tail`: the ragged end's tiles (None: whole blocks, no narrow tiles)."""
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "TAIL_M": tail or block_m, "TAIL_N": tail or block_n}
+    return grid(meta) if callable(grid) else tuple(grid)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
@@ -66,6 +68,22 @@ def test_batch_times_heads_goes_on_grid_axis_0(launches: list, batch: int, heads
             assert x == batch * heads, name
             assert y == triton.cdiv(seq, block if name != "_bwd_preprocess" else at._PREPROCESS_BLOCK), name
             assert y <= at.MAX_GRID_Y
+            if name != "_bwd_preprocess":  # the ragged end: one program per 16 positions
+                assert _grid(grid, block, block, 16) == (batch * heads, seq // block + triton.cdiv(seq % block, 16))
+
+
+@pytest.mark.parametrize("block, tail", [(64, 16), (32, 16), (128, 16), (16, 16), (64, 32), (64, None)])
+def test_launch_grid_covers_the_sequence_once(block: int, tail: int | None) -> None:
+    """The programs of the kernels' rule (whole blocks, then one per `tail` positions of the ragged end) cover
+    every position exactly once, and the padding they compute is under one tail (one block without tails)."""
+    step = tail or block
+    for length in (1, 7, 15, 16, 17, 50, 77, 80, 197, 257, 577):
+        _, programs = at.launch_grid(3, length, block, tail)
+        full = length // block
+        starts = [(p * block, block) if p < full else (full * block + (p - full) * step, step) for p in range(programs)]
+        covered = [i for start, size in starts for i in range(start, start + size)]
+        assert sorted(covered) == list(range(len(covered))) and len(covered) >= length, (length, starts)
+        assert len(covered) - length < step, (length, starts)
 
 
 def test_launch_grid_limits() -> None:

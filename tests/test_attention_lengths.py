@@ -162,7 +162,9 @@ def test_text_tower_ragged_equals_full_attention(backend: str, monkeypatch: pyte
     torch.testing.assert_close(ragged[0], full[0], atol=1e-5, rtol=1e-5)
     assert len(ragged[1]) == len(full[1]) > 0
     for got, want in zip(ragged[1], full[1]):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        # fp32 rounding: the two paths sum the same terms in different tiles (the ragged end in 16-wide ones)
+        atol = 1e-5 + 1e-6 * want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.cuda

@@ -190,13 +190,21 @@ def _config_label(block_m: int, block_n: int | None, warps: int | None, stages: 
     return f"{tile} w{warps or 4} s{stages or 3}"  # 4 warps, 3 stages: Triton's defaults when not given
 
 
-def build_jobs(archs: list[int], matrix: list[tuple[str, int, bool, bool, bool]]) -> list[Job]:
-    """Every compile the runtime could need for `matrix` (dtype, head dim, causal, mask, lengths) on `archs`."""
+def build_jobs(
+    archs: list[int], matrix: list[tuple[str, int, bool, bool, bool]], *, unpruned: bool = False
+) -> list[Job]:
+    """Every compile the runtime could need for `matrix` (dtype, head dim, causal, mask, lengths) on `archs`.
+    `unpruned`: the configs the spill rules drop as well, to measure those rules again."""
+    from unittest import mock
+
     import torch
 
     from fastclip.ops import attention_triton as at
 
     assert not at.INTERPRET, "TRITON_INTERPRET must be unset: the interpreter compiles nothing"
+    if unpruned:
+        with mock.patch.object(at, "_SPILLS", {}):
+            return build_jobs(archs, matrix)
     jobs: dict[tuple, Job] = {}
     for label, head_dim, causal, mask, lengths in matrix:
         launches = _capture_launches(at, getattr(torch, DTYPES[label]), causal, mask, lengths, head_dim)
@@ -406,6 +414,22 @@ def report(results: list[Result], archs: list[int], seconds: float) -> int:
     return 1 if failures else 0
 
 
+def spill_rules(results: list[Result]) -> str:
+    """The spilling configs as `attention_triton._SPILLS` lines: (kernel, arch, head-dim lanes) -> configs."""
+    from fastclip.ops import attention_triton as at
+
+    rules: dict[tuple[str, int, int], set[tuple[int, ...]]] = {}
+    for r in results:
+        if r.spills and r.job.kernel in at.autotuned_kernels():
+            config = dict(r.job.constexprs)
+            lanes = config["BLOCK_D"] + config.get("BLOCK_D1", 0)
+            warps, stages = (dict(r.job.options).get(k) for k in ("num_warps", "num_stages"))
+            rules.setdefault((r.job.kernel, r.job.arch, lanes), set()).add(
+                (config["BLOCK_M"], config["BLOCK_N"], warps, stages)
+            )
+    return "\n".join(f"    {key!r}: {sorted(rules[key])!r}," for key in sorted(rules))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="80,90", help="compute capabilities, comma separated (default 80,90)")
@@ -415,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma separated, of {', '.join(KERNELS)}")
     parser.add_argument("--full", action="store_true", help="every dtype in every causal/mask/lengths variant")
     parser.add_argument("--quick", action="store_true", help="bf16 only (the spill gate), a few minutes less")
+    parser.add_argument(
+        "--unpruned",
+        action="store_true",
+        help="also the configs the spill rules drop, and print the rules these compiles measure (exit 0)",
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -446,9 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     kernels = args.kernels.split(",")
     if not set(kernels) <= set(KERNELS):
         parser.error(f"--kernels: one of {', '.join(KERNELS)}, comma separated")
-    jobs = [job for job in build_jobs(archs, matrix) if job.kernel in kernels]
+    jobs = [job for job in build_jobs(archs, matrix, unpruned=args.unpruned) if job.kernel in kernels]
     results = run_jobs(jobs, cache / "records", args.jobs)
-    return report(results, archs, time.monotonic() - start)
+    status = report(results, archs, time.monotonic() - start)
+    if args.unpruned:
+        print(f"spill rules measured by triton {triton.__version__}:\n{spill_rules(results)}")
+        return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 Algorithm (FlashAttention-2, as in Triton's tutorial 06), adapted to what CLIP needs:
 
 - any sequence length (1, 7, 50, 77, 197, 257, 577, ...): every tile is bounds-masked, so nothing
-  assumes a multiple of the block size, in the forward or in the backward;
-- any head dim up to 128 (32, 64, 80, 128): the head-dim block is the next power of two and the
-  extra lanes are masked to zero on load (80 runs as 128; the padding costs FLOPs, not memory traffic);
+  assumes a multiple of the block size, in the forward or in the backward. The ragged end runs in narrow
+  tiles of TAIL (16) positions, along the inner loop and as extra programs of the grid, so a 64x64 tiling
+  computes 208x208 pairs at 197 tokens, not 256x256 (`benchmarks/bench_attention.py --tiles` tabulates this);
+- any head dim up to 128 (32, 64, 80, 128): held as one power-of-two block or two (`head_dim_pieces`: 80
+  runs as 64 + 16, two dots per product over the head dim), lanes past the head dim masked to zero on load;
 - top-left causal mask (key j is visible to query i iff j <= i, as SDPA's `is_causal`);
 - optional boolean key padding mask [batch, seq_k], True = padded (ignored), as nn.MultiheadAttention;
 - optional per-sequence lengths [batch]: a program whose query block starts past its sequence's end
@@ -54,70 +56,84 @@ MAX_HEAD_DIM = 128  # register/shared-memory budget of one [BLOCK, head_dim] til
 LOG2E = 1.4426950408889634
 
 
-# ---------------------------------------------------------------------------------------------- forward
+# ------------------------------------------------------------------------------------------ shared pieces
+
+# The head dim is held as up to two power-of-two pieces, BLOCK_D lanes and BLOCK_D1 more (0: none): 80 runs
+# as 64 + 16, so no dot works on padding lanes, where one 128-lane block would do 60% extra work. Every
+# product over the head dim is then two dots (`_dot_pieces`), every product into it two outputs. Without a
+# second piece its tensors are stand-ins (the first piece again) that no code reads.
 
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, Mask, Lengths, Out, Lse,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mn,
-    stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, seq_q, seq_k, qk_scale,  # qk_scale = scale * log2(e): scores in base-2 units
-    SEQ_Q_BUCKET, SEQ_K_BUCKET,  # autotune keys only (power-of-two buckets of the lengths)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)  # batch * heads on axis 0: axis 1 stops at 65535
-    pid_m = tl.program_id(1)
-    off_b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of big fused-qkv views pass 2^31
-    off_h = (pid_bh % num_heads).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_q
-    d_ok = offs_d < HEAD_DIM  # head-dim padding lanes (80 -> 128) load as 0 and are never stored
+def _load_piece(base, idx, idx_ok, stride_i, stride_d, COL0: tl.constexpr, WIDTH: tl.constexpr,
+                HEAD_DIM: tl.constexpr, CHECK_IDX: tl.constexpr, TRANS: tl.constexpr):
+    """Head-dim lanes [COL0, COL0 + WIDTH) of the rows `idx`: [len(idx), WIDTH], or [WIDTH, len(idx)] if TRANS.
+    Lanes past HEAD_DIM and (if CHECK_IDX) rows not `idx_ok` load as 0; no mask is built where none is needed."""
+    d = COL0 + tl.arange(0, WIDTH)
+    if TRANS:
+        ptrs = base + idx[None, :] * stride_i + d[:, None] * stride_d
+        idx_mask = idx_ok[None, :]
+        d_mask = (d < HEAD_DIM)[:, None]
+    else:
+        ptrs = base + idx[:, None] * stride_i + d[None, :] * stride_d
+        idx_mask = idx_ok[:, None]
+        d_mask = (d < HEAD_DIM)[None, :]
+    if COL0 + WIDTH > HEAD_DIM:
+        if CHECK_IDX:
+            x = tl.load(ptrs, mask=idx_mask & d_mask, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=d_mask, other=0.0)
+    else:
+        if CHECK_IDX:
+            x = tl.load(ptrs, mask=idx_mask, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    mask_base = Mask + off_b * stride_mb
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base 2)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+@triton.jit
+def _load_pieces(base, idx, idx_ok, stride_i, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_D1: tl.constexpr, CHECK_IDX: tl.constexpr, TRANS: tl.constexpr):
+    """Both head-dim pieces of the rows `idx` (see `_load_piece`); the second is a stand-in if BLOCK_D1 == 0."""
+    x0 = _load_piece(base, idx, idx_ok, stride_i, stride_d, 0, BLOCK_D, HEAD_DIM, CHECK_IDX, TRANS)
+    if BLOCK_D1 > 0:
+        x1 = _load_piece(base, idx, idx_ok, stride_i, stride_d, BLOCK_D, BLOCK_D1, HEAD_DIM, CHECK_IDX, TRANS)
+    else:
+        x1 = x0
+    return x0, x1
 
-    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
-    full_hi, hi = _key_range(start_m, q_end, k_end, CAUSAL, HAS_LENGTHS, BLOCK_M, BLOCK_N)
-    for start_n in range(0, full_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
-            CAUSAL, HAS_MASK, False,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
-            CAUSAL, HAS_MASK, True,
-        )
 
-    # l_i == 0 only for a row that saw no key (l_i >= 1 otherwise: the max term is exp2(0)); rows past
-    # the sequence's length are empty by definition (with causal they saw the keys before them).
-    empty = l_i == 0.0
-    if HAS_LENGTHS:
-        empty = empty | (offs_m >= q_end)
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # natural log
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+@triton.jit
+def _store_pieces(base, idx, idx_ok, stride_i, stride_d, x0, x1, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_D1: tl.constexpr):
+    """Store the [len(idx), piece] tiles x0 (and x1) at rows `idx` that are `idx_ok`, lanes below HEAD_DIM."""
+    d0 = tl.arange(0, BLOCK_D)
+    tl.store(base + idx[:, None] * stride_i + d0[None, :] * stride_d, x0.to(base.dtype.element_ty),
+             mask=idx_ok[:, None] & (d0 < HEAD_DIM)[None, :])
+    if BLOCK_D1 > 0:
+        d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+        tl.store(base + idx[:, None] * stride_i + d1[None, :] * stride_d, x1.to(base.dtype.element_ty),
+                 mask=idx_ok[:, None] & (d1 < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _zero_pieces(ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr):
+    """fp32 accumulators of ROWS rows, one per head-dim piece (a stand-in for the second if BLOCK_D1 == 0)."""
+    z0 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        z1 = tl.zeros([ROWS, BLOCK_D1], dtype=tl.float32)
+    else:
+        z1 = z0
+    return z0, z1
+
+
+@triton.jit
+def _dot_pieces(a0, a1, b0, b1, BLOCK_D1: tl.constexpr):
+    """a @ b contracted over the head dim, given as pieces [.., D0] [.., D1] @ [D0, ..] [D1, ..]."""
+    c = tl.dot(a0, b0)
+    if BLOCK_D1 > 0:
+        c = tl.dot(a1, b1, c)
+    return c
 
 
 @triton.jit
@@ -132,12 +148,12 @@ def _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS: tl.constexpr):
 
 @triton.jit
 def _key_range(start_m, q_end, k_end, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(full_hi, hi) for the query block at start_m: key blocks [0, full_hi) need no bounds or causal
+               ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_hi, hi) for the ROWS queries at start_m: key blocks [0, full_hi) need no bounds or causal
     mask, [full_hi, hi) do. A causal query block sees keys up to its last row only, and a key block is
     wholly visible iff its last key <= start_m. A block past its sequence's length reads no key."""
     if CAUSAL:
-        hi = tl.minimum(k_end, start_m + BLOCK_M)
+        hi = tl.minimum(k_end, start_m + ROWS)
         full_hi = (tl.minimum(k_end, start_m + 1) // BLOCK_N) * BLOCK_N
     else:
         hi = k_end
@@ -149,23 +165,140 @@ def _key_range(start_m, q_end, k_end, CAUSAL: tl.constexpr, HAS_LENGTHS: tl.cons
 
 
 @triton.jit
+def _query_range(start_n, q_end, CAUSAL: tl.constexpr, COLS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(lo, mid, full_end) of the query loop for the COLS keys at start_n: whole query blocks from lo, the
+    causal diagonal's in [lo, mid) (masked) and the rest in [mid, full_end); [full_end, q_end) is the ragged
+    end, in narrow tiles. Causal: rows >= start_n only (lo is start_n's block)."""
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diag_end = lo + tl.cdiv(start_n + COLS - lo, BLOCK_M) * BLOCK_M
+        full_end = lo + (tl.maximum(q_end - lo, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(diag_end, full_end)
+    else:
+        lo = 0
+        mid = 0
+        full_end = (q_end // BLOCK_M) * BLOCK_M
+    return lo, mid, full_end
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Mask, Lengths, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, seq_q, seq_k, qk_scale,  # qk_scale = scale * log2(e): scores in base-2 units
+    SEQ_Q_BUCKET, SEQ_K_BUCKET,  # autotune keys only (power-of-two buckets of the lengths)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+):
+    """Output and log-sum-exp of BLOCK_M query rows, or of the last TAIL_M-row slice of the ragged end."""
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0: axis 1 stops at 65535
+    pid_m = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of big fused-qkv views pass 2^31
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    mask_base = Mask + off_b * stride_mb
+    lse_base = Lse + pid_bh.to(tl.int64) * seq_q
+    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
+    full_blocks = seq_q // BLOCK_M
+    if TAIL_M < BLOCK_M:
+        if pid_m < full_blocks:
+            _fwd_rows(q_base, k_base, v_base, mask_base, o_base, lse_base, pid_m * BLOCK_M, q_end, k_end,
+                      stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_om,
+                      stride_od, seq_q, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL, HAS_MASK, HAS_LENGTHS,
+                      BLOCK_M, BLOCK_N, TAIL_N)
+        else:
+            _fwd_rows(q_base, k_base, v_base, mask_base, o_base, lse_base,
+                      full_blocks * BLOCK_M + (pid_m - full_blocks) * TAIL_M, q_end, k_end,
+                      stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_om,
+                      stride_od, seq_q, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL, HAS_MASK, HAS_LENGTHS,
+                      TAIL_M, BLOCK_N, TAIL_N)
+    else:
+        _fwd_rows(q_base, k_base, v_base, mask_base, o_base, lse_base, pid_m * BLOCK_M, q_end, k_end,
+                  stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_om,
+                  stride_od, seq_q, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL, HAS_MASK, HAS_LENGTHS,
+                  BLOCK_M, BLOCK_N, TAIL_N)
+
+
+@triton.jit
+def _fwd_rows(
+    q_base, k_base, v_base, mask_base, o_base, lse_base, start_m, q_end, k_end,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_om, stride_od,
+    seq_q, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+):
+    """The forward of the ROWS query rows at start_m: whole key blocks, then the ragged end in TAIL_N-key tiles."""
+    offs_m = start_m + tl.arange(0, ROWS)
+    row_ok = offs_m < seq_q
+    q0, q1 = _load_pieces(q_base, offs_m, row_ok, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, BLOCK_D1, True, False)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)  # running row max (base 2)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)  # running row sum of exp2(score - m_i)
+    acc0, acc1 = _zero_pieces(ROWS, BLOCK_D, BLOCK_D1)
+
+    full_hi, hi = _key_range(start_m, q_end, k_end, CAUSAL, HAS_LENGTHS, ROWS, BLOCK_N)
+    for start_n in range(0, full_hi, BLOCK_N):
+        acc0, acc1, l_i, m_i = _fwd_tile(
+            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, mask_base, start_n, offs_m,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D1, BLOCK_N, CAUSAL, HAS_MASK, False,
+        )
+    # Masked tiles: whole blocks along a causal diagonal, then the ragged end [tail_lo, hi) in TAIL_N-key
+    # tiles, which skip most of a partial block's padding (without a causal mask the masked range is shorter
+    # than a block, so the whole-block loop is not even compiled).
+    tail_lo = full_hi
+    if CAUSAL:
+        tail_lo = full_hi + ((hi - full_hi) // BLOCK_N) * BLOCK_N
+        for start_n in range(full_hi, tail_lo, BLOCK_N):
+            acc0, acc1, l_i, m_i = _fwd_tile(
+                acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, mask_base, start_n, offs_m,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_D1, BLOCK_N, CAUSAL, HAS_MASK, True,
+            )
+    for start_n in range(tail_lo, hi, TAIL_N):
+        acc0, acc1, l_i, m_i = _fwd_tile(
+            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, mask_base, start_n, offs_m,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D1, TAIL_N, CAUSAL, HAS_MASK, True,
+        )
+
+    # l_i == 0 only for a row that saw no key (l_i >= 1 otherwise: the max term is exp2(0)); rows past
+    # the sequence's length are empty by definition (with causal they saw the keys before them).
+    empty = l_i == 0.0
+    if HAS_LENGTHS:
+        empty = empty | (offs_m >= q_end)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out0 = tl.where(empty[:, None], 0.0, acc0 / l_safe[:, None])
+    out1 = tl.where(empty[:, None], 0.0, acc1 / l_safe[:, None])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # natural log
+    _store_pieces(o_base, offs_m, row_ok, stride_om, stride_od, out0, out1, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    tl.store(lse_base + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+    acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, mask_base, start_n, offs_m,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, WIDTH: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """One key block of the online softmax; MASKED tiles apply the bounds and causal masks."""
-    cols = start_n + offs_n
+    """WIDTH keys of the online softmax; MASKED tiles apply the bounds and causal masks."""
+    cols = start_n + tl.arange(0, WIDTH)
     col_ok = cols < seq_k
-    kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASKED:
-        kt = tl.load(kt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-    else:
-        kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+    kt0, kt1 = _load_pieces(k_base, cols, col_ok, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, BLOCK_D1, MASKED, True)
+    v0, v1 = _load_pieces(v_base, cols, col_ok, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_D1, MASKED, False)
+    s = _dot_pieces(q0, q1, kt0, kt1, BLOCK_D1) * qk_scale  # (ROWS, WIDTH), base 2
     if MASKED:
         visible = col_ok[None, :]
         if CAUSAL:
@@ -180,8 +313,10 @@ def _fwd_tile(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
+    acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None])
+    if BLOCK_D1 > 0:
+        acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None])
+    return acc0, acc1, l_i, m_new
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -198,7 +333,8 @@ def _bwd_preprocess(
     BLOCK_M: tl.constexpr,
 ):
     """delta_i = sum_d dO_id * O_id - dLSE_i: the softmax-backward row term (dLSE folds in the lse's gradient).
-    ZERO_DQ: also zero the same rows of the fused backward's fp32 dQ sum, which saves that path a launch."""
+    ZERO_DQ: also zero the same rows of the fused backward's fp32 dQ sum, which saves that path a launch.
+    No dots here, so the head dim is one padded block (masked lanes cost no memory traffic)."""
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: axis 1 stops at 65535
     pid_m = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
@@ -242,93 +378,134 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_heads, seq_q, seq_k, qk_scale, scale,
     SEQ_Q_BUCKET, SEQ_K_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dK, dV for one key block: dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta), dP = dO V^T."""
+    """dK, dV of BLOCK_N keys (or of a TAIL_N-key slice of the ragged end): dV = P^T dO, dK = scale * dS^T Q
+    with dS = P * (dP - delta), dP = dO V^T."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < seq_k
-    d_ok = offs_d < HEAD_DIM
-    kv_ok = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_ok, other=0.0)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
+    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
+    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    mask_base = Mask + off_b * stride_mb
     stats_base = pid_bh.to(tl.int64) * seq_q
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
+    full_blocks = seq_k // BLOCK_N
+    if TAIL_N < BLOCK_N:
+        if pid_n < full_blocks:
+            _dkdv_cols(q_base, k_base, v_base, mask_base, do_base, dk_base, dv_base, Lse, Delta, stats_base,
+                       pid_n * BLOCK_N, q_end, k_end, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
+                       stride_vd, stride_mn, stride_dom, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                       seq_k, qk_scale, scale, HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL, HAS_MASK, HAS_LENGTHS,
+                       BLOCK_N, BLOCK_M, TAIL_M)
+        else:
+            _dkdv_cols(q_base, k_base, v_base, mask_base, do_base, dk_base, dv_base, Lse, Delta, stats_base,
+                       full_blocks * BLOCK_N + (pid_n - full_blocks) * TAIL_N, q_end, k_end, stride_qm, stride_qd,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_dom, stride_dod, stride_dkn,
+                       stride_dkd, stride_dvn, stride_dvd, seq_k, qk_scale, scale, HEAD_DIM, BLOCK_D, BLOCK_D1,
+                       CAUSAL, HAS_MASK, HAS_LENGTHS, TAIL_N, BLOCK_M, TAIL_M)
+    else:
+        _dkdv_cols(q_base, k_base, v_base, mask_base, do_base, dk_base, dv_base, Lse, Delta, stats_base,
+                   pid_n * BLOCK_N, q_end, k_end, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
+                   stride_vd, stride_mn, stride_dom, stride_dod, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                   seq_k, qk_scale, scale, HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL, HAS_MASK, HAS_LENGTHS,
+                   BLOCK_N, BLOCK_M, TAIL_M)
+
+
+@triton.jit
+def _dkdv_cols(
+    q_base, k_base, v_base, mask_base, do_base, dk_base, dv_base, Lse, Delta, stats_base, start_n, q_end, k_end,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_dom, stride_dod,
+    stride_dkn, stride_dkd, stride_dvn, stride_dvd, seq_k, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    COLS: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+):
+    """dK, dV of the COLS keys at start_n: whole query blocks, then the ragged end in TAIL_M-row tiles."""
+    offs_n = start_n + tl.arange(0, COLS)
+    col_ok = offs_n < seq_k
+    k0, k1 = _load_pieces(k_base, offs_n, col_ok, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, BLOCK_D1, True, False)
+    v0, v1 = _load_pieces(v_base, offs_n, col_ok, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_D1, True, False)
+    dk0, dk1 = _zero_pieces(COLS, BLOCK_D, BLOCK_D1)
+    dv0, dv1 = _zero_pieces(COLS, BLOCK_D, BLOCK_D1)
 
     # Rows past the query end load q = dO = 0 and lse = +inf, so their P is 0 and they add nothing: only
-    # the query blocks that straddle the causal diagonal need an explicit mask. Causal: rows >= start_n
-    # only. A key block past its sequence's length reads no query.
-    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
+    # the query blocks that straddle the causal diagonal need an explicit mask (and the narrow tiles of the
+    # ragged end, which may straddle it too). A key block past its sequence's length reads no query.
     if HAS_LENGTHS:
         q_end = tl.where(start_n < k_end, q_end, 0)
+    lo, mid, full_end = _query_range(start_n, q_end, CAUSAL, COLS, BLOCK_M)
     if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, tl.cdiv(q_end, BLOCK_M) * BLOCK_M)
-        mid = tl.maximum(mid, lo)  # a key block past the last query (seq_k > seq_q): both loops empty
-    else:
-        lo = 0
-        mid = 0
-    for start_m in range(lo, mid, BLOCK_M):
-        dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
-            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale, True,
+        for start_m in range(lo, mid, BLOCK_M):
+            dk0, dk1, dv0, dv1 = _bwd_dkdv_tile(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, Lse, Delta, stats_base, start_m, offs_n,
+                stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_D1, BLOCK_M, True,
+            )
+    for start_m in range(mid, full_end, BLOCK_M):
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_tile(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, Lse, Delta, stats_base, start_m, offs_n,
+            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D1, BLOCK_M, False,
         )
-    for start_m in range(mid, q_end, BLOCK_M):
-        dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
-            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale, False,
+    for start_m in range(full_end, q_end, TAIL_M):
+        dk0, dk1, dv0, dv1 = _bwd_dkdv_tile(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, Lse, Delta, stats_base, start_m, offs_n,
+            stride_qm, stride_qd, stride_dom, stride_dod, q_end, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D1, TAIL_M, CAUSAL,
         )
 
-    dk = dk * scale
+    dk0 = dk0 * scale
+    dk1 = dk1 * scale
+    keep = col_ok
     if HAS_LENGTHS:  # keys past the length are ignored: no gradient (their rows above hold stray sums)
-        dk = tl.where(offs_n[:, None] < k_end, dk, 0.0)
-        dv = tl.where(offs_n[:, None] < k_end, dv, 0.0)
+        keep = keep & (offs_n < k_end)
     if HAS_MASK:
         # A padded key has P = 0 in every row, so its gradients are 0. Rows of dK/dV are independent, so
         # selecting here (not multiplying) also discards any overflow computed for those keys above.
-        padded = tl.load(Mask + off_b * stride_mb + offs_n * stride_mn, mask=col_ok, other=1)
-        dk = tl.where(padded[:, None] != 0, 0.0, dk)
-        dv = tl.where(padded[:, None] != 0, 0.0, dv)
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_ok)
+        padded = tl.load(mask_base + offs_n * stride_mn, mask=col_ok, other=1)
+        keep = keep & (padded == 0)
+    if HAS_LENGTHS or HAS_MASK:
+        dk0 = tl.where(keep[:, None], dk0, 0.0)
+        dk1 = tl.where(keep[:, None], dk1, 0.0)
+        dv0 = tl.where(keep[:, None], dv0, 0.0)
+        dv1 = tl.where(keep[:, None], dv1, 0.0)
+    _store_pieces(dk_base, offs_n, col_ok, stride_dkn, stride_dkd, dk0, dk1, HEAD_DIM, BLOCK_D, BLOCK_D1)
+    _store_pieces(dv_base, offs_n, col_ok, stride_dvn, stride_dvd, dv0, dv1, HEAD_DIM, BLOCK_D, BLOCK_D1)
 
 
 @triton.jit
 def _bwd_dkdv_tile(
-    dk, dv, k, v, q_base, do_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
+    dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, Lse, Delta, stats_base, start_m, offs_n,
     stride_qm, stride_qd, stride_dom, stride_dod, seq_q, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, WIDTH: tl.constexpr,
     CAUSAL_TILE: tl.constexpr,
 ):
-    rows = start_m + offs_m
+    """WIDTH query rows against the resident keys: dK and dV accumulate."""
+    rows = start_m + tl.arange(0, WIDTH)
     rows_ok = rows < seq_q
-    tile_ok = rows_ok[None, :] & d_ok[:, None]
-    qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=tile_ok, other=0.0)  # (D, M)
-    dot_ = tl.load(do_base + rows[None, :] * stride_dom + offs_d[:, None] * stride_dod, mask=tile_ok, other=0.0)
+    qt0, qt1 = _load_pieces(q_base, rows, rows_ok, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, BLOCK_D1, True, True)
+    dot0, dot1 = _load_pieces(do_base, rows, rows_ok, stride_dom, stride_dod, HEAD_DIM, BLOCK_D, BLOCK_D1, True, True)
     lse2, delta = _load_row_stats(Lse, Delta, stats_base + rows, rows_ok)
-    st = tl.dot(k, qt) * qk_scale  # (BLOCK_N, BLOCK_M): S^T, base 2
+    st = _dot_pieces(k0, k1, qt0, qt1, BLOCK_D1) * qk_scale  # (COLS, WIDTH): S^T, base 2
     pt = tl.exp2(st - lse2[None, :])
     if CAUSAL_TILE:
         pt = tl.where(offs_n[:, None] <= rows[None, :], pt, 0.0)
-    dv = tl.dot(pt.to(dot_.dtype), tl.trans(dot_), dv)
-    dpt = tl.dot(v, dot_)  # (BLOCK_N, BLOCK_M): (dO V^T)^T
-    dst = pt * (dpt - delta[None, :])
-    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
-    return dk, dv
+    dv0 = tl.dot(pt.to(dot0.dtype), tl.trans(dot0), dv0)
+    dpt = _dot_pieces(v0, v1, dot0, dot1, BLOCK_D1)  # (COLS, WIDTH): (dO V^T)^T
+    dst = (pt * (dpt - delta[None, :])).to(qt0.dtype)
+    dk0 = tl.dot(dst, tl.trans(qt0), dk0)
+    if BLOCK_D1 > 0:
+        dv1 = tl.dot(pt.to(dot1.dtype), tl.trans(dot1), dv1)
+        dk1 = tl.dot(dst, tl.trans(qt1), dk1)
+    return dk0, dk1, dv0, dv1
 
 
 @triton.jit
@@ -342,72 +519,104 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     num_heads, seq_q, seq_k, qk_scale, scale,
     SEQ_Q_BUCKET, SEQ_K_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dQ for one query block: dQ = scale * dS K, looping over key blocks like the forward."""
+    """dQ of BLOCK_M query rows (or a TAIL_M-row slice of the ragged end): dQ = scale * dS K, looping over key
+    blocks like the forward."""
     pid_bh = tl.program_id(0)  # batch * heads on axis 0: axis 1 stops at 65535
     pid_m = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_q
-    d_ok = offs_d < HEAD_DIM
-    tile_ok = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=tile_ok, other=0.0)
-    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-    do = tl.load(do_ptrs, mask=tile_ok, other=0.0)
-    lse2, delta = _load_row_stats(Lse, Delta, pid_bh.to(tl.int64) * seq_q + offs_m, row_ok)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
     mask_base = Mask + off_b * stride_mb
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    stats_base = pid_bh.to(tl.int64) * seq_q
+    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
+    full_blocks = seq_q // BLOCK_M
+    if TAIL_M < BLOCK_M:
+        if pid_m < full_blocks:
+            _dq_rows(q_base, k_base, v_base, mask_base, do_base, dq_base, Lse, Delta, stats_base, pid_m * BLOCK_M,
+                     q_end, k_end, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                     stride_dom, stride_dod, stride_dqm, stride_dqd, seq_q, qk_scale, scale,
+                     HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL, HAS_MASK, HAS_LENGTHS, BLOCK_M, BLOCK_N, TAIL_N)
+        else:
+            _dq_rows(q_base, k_base, v_base, mask_base, do_base, dq_base, Lse, Delta, stats_base,
+                     full_blocks * BLOCK_M + (pid_m - full_blocks) * TAIL_M,
+                     q_end, k_end, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                     stride_dom, stride_dod, stride_dqm, stride_dqd, seq_q, qk_scale, scale,
+                     HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL, HAS_MASK, HAS_LENGTHS, TAIL_M, BLOCK_N, TAIL_N)
+    else:
+        _dq_rows(q_base, k_base, v_base, mask_base, do_base, dq_base, Lse, Delta, stats_base, pid_m * BLOCK_M,
+                 q_end, k_end, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                 stride_dom, stride_dod, stride_dqm, stride_dqd, seq_q, qk_scale, scale,
+                 HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL, HAS_MASK, HAS_LENGTHS, BLOCK_M, BLOCK_N, TAIL_N)
+
+
+@triton.jit
+def _dq_rows(
+    q_base, k_base, v_base, mask_base, do_base, dq_base, Lse, Delta, stats_base, start_m, q_end, k_end,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_dom, stride_dod,
+    stride_dqm, stride_dqd, seq_q, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+):
+    """dQ of the ROWS query rows at start_m: the forward's key loops."""
+    offs_m = start_m + tl.arange(0, ROWS)
+    row_ok = offs_m < seq_q
+    q0, q1 = _load_pieces(q_base, offs_m, row_ok, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, BLOCK_D1, True, False)
+    do0, do1 = _load_pieces(do_base, offs_m, row_ok, stride_dom, stride_dod, HEAD_DIM, BLOCK_D, BLOCK_D1, True, False)
+    lse2, delta = _load_row_stats(Lse, Delta, stats_base + offs_m, row_ok)
+    dq0, dq1 = _zero_pieces(ROWS, BLOCK_D, BLOCK_D1)
 
     # Same split as the forward. Here bounds masking of keys is essential: a key past the end loads as 0,
     # its P = exp2(-lse) can overflow, and inf * 0 in dS @ K would poison the whole row of dQ. Rows past
     # the query end have lse = -inf (P = 0), so they get dQ = 0.
-    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
-    full_hi, hi = _key_range(start_m, q_end, k_end, CAUSAL, HAS_LENGTHS, BLOCK_M, BLOCK_N)
+    full_hi, hi = _key_range(start_m, q_end, k_end, CAUSAL, HAS_LENGTHS, ROWS, BLOCK_N)
     for start_n in range(0, full_hi, BLOCK_N):
-        dq = _bwd_dq_tile(
-            dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+        dq0, dq1 = _bwd_dq_tile(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, mask_base, start_n, offs_m,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
-            CAUSAL, HAS_MASK, False,
+            HEAD_DIM, BLOCK_D, BLOCK_D1, BLOCK_N, CAUSAL, HAS_MASK, False,
         )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _bwd_dq_tile(
-            dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+    tail_lo = full_hi
+    if CAUSAL:
+        tail_lo = full_hi + ((hi - full_hi) // BLOCK_N) * BLOCK_N
+        for start_n in range(full_hi, tail_lo, BLOCK_N):
+            dq0, dq1 = _bwd_dq_tile(
+                dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, mask_base, start_n, offs_m,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_D1, BLOCK_N, CAUSAL, HAS_MASK, True,
+            )
+    for start_n in range(tail_lo, hi, TAIL_N):
+        dq0, dq1 = _bwd_dq_tile(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, mask_base, start_n, offs_m,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, k_end, qk_scale,
-            CAUSAL, HAS_MASK, True,
+            HEAD_DIM, BLOCK_D, BLOCK_D1, TAIL_N, CAUSAL, HAS_MASK, True,
         )
-    dq = dq * scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=tile_ok)
+    _store_pieces(dq_base, offs_m, row_ok, stride_dqm, stride_dqd, dq0 * scale, dq1 * scale,
+                  HEAD_DIM, BLOCK_D, BLOCK_D1)
 
 
 @triton.jit
 def _bwd_dq_tile(
-    dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, d_ok,
+    dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, mask_base, start_n, offs_m,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, WIDTH: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
 ):
-    cols = start_n + offs_n
+    """WIDTH keys against the resident query rows: dQ accumulates."""
+    cols = start_n + tl.arange(0, WIDTH)
     col_ok = cols < seq_k
-    kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    vt_ptrs = v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd
-    if MASKED:
-        kt = tl.load(kt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        vt = tl.load(vt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-    else:
-        kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-        vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
-    s = tl.dot(q, kt) * qk_scale
-    p = tl.exp2(s - lse2[:, None])  # (BLOCK_M, BLOCK_N)
+    kt0, kt1 = _load_pieces(k_base, cols, col_ok, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, BLOCK_D1, MASKED, True)
+    vt0, vt1 = _load_pieces(v_base, cols, col_ok, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_D1, MASKED, True)
+    s = _dot_pieces(q0, q1, kt0, kt1, BLOCK_D1) * qk_scale
+    p = tl.exp2(s - lse2[:, None])  # (ROWS, WIDTH)
     if MASKED:
         visible = col_ok[None, :]
         if CAUSAL:
@@ -416,9 +625,12 @@ def _bwd_dq_tile(
     if HAS_MASK:
         padded = tl.load(mask_base + cols * stride_mn, mask=col_ok, other=1)
         p = tl.where(padded[None, :] != 0, 0.0, p)
-    dp = tl.dot(do, vt)
-    ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+    dp = _dot_pieces(do0, do1, vt0, vt1, BLOCK_D1)
+    ds = (p * (dp - delta[:, None])).to(kt0.dtype)
+    dq0 = tl.dot(ds, tl.trans(kt0), dq0)
+    if BLOCK_D1 > 0:
+        dq1 = tl.dot(ds, tl.trans(kt1), dq1)
+    return dq0, dq1
 
 
 @triton.jit
@@ -434,101 +646,137 @@ def _bwd_fused_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_heads, seq_q, seq_k, qk_scale, scale,
     SEQ_Q_BUCKET, SEQ_K_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dK, dV of one key block and its share of dQ, with S, P and dP made once per tile (5 dots, not the
-    split path's 7). dQ = scale * dS K is added across key blocks with fp32 atomics into DQ, which the
-    caller zeroes; the summation order then varies from run to run (not deterministic)."""
+    """dK, dV of BLOCK_N keys (or a TAIL_N-key slice of the ragged end) and their share of dQ, with S, P and
+    dP made once per tile (5 dots, not the split path's 7). dQ = scale * dS K is added across key blocks with
+    fp32 atomics into DQ, which the caller zeroes; the summation order then varies from run to run."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < seq_k
-    d_ok = offs_d < HEAD_DIM
-    kv_ok = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_ok, other=0.0)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
+    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    mask_base = Mask + off_b * stride_mb
     stats_base = pid_bh.to(tl.int64) * seq_q
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
+    full_blocks = seq_k // BLOCK_N
+    if TAIL_N < BLOCK_N:
+        if pid_n < full_blocks:
+            _fused_cols(q_base, k_base, v_base, mask_base, do_base, dq_base, dk_base, dv_base, Lse, Delta, stats_base,
+                        pid_n * BLOCK_N, q_end, k_end, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
+                        stride_vd, stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd, stride_dkn, stride_dkd,
+                        stride_dvn, stride_dvd, seq_k, qk_scale, scale, HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL,
+                        HAS_MASK, HAS_LENGTHS, BLOCK_N, BLOCK_M, TAIL_M)
+        else:
+            _fused_cols(q_base, k_base, v_base, mask_base, do_base, dq_base, dk_base, dv_base, Lse, Delta, stats_base,
+                        full_blocks * BLOCK_N + (pid_n - full_blocks) * TAIL_N, q_end, k_end, stride_qm, stride_qd,
+                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_dom, stride_dod, stride_dqm,
+                        stride_dqd, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seq_k, qk_scale, scale,
+                        HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL, HAS_MASK, HAS_LENGTHS, TAIL_N, BLOCK_M, TAIL_M)
+    else:
+        _fused_cols(q_base, k_base, v_base, mask_base, do_base, dq_base, dk_base, dv_base, Lse, Delta, stats_base,
+                    pid_n * BLOCK_N, q_end, k_end, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
+                    stride_vd, stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd, stride_dkn, stride_dkd,
+                    stride_dvn, stride_dvd, seq_k, qk_scale, scale, HEAD_DIM, BLOCK_D, BLOCK_D1, CAUSAL,
+                    HAS_MASK, HAS_LENGTHS, BLOCK_N, BLOCK_M, TAIL_M)
+
+
+@triton.jit
+def _fused_cols(
+    q_base, k_base, v_base, mask_base, do_base, dq_base, dk_base, dv_base, Lse, Delta, stats_base, start_n,
+    q_end, k_end, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_dom,
+    stride_dod, stride_dqm, stride_dqd, stride_dkn, stride_dkd, stride_dvn, stride_dvd, seq_k, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    COLS: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+):
+    """The fused backward of the COLS keys at start_n: the query loops of `_dkdv_cols`."""
+    offs_n = start_n + tl.arange(0, COLS)
+    col_ok = offs_n < seq_k
+    k0, k1 = _load_pieces(k_base, offs_n, col_ok, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, BLOCK_D1, True, False)
+    v0, v1 = _load_pieces(v_base, offs_n, col_ok, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, BLOCK_D1, True, False)
+    dk0, dk1 = _zero_pieces(COLS, BLOCK_D, BLOCK_D1)
+    dv0, dv1 = _zero_pieces(COLS, BLOCK_D, BLOCK_D1)
 
     # Unlike dK/dV alone, dQ sums over keys, so a key that is hidden (past the end, past the length,
     # padded) must have P = 0 in every tile: its stray P could be inf, and inf * 0 would poison dQ.
-    q_end, k_end = _sequence_ends(Lengths, off_b, seq_q, seq_k, HAS_LENGTHS)
     key_ok = offs_n < k_end
     if HAS_MASK:
-        padded = tl.load(Mask + off_b * stride_mb + offs_n * stride_mn, mask=col_ok, other=1)
+        padded = tl.load(mask_base + offs_n * stride_mn, mask=col_ok, other=1)
         key_ok = key_ok & (padded == 0)
     if HAS_LENGTHS:
         q_end = tl.where(start_n < k_end, q_end, 0)
-    # The query blocks as in the dK/dV kernel: only those straddling the causal diagonal need its mask.
+    lo, mid, full_end = _query_range(start_n, q_end, CAUSAL, COLS, BLOCK_M)
     if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, tl.cdiv(q_end, BLOCK_M) * BLOCK_M)
-        mid = tl.maximum(mid, lo)
-    else:
-        lo = 0
-        mid = 0
-    for start_m in range(lo, mid, BLOCK_M):
-        dk, dv = _bwd_fused_tile(
-            dk, dv, k, v, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base, start_m, offs_m, offs_n,
-            offs_d, d_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, q_end, qk_scale,
-            scale, True,
+        for start_m in range(lo, mid, BLOCK_M):
+            dk0, dk1, dv0, dv1 = _bwd_fused_tile(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base,
+                start_m, offs_n, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, q_end,
+                qk_scale, scale, HEAD_DIM, BLOCK_D, BLOCK_D1, BLOCK_M, True,
+            )
+    for start_m in range(mid, full_end, BLOCK_M):
+        dk0, dk1, dv0, dv1 = _bwd_fused_tile(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base,
+            start_m, offs_n, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, q_end,
+            qk_scale, scale, HEAD_DIM, BLOCK_D, BLOCK_D1, BLOCK_M, False,
         )
-    for start_m in range(mid, q_end, BLOCK_M):
-        dk, dv = _bwd_fused_tile(
-            dk, dv, k, v, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base, start_m, offs_m, offs_n,
-            offs_d, d_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, q_end, qk_scale,
-            scale, False,
+    for start_m in range(full_end, q_end, TAIL_M):
+        dk0, dk1, dv0, dv1 = _bwd_fused_tile(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base,
+            start_m, offs_n, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, q_end,
+            qk_scale, scale, HEAD_DIM, BLOCK_D, BLOCK_D1, TAIL_M, CAUSAL,
         )
     # Hidden keys had P = 0 throughout, so their rows of dK and dV are already 0.
-    dk = dk * scale
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_ok)
+    _store_pieces(dk_base, offs_n, col_ok, stride_dkn, stride_dkd, dk0 * scale, dk1 * scale,
+                  HEAD_DIM, BLOCK_D, BLOCK_D1)
+    _store_pieces(dv_base, offs_n, col_ok, stride_dvn, stride_dvd, dv0, dv1, HEAD_DIM, BLOCK_D, BLOCK_D1)
 
 
 @triton.jit
 def _bwd_fused_tile(
-    dk, dv, k, v, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base, start_m, offs_m, offs_n, offs_d, d_ok,
+    dk0, dk1, dv0, dv1, k0, k1, v0, v1, key_ok, q_base, do_base, dq_base, Lse, Delta, stats_base, start_m, offs_n,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, seq_q, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, WIDTH: tl.constexpr,
     CAUSAL_TILE: tl.constexpr,
 ):
-    """One query block against the resident key block: dK, dV accumulate in registers, dQ goes out by atomics."""
-    rows = start_m + offs_m
+    """WIDTH query rows against the resident keys: dK, dV accumulate in registers, dQ goes out by atomics."""
+    rows = start_m + tl.arange(0, WIDTH)
     rows_ok = rows < seq_q
-    tile_ok = rows_ok[None, :] & d_ok[:, None]
-    qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=tile_ok, other=0.0)  # (D, M)
-    dot_ = tl.load(do_base + rows[None, :] * stride_dom + offs_d[:, None] * stride_dod, mask=tile_ok, other=0.0)
+    qt0, qt1 = _load_pieces(q_base, rows, rows_ok, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, BLOCK_D1, True, True)
+    dot0, dot1 = _load_pieces(do_base, rows, rows_ok, stride_dom, stride_dod, HEAD_DIM, BLOCK_D, BLOCK_D1, True, True)
     lse2, delta = _load_row_stats(Lse, Delta, stats_base + rows, rows_ok)
-    st = tl.dot(k, qt) * qk_scale  # (BLOCK_N, BLOCK_M): S^T, base 2
+    st = _dot_pieces(k0, k1, qt0, qt1, BLOCK_D1) * qk_scale  # (COLS, WIDTH): S^T, base 2
     pt = tl.exp2(st - lse2[None, :])
     visible = key_ok[:, None]
     if CAUSAL_TILE:
         visible = visible & (offs_n[:, None] <= rows[None, :])
     pt = tl.where(visible, pt, 0.0)
-    dv = tl.dot(pt.to(dot_.dtype), tl.trans(dot_), dv)
-    dpt = tl.dot(v, dot_)  # (BLOCK_N, BLOCK_M): (dO V^T)^T
-    dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
-    dk = tl.dot(dst, tl.trans(qt), dk)
-    dq = tl.dot(tl.trans(dst), k) * scale  # (BLOCK_M, BLOCK_D): this key block's share of dQ
-    # relaxed: the sum is read only by a later kernel, so no ordering between the adds is needed.
-    tl.atomic_add(dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
-                  mask=rows_ok[:, None] & d_ok[None, :], sem="relaxed")
-    return dk, dv
-
+    dv0 = tl.dot(pt.to(dot0.dtype), tl.trans(dot0), dv0)
+    dpt = _dot_pieces(v0, v1, dot0, dot1, BLOCK_D1)  # (COLS, WIDTH): (dO V^T)^T
+    dst = (pt * (dpt - delta[None, :])).to(qt0.dtype)
+    dk0 = tl.dot(dst, tl.trans(qt0), dk0)
+    # This key block's share of dQ = scale * dS K, per piece. relaxed: the sum is read only by a later
+    # kernel, so no ordering between the adds is needed.
+    d0 = tl.arange(0, BLOCK_D)
+    dq0 = tl.dot(tl.trans(dst), k0) * scale  # (WIDTH, BLOCK_D)
+    tl.atomic_add(dq_base + rows[:, None] * stride_dqm + d0[None, :] * stride_dqd, dq0,
+                  mask=rows_ok[:, None] & (d0 < HEAD_DIM)[None, :], sem="relaxed")
+    if BLOCK_D1 > 0:
+        dv1 = tl.dot(pt.to(dot1.dtype), tl.trans(dot1), dv1)
+        dk1 = tl.dot(dst, tl.trans(qt1), dk1)
+        d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+        dq1 = tl.dot(tl.trans(dst), k1) * scale
+        tl.atomic_add(dq_base + rows[:, None] * stride_dqm + d1[None, :] * stride_dqd, dq1,
+                      mask=rows_ok[:, None] & (d1 < HEAD_DIM)[None, :], sem="relaxed")
+    return dk0, dk1, dv0, dv1
 
 # ------------------------------------------------------------------------------------- tuning + launchers
 
@@ -586,16 +834,25 @@ _SPILLS: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
 # the forward and dQ, the keys of dK/dV) has fewer rows compiles to Ampere's mma.sync on sm_90 (read from
 # the PTX by tools/check_triton_compile.py), so those configs are not timed there.
 _WGMMA_MIN_ROWS = 64
-# Under the interpreter: one fixed config, no benchmarking (fast and reproducible on a CPU).
+# The ragged end of a sequence runs in tiles of TAIL positions (or of the block, if smaller): along the inner
+# loop the last partial block, along the grid one program per TAIL positions. 16 is the smallest dimension
+# tl.dot takes, so the padding left is under 16 positions per side (197 tokens run as 208, not 256).
+TAIL = 16
+# Under the interpreter: one fixed config, no benchmarking (fast and reproducible on a CPU). Its 16-wide
+# ragged-end tiles run at every length that is not a multiple of 32.
 INTERPRET_BLOCK = (32, 32)
 _AUTOTUNE_KEY = ["SEQ_Q_BUCKET", "SEQ_K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_LENGTHS"]
 
 
+def _tiles(block_m: int, block_n: int) -> dict[str, int]:
+    """The tile constexprs of a (BLOCK_M, BLOCK_N) tiling: the blocks and their ragged-end tiles."""
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "TAIL_M": min(TAIL, block_m), "TAIL_N": min(TAIL, block_n)}
+
+
 def _configs(table: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     if INTERPRET:
-        m, n = INTERPRET_BLOCK
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+        return [triton.Config(_tiles(*INTERPRET_BLOCK), num_warps=4, num_stages=1)]
+    return [triton.Config(_tiles(m, n), num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
 def _config_key(config: triton.Config) -> tuple[int, int, int, int]:
@@ -626,11 +883,11 @@ def _prune(
     """
     seq_q = max(16, named_args.get("SEQ_Q_BUCKET", kwargs.get("SEQ_Q_BUCKET", 16)))
     seq_k = max(16, named_args.get("SEQ_K_BUCKET", kwargs.get("SEQ_K_BUCKET", 16)))
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    width = sum(kwargs.get(name, named_args.get(name, 0)) for name in ("BLOCK_D", "BLOCK_D1")) or 64
     q = named_args.get("Q", kwargs.get("Q"))
     family = _arch_family(q) if arch is None else arch
-    dropped = _SPILLS.get((kernel, family, block_d), set())
-    max_tile = 64 * 64 * 2 if block_d >= 128 else None  # the largest tiles at head dim 128
+    dropped = _SPILLS.get((kernel, family, width), set())
+    max_tile = 64 * 64 * 2 if width > 64 else None  # the largest tiles at head dims 80 and 128
     usable = [
         c for c in configs
         if _config_key(c) not in dropped and (max_tile is None or _area(c) <= max_tile)
@@ -685,9 +942,12 @@ MAX_GRID_X = 2**31 - 1
 MAX_GRID_Y = 65535
 
 
-def launch_grid(batch_heads: int, length: int, block: int) -> tuple[int, int]:
-    """(batch * heads, blocks of `block` along `length`): the grid of every attention kernel."""
-    blocks = -(-length // block)  # ceil division (triton.cdiv's call wrapper is slow on the launch path)
+def launch_grid(batch_heads: int, length: int, block: int, tail: int | None = None) -> tuple[int, int]:
+    """(batch * heads, programs along `length`): the grid of every attention kernel. A program takes `block`
+    positions, and the ragged end one program per `tail` positions (`tail` None: `block` as well)."""
+    tail = block if tail is None else tail
+    # ceil division (triton.cdiv's call wrapper is slow on the launch path)
+    blocks = length // block + -(-(length % block) // tail)
     if batch_heads > MAX_GRID_X:
         raise ValueError(f"batch * heads = {batch_heads} exceeds the {MAX_GRID_X} programs a CUDA grid axis takes; "
                          "split the batch")
@@ -710,6 +970,12 @@ def _mask_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tupl
     return mask, mask.stride(0), mask.stride(1), True
 
 
+@functools.lru_cache(maxsize=None)
+def _pieces_kwargs(head_dim: int) -> dict[str, int]:
+    block_d, block_d1 = head_dim_pieces(head_dim)
+    return {"BLOCK_D": block_d, "BLOCK_D1": block_d1}
+
+
 def _lengths_arg(lengths: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The per-sequence lengths as int32 (the kernels clamp them to [0, seq]); a dummy pointer when absent."""
     if lengths is None:
@@ -717,10 +983,26 @@ def _lengths_arg(lengths: torch.Tensor | None, like: torch.Tensor) -> tuple[torc
     return lengths.to(torch.int32).contiguous(), True
 
 
-def _block_kwargs(block: tuple[int, int] | None) -> dict:
+def _block_kwargs(block: tuple[int, ...] | None) -> dict:
+    """Launch keywords of a forced tiling: (BLOCK_M, BLOCK_N), or (BLOCK_M, BLOCK_N, TAIL_M, TAIL_N)."""
     if block is None:
         return {}
-    return {"BLOCK_M": block[0], "BLOCK_N": block[1], "num_warps": 4, "num_stages": 1 if INTERPRET else 2}
+    tiles = _tiles(*block[:2])
+    if len(block) == 4:
+        tiles.update(TAIL_M=block[2], TAIL_N=block[3])
+    return {**tiles, "num_warps": 4, "num_stages": 1 if INTERPRET else 2}
+
+
+def head_dim_pieces(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D1): the head dim's lanes as a power of two and a second one of at least 16 (or 0),
+    where two cover it with fewer lanes than one (80: 64 + 16, 96: 64 + 32, 48: 32 + 16; 64: 64 + 0)."""
+    whole = max(16, _bucket(head_dim))
+    first = whole // 2
+    if first >= 16 and head_dim > first:
+        second = max(16, _bucket(head_dim - first))
+        if first + second < whole:
+            return first, second
+    return whole, 0
 
 
 def forward(
@@ -730,7 +1012,7 @@ def forward(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     scale: float,
-    block: tuple[int, int] | None = None,
+    block: tuple[int, ...] | None = None,
     lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output [b, h, s_q, d] (stored as [b, s_q, h, d]) and fp32 log-sum-exp [b, h, s_q] of checked inputs.
@@ -745,11 +1027,11 @@ def forward(
     lengths, has_lengths = _lengths_arg(lengths, q)
     kernel = _fwd_tuned if block is None else _fwd_kernel
     with _device_guard(q):
-        kernel[lambda meta: launch_grid(batch * heads, seq_q, meta["BLOCK_M"])](
+        kernel[lambda meta: launch_grid(batch * heads, seq_q, meta["BLOCK_M"], meta["TAIL_M"])](
             q, k, v, mask, lengths, out, lse,
             *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *out.stride(),
             heads, seq_q, seq_k, scale * LOG2E, _bucket(seq_q), _bucket(seq_k),
-            HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)),
+            HEAD_DIM=head_dim, **_pieces_kwargs(head_dim),
             CAUSAL=causal, HAS_MASK=has_mask, HAS_LENGTHS=has_lengths,
             **_block_kwargs(block),
         )
@@ -795,7 +1077,7 @@ def backward(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     scale: float,
-    block: tuple[int, int] | None = None,
+    block: tuple[int, ...] | None = None,
     lengths: torch.Tensor | None = None,
     *,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -853,7 +1135,7 @@ def _kernel_args(q, k, key_padding_mask, causal, scale, block, lengths) -> tuple
     mask, stride_mb, stride_mn, has_mask = _mask_arg(key_padding_mask, q)
     lengths, has_lengths = _lengths_arg(lengths, q)
     constants = dict(
-        HEAD_DIM=head_dim, BLOCK_D=max(16, _bucket(head_dim)), CAUSAL=causal, HAS_MASK=has_mask,
+        HEAD_DIM=head_dim, **_pieces_kwargs(head_dim), CAUSAL=causal, HAS_MASK=has_mask,
         HAS_LENGTHS=has_lengths, **_block_kwargs(block),
     )
     shape_args = (heads, seq_q, k.shape[2], scale * LOG2E, scale, _bucket(seq_q), _bucket(k.shape[2]))
@@ -868,13 +1150,13 @@ def _split_backward(grad_out, q, k, v, lse, delta, grads, key_padding_mask, caus
     )
     batch_heads, seq_q, seq_k = q.shape[0] * q.shape[1], q.shape[2], k.shape[2]
     dkdv = _dkdv_tuned if block is None else _bwd_dkdv_kernel
-    dkdv[lambda meta: launch_grid(batch_heads, seq_k, meta["BLOCK_N"])](
+    dkdv[lambda meta: launch_grid(batch_heads, seq_k, meta["BLOCK_N"], meta["TAIL_N"])](
         q, k, v, mask, lengths, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
         *dk.stride(), *dv.stride(), *shape_args, **common,
     )
     dq_kernel = _dq_tuned if block is None else _bwd_dq_kernel
-    dq_kernel[lambda meta: launch_grid(batch_heads, seq_q, meta["BLOCK_M"])](
+    dq_kernel[lambda meta: launch_grid(batch_heads, seq_q, meta["BLOCK_M"], meta["TAIL_M"])](
         q, k, v, mask, lengths, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
         *dq.stride(), *shape_args, **common,
@@ -889,7 +1171,7 @@ def _fused_backward(grad_out, q, k, v, lse, delta, dq_acc, grads, key_padding_ma
         q, k, key_padding_mask, causal, scale, block, lengths
     )
     kernel = _fused_tuned if block is None else _bwd_fused_kernel
-    kernel[lambda meta: launch_grid(batch * heads, k.shape[2], meta["BLOCK_N"])](
+    kernel[lambda meta: launch_grid(batch * heads, k.shape[2], meta["BLOCK_N"], meta["TAIL_N"])](
         q, k, v, mask, lengths, grad_out, lse, delta, dq_acc, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
         *dq_acc.stride(), *dk.stride(), *dv.stride(), *shape_args, **common,
