@@ -8,6 +8,8 @@ so it stays flat as N grows. It runs on any device PyTorch supports and is the C
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastclip.ops._checks import accumulate_dtype
@@ -32,22 +34,41 @@ def diagonal_in_chunk(r0: int, rows: int, num_cols: int, masked_diagonal: int | 
     return rows_hit - r0, rows_hit + masked_diagonal
 
 
+def shared_exp_spread(dtype: torch.dtype) -> float:
+    """How far below a tile's reference its exponentials may reach and still share one exponential: three
+    quarters of the way to the smallest normal number (fp32: 65), so that every term that matters keeps
+    its full precision. (The CUDA kernels' rule, kernels/shared_exponential.cuh, in natural units.)"""
+    return -0.75 * math.log(torch.finfo(dtype).tiny)
+
+
 def tiled_lse(
     image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, masked_diagonal: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward sweep: row (n,) and column (N,) log-sum-exps in the accumulation dtype, no autograd."""
+    """The forward sweep: row (n,) and column (N,) log-sum-exps in the accumulation dtype, no autograd.
+
+    Where a tile's logits lie within `shared_exp_spread` of its max, one exponential relative to that max
+    serves both the row and the column sums; other tiles take one max and one exponential per direction.
+    """
     acc = accumulate_dtype(image.dtype)
     img, txt, scale = image.detach().to(acc), text.detach().to(acc), logit_scale.detach().to(acc).reshape(())
     chunk = chunk_rows(txt.shape[0], txt.element_size())
+    spread = shared_exp_spread(acc)
     row_lse = torch.empty(img.shape[0], dtype=acc, device=img.device)
     col_lse = None
     for r0 in range(0, img.shape[0], chunk):
         sim = (img[r0 : r0 + chunk] * scale) @ txt.T  # (chunk, N); scaling [chunk, D] rows beats a pass over the tile
+        # The spread before the mask: a bound on the kept entries'. (A traced graph cannot branch on it.)
+        lo, hi = torch.aminmax(sim) if not torch.compiler.is_compiling() else (None, None)
         masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
         if masked is not None:
             sim[masked] = float("-inf")
-        row_lse[r0 : r0 + chunk] = _logsumexp(sim, 1)
-        part = _logsumexp(sim, 0)
+        if hi is not None and bool(hi - lo <= spread):  # one host sync per tile, against two passes over it
+            exp = sim.sub_(hi).exp_()
+            row_lse[r0 : r0 + chunk] = exp.sum(1).log_().add_(hi)  # a row of zeros (all masked) gives -inf
+            part = exp.sum(0).log_().add_(hi)
+        else:
+            row_lse[r0 : r0 + chunk] = _logsumexp(sim, 1)
+            part = _logsumexp(sim, 0)
         col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
     return row_lse, col_lse
 
@@ -57,6 +78,21 @@ def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     top = x.amax(dim, keepdim=True)
     top = torch.where(top == float("-inf"), 0.0, top)  # all -inf: exp(-inf - 0) = 0, log 0 = -inf
     return (x - top).exp_().sum(dim).log_() + top.squeeze(dim)
+
+
+def _shared_reference(row_lse: torch.Tensor, col_lse: torch.Tensor, used_cols: torch.Tensor, spread: float):
+    """The reference of a backward tile's shared exponential: the largest finite log-sum-exp among its
+    rows and its used columns (every logit is at most its row's), or None when they spread too far (or in a
+    traced graph, which cannot branch on it)."""
+    if torch.compiler.is_compiling():
+        return None
+    rows = row_lse[torch.isfinite(row_lse)]
+    cols = col_lse[torch.isfinite(col_lse) & used_cols]
+    values = torch.cat([rows, cols])
+    if values.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(values)
+    return hi if bool(hi - lo <= spread) else None
 
 
 class TiledContrastiveLse(torch.autograd.Function):
@@ -137,20 +173,35 @@ def tiled_loss_gradient(
     col_rest = torch.zeros(num_cols, dtype=acc, device=img.device)  # the same for P_col down each column
     pair_dot = torch.empty(n, dtype=acc, device=img.device)  # <image_i, text_partner(i)>
     chunk = chunk_rows(num_cols, txt.element_size())
+    spread = shared_exp_spread(acc)
+    used_cols = grad_col != 0  # SupCon has no column terms: its column log-sum-exps play no part
     for r0 in range(0, n, chunk):
         rows = slice(r0, r0 + chunk)
         dot = img[rows] @ txt.T  # (chunk, N)
-        p_row = torch.addcmul(-row_lse[rows, None], dot, scale).exp_()  # exp(s <I_i, T_j> - row_lse_i)
-        p_col = torch.addcmul(-col_lse[None, :], dot, scale).exp_()
         # the entries filled in from the rests (pair entries) and the masked ones (exp(S + inf) is not 0)
         masked = diagonal_in_chunk(r0, dot.shape[0], num_cols, masked_diagonal, dot.device)
         left_out = _LeftOut(partner[rows], masked)
-        left_out.zero(p_row, p_col)
-        row_rest[rows] = p_row.sum(1)
-        col_rest += p_col.sum(0)
         pair_dot[rows] = torch.where(left_out.has_pair, dot.gather(1, left_out.pair_cols)[:, 0], 0.0)
-        # G = gr P_row + gc P_col - gp [same class] - gu, all in fp32 before anything is rounded
-        grad_sim = p_row.mul_(grad_row[rows, None]).addcmul_(p_col, grad_col[None, :]).sub_(grad_uniform)
+        ref = _shared_reference(row_lse[rows], col_lse, used_cols, spread)
+        if ref is not None:
+            # One exponential E = exp(S - ref) for both terms: P_row = E a_i, P_col = E b_j.
+            exp = torch.addcmul(-ref, dot, scale).exp_()
+            left_out.zero(exp)
+            # (0 for a log-sum-exp of -inf: every entry of that row or column is left out)
+            a = torch.where(torch.isfinite(row_lse[rows]), (ref - row_lse[rows]).exp_(), 0.0)
+            b = torch.where(used_cols & torch.isfinite(col_lse), (ref - col_lse).exp_(), 0.0)
+            row_rest[rows] = exp.sum(1).mul_(a)
+            col_rest.addcmul_(exp.sum(0), b)
+            # G = gr P_row + gc P_col - gu (- gp [same class] below), all in fp32 before anything is rounded
+            grad_sim = torch.addcmul(-grad_uniform, exp, (a * grad_row[rows])[:, None])
+            grad_sim.addcmul_(exp, (b * grad_col)[None, :])
+        else:
+            p_row = torch.addcmul(-row_lse[rows, None], dot, scale).exp_()  # exp(s <I_i, T_j> - row_lse_i)
+            p_col = torch.addcmul(-col_lse[None, :], dot, scale).exp_()
+            left_out.zero(p_row, p_col)
+            row_rest[rows] = p_row.sum(1)
+            col_rest += p_col.sum(0)
+            grad_sim = p_row.mul_(grad_row[rows, None]).addcmul_(p_col, grad_col[None, :]).sub_(grad_uniform)
         if not positives_are_pairs:  # else the term lands on pair entries only, which are set afterwards
             positive = row_ids[rows, None] == col_ids[None, :]
             grad_sim.sub_(torch.where(positive, grad_positive[rows, None], 0.0))
