@@ -67,41 +67,105 @@ void clear_entry(int64_t j, int64_t n, acc_t* a, acc_t* b, acc_t* c) {
   if (c != nullptr) c[j] = 0;
 }
 
+// How far below a tile's reference its exponentials may reach and still share one: three quarters of the
+// way to the smallest normal number (fp32: 65.5; exp_inplace flushes below -87.33), so that every term
+// that matters keeps its precision. The CUDA kernels' rule (kernels/shared_exponential.cuh).
+template <typename acc_t>
+acc_t shared_exp_spread() {
+  return acc_t(-0.75) * std::log(std::numeric_limits<acc_t>::min());
+}
+
+// (m, l) += (m2, l2) for (max, sum of exp(v - max)) pairs; (-inf, 0) is the empty pair.
+template <typename acc_t>
+void merge_max_sum(acc_t& m, acc_t& l, acc_t m2, acc_t l2) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  if (m2 == kNegInf) return;
+  const acc_t top = std::max(m, m2);
+  l = (m == kNegInf ? acc_t(0) : l * std::exp(m - top)) + l2 * std::exp(m2 - top);
+  m = top;
+}
+
+// The forward sweep of rows [row_begin, row_end): row log-sum-exps, and per row block the column
+// partials (max, sum). Where a tile's kept logits lie within shared_exp_spread of its max hi, one
+// exponential exp(s - hi) per entry serves both directions, each partial then re-expressed relative to
+// its own max; other tiles take one max and one exponential per direction.
 template <typename acc_t>
 void forward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t scale, std::optional<int64_t> diagonal,
                    int64_t row_begin, int64_t row_end, acc_t* strip, acc_t* row_lse, acc_t* col_max, acc_t* col_sum) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t spread = shared_exp_spread<acc_t>();
   const int64_t cols = txt.size(0);
   cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, strip, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
-    acc_t run_max[kMaxRowBlock], run_sum[kMaxRowBlock];
+    acc_t run_max[kMaxRowBlock], run_sum[kMaxRowBlock], tile_row_max[kMaxRowBlock];
     acc_t e[cpu::kColBlock], tile_col_max[cpu::kColBlock], tile_col_sum[cpu::kColBlock], col_shift[cpu::kColBlock];
     for (int64_t i = 0; i < rows; ++i) run_max[i] = kNegInf, run_sum[i] = 0;
     visit_tiles([&](int64_t c0, int64_t tc, acc_t* tile) {
+      // Scaled logits, the mask, and the extremes: lo over the entries before the mask (a bound on the
+      // kept ones'), the row and column maxima after it.
       std::fill_n(tile_col_max, tc, kNegInf);
+      acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = kNegInf;
       for (int64_t i = 0; i < rows; ++i) {
         acc_t* s_row = tile + i * tc;
         for (int64_t j = 0; j < tc; ++j) s_row[j] *= scale;
+        lo = std::min(lo, cpu::row_min(s_row, tc));
         const int64_t masked = masked_column(diagonal, r0 + i, cols);
         if (masked >= c0 && masked < c0 + tc) s_row[masked - c0] = kNegInf;
         for (int64_t j = 0; j < tc; ++j) tile_col_max[j] = std::max(tile_col_max[j], s_row[j]);
-        const acc_t new_max = std::max(run_max[i], cpu::row_max(s_row, tc));
-        if (new_max == kNegInf) continue;  // nothing unmasked in this row yet
-        exp_of_scaled(s_row, acc_t(1), new_max, tc, e);
-        run_sum[i] = run_sum[i] * std::exp(run_max[i] - new_max) + cpu::row_sum(e, tc);
-        run_max[i] = new_max;
+        tile_row_max[i] = cpu::row_max(s_row, tc);
+        hi = std::max(hi, tile_row_max[i]);
       }
-      // A column the mask empties in this block has max -inf: shifted by 0, its entries give exp(-inf) = 0.
-      for (int64_t j = 0; j < tc; ++j) col_shift[j] = tile_col_max[j] == kNegInf ? acc_t(0) : tile_col_max[j];
       std::fill_n(tile_col_sum, tc, acc_t(0));
-      for (int64_t i = 0; i < rows; ++i) {
-        exp_of_scaled(tile + i * tc, acc_t(1), col_shift, tc, e);
-        for (int64_t j = 0; j < tc; ++j) tile_col_sum[j] += e[j];
+      if (hi != kNegInf && hi - lo <= spread) {
+        for (int64_t i = 0; i < rows; ++i) {
+          exp_of_scaled(tile + i * tc, acc_t(1), hi, tc, e);  // 0 where masked
+          for (int64_t j = 0; j < tc; ++j) tile_col_sum[j] += e[j];
+          if (tile_row_max[i] != kNegInf)
+            merge_max_sum(run_max[i], run_sum[i], tile_row_max[i], cpu::row_sum(e, tc) * std::exp(hi - tile_row_max[i]));
+        }
+        // Relative to each column's own max: exp(hi - col max) <= exp(spread), no overflow.
+        for (int64_t j = 0; j < tc; ++j)
+          tile_col_sum[j] = tile_col_max[j] == kNegInf ? acc_t(0) : tile_col_sum[j] * std::exp(hi - tile_col_max[j]);
+      } else {
+        for (int64_t i = 0; i < rows; ++i) {
+          if (tile_row_max[i] == kNegInf) continue;  // nothing unmasked in this row of the tile
+          exp_of_scaled(tile + i * tc, acc_t(1), tile_row_max[i], tc, e);
+          merge_max_sum(run_max[i], run_sum[i], tile_row_max[i], cpu::row_sum(e, tc));
+        }
+        // A column the mask empties in this block has max -inf: shifted by 0, its entries give exp(-inf) = 0.
+        for (int64_t j = 0; j < tc; ++j) col_shift[j] = tile_col_max[j] == kNegInf ? acc_t(0) : tile_col_max[j];
+        for (int64_t i = 0; i < rows; ++i) {
+          exp_of_scaled(tile + i * tc, acc_t(1), col_shift, tc, e);
+          for (int64_t j = 0; j < tc; ++j) tile_col_sum[j] += e[j];
+        }
       }
       std::copy_n(tile_col_max, tc, col_max + b * cols + c0);
       std::copy_n(tile_col_sum, tc, col_sum + b * cols + c0);
     });
     for (int64_t i = 0; i < rows; ++i) row_lse[r0 + i] = run_max[i] + std::log(run_sum[i]);  // -inf if all masked
   });
+}
+
+// The backward's shared exponential for one tile: ref, the largest finite log-sum-exp among the block's
+// rows and the tile's used columns (every logit is at most its row's, so exp(s - ref) <= 1), and the
+// factors P_row = e * row_factor[i], P_col = e * col_factor[j] with e = exp(s - ref). False (two
+// exponentials instead) when those log-sum-exps spread wider than shared_exp_spread.
+template <typename acc_t>
+bool shared_factors(const acc_t* row_lse, int64_t rows, const acc_t* col_lse, const acc_t* grad_col, int64_t tc,
+                    acc_t& ref, acc_t* row_factor, acc_t* col_factor) {
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -std::numeric_limits<acc_t>::infinity();
+  const auto include = [&](acc_t v) {
+    if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
+  };
+  for (int64_t i = 0; i < rows; ++i) include(row_lse[i]);
+  for (int64_t j = 0; j < tc; ++j)
+    if (grad_col[j] != 0) include(col_lse[j]);  // SupCon has no column terms
+  if (!(lo <= hi && hi - lo <= shared_exp_spread<acc_t>())) return false;
+  ref = hi;
+  // 0 for a log-sum-exp of -inf (every entry of its row or column is left out) or an unused column.
+  for (int64_t i = 0; i < rows; ++i) row_factor[i] = std::isfinite(row_lse[i]) ? std::exp(ref - row_lse[i]) : 0;
+  for (int64_t j = 0; j < tc; ++j)
+    col_factor[j] = grad_col[j] != 0 && std::isfinite(col_lse[j]) ? std::exp(ref - col_lse[j]) : 0;
+  return true;
 }
 
 template <typename acc_t>
@@ -111,15 +175,23 @@ void backward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t scale, s
   const int64_t cols = txt.size(0);
   cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, grad_tile, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
     double ds = 0;  // sum of G * dS/ds = G * <image_i, text_j>; double: it cancels against the positives
-    acc_t p_row[cpu::kColBlock], p_col[cpu::kColBlock];
+    acc_t p_row[cpu::kColBlock], p_col[cpu::kColBlock], row_factor[kMaxRowBlock], col_factor[cpu::kColBlock];
     visit_tiles([&](int64_t c0, int64_t tc, const acc_t* tile) {
+      acc_t ref;
+      const bool shared = shared_factors(row_lse + r0, rows, col_lse + c0, grad_col + c0, tc, ref, row_factor, col_factor);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
         const acc_t* dot = tile + i * tc;
         acc_t* g_row = grad_tile + (r - row_begin) * cols + c0;
-        exp_of_scaled(dot, scale, row_lse[r], tc, p_row);
-        exp_of_scaled(dot, scale, col_lse + c0, tc, p_col);
-        for (int64_t j = 0; j < tc; ++j) g_row[j] = grad_row[r] * p_row[j] + grad_col[c0 + j] * p_col[j];
+        if (shared) {  // G = e (gr a_i + gc_j b_j), e = exp(s - ref)
+          exp_of_scaled(dot, scale, ref, tc, p_row);
+          const acc_t ga = grad_row[r] * row_factor[i];
+          for (int64_t j = 0; j < tc; ++j) g_row[j] = p_row[j] * (ga + grad_col[c0 + j] * col_factor[j]);
+        } else {
+          exp_of_scaled(dot, scale, row_lse[r], tc, p_row);
+          exp_of_scaled(dot, scale, col_lse + c0, tc, p_col);
+          for (int64_t j = 0; j < tc; ++j) g_row[j] = grad_row[r] * p_row[j] + grad_col[c0 + j] * p_col[j];
+        }
         clear_entry<acc_t>(masked_column(diagonal, r, cols) - c0, tc, g_row, p_row, nullptr);  // no gradient
         ds += cpu::row_dot(g_row, dot, tc);
       }
@@ -148,19 +220,28 @@ void loss_backward_chunk(const at::Tensor& img, const at::Tensor& txt, acc_t sca
   cpu::sweep_row_blocks<acc_t>(img, txt, row_begin, row_end, grad_tile, [&](int64_t b, int64_t r0, int64_t rows, auto visit_tiles) {
     double ds = 0;  // sum of G * <image_i, text_j>
     acc_t rest[kMaxRowBlock], p_row[cpu::kColBlock], p_col[cpu::kColBlock];
+    acc_t row_factor[kMaxRowBlock], col_factor[cpu::kColBlock];
     std::fill_n(rest, rows, acc_t(0));
     acc_t* col_part = col_rest + b * cols;
     visit_tiles([&](int64_t c0, int64_t tc, const acc_t* tile) {
+      const acc_t* gc = k.grad_col + c0;
+      acc_t ref;
+      const bool shared = shared_factors(row_lse + r0, rows, col_lse + c0, gc, tc, ref, row_factor, col_factor);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
         const acc_t* dot = tile + i * tc;
         acc_t* g_row = grad_tile + (r - row_begin) * cols + c0;
         const acc_t gr = k.grad_row[r], gp = k.grad_positive[r];
         const int64_t id = k.row_ids[r];
-        exp_of_scaled(dot, scale, row_lse[r], tc, p_row);
-        exp_of_scaled(dot, scale, col_lse + c0, tc, p_col);
-        const acc_t* gc = k.grad_col + c0;
-        for (int64_t j = 0; j < tc; ++j) p_col[j] = gc[j] != 0 ? p_col[j] : acc_t(0);  // SupCon: no column terms
+        if (shared) {  // P_row = e a_i, P_col = e b_j (0 for unused columns), e = exp(s - ref)
+          exp_of_scaled(dot, scale, ref, tc, p_col);
+          for (int64_t j = 0; j < tc; ++j) p_row[j] = p_col[j] * row_factor[i];
+          for (int64_t j = 0; j < tc; ++j) p_col[j] *= col_factor[j];
+        } else {
+          exp_of_scaled(dot, scale, row_lse[r], tc, p_row);
+          exp_of_scaled(dot, scale, col_lse + c0, tc, p_col);
+          for (int64_t j = 0; j < tc; ++j) p_col[j] = gc[j] != 0 ? p_col[j] : acc_t(0);  // SupCon: no column terms
+        }
         for (int64_t j = 0; j < tc; ++j) g_row[j] = gr * p_row[j] + gc[j] * p_col[j] - k.grad_uniform;
         // The positive targets apart: a few entries per row, and an int64 compare would keep the loop
         // above from vectorising.

@@ -32,6 +32,13 @@ T row_max(const T* x, int64_t n) {
       n, -std::numeric_limits<T>::infinity(), [](T a, T b) { return a < b ? b : a; }, [x](int64_t j) { return x[j]; });
 }
 
+// min_j x[j] (+inf for n = 0).
+template <typename T>
+T row_min(const T* x, int64_t n) {
+  return reduce_row<T>(
+      n, std::numeric_limits<T>::infinity(), [](T a, T b) { return b < a ? b : a; }, [x](int64_t j) { return x[j]; });
+}
+
 // sum_j x[j].
 template <typename T>
 T row_sum(const T* x, int64_t n) {
