@@ -131,9 +131,9 @@ cudaError_t launch_loss_backward(ElementType type, Float32Mode mode, const LossB
 }
 
 int loss_backward_ctas_per_sm(ElementType type, Float32Mode mode) {
-  return query_variant(type, mode, [](auto variant) {
-    using V = decltype(variant);
-    return ctas_per_sm<typename V::Element>(loss_backward_kernel<typename V::Element, V::kMode, V::kVectorized>);
+  return tile_occupancy(type, mode, [](auto v) {
+    using V = decltype(v);
+    return loss_backward_kernel<typename V::Element, V::kMode, V::kVectorized>;
   });
 }
 

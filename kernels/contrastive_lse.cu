@@ -219,16 +219,16 @@ cudaError_t launch_lse_backward(ElementType type, Float32Mode mode, const LseBac
 }
 
 int lse_forward_ctas_per_sm(ElementType type, Float32Mode mode) {
-  return query_variant(type, mode, [](auto variant) {
-    using V = decltype(variant);
-    return ctas_per_sm<typename V::Element>(lse_forward_kernel<typename V::Element, V::kMode, V::kVectorized>);
+  return tile_occupancy(type, mode, [](auto v) {
+    using V = decltype(v);
+    return lse_forward_kernel<typename V::Element, V::kMode, V::kVectorized>;
   });
 }
 
 int lse_backward_ctas_per_sm(ElementType type, Float32Mode mode) {
-  return query_variant(type, mode, [](auto variant) {
-    using V = decltype(variant);
-    return ctas_per_sm<typename V::Element>(lse_backward_kernel<typename V::Element, V::kMode, V::kVectorized>);
+  return tile_occupancy(type, mode, [](auto v) {
+    using V = decltype(v);
+    return lse_backward_kernel<typename V::Element, V::kMode, V::kVectorized>;
   });
 }
 

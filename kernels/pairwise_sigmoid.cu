@@ -148,16 +148,16 @@ cudaError_t launch_sigmoid_backward(ElementType type, Float32Mode mode, const Si
 }
 
 int sigmoid_forward_ctas_per_sm(ElementType type, Float32Mode mode) {
-  return query_variant(type, mode, [](auto variant) {
-    using V = decltype(variant);
-    return ctas_per_sm<typename V::Element>(sigmoid_forward_kernel<typename V::Element, V::kMode, V::kVectorized>);
+  return tile_occupancy(type, mode, [](auto v) {
+    using V = decltype(v);
+    return sigmoid_forward_kernel<typename V::Element, V::kMode, V::kVectorized>;
   });
 }
 
 int sigmoid_backward_ctas_per_sm(ElementType type, Float32Mode mode) {
-  return query_variant(type, mode, [](auto variant) {
-    using V = decltype(variant);
-    return ctas_per_sm<typename V::Element>(sigmoid_backward_kernel<typename V::Element, V::kMode, V::kVectorized>);
+  return tile_occupancy(type, mode, [](auto v) {
+    using V = decltype(v);
+    return sigmoid_backward_kernel<typename V::Element, V::kMode, V::kVectorized>;
   });
 }
 

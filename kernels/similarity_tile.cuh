@@ -488,17 +488,18 @@ int ctas_per_sm(void (*kernel)(Args)) {
   return blocks > 0 ? blocks : 1;
 }
 
-// query(Variant<...>{}) for the vectorized instantiation of the run-time element type and float32 mode.
-template <typename Query>
-int query_variant(ElementType type, Float32Mode mode, Query&& query) {
+// ctas_per_sm of the vectorized instantiation kernel_of(Variant<...>{}) for the run-time element type and
+// float32 mode.
+template <typename KernelOf>
+int tile_occupancy(ElementType type, Float32Mode mode, KernelOf&& kernel_of) {
   switch (type) {
     case ElementType::kFloat16:
-      return query(Variant<__half, Float32Mode::kTf32, true>{});
+      return ctas_per_sm<__half>(kernel_of(Variant<__half, Float32Mode::kTf32, true>{}));
     case ElementType::kBFloat16:
-      return query(Variant<__nv_bfloat16, Float32Mode::kTf32, true>{});
+      return ctas_per_sm<__nv_bfloat16>(kernel_of(Variant<__nv_bfloat16, Float32Mode::kTf32, true>{}));
     case ElementType::kFloat32:
-      return mode == Float32Mode::kTf32 ? query(Variant<float, Float32Mode::kTf32, true>{})
-                                        : query(Variant<float, Float32Mode::kTf32x3, true>{});
+      return mode == Float32Mode::kTf32 ? ctas_per_sm<float>(kernel_of(Variant<float, Float32Mode::kTf32, true>{}))
+                                        : ctas_per_sm<float>(kernel_of(Variant<float, Float32Mode::kTf32x3, true>{}));
   }
   return 1;
 }
