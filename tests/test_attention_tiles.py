@@ -85,6 +85,7 @@ def _ids(case: tuple) -> str:
 
 
 def _run(case: tuple, dtype: torch.dtype, path: str):
+    """The kernels' out, dq, dk, dv (the backward with head-dim pieces too) and the reference at a dtype."""
     batch, heads, seq_q, seq_k, head_dim, causal, masked, lengths, block = case
     q = torch.randn(batch, heads, seq_q, head_dim).to(dtype)
     k, v = (torch.randn(batch, heads, seq_k, head_dim).to(dtype) for _ in range(2))
@@ -93,7 +94,11 @@ def _run(case: tuple, dtype: torch.dtype, path: str):
     scale = head_dim**-0.5
     out, lse = at.forward(q, k, v, mask, causal, scale, block=block, lengths=lengths)
     grad_out = torch.randn_like(out)
-    grads = at.backward(grad_out, None, q, k, v, out, lse, mask, causal, scale, block=block, lengths=lengths, path=path)
+    with pytest.MonkeyPatch.context() as patch:  # the launchers' choice aside, the backward's pieces work
+        patch.setitem(at.PIECES, "bwd", True)
+        grads = at.backward(
+            grad_out, None, q, k, v, out, lse, mask, causal, scale, block=block, lengths=lengths, path=path
+        )
     kwargs = dict(key_padding_mask=mask, causal=causal, scale=scale, lengths=lengths)
 
     def reference(cast: torch.dtype) -> list[torch.Tensor]:
@@ -140,3 +145,11 @@ def test_narrow_tiles_change_no_result_beyond_rounding() -> None:
     wide, _ = _run(case[:-1] + ((64, 64, 64, 64),), torch.float32, "split")
     for a, b in zip(narrow, wide):
         assert _err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_launchers_pass_pieces_where_the_rule_says() -> None:
+    """The forward holds head dim 80 as 64 + 16; the backward as PIECES says (one padded block unless set)."""
+    assert at._pieces_kwargs(80, "fwd") == {"BLOCK_D": 64, "BLOCK_D1": 16}
+    expected = {"BLOCK_D": 64, "BLOCK_D1": 16} if at.PIECES["bwd"] else {"BLOCK_D": 128, "BLOCK_D1": 0}
+    assert at._pieces_kwargs(80, "bwd") == expected
+    assert at._pieces_kwargs(64, "fwd") == at._pieces_kwargs(64, "bwd") == {"BLOCK_D": 64, "BLOCK_D1": 0}

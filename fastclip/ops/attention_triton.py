@@ -794,41 +794,50 @@ _DQ_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (
 _FUSED_CONFIGS = [(32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2),
                   (64, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 
-# Configs that spill registers, per (kernel, GPU family, BLOCK_D): measured with bf16 and fp16 inputs,
-# Triton 3.6 and 3.9, by tools/check_triton_compile.py (ptxas -v; spill bytes noted are the worst case).
-# A spill puts accumulator or operand values in local memory inside the key/query loop, so such a config
-# is slower than a smaller tile that fits: it is never compiled or timed. The sets are irregular (ptxas's
-# allocation is not monotonic in the tile size), hence lists rather than a register formula.
+# Configs that spill registers, per (kernel, GPU family, head-dim lanes): BLOCK_D + BLOCK_D1, so the forward's
+# head dim 80 is 80 (64 + 16) and the backward's 128 (one padded block, see PIECES). Measured on these kernels
+# with bf16 by tools/check_triton_compile.py --unpruned (ptxas -v) with Triton 3.9 and 3.6 (the GPU image's,
+# which spills less: 38 of 286 sm_90 kernels against 3.9's 203 of 692 on both families); the previous
+# kernels' rules (3.6 and 3.9, bf16 and fp16) are kept on top. A spill puts accumulator or
+# operand values in local memory inside the key/query loop, so such a config is slower than a smaller tile
+# that fits: it is never compiled or timed. maxnreg cannot help here: every spill is at ptxas's 255-register
+# ceiling, and a lower cap only spills more. The sets are irregular (ptxas's allocation is not monotonic in the
+# tile size), hence lists rather than a register formula.
 _SPILLS: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
-    # sm_80 forward: odd cases of 4-32 B (Triton 3.9); at head dim 80 (BLOCK_D 128) with lengths, 4-12 B.
-    ("fwd", 80, 32): {(64, 64, 4, 3), (128, 64, 8, 3)},
-    ("fwd", 80, 128): {(128, 64, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)},
-    # sm_90 forward: a 64x128 score tile at head dim 64 (8 B); at 128 the 4-warp tiles (4-52 B).
+    # The forward: odd cases of 4-52 B; at 80 lanes the 4-warp small tiles on sm_80, 64x64/4 and 64x128 on sm_90.
+    ("fwd", 80, 32): {(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3)},
+    ("fwd", 80, 64): {(64, 32, 4, 3), (128, 32, 8, 3), (128, 128, 8, 2)},
+    ("fwd", 80, 80): {(32, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2)},
+    ("fwd", 80, 128): {(32, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3)},
     ("fwd", 90, 64): {(64, 128, 8, 2)},
+    ("fwd", 90, 80): {(64, 64, 4, 3), (64, 128, 8, 2)},
     ("fwd", 90, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3)},
-    # sm_80 dK/dV holds k, v, dk and dv of a whole key block besides the score tiles: at head dims 32 and
-    # 64 most 64-row query blocks spill (12-296 B); at 128 the 128-key blocks and 64x64/4 warps (188-16188 B).
-    ("dkdv", 80, 32): {(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2),
-                       (32, 32, 4, 2)},  # the last with lengths, Triton 3.6 (4 B)
+    # dK/dV holds k, v, dk and dv of a whole key block besides the score tiles. sm_80: most 64-row query
+    # blocks spill; at 128 the 128-key blocks and 64x64/4 warps. sm_90: fits up to 64 lanes; at 128 every
+    # config with a 64-key block (wgmma's minimum) spills, so only 64x32 (mma.sync) is left.
+    ("dkdv", 80, 32): {(32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)},
     ("dkdv", 80, 64): {(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)},
     ("dkdv", 80, 128): {(32, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)},
-    # sm_90 dK/dV fits up to head dim 64; at 128 all but 64x32/4 warps and 64x64/8 warps spill (16-248 B).
-    ("dkdv", 90, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)},
-    # sm_80 dQ holds q, dO and dq of a query block: 64x64 and 128x64 tiles spill at head dim 64 (8-32 B),
-    # 64x64/4 warps and the 128-row tiles at 128 (12-716 B).
-    ("dq", 80, 32): {(64, 64, 4, 3)},  # with lengths (4 B)
+    ("dkdv", 90, 64): {(64, 64, 4, 3)},  # causal (Triton 3.6, 20-28 B)
+    ("dkdv", 90, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2),
+                        (64, 128, 8, 2)},
+    # dQ holds q, dO and dq of a query block: 64x64 and 128x64 tiles spill at 64 lanes on sm_80, the 128-row
+    # tiles (and 64x64/4 warps) at 128.
+    ("dq", 80, 32): {(64, 64, 4, 3)},
     ("dq", 80, 64): {(64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2)},
     ("dq", 80, 128): {(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)},
-    ("dq", 90, 32): {(32, 64, 4, 3)},  # causal with mask and lengths (255 registers, 28 B)
-    # The fused backward holds dK/dV's key block and a dQ tile besides. sm_80: at head dim 64 the 64-row
-    # query blocks and 32x64/4 warps spill (8-812 B); at 128 everything with 4 warps or a 64x64+ tile
-    # (44-5904 B), leaving the 8-warp small tiles. sm_90: 64x64/4 warps and 64x128 from head dim 64 on
-    # (24-68 B), at 128 also 32x64/4 warps and 64x64/8 warps (148-724 B).
+    ("dq", 90, 32): {(32, 64, 4, 3)},
+    ("dq", 90, 128): {(64, 64, 4, 3)},  # Triton 3.6
+    # The fused backward holds dK/dV's key block and a dQ tile besides. sm_80: at 64 lanes the 64-row query
+    # blocks and 32x64/4 warps; at 128 all but 32x32/8 and 64x32/8 warps. sm_90: 64x64/4 warps and 64x128
+    # from 64 lanes on; at 128 every config with a 64-key block, leaving 32-key ones (mma.sync).
+    ("fused", 80, 32): {(64, 128, 8, 2)},
     ("fused", 80, 64): {(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)},
     ("fused", 80, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3),
                          (64, 64, 8, 2), (64, 128, 8, 2)},
     ("fused", 90, 64): {(64, 64, 4, 3), (64, 128, 8, 2)},
-    ("fused", 90, 128): {(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)},
+    ("fused", 90, 128): {(32, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2),
+                         (64, 128, 8, 2)},
 }
 # Hopper's warpgroup MMA (wgmma) works on 64-row blocks: a program whose resident block (the queries of
 # the forward and dQ, the keys of dK/dV) has fewer rows compiles to Ampere's mma.sync on sm_90 (read from
@@ -970,9 +979,16 @@ def _mask_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tupl
     return mask, mask.stride(0), mask.stride(1), True
 
 
-@functools.lru_cache(maxsize=None)
-def _pieces_kwargs(head_dim: int) -> dict[str, int]:
-    block_d, block_d1 = head_dim_pieces(head_dim)
+# Which kernels hold the head dim in pieces. The backward kernels take them too (and the tests run them so),
+# but compiled (Triton 3.9, tools/check_triton_compile.py --unpruned) they spill at head dim 80 in every
+# dK/dV and fused config on sm_80 and in every 64-row one on sm_90, more than with one 128-lane block, so
+# the backward pads to a power of two until that is solved; the forward fits.
+PIECES = {"fwd": True, "bwd": False}
+
+
+def _pieces_kwargs(head_dim: int, kernel: str) -> dict[str, int]:
+    """BLOCK_D and BLOCK_D1 of `kernel` ("fwd" or "bwd"): `head_dim_pieces` where PIECES says, else one block."""
+    block_d, block_d1 = head_dim_pieces(head_dim) if PIECES[kernel] else (max(16, _bucket(head_dim)), 0)
     return {"BLOCK_D": block_d, "BLOCK_D1": block_d1}
 
 
@@ -1031,7 +1047,7 @@ def forward(
             q, k, v, mask, lengths, out, lse,
             *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *out.stride(),
             heads, seq_q, seq_k, scale * LOG2E, _bucket(seq_q), _bucket(seq_k),
-            HEAD_DIM=head_dim, **_pieces_kwargs(head_dim),
+            HEAD_DIM=head_dim, **_pieces_kwargs(head_dim, "fwd"),
             CAUSAL=causal, HAS_MASK=has_mask, HAS_LENGTHS=has_lengths,
             **_block_kwargs(block),
         )
@@ -1135,7 +1151,7 @@ def _kernel_args(q, k, key_padding_mask, causal, scale, block, lengths) -> tuple
     mask, stride_mb, stride_mn, has_mask = _mask_arg(key_padding_mask, q)
     lengths, has_lengths = _lengths_arg(lengths, q)
     constants = dict(
-        HEAD_DIM=head_dim, **_pieces_kwargs(head_dim), CAUSAL=causal, HAS_MASK=has_mask,
+        HEAD_DIM=head_dim, **_pieces_kwargs(head_dim, "bwd"), CAUSAL=causal, HAS_MASK=has_mask,
         HAS_LENGTHS=has_lengths, **_block_kwargs(block),
     )
     shape_args = (heads, seq_q, k.shape[2], scale * LOG2E, scale, _bucket(seq_q), _bucket(k.shape[2]))
