@@ -830,14 +830,14 @@ _SPILLS: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
     ("dq", 90, 128): {(64, 64, 4, 3)},  # Triton 3.6
     # The fused backward holds dK/dV's key block and a dQ tile besides. sm_80: at 64 lanes the 64-row query
     # blocks and 32x64/4 warps; at 128 all but 32x32/8 and 64x32/8 warps. sm_90: 64x64/4 warps and 64x128
-    # from 64 lanes on; at 128 every config with a 64-key block, leaving 32-key ones (mma.sync).
+    # from 64 lanes on; at 128 every config with a 64-key block and 64x32/4 warps, leaving 32-key ones (mma.sync).
     ("fused", 80, 32): {(64, 128, 8, 2)},
     ("fused", 80, 64): {(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2)},
     ("fused", 80, 128): {(32, 32, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3),
                          (64, 64, 8, 2), (64, 128, 8, 2)},
     ("fused", 90, 64): {(64, 64, 4, 3), (64, 128, 8, 2)},
-    ("fused", 90, 128): {(32, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2),
-                         (64, 128, 8, 2)},
+    ("fused", 90, 128): {(32, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3),
+                         (64, 64, 8, 2), (64, 128, 8, 2)},
 }
 # Hopper's warpgroup MMA (wgmma) works on 64-row blocks: a program whose resident block (the queries of
 # the forward and dQ, the keys of dK/dV) has fewer rows compiles to Ampere's mma.sync on sm_90 (read from
