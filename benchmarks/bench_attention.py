@@ -519,7 +519,7 @@ def tile_work(head_dims: tuple[int, ...] = (64, 80)) -> list[dict]:
     rows = []
     for head_dim in head_dims:
         padded = max(16, 1 << (head_dim - 1).bit_length())
-        lanes = sum(at.head_dim_pieces(head_dim))
+        lanes = sum(at._pieces_kwargs(head_dim, "fwd").values())  # as the forward launches
         for causal in (False, True):
             for seq in TILE_LENGTHS:
                 useful = sum(min(i + 1, seq) for i in range(seq)) if causal else seq * seq
