@@ -587,6 +587,43 @@ def test_synthetic_heldout_pairs_are_exclusive() -> None:
     assert pairs("test") == all_pairs
 
 
+def test_synthetic_extra_colours_train_only_and_never_the_heldout_pairs() -> None:
+    from fastclip.data.synthetic import EXTRA_COLOURS, class_index, class_names
+
+    n = 4000
+    dataset = SyntheticShapes(n, 32, seed=3, split="train", extra_colours=True)
+    infos = [dataset.attributes(i) for i in range(n)]
+    seen = {(info["colour"], info["shape"]) for info in infos}
+    extra = {(c, s) for c in EXTRA_COLOURS for s in SHAPES}
+    named = {(c, s) for c in COLOURS for s in SHAPES} - set(HELDOUT_PAIRS)
+    assert seen == named | extra and not seen & set(HELDOUT_PAIRS)
+    # written out, not from the module's own lists: the training-only colours and the held-out pairs
+    assert sorted(EXTRA_COLOURS) == ["brown", "cyan", "grey", "pink"]
+    assert {("red", "triangle"), ("white", "cross"), ("blue", "square")} <= set(HELDOUT_PAIRS)
+    assert not any((info["colour"], info["shape"]) in {("red", "triangle"), ("white", "cross")} for info in infos)
+    # no training-only colour is, or passes for, an evaluation colour; the evaluation classes are unchanged
+    assert not set(EXTRA_COLOURS) & set(COLOURS) and len(class_names()) == 40
+    distances = [np.linalg.norm(np.subtract(a, b)) for a in EXTRA_COLOURS.values() for b in COLOURS.values()]
+    assert min(distances) > 90
+    # labels: unique per pair, the extra ones after the 40 evaluation classes; captions name the colour drawn
+    labels = {(info["colour"], info["shape"]): info["class_index"] for info in infos}
+    assert len(set(labels.values())) == len(labels)
+    assert all((label >= 40) == (pair in extra) for pair, label in labels.items())
+    assert labels[("cyan", "circle")] == class_index("cyan", "circle") == 40
+    assert all(info["colour"] in info["caption"] and info["shape"] in info["caption"] for info in infos[:200])
+    # the shape is drawn in its colour (within the +-15 per channel of every shape): a grey one is grey
+    grey = next(i for i, info in enumerate(infos) if info["colour"] == "grey" and info["size"] == "large")
+    pixels = dataset[grey][0].permute(1, 2, 0).reshape(-1, 3).int()
+    near = (pixels - torch.tensor(EXTRA_COLOURS["grey"])).abs().amax(1) <= 16
+    assert near.sum() > 30
+    # without the option the training stream is as before; the other splits refuse it
+    plain = SyntheticShapes(200, 32, seed=3, split="train")
+    assert {(i["colour"], i["shape"]) for i in map(plain.attributes, range(200))} <= named
+    for split in ("test", "heldout"):
+        with pytest.raises(ValueError, match="extra_colours"):
+            SyntheticShapes(10, split=split, extra_colours=True)
+
+
 def test_synthetic_through_dataloader_workers(tokenizer) -> None:
     dataset = SyntheticShapes(16, 32, seed=2, transform=TrainTransform(32))
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=make_collate(tokenizer))

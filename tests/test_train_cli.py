@@ -292,6 +292,8 @@ def test_demo_checkpoints_at_every_evaluation() -> None:
     # the recipe that learns shapes within the demo's steps: the ConvNet tower, class-aware positives, no
     # augmentation of the fresh images
     assert config.model == "demo-CNN" and config.use_labels and config.crop_scale == 1.0 and config.jitter == 0.0
+    # every shape also in the training-only colours (the held-out pairs still never occur: test_datasets.py)
+    assert config.synthetic_extra_colours
 
 
 def test_resume_command_drops_overwrite_and_an_earlier_resume() -> None:

@@ -9,6 +9,11 @@ Compositional held-out test: the (colour, shape) pairs in HELDOUT_PAIRS never oc
 split="train" (every colour and every shape still does, with other partners); split="heldout"
 produces only them, and split="test" any pair from its own seed stream. A model that learnt
 "colour" and "shape" as separate concepts classifies the held-out pairs zero-shot above chance.
+
+`extra_colours=True` (split="train" only) also draws every shape in the EXTRA_COLOURS, colours that no
+evaluation class names: each shape is then seen in more colours (10-12 instead of 6-8), which teaches the
+image tower a shape that does not depend on the colour, so that the held-out pairs compose. The held-out
+pairs still never occur; the 40 evaluation classes (`class_names()`) are unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 140, 20),
     "white": (245, 245, 245),
     "black": (20, 20, 20),
+}
+# Training-only colours (extra_colours=True): every shape in each of them, never an evaluation class. Each is
+# at least 94 (RGB distance) from every colour above, beyond the +-15 per channel that a shape's colour varies.
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
+    "cyan": (40, 200, 210),
+    "pink": (250, 130, 200),
+    "brown": (130, 80, 30),
+    "grey": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 POSITIONS: dict[str, tuple[float, float, str]] = {  # name: (x, y) centre as a fraction of the side, phrase
@@ -71,15 +84,17 @@ def class_names() -> list[str]:
 
 
 def class_index(colour: str, shape: str) -> int:
-    """Index of (colour, shape) in `class_names()`."""
-    return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
+    """Index of (colour, shape) in `class_names()`; an EXTRA_COLOURS pair gets an index after all of those
+    (a training label only: no evaluation class)."""
+    return list({**COLOURS, **EXTRA_COLOURS}).index(colour) * len(SHAPES) + SHAPES.index(shape)
 
 
-def _pairs_of(split: str) -> list[tuple[str, str]]:
+def _pairs_of(split: str, extra_colours: bool = False) -> list[tuple[str, str]]:
     heldout = set(HELDOUT_PAIRS)
     every = [(colour, shape) for colour in COLOURS for shape in SHAPES]
     if split == "train":
-        return [pair for pair in every if pair not in heldout]
+        extra = [(colour, shape) for colour in EXTRA_COLOURS for shape in SHAPES] if extra_colours else []
+        return [pair for pair in every if pair not in heldout] + extra
     return list(HELDOUT_PAIRS) if split == "heldout" else every
 
 
@@ -155,6 +170,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         seed: int = 0,
         split: str = "train",
         transform: Callable[[Image.Image], Any] | None = None,
+        extra_colours: bool = False,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -165,8 +181,10 @@ class SyntheticShapes(torch.utils.data.Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.num_samples, self.image_size, self.seed, self.split = num_samples, image_size, seed, split
-        self.transform = transform
-        self._pairs = _pairs_of(split)
+        if extra_colours and split != "train":
+            raise ValueError(f"extra_colours is for split='train' only (no evaluation class names them), got {split!r}")
+        self.transform, self.extra_colours = transform, bool(extra_colours)
+        self._pairs = _pairs_of(split, self.extra_colours)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -207,8 +225,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
         rng = self._rng(index)
         attributes = self._draw_attributes(rng)
         side = self.image_size
-        colour = np.clip(np.array(COLOURS[attributes["colour"]]) + rng.integers(-15, 16, 3), 0, 255)
-        background = _background(rng, side, tuple(COLOURS[attributes["colour"]]))
+        rgb = {**COLOURS, **EXTRA_COLOURS}[attributes["colour"]]
+        colour = np.clip(np.array(rgb) + rng.integers(-15, 16, 3), 0, 255)
+        background = _background(rng, side, rgb)
         x, y, _ = POSITIONS[attributes["position"]]
         radius = SIZES[attributes["size"]] * rng.uniform(0.85, 1.15) * side
         cx, cy = (x + rng.uniform(-0.05, 0.05)) * side, (y + rng.uniform(-0.05, 0.05)) * side
@@ -238,5 +257,6 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"SyntheticShapes({self.num_samples}, image_size={self.image_size}, seed={self.seed}, "
-            f"split={self.split!r}, {len(self._pairs)} colour-shape pairs)"
+            f"split={self.split!r}, {len(self._pairs)} colour-shape pairs"
+            + (", extra colours)" if self.extra_colours else ")")
         )

@@ -42,6 +42,8 @@ class TrainConfig:
     # class; csv: csv_label_key; shards: each sample's cls member)
     csv_label_key: str = "label"  # CSV column with integer class ids (read with use_labels)
     synthetic_samples: int = 50_000  # samples per epoch of the synthetic dataset
+    synthetic_extra_colours: bool = False  # synthetic: also train on every shape in colours that no evaluation class
+    # names (fastclip.data.synthetic.EXTRA_COLOURS); the held-out pairs still never occur
     jitter: float = 0.4  # colour-jitter strength of the training augmentation (0 disables it)
     crop_scale: float = 0.5  # smallest area share of the training random resized crop, in (0, 1] (1: whole image)
     batch_size: int = 64  # pairs per device per optimizer step (before accumulation)

@@ -214,6 +214,11 @@ def _map_style_dataset(
     from fastclip.data.synthetic import SyntheticShapes
 
     dataset = SyntheticShapes(
-        config.synthetic_samples, image_size, seed=config.seed, split="train", transform=transform
+        config.synthetic_samples,
+        image_size,
+        seed=config.seed,
+        split="train",
+        transform=transform,
+        extra_colours=config.synthetic_extra_colours,
     )
     return (LabelledSynthetic(dataset) if config.use_labels else dataset), ""
