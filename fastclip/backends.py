@@ -27,7 +27,7 @@ ATTENTION_BACKENDS = ("auto", "triton", "torch")
 
 # The backend "auto" takes for CPU tensors, per loss op, when the extension is built: the faster path
 # of `bench_loss --device cpu` (benchmarks/results/cpu-2core/bench_loss_fused.json, fp32, D = 512: the
-# C++ op 1.00-1.96x the naive loss at N = 1024-16384, the tiled PyTorch path 0.88-1.73x). Ops not
+# C++ op 0.94-2.06x the naive loss at N = 1024-16384, the tiled PyTorch path 0.98-1.85x). Ops not
 # listed (pairwise_sigmoid: not yet compared) take the tiled PyTorch path.
 CPU_AUTO = {"contrastive_lse": "cpp"}
 
