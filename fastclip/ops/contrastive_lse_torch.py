@@ -57,8 +57,8 @@ def tiled_lse(
     col_lse = None
     for r0 in range(0, img.shape[0], chunk):
         sim = (img[r0 : r0 + chunk] * scale) @ txt.T  # (chunk, N); scaling [chunk, D] rows beats a pass over the tile
-        # The spread before the mask: a bound on the kept entries'. (A traced graph cannot branch on it.)
-        lo, hi = torch.aminmax(sim) if not torch.compiler.is_compiling() else (None, None)
+        # The spread before the mask: a bound on the kept entries'.
+        lo, hi = torch.aminmax(sim) if _branches_on_data(sim) else (None, None)
         masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
         if masked is not None:
             sim[masked] = float("-inf")
@@ -80,19 +80,28 @@ def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (x - top).exp_().sum(dim).log_() + top.squeeze(dim)
 
 
-def _shared_reference(row_lse: torch.Tensor, col_lse: torch.Tensor, used_cols: torch.Tensor, spread: float):
+def _branches_on_data(x: torch.Tensor) -> bool:
+    """Whether a sweep may pick its path from x's values: on a CPU (on a GPU each check would stall the
+    stream) and outside a traced graph (which cannot branch on data)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _finite_span(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of x's finite values; (inf, -inf) when it has none."""
+    finite = x[torch.isfinite(x)]
+    if finite.numel() == 0:
+        return math.inf, -math.inf
+    lo, hi = torch.aminmax(finite)
+    return lo.item(), hi.item()
+
+
+def _shared_reference(row_lse: torch.Tensor, col_span: tuple[float, float], spread: float) -> float | None:
     """The reference of a backward tile's shared exponential: the largest finite log-sum-exp among its
-    rows and its used columns (every logit is at most its row's), or None when they spread too far (or in a
-    traced graph, which cannot branch on it)."""
-    if torch.compiler.is_compiling():
-        return None
-    rows = row_lse[torch.isfinite(row_lse)]
-    cols = col_lse[torch.isfinite(col_lse) & used_cols]
-    values = torch.cat([rows, cols])
-    if values.numel() == 0:
-        return None
-    lo, hi = torch.aminmax(values)
-    return hi if bool(hi - lo <= spread) else None
+    rows and the used columns (col_span: their finite extremes; every logit is at most its row's), or None
+    when they spread too far."""
+    lo, hi = _finite_span(row_lse)
+    lo, hi = min(lo, col_span[0]), max(hi, col_span[1])
+    return hi if lo <= hi and hi - lo <= spread else None
 
 
 class TiledContrastiveLse(torch.autograd.Function):
@@ -175,6 +184,7 @@ def tiled_loss_gradient(
     chunk = chunk_rows(num_cols, txt.element_size())
     spread = shared_exp_spread(acc)
     used_cols = grad_col != 0  # SupCon has no column terms: its column log-sum-exps play no part
+    col_span = _finite_span(col_lse[used_cols]) if _branches_on_data(col_lse) else None
     for r0 in range(0, n, chunk):
         rows = slice(r0, r0 + chunk)
         dot = img[rows] @ txt.T  # (chunk, N)
@@ -182,10 +192,10 @@ def tiled_loss_gradient(
         masked = diagonal_in_chunk(r0, dot.shape[0], num_cols, masked_diagonal, dot.device)
         left_out = _LeftOut(partner[rows], masked)
         pair_dot[rows] = torch.where(left_out.has_pair, dot.gather(1, left_out.pair_cols)[:, 0], 0.0)
-        ref = _shared_reference(row_lse[rows], col_lse, used_cols, spread)
+        ref = None if col_span is None else _shared_reference(row_lse[rows], col_span, spread)
         if ref is not None:
             # One exponential E = exp(S - ref) for both terms: P_row = E a_i, P_col = E b_j.
-            exp = torch.addcmul(-ref, dot, scale).exp_()
+            exp = torch.addcmul(dot.new_tensor(-ref), dot, scale).exp_()
             left_out.zero(exp)
             # (0 for a log-sum-exp of -inf: every entry of that row or column is left out)
             a = torch.where(torch.isfinite(row_lse[rows]), (ref - row_lse[rows]).exp_(), 0.0)
