@@ -27,3 +27,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _seed() -> None:
     """Fresh but reproducible random inputs per test."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _recompute_similarity(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the `recompute_similarity` mark the losses take the backward they use past the size where
+    they keep the similarity (fastclip.ops.contrastive_gradient.loss_lse), on the tests' small inputs."""
+    if request.node.get_closest_marker("recompute_similarity"):
+        monkeypatch.setattr("fastclip.ops.contrastive_gradient.KEPT_SIMILARITY_BYTES", -1)

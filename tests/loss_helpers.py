@@ -19,9 +19,12 @@ from fastclip import _extension
 from fastclip.ops.reference import contrastive_loss_reference, naive_clip_loss
 
 no_cpp = pytest.mark.skipif(not _extension.has_kernel("contrastive_lse", "CPU"), reason="fastclip._C not built")
+recompute = pytest.mark.recompute_similarity  # the backward past the size that keeps the similarity
 LOSS_TARGETS = [  # (backend, device) of every contrastive-loss path
     pytest.param(("torch", "cpu"), id="torch-cpu"),
+    pytest.param(("torch", "cpu"), id="torch-cpu-recompute", marks=recompute),
     pytest.param(("cpp", "cpu"), id="cpp-cpu", marks=no_cpp),
+    pytest.param(("cpp", "cpu"), id="cpp-cpu-recompute", marks=(no_cpp, recompute)),
     pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
     pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.cuda),
 ]

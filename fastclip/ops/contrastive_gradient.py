@@ -36,11 +36,13 @@ import torch
 
 from fastclip import _extension
 from fastclip.ops._checks import accumulate_dtype, check_fake_inputs
-from fastclip.ops.contrastive_lse import register_first_order_only
-from fastclip.ops.contrastive_lse_torch import tiled_loss_gradient
+from fastclip.ops.contrastive_lse import dispatch_contrastive_lse, register_first_order_only
+from fastclip.ops.contrastive_lse_torch import TILE_BUDGET_BYTES, tiled_loss_gradient, whole_lse
 from fastclip.ops.positives import class_ids
 
 OP = "contrastive_loss_backward"
+# The largest similarity matrix (fp32 or float64 bytes) a loss keeps from its forward for its backward.
+KEPT_SIMILARITY_BYTES = TILE_BUDGET_BYTES
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,40 @@ def other_member(ids: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, neighbour)
 
 
-def loss_gradient(backend: str, image, text, logit_scale, row_lse, col_lse, coefficients, terms: LossTerms):
-    """(grad_image, grad_text, grad_scale) in the accumulation dtype from the chosen backend."""
+def loss_lse(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    backend: str,
+    masked_diagonal: int | None,
+    differentiable: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(row_lse, col_lse, the similarity kept for the backward or None) for a loss's forward.
+
+    On the CPU backends a similarity matrix no larger than one backward tile is kept: the backward's tile
+    recompute is then a quarter of the loss's matmul work saved, and the kept matrix takes the place of
+    the tile the backward would have made, so its peak does not grow (at N = 1024, D = 512 this decides
+    whether the fused loss beats the naive one, which keeps its logits too).
+    """
+    acc = accumulate_dtype(image.dtype)
+    size = image.shape[0] * text.shape[0] * torch.finfo(acc).bits // 8
+    if differentiable and backend in ("torch", "cpp") and size <= KEPT_SIMILARITY_BYTES:
+        return whole_lse(image, text, logit_scale, masked_diagonal)
+    return (*dispatch_contrastive_lse(image, text, logit_scale, backend, masked_diagonal), None)
+
+
+def wants_gradient(*inputs: torch.Tensor) -> bool:
+    """Whether autograd will ask for a gradient of any of `inputs`."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+
+
+def loss_gradient(
+    backend: str, image, text, logit_scale, row_lse, col_lse, coefficients, terms: LossTerms, similarity=None
+):
+    """(grad_image, grad_text, grad_scale) in the accumulation dtype from the chosen backend, or from the
+    tiled PyTorch backward where the forward kept the `similarity`."""
     ids = (terms.row_ids, terms.col_ids, terms.partner)
-    if backend == "torch":
+    if backend == "torch" or similarity is not None:
         return tiled_loss_gradient(
             image,
             text,
@@ -129,6 +161,7 @@ def loss_gradient(backend: str, image, text, logit_scale, row_lse, col_lse, coef
             ids,
             terms.masked_diagonal,
             positives_are_pairs=terms.positives_are_pairs,
+            similarity=similarity,
         )
     return torch.ops.fastclip.contrastive_loss_backward(
         *coefficients, image, text, logit_scale, row_lse, col_lse, *ids, terms.masked_diagonal
@@ -143,19 +176,19 @@ class _FusedLossGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value, image, text, logit_scale, row_lse, col_lse, terms: LossTerms, backend: str):
+    def forward(ctx, value, image, text, logit_scale, row_lse, col_lse, similarity, terms: LossTerms, backend: str):
         ctx.terms, ctx.backend, ctx.same = terms, backend, text is None
-        ctx.save_for_backward(image, image if text is None else text, logit_scale, row_lse, col_lse)
+        ctx.save_for_backward(image, image if text is None else text, logit_scale, row_lse, col_lse, similarity)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_value):
-        image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
+        image, text, logit_scale, row_lse, col_lse, similarity = ctx.saved_tensors
         t = ctx.terms
         g = grad_value.to(row_lse.dtype)
         coefficients = (g * t.row, g * t.col, g * t.positive, g * t.uniform, g * t.pair)
         grad_img, grad_txt, grad_scale = loss_gradient(
-            ctx.backend, image, text, logit_scale, row_lse, col_lse, coefficients, t
+            ctx.backend, image, text, logit_scale, row_lse, col_lse, coefficients, t, similarity
         )
         if ctx.same:
             grad_img, grad_txt = grad_img + grad_txt, None
@@ -166,7 +199,7 @@ class _FusedLossGradient(torch.autograd.Function):
         if grad_txt is not None:
             grad_txt = _first_order(grad_txt.to(text.dtype), anchor)
         grad_scale = _first_order(grad_scale.to(logit_scale.dtype).reshape(logit_scale.shape), anchor)
-        return None, grad_img, grad_txt, grad_scale, None, None, None, None
+        return None, grad_img, grad_txt, grad_scale, None, None, None, None, None
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -202,15 +235,17 @@ def attach_fused_gradient(
     col_lse: torch.Tensor,
     terms: Callable[[], LossTerms],
     backend: str,
+    similarity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`value` (computed without autograd) as a differentiable function of the features and the scale.
 
-    `terms` builds the loss's LossTerms, only when a gradient is wanted; `backend` is a resolved one.
+    `terms` builds the loss's LossTerms, only when a gradient is wanted; `backend` is a resolved one;
+    `similarity` the one `loss_lse` kept.
     """
     inputs = (image, logit_scale) if text is None else (image, text, logit_scale)
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
+    if not wants_gradient(*inputs):
         return value
-    return _FusedLossGradient.apply(value, image, text, logit_scale, row_lse, col_lse, terms(), backend)
+    return _FusedLossGradient.apply(value, image, text, logit_scale, row_lse, col_lse, similarity, terms(), backend)
 
 
 def _register_compiled_op() -> None:

@@ -36,8 +36,7 @@ from fastclip.ops._checks import (
     check_unit_interval,
     share_hint,
 )
-from fastclip.ops.contrastive_gradient import LossTerms, attach_fused_gradient, clip_terms
-from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
+from fastclip.ops.contrastive_gradient import LossTerms, attach_fused_gradient, clip_terms, loss_lse, wants_gradient
 from fastclip.ops.linear_terms import linear_terms
 from fastclip.ops.positives import class_ids
 
@@ -58,7 +57,7 @@ def contrastive_loss(
     direction, 1 - weight the text->image one. With integer `labels` [N] every pair with equal labels is
     a positive, each row's target spread evenly over its positives (see the module docstring). Returns an
     fp32 scalar (float64 for float64 inputs), differentiable in both features and `logit_scale`; no N x N
-    matrix is stored on any backend.
+    matrix is stored on any backend (but a small one: see `loss_lse`).
     """
     check_features(image_features, text_features)
     check_matched_pairs(image_features, text_features, share_hint("contrastive_loss_from_lse"))
@@ -71,13 +70,16 @@ def contrastive_loss(
     # The value from detached inputs (unchanged arithmetic); the gradient from one fused backward that
     # folds the target terms in before its one rounding (fastclip.ops.contrastive_gradient).
     image, text = image_features.detach(), text_features.detach()
-    row_lse, col_lse = dispatch_contrastive_lse(image, text, scale.detach(), backend)
+    differentiable = wants_gradient(image_features, text_features, scale)
+    row_lse, col_lse, similarity = loss_lse(image, text, scale.detach(), backend, None, differentiable)
     value = _assemble_loss(image, text, scale.detach(), row_lse, col_lse, 0, weight, label_smoothing, labels)
 
     def terms() -> LossTerms:
         return clip_terms(image.shape[0], labels, weight, label_smoothing, row_lse.dtype, image.device)
 
-    return attach_fused_gradient(value, image_features, text_features, scale, row_lse, col_lse, terms, backend)
+    return attach_fused_gradient(
+        value, image_features, text_features, scale, row_lse, col_lse, terms, backend, similarity
+    )
 
 
 def contrastive_loss_from_lse(

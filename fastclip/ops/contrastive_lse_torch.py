@@ -44,11 +44,7 @@ def shared_exp_spread(dtype: torch.dtype) -> float:
 def tiled_lse(
     image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, masked_diagonal: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward sweep: row (n,) and column (N,) log-sum-exps in the accumulation dtype, no autograd.
-
-    Where a tile's logits lie within `shared_exp_spread` of its max, one exponential relative to that max
-    serves both the row and the column sums; other tiles take one max and one exponential per direction.
-    """
+    """The forward sweep: row (n,) and column (N,) log-sum-exps in the accumulation dtype, no autograd."""
     acc = accumulate_dtype(image.dtype)
     img, txt, scale = image.detach().to(acc), text.detach().to(acc), logit_scale.detach().to(acc).reshape(())
     chunk = chunk_rows(txt.shape[0], txt.element_size())
@@ -57,20 +53,46 @@ def tiled_lse(
     col_lse = None
     for r0 in range(0, img.shape[0], chunk):
         sim = (img[r0 : r0 + chunk] * scale) @ txt.T  # (chunk, N); scaling [chunk, D] rows beats a pass over the tile
-        # The spread before the mask: a bound on the kept entries'.
-        lo, hi = torch.aminmax(sim) if _branches_on_data(sim) else (None, None)
         masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
-        if masked is not None:
-            sim[masked] = float("-inf")
-        if hi is not None and bool(hi - lo <= spread):  # one host sync per tile, against two passes over it
-            exp = sim.sub_(hi).exp_()
-            row_lse[r0 : r0 + chunk] = exp.sum(1).log_().add_(hi)  # a row of zeros (all masked) gives -inf
-            part = exp.sum(0).log_().add_(hi)
-        else:
-            row_lse[r0 : r0 + chunk] = _logsumexp(sim, 1)
-            part = _logsumexp(sim, 0)
+        row_lse[r0 : r0 + chunk], part = _tile_lse(sim, masked, spread, keep=False)
         col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
     return row_lse, col_lse
+
+
+def whole_lse(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, masked_diagonal: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`tiled_lse` in one tile that is kept: (row_lse, col_lse, S = s * image @ text.T unmasked), for a
+    backward that reads S instead of recomputing it (`tiled_loss_gradient`'s `similarity`)."""
+    acc = accumulate_dtype(image.dtype)
+    img, txt, scale = image.detach().to(acc), text.detach().to(acc), logit_scale.detach().to(acc).reshape(())
+    sim = (img * scale) @ txt.T
+    masked = diagonal_in_chunk(0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
+    row_lse, col_lse = _tile_lse(sim, masked, shared_exp_spread(acc), keep=True)
+    return row_lse, col_lse, sim
+
+
+def _tile_lse(
+    sim: torch.Tensor, masked: tuple[torch.Tensor, torch.Tensor] | None, spread: float, *, keep: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row log-sum-exps and column partial log-sum-exps of one tile, its `masked` entries left out; the
+    tile is overwritten unless `keep`.
+
+    Where the tile's logits lie within `spread` of its max, one exponential relative to that max serves
+    both directions; other tiles take one max and one exponential per direction.
+    """
+    # The spread before the mask: a bound on the kept entries'.
+    lo, hi = torch.aminmax(sim) if _branches_on_data(sim) else (None, None)
+    if hi is not None and bool(hi - lo <= spread):  # one host sync per tile, against two passes over it
+        exp = (sim.sub(hi) if keep else sim.sub_(hi)).exp_()
+        if masked is not None:
+            exp[masked] = 0.0
+        # a row of zeros (all masked) gives -inf
+        return exp.sum(1).log_().add_(hi), exp.sum(0).log_().add_(hi)
+    if masked is not None:
+        sim = sim.clone() if keep else sim
+        sim[masked] = float("-inf")
+    return _logsumexp(sim, 1), _logsumexp(sim, 0)
 
 
 def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -163,13 +185,15 @@ def tiled_loss_gradient(
     masked_diagonal: int | None,
     *,
     positives_are_pairs: bool = False,
+    similarity: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tiled PyTorch `contrastive_loss_backward` (see fastclip.ops.contrastive_gradient for the math).
 
     `coefficients` = (grad_row [n], grad_col [N], grad_positive [n], grad_uniform [], grad_pair [n]) and
     `ids` = (row_ids [n], col_ids [N], partner [n]). `positives_are_pairs`: the caller knows every entry
-    with row_ids == col_ids is a pair entry (see LossTerms). Returns the feature and scale gradients
-    unrounded, in the accumulation dtype: the caller rounds each once.
+    with row_ids == col_ids is a pair entry (see LossTerms). `similarity`: the whole S = s * image @ text.T
+    from `whole_lse`, read instead of recomputed. Returns the feature and scale gradients unrounded, in the
+    accumulation dtype: the caller rounds each once.
     """
     acc = row_lse.dtype
     grad_row, grad_col, grad_positive, grad_uniform, grad_pair = (c.to(acc) for c in coefficients)
@@ -177,25 +201,22 @@ def tiled_loss_gradient(
     img, txt, scale = image.detach().to(acc), text.detach().to(acc), logit_scale.detach().to(acc).reshape(())
     n, num_cols = img.shape[0], txt.shape[0]
     grad_img, grad_txt = torch.empty_like(img), torch.zeros_like(txt)
-    grad_scale = torch.zeros((), dtype=acc, device=img.device)
     row_rest = torch.empty(n, dtype=acc, device=img.device)  # sum of P_row over the row but its pair entry
     col_rest = torch.zeros(num_cols, dtype=acc, device=img.device)  # the same for P_col down each column
-    pair_dot = torch.empty(n, dtype=acc, device=img.device)  # <image_i, text_partner(i)>
-    chunk = chunk_rows(num_cols, txt.element_size())
+    chunk = n if similarity is not None else chunk_rows(num_cols, txt.element_size())
     spread = shared_exp_spread(acc)
     used_cols = grad_col != 0  # SupCon has no column terms: its column log-sum-exps play no part
     col_span = _finite_span(col_lse[used_cols]) if _branches_on_data(col_lse) else None
     for r0 in range(0, n, chunk):
         rows = slice(r0, r0 + chunk)
-        dot = img[rows] @ txt.T  # (chunk, N)
+        sim = similarity if similarity is not None else (img[rows] * scale) @ txt.T  # (chunk, N)
         # the entries filled in from the rests (pair entries) and the masked ones (exp(S + inf) is not 0)
-        masked = diagonal_in_chunk(r0, dot.shape[0], num_cols, masked_diagonal, dot.device)
+        masked = diagonal_in_chunk(r0, sim.shape[0], num_cols, masked_diagonal, sim.device)
         left_out = _LeftOut(partner[rows], masked)
-        pair_dot[rows] = torch.where(left_out.has_pair, dot.gather(1, left_out.pair_cols)[:, 0], 0.0)
         ref = None if col_span is None else _shared_reference(row_lse[rows], col_span, spread)
         if ref is not None:
             # One exponential E = exp(S - ref) for both terms: P_row = E a_i, P_col = E b_j.
-            exp = torch.addcmul(dot.new_tensor(-ref), dot, scale).exp_()
+            exp = (sim - ref).exp_()
             left_out.zero(exp)
             # (0 for a log-sum-exp of -inf: every entry of that row or column is left out)
             a = torch.where(torch.isfinite(row_lse[rows]), (ref - row_lse[rows]).exp_(), 0.0)
@@ -203,11 +224,10 @@ def tiled_loss_gradient(
             row_rest[rows] = exp.sum(1).mul_(a)
             col_rest.addcmul_(exp.sum(0), b)
             # G = gr P_row + gc P_col - gu (- gp [same class] below), all in fp32 before anything is rounded
-            grad_sim = torch.addcmul(-grad_uniform, exp, (a * grad_row[rows])[:, None])
-            grad_sim.addcmul_(exp, (b * grad_col)[None, :])
+            grad_sim = _times_outer_sum(exp, a * grad_row[rows], b * grad_col).sub_(grad_uniform)
         else:
-            p_row = torch.addcmul(-row_lse[rows, None], dot, scale).exp_()  # exp(s <I_i, T_j> - row_lse_i)
-            p_col = torch.addcmul(-col_lse[None, :], dot, scale).exp_()
+            p_row = (sim - row_lse[rows, None]).exp_()
+            p_col = (sim - col_lse[None, :]).exp_()
             left_out.zero(p_row, p_col)
             row_rest[rows] = p_row.sum(1)
             col_rest += p_col.sum(0)
@@ -216,23 +236,20 @@ def tiled_loss_gradient(
             positive = row_ids[rows, None] == col_ids[None, :]
             grad_sim.sub_(torch.where(positive, grad_positive[rows, None], 0.0))
         left_out.zero(grad_sim)
-        grad_scale += (grad_sim * dot).sum()  # a pairwise sum: torch.dot's running one loses bits at large N
         grad_img[rows] = (grad_sim @ txt).mul_(scale)
         grad_txt.addmm_(grad_sim.T, img[rows], alpha=scale)
-    add_pair_entries(
-        img,
-        txt,
-        scale,
-        (grad_row, grad_col, grad_pair),
-        partner,
-        row_rest,
-        col_rest,
-        pair_dot,
-        grad_img,
-        grad_txt,
-        grad_scale,
-    )
+    add_pair_entries(img, txt, scale, (grad_row, grad_col, grad_pair), partner, row_rest, col_rest, grad_img, grad_txt)
+    # dL/ds = sum_ij G_ij <I_i, T_j> = <I, dL/dI> / s: n * D products instead of a pass over every tile
+    grad_scale = (img * grad_img).sum() / scale
     return grad_img, grad_txt, grad_scale
+
+
+def _times_outer_sum(tile: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """tile *= row[:, None] + col[None, :], in place, a few rows at a time: no second tile allocated."""
+    step = max(1, (256 << 10) // (tile.shape[1] * tile.element_size()))  # a cache-sized sum per step
+    for r0 in range(0, tile.shape[0], step):
+        tile[r0 : r0 + step].mul_(row[r0 : r0 + step, None] + col[None, :])
+    return tile
 
 
 class _LeftOut:
@@ -253,9 +270,7 @@ class _LeftOut:
                 tile[self.masked] = 0.0
 
 
-def add_pair_entries(
-    img, txt, scale, coefficients, partner, row_rest, col_rest, pair_dot, grad_img, grad_txt, grad_scale
-) -> None:
+def add_pair_entries(img, txt, scale, coefficients, partner, row_rest, col_rest, grad_img, grad_txt) -> None:
     """Add the pair entries G_i,partner(i) = grad_pair_i - gr_i row_rest_i - gc_p col_rest_p in place.
 
     P - 1 at a pair entry is minus the rest of its row (column): a sum of small terms, exact where 1 - P is
@@ -268,4 +283,3 @@ def add_pair_entries(
     pair_grad = torch.where(has_pair, pair_grad, 0.0)  # (n,)
     grad_img.add_(txt[target] * (scale * pair_grad)[:, None])
     grad_txt.index_add_(0, target, img * (scale * pair_grad)[:, None])
-    grad_scale.add_((pair_grad * pair_dot).sum())

@@ -19,8 +19,7 @@ import torch
 
 from fastclip.backends import resolve_loss_backend
 from fastclip.ops._checks import accumulate_dtype, check_features, check_labels, one_value
-from fastclip.ops.contrastive_gradient import attach_fused_gradient, supcon_terms
-from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
+from fastclip.ops.contrastive_gradient import attach_fused_gradient, loss_lse, supcon_terms, wants_gradient
 from fastclip.ops.positives import class_ids, same_label_dots
 
 
@@ -71,11 +70,13 @@ def supcon_loss(
     # folds the positives in before its one rounding (fastclip.ops.contrastive_gradient).
     detached = features.detach()
     # A view as the second operand: torch.compile cannot trace one tensor passed twice to an autograd.Function.
-    row_lse, col_lse = dispatch_contrastive_lse(detached, detached.view_as(detached), scale.detach(), backend, 0)
-    value = supcon_loss_share(detached, detached, scale.detach(), row_lse, labels, offset=0)
-    return attach_fused_gradient(
-        value, features, None, scale, row_lse, col_lse, lambda: supcon_terms(labels, row_lse.dtype), backend
+    differentiable = wants_gradient(features, scale)
+    row_lse, col_lse, similarity = loss_lse(
+        detached, detached.view_as(detached), scale.detach(), backend, 0, differentiable
     )
+    value = supcon_loss_share(detached, detached, scale.detach(), row_lse, labels, offset=0)
+    terms = lambda: supcon_terms(labels, row_lse.dtype)  # noqa: E731
+    return attach_fused_gradient(value, features, None, scale, row_lse, col_lse, terms, backend, similarity)
 
 
 def supcon_loss_share(
