@@ -12,7 +12,8 @@ Shared memory comes from the kernel's metadata; registers and spills from the `p
 Triton's own ptxas run (a compiled kernel's `n_regs`/`n_spills` exist only once it is loaded on a GPU).
 Exit 1 on a compile error, on shared memory over the architecture's per-block limit, or on any register
 spill (the runtime prunes the configs that spill, so none may be left). Results are recorded per compile
-key under --cache-dir (Triton's cache key: source, signature, options, Triton build), so a rerun is fast.
+key under --cache-dir (Triton's cache key: source, signature, options, Triton build), so a rerun is fast,
+from any checkout of the same kernels.
 
 By default bf16 compiles in every variant (the image towers' plain attention, the text tower's causal
 attention with lengths, and causal with mask and lengths, which holds every code path), fp16 in the last
@@ -41,7 +42,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
 # Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
 SHARED_LIMIT = {80: 166912, 90: 232448}
 KERNELS = {
@@ -447,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache-dir",
         type=Path,
-        default=ROOT / ".cache" / "triton-compile",
-        help="Triton's cache and the recorded results (default .cache/triton-compile)",
+        default=None,
+        help="Triton's cache and the recorded results (default: triton-compile/ in fastclip's cache directory, "
+        "$FASTCLIP_CACHE_DIR, else $XDG_CACHE_HOME/fastclip, else ~/.cache/fastclip)",
     )
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
@@ -458,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
-    cache = args.cache_dir.resolve() / f"triton-{triton.__version__}"
+    from fastclip.checkpoint.pretrained import cache_dir
+
+    # Outside the checkout, so that a fresh clone (CI's) on the same machine reuses the records.
+    cache = (args.cache_dir or cache_dir() / "triton-compile").resolve() / f"triton-{triton.__version__}"
     (cache / "records").mkdir(parents=True, exist_ok=True)
     # Set before any compile, inherited by the workers. No interpreter: it would compile nothing.
     os.environ.pop("TRITON_INTERPRET", None)
