@@ -367,9 +367,17 @@ def naive_too_big_for_cpu(n: int, loss: str = "clip") -> bool:
 
 
 def run_point(
-    backend: str, n: int, d: int, dtype: str, device: str, args: argparse.Namespace, loss: str = "clip"
+    backend: str,
+    n: int,
+    d: int,
+    dtype: str,
+    device: str,
+    args: argparse.Namespace,
+    loss: str = "clip",
+    steps_out: dict | None = None,
 ) -> dict:
-    """Memory, correctness and timings of one competitor at one size; raises on OOM."""
+    """Memory, correctness and timings of one competitor at one size; raises on OOM. With `steps_out`, the
+    timing is left to the caller: the "fwd_bwd" and "fwd" calls go into it instead."""
     inputs = make_inputs(n, d, dtype, device, loss=loss)
     fwd_bwd = _step(backend, inputs, backward=True, loss=loss)
     fwd = _step(backend, inputs, backward=False, loss=loss)
@@ -387,10 +395,26 @@ def run_point(
         tol = CHECK_TOLERANCE.get("bf16" if args.tf32 and dtype == "fp32" else dtype, 1e-3)  # TF32 rounds like bf16
         tol *= max(1.0, abs(result["check"]["ref_loss"]))
         result["check"]["ok"] = bool(result["check"]["loss_abs_err"] <= tol)  # NaN fails
-    timing = {"warmup": args.warmup, "reps": args.reps, "budget_s": args.budget_s, "warmed": True}
-    result["fwd_bwd"] = common.time_fn(fwd_bwd, device, **timing)
-    result["fwd"] = common.time_fn(fwd, device, **timing)
+    if steps_out is not None:
+        steps_out.update(fwd_bwd=fwd_bwd, fwd=fwd)
+        return result
+    for key, step in (("fwd_bwd", fwd_bwd), ("fwd", fwd)):
+        result[key] = common.time_fn(step, device, warmed=True, **timing_kwargs(args))
     return result
+
+
+def timing_kwargs(args: argparse.Namespace) -> dict:
+    return {"warmup": args.warmup, "reps": args.reps, "budget_s": args.budget_s}
+
+
+def time_together(rows: list[dict], steps: dict[str, dict], args: argparse.Namespace) -> None:
+    """The CPU timings of one point's measured competitors, taken in turns (`common.time_interleaved`)."""
+    ok = [row for row in rows if row["status"] == "ok"]
+    for key in ("fwd_bwd", "fwd"):
+        calls = {row["backend"]: steps[row["backend"]][key] for row in ok}
+        timings = common.time_interleaved(calls, **timing_kwargs(args))
+        for row in ok:
+            row[key] = timings[row["backend"]]
 
 
 def add_ratios(row: dict, naive: dict | None, rate_tflops: float) -> None:
@@ -592,9 +616,17 @@ def not_run(loss: str, backend: str, dtype: str, d: int, n: int, device: str, na
 
 
 def point_row(
-    loss: str, dtype: str, d: int, n: int, backend: str, args: argparse.Namespace, naive_oom_at: dict
+    loss: str,
+    dtype: str,
+    d: int,
+    n: int,
+    backend: str,
+    args: argparse.Namespace,
+    naive_oom_at: dict,
+    steps_out: dict | None = None,
 ) -> dict:
-    """One point's row: measured (status "ok", or "oom" when it ran out of memory), or why it was not run."""
+    """One point's row: measured (status "ok", or "oom" when it ran out of memory), or why it was not run;
+    untimed with `steps_out` (see `run_point`)."""
     row = {
         "loss": loss,
         "dtype": dtype,
@@ -604,7 +636,7 @@ def point_row(
         "fwd_flops": 2 * n * n * d,
         "fwd_bwd_flops": 8 * n * n * d,
     }
-    measure = functools.partial(run_point, backend, n, d, dtype, args.device, args, loss)
+    measure = functools.partial(run_point, backend, n, d, dtype, args.device, args, loss, steps_out)
     row.update(
         not_run(loss, backend, dtype, d, n, args.device, naive_oom_at) or common.measure_or_oom(measure, args.device)
     )
@@ -629,20 +661,28 @@ def run_loss(loss: str, args: argparse.Namespace, header: dict, rates: dict) -> 
     }
     record = common.Record(args.out, spec.result_name, payload, rows="points")
     naive_oom_at: dict[tuple[str, int], int] = {}
-    naive_rows: dict[tuple[str, int, int], dict | None] = {}
-    points = [(dtype, d, n, b) for dtype, d in groups for n in args.sizes for b in backends]
+    points = [(dtype, d, n) for dtype, d in groups for n in args.sizes]
+    # On a CPU a point's competitors are timed in turns (ratios that hold on a shared machine); on a GPU
+    # each alone, as its kernels would run.
+    together = args.device == "cpu"
     tqdm.write(TABLE.header())
-    for dtype, d, n, backend in tqdm(points, desc=f"bench_loss {loss}", disable=None, leave=False):
-        row = point_row(loss, dtype, d, n, backend, args, naive_oom_at)
-        if backend == "naive":
-            if row["status"] == "oom":
+    for dtype, d, n in tqdm(points, desc=f"bench_loss {loss}", disable=None, leave=False):
+        rows, steps = [], {backend: {} for backend in backends}
+        for backend in backends:
+            row = point_row(loss, dtype, d, n, backend, args, naive_oom_at, steps[backend] if together else None)
+            if backend == "naive" and row["status"] == "oom":
                 naive_oom_at[(dtype, d)] = n
-            naive_rows[(dtype, d, n)] = row if row["status"] == "ok" else None
-        if row["status"] == "ok":
-            add_ratios(row, naive_rows.get((dtype, d, n)) if backend != "naive" else None, rates[dtype])
-        if loss == "siglip":
-            payload["target"] = siglip_target([*record.rows, row])
-        record.add(row, format_row(row))
+            rows.append(row)
+        if together:
+            time_together(rows, steps, args)
+        del steps  # the competitors' inputs
+        naive = next((row for row in rows if row["backend"] == "naive" and row["status"] == "ok"), None)
+        for row in rows:
+            if row["status"] == "ok":
+                add_ratios(row, naive if row is not naive else None, rates[dtype])
+            if loss == "siglip":
+                payload["target"] = siglip_target([*record.rows, row])
+            record.add(row, format_row(row))
     if payload.get("target", {}).get("fused_status") is not None:
         print(f"SigLIP target: {payload['target']}")
     title = f"{spec.title} on {header['device']}"

@@ -112,6 +112,44 @@ def time_fn(
     return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps, "timer": "cuda_events"}
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    warmup: int = 1,
+    reps: int = 5,
+    *,
+    budget_s: float | None = None,
+    min_reps: int = 3,
+) -> dict[str, dict]:
+    """`time_fn`'s result per name, for competitors on a CPU timed in turns: after one untimed round (lazy
+    init, and the estimate), each round calls every function once, in a rotated order. A drift of the
+    machine's speed (other work, clock changes) then falls on all of them alike instead of on whichever ran
+    while it lasted, so their ratios hold where separate timings on a shared two-core machine spread by
+    10% and more.
+
+    With `budget_s`, slow rounds get fewer repetitions (never fewer than `min_reps`): about `budget_s`
+    seconds per competitor, as `time_fn` gives each.
+    """
+    names = list(fns)
+    if not names:
+        return {}
+    round_ms = sum(_once_ms(fns[name], torch.device("cpu")) for name in names)
+    if budget_s is not None:
+        fit = int(budget_s * 1e3 * len(names) / max(round_ms, 1e-3))
+        reps = max(min_reps, min(reps, fit))
+        warmup = min(warmup, max(0, fit - reps))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for turn in range(warmup + reps):
+        shift = turn % len(names)
+        for name in names[shift:] + names[:shift]:  # no competitor always first (or last) in a round
+            elapsed = _once_ms(fns[name], torch.device("cpu"))
+            if turn >= warmup:
+                times[name].append(elapsed)
+    return {
+        name: {"median_ms": statistics.median(t), "min_ms": min(t), "reps": reps, "timer": "perf_counter, interleaved"}
+        for name, t in times.items()
+    }
+
+
 # --------------------------------------------------------------------------------------------- inputs
 
 CAPTION_MEAN_TOKENS = 18.0  # start + text + end-of-text: the mean CLIP caption fills ~18 of its 77 positions

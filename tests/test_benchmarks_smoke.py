@@ -163,6 +163,7 @@ def test_bench_loss_family_writes_results(tmp_path: Path, monkeypatch) -> None:
         for row in rows:
             assert row["status"] == "ok" and row["check"]["ok"], row
             assert row["fwd"]["median_ms"] > 0 and row["fwd_bwd"]["tflops"] > 0
+            assert row["fwd_bwd"]["timer"] == row["fwd"]["timer"] == "perf_counter, interleaved"
             if row["backend"] != "naive":
                 assert row["fwd_bwd"]["speedup_vs_naive"] > 0
         assert (tmp_path / f"{name}.png").exists()
@@ -203,3 +204,37 @@ def test_bench_loss_check_fails_loudly(tmp_path: Path, monkeypatch) -> None:
     assert rc == 1
     rows = json.loads((tmp_path / "bench_loss_supcon.json").read_text())["points"]
     assert [r["check"]["ok"] for r in rows] == [True, False]
+
+
+def test_time_interleaved_rotates_the_order_and_times_each_call() -> None:
+    """One untimed round, then `warmup + reps` rounds that each call every function once, starting with a
+    different one each round; each result holds that function's own timed calls."""
+    import time
+
+    import common
+
+    calls: list[str] = []
+
+    def sleeper(name: str, seconds: float):
+        def call() -> None:
+            calls.append(name)
+            time.sleep(seconds)
+
+        return call
+
+    fns = {"a": sleeper("a", 0.002), "b": sleeper("b", 0.012), "c": sleeper("c", 0.0)}
+    result = common.time_interleaved(fns, warmup=1, reps=3)
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert rounds == [list("abc"), list("abc"), list("bca"), list("cab"), list("abc")]
+    assert result.keys() == fns.keys() and all(r["reps"] == 3 for r in result.values())
+    assert result["c"]["median_ms"] < result["a"]["median_ms"] < result["b"]["median_ms"]
+    assert 12 <= result["b"]["min_ms"] <= result["b"]["median_ms"]  # a sleep lasts at least as long as asked
+    assert common.time_interleaved({}) == {}
+
+
+def test_time_interleaved_budget_cuts_slow_rounds_to_min_reps() -> None:
+    import common
+
+    calls: list[int] = []
+    result = common.time_interleaved({"x": lambda: calls.append(1)}, warmup=5, reps=100, budget_s=0.0, min_reps=3)
+    assert result["x"]["reps"] == 3 and len(calls) == 1 + 3  # the estimate, then min_reps timed, no warm-up
