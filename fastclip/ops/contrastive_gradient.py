@@ -127,10 +127,10 @@ def loss_lse(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(row_lse, col_lse, the similarity kept for the backward or None) for a loss's forward.
 
-    On the CPU backends a similarity matrix no larger than one backward tile is kept: the backward's tile
-    recompute is then a quarter of the loss's matmul work saved, and the kept matrix takes the place of
-    the tile the backward would have made, so its peak does not grow (at N = 1024, D = 512 this decides
-    whether the fused loss beats the naive one, which keeps its logits too).
+    On the PyTorch and C++ backends a similarity matrix no larger than one backward tile is kept: the
+    backward's tile recompute is then a quarter of the loss's matmul work saved, and the kept matrix
+    takes the place of the tile the backward would have made, so its peak does not grow (at N = 1024,
+    D = 512 this decides whether the fused loss beats the naive one, which keeps its logits too).
     """
     acc = accumulate_dtype(image.dtype)
     size = image.shape[0] * text.shape[0] * torch.finfo(acc).bits // 8
