@@ -27,9 +27,8 @@ ATTENTION_BACKENDS = ("auto", "triton", "torch")
 
 # The backend "auto" takes for CPU tensors, per loss op, when the extension is built: the faster path
 # of `bench_loss --device cpu` (benchmarks/results/cpu-2core/bench_loss_fused.json, fp32, D = 512: the
-# C++ op 1.18-1.95x the naive loss at N = 2048-16384, the tiled PyTorch path 1.24-1.61x; at N = 1024 both
-# run the same kept-similarity code, at parity with naive). Ops not listed (pairwise_sigmoid: not yet
-# compared) take the tiled PyTorch path.
+# C++ op 1.03-1.53x the naive loss at N = 1024-16384, the tiled PyTorch path 1.04-1.39x). Ops not listed
+# (pairwise_sigmoid: not yet compared) take the tiled PyTorch path.
 CPU_AUTO = {"contrastive_lse": "cpp"}
 
 # bf16 and TF32 tensor cores, which the CUDA loss kernels and the Triton attention's bf16 dots need
