@@ -70,6 +70,13 @@ def _cuda_events_ms(fn: Callable[[], Any], warmup: int, reps: int) -> list[float
     return times
 
 
+def _within_budget(calls_that_fit: float, reps: int, warmup: int, min_reps: int) -> tuple[int, int]:
+    """(reps, warmup) cut so that about `calls_that_fit` calls run in all, never fewer than `min_reps` timed."""
+    fit = int(calls_that_fit)
+    reps = max(min_reps, min(reps, fit))
+    return reps, min(warmup, max(0, fit - reps))
+
+
 def time_fn(
     fn: Callable[[], Any],
     device: str | torch.device,
@@ -92,9 +99,7 @@ def time_fn(
     if device.type == "cuda" and not warmed:
         estimate = _once_ms(fn, device)  # the first is no estimate on a GPU (context, cuBLAS handles)
     if budget_s is not None:
-        fit = int(budget_s * 1e3 / max(estimate, 1e-3))
-        reps = max(min_reps, min(reps, fit))
-        warmup = min(warmup, max(0, fit - reps))
+        reps, warmup = _within_budget(budget_s * 1e3 / max(estimate, 1e-3), reps, warmup, min_reps)
     if device.type != "cuda":
         for _ in range(warmup):
             fn()
@@ -134,9 +139,7 @@ def time_interleaved(
         return {}
     round_ms = sum(_once_ms(fns[name], torch.device("cpu")) for name in names)
     if budget_s is not None:
-        fit = int(budget_s * 1e3 * len(names) / max(round_ms, 1e-3))
-        reps = max(min_reps, min(reps, fit))
-        warmup = min(warmup, max(0, fit - reps))
+        reps, warmup = _within_budget(budget_s * 1e3 * len(names) / max(round_ms, 1e-3), reps, warmup, min_reps)
     times: dict[str, list[float]] = {name: [] for name in names}
     for turn in range(warmup + reps):
         shift = turn % len(names)

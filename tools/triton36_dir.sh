@@ -1,6 +1,7 @@
 # Sourced by the Triton checks: sets `triton36` to a directory holding Triton 3.6.0, the version of the
 # project's GPU image ($TRITON36_DIR if set, else installed once into fastclip's cache directory, outside
-# the checkout, so a fresh clone on the same machine reuses it), and `fastclip_cache` to that directory.
+# the checkout, so a fresh clone on the same machine reuses it), and `fastclip_cache` to fastclip's cache
+# directory (fastclip.checkpoint.pretrained.cache_dir).
 fastclip_cache=$(python -c "from fastclip.checkpoint.pretrained import cache_dir; print(cache_dir())")
 
 pip_target_once() {  # pip_target_once DIR SPEC: pip install --target DIR SPEC unless DIR is there already
