@@ -47,12 +47,14 @@ FASTCLIP_CUDA_LOSS_PATH around every call, backward included), so one run compar
 All features are independent random rows, L2-normalised, in the benchmarked dtype; every tensor input
 (features, s, b) is a leaf requiring grad, the temperature is a fixed number (as in Khosla's code).
 Forward+backward is the loss and torch.autograd.grad w.r.t. all those leaves; the forward alone runs with
-autograd recording, as in training.
+autograd recording, as in training (fastclip's SigLIP then makes its gradients in the same pass, so its
+forward time includes them and its backward is nearly free).
 
 FLOP accounting: TFLOP/s counts 2*N^2*D for the forward and 8*N^2*D for forward+backward for every loss
 and every competitor: the fused algorithm's work (the N x N similarity S, S recomputed in the backward,
 two gradient GEMMs), which is the same for CLIP, SigLIP and SupCon (SupCon's S = f @ f.T is N x N too).
-The naive losses do 6*N^2*D (S and two gradient GEMMs), so their figure is a speed on the same scale.
+The naive losses, and fastclip's one-pass SigLIP, do 6*N^2*D (S and two gradient GEMMs), so their
+figure is a speed on the same scale.
 Peak memory is the extra bytes of one forward+backward beyond its inputs (CUDA allocator peak; on a CPU the
 RSS high-water mark, in a fresh process). Ratios (speedup_vs_naive = naive ms / backend ms, memory_vs_naive
 = backend bytes / naive bytes) compare with the naive point of the same loss, dtype, D and N in this run.

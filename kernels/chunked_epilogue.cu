@@ -8,6 +8,7 @@
 // a column belongs to one lane, so its state stays in registers for the whole split. Exponentials run in
 // base 2 (ex2.approx) with the scale pre-multiplied by log2(e); maxes are written back in natural units.
 // The dots are read once and never again (streaming loads); the CPU twin is cpu/chunked_epilogue_cpu.cpp.
+// The sigmoid loss's kernel has the same layout, with no column state but the lanes' labels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -287,6 +288,54 @@ __global__ void __launch_bounds__(kThreads) chunk_loss_backward_kernel(ChunkLoss
   if (lane == 0) b.scale_partial[u.index] = scale_grad;
 }
 
+// One pass of the sigmoid loss (ChunkSigmoidArgs). e = exp(-|z L|) serves both the loss, softplus(-z L) =
+// max(-z L, 0) + log1p(e), and the sigmoid, sigmoid(-z L) = e / (1 + e) or 1 / (1 + e) by the sign of z L.
+template <typename T, bool kVectorized>
+__global__ void __launch_bounds__(kThreads) chunk_sigmoid_kernel(ChunkSigmoidArgs args) {
+  const ChunkShape& s = args.shape;
+  Unit u;
+  if (!unit_of(s, u)) return;
+  const int lane = threadIdx.x % kLanes;
+  const float scale = *s.scale, bias = *args.bias;
+  const float tile_mul = scale * (args.tile_scale ? *args.tile_scale : 1.f);  // exact: a power of two
+  int64_t col_label[kColsPerLane];
+#pragma unroll
+  for (int k = 0; k < kColsPerLane; ++k) {
+    const int64_t col = u.c0 + tile_column(lane, k);
+    col_label[k] = col < s.cols ? args.col_labels[col] : 0;
+  }
+  T* grad_tile = static_cast<T*>(args.grad_tile);
+  double scale_grad = 0.0, bias_grad = 0.0;  // fp32 within a row, double across rows
+  for (int64_t i = u.r0; i < u.r1; ++i) {
+    float x[kColsPerLane], g[kColsPerLane];
+    load_row<kVectorized>(s.dots + i * s.cols, u.c0, s.cols, lane, x);
+    const int64_t row_label = args.row_labels[i];
+    const float grad_row = args.grad_row[i];
+    float loss = 0.f, row_scale = 0.f, row_bias = 0.f;
+#pragma unroll
+    for (int k = 0; k < kColsPerLane; ++k) {
+      g[k] = 0.f;
+      if (u.c0 + tile_column(lane, k) >= s.cols) continue;
+      const bool positive = col_label[k] == row_label;
+      const float l = fmaf(scale, x[k], bias);
+      const float zl = positive ? l : -l;
+      const float e = fast_exp2(-fabsf(zl) * kLog2e);  // in (0, 1]
+      loss += fmaxf(-zl, 0.f) + log1pf(e);
+      const float r = __frcp_rn(1.f + e);
+      const float sig = zl >= 0.f ? e * r : r;  // sigmoid(-z L)
+      g[k] = positive ? -grad_row * sig : grad_row * sig;
+      row_scale = fmaf(g[k], x[k], row_scale);
+      row_bias += g[k];
+    }
+    loss = warp_sum(loss);
+    if (lane == 0) args.row_loss[u.tile * s.rows + i] = loss;
+    scale_grad += row_scale, bias_grad += row_bias;
+    store_row<T, kVectorized>(grad_tile + i * s.cols, u.c0, s.cols, lane, g, tile_mul);
+  }
+  const float unit_scale = warp_sum(static_cast<float>(scale_grad)), unit_bias = warp_sum(static_cast<float>(bias_grad));
+  if (lane == 0) args.scale_partial[u.index] = unit_scale, args.bias_partial[u.index] = unit_bias;
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The grid of a chunk: one warp per unit; nullopt-like 0 for a shape no kernel can take.
@@ -340,6 +389,16 @@ cudaError_t launch_chunk_loss_backward(ElementType type, const ChunkLossArgs& ar
   const bool vectorized = s.cols % kVector == 0 && aligned16(s.dots) && aligned16(args.base.grad_tile);
   return launch_typed(type, vectorized, [&](auto element, auto vector) {
     chunk_loss_backward_kernel<decltype(element), decltype(vector)::value><<<ctas, kThreads, 0, stream>>>(args);
+  });
+}
+
+cudaError_t launch_chunk_sigmoid(ElementType type, const ChunkSigmoidArgs& args, cudaStream_t stream) {
+  const ChunkShape& s = args.shape;
+  const unsigned ctas = ctas_of(s);
+  if (ctas == 0 || s.mask_diagonal) return cudaErrorInvalidValue;
+  const bool vectorized = s.cols % kVector == 0 && aligned16(s.dots) && aligned16(args.grad_tile);
+  return launch_typed(type, vectorized, [&](auto element, auto vector) {
+    chunk_sigmoid_kernel<decltype(element), decltype(vector)::value><<<ctas, kThreads, 0, stream>>>(args);
   });
 }
 

@@ -67,9 +67,27 @@ struct ChunkLossArgs {
   float* pair_dot;             // [rows]: written where the pair entry lies in this block
 };
 
+// The sigmoid loss's one pass (csrc/chunked/chunked_sigmoid.h): L = s * dot + b, z = +1 where the labels
+// agree, -1 elsewhere; per row and tile the sum of softplus(-z L) -> row_loss [col_tiles, rows];
+// grad_tile = tile_scale * s * G with G = -grad_row[i] * z * sigmoid(-z L); per unit the sums of G * dot
+// and of G, each added row by row in double (a unit may hold millions of entries).
+struct ChunkSigmoidArgs {
+  ChunkShape shape;          // mask_diagonal false
+  const float* bias;         // device scalar b
+  const float* grad_row;     // [rows]
+  const int64_t* row_labels;  // [rows]
+  const int64_t* col_labels;  // [cols]
+  void* grad_tile;           // [rows, cols], the inputs' element type
+  const float* tile_scale;   // device scalar (a power of two for fp16 tiles), or nullptr: 1
+  float* row_loss;           // [col_tiles, rows]
+  float* scale_partial;      // [col_tiles * row_splits]
+  float* bias_partial;       // [col_tiles * row_splits]
+};
+
 cudaError_t launch_chunk_forward(const ChunkForwardArgs& args, cudaStream_t stream);
 cudaError_t launch_chunk_backward(ElementType type, const ChunkBackwardArgs& args, cudaStream_t stream);
 cudaError_t launch_chunk_loss_backward(ElementType type, const ChunkLossArgs& args, cudaStream_t stream);
+cudaError_t launch_chunk_sigmoid(ElementType type, const ChunkSigmoidArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastclip

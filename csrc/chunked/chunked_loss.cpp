@@ -6,16 +6,12 @@
 #include <limits>
 #include <vector>
 
+#include "chunked/chunk_blocks.h"
 #include "common.h"
-#include "gradient_blocks.h"
 
 namespace fastclip {
 namespace chunked {
 namespace {
-
-// Chunks and blocks have whole multiples of this many rows (and block columns): small enough that a test
-// can force several chunks at small sizes, large enough that the GEMMs see whole tiles.
-constexpr int64_t kChunkRows = 32;
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
@@ -41,23 +37,6 @@ void merge_into(at::Tensor& run_max, at::Tensor& run_sum, const at::Tensor& part
   run_sum = run_sum * (run_max - shift).exp() + (part_sum * (part_max - shift).exp()).sum(0);
   run_max = m;
 }
-
-// The dot products of a chunk or block, from one GEMM into `scratch` (accumulation dtype).
-at::Tensor block_dots(at::Tensor& scratch, const at::Tensor& img_rows, const at::Tensor& txt_cols) {
-  const int64_t rows = img_rows.size(0), cols = txt_cols.size(0);
-  if (!scratch.defined()) scratch = at::empty({rows * cols}, img_rows.options().dtype(accumulate_type_of(img_rows)));
-  auto dots = scratch.narrow(0, 0, rows * cols).view({rows, cols});
-  mm_into(dots, img_rows, txt_cols.t());
-  return dots;
-}
-
-// The backward's blocks: the gradient tile (input dtype) and the dots beside it (accumulation dtype).
-BlockBudget backward_budget(const at::Tensor& img, int64_t budget_bytes) {
-  const auto acc_size = static_cast<int64_t>(c10::elementSize(accumulate_type_of(img)));
-  return BlockBudget{static_cast<int64_t>(img.element_size()) + acc_size, budget_bytes, kChunkRows};
-}
-
-at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) { return t.detach().to(acc).contiguous(); }
 
 // What every backward block reads besides its dots: both log-sum-exps' upstream gradients and values
 // (accumulation dtype), the scale, the whole matrix's masked diagonal and the fp16 tile scaling.

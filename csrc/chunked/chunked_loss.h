@@ -61,6 +61,20 @@ struct LossChunk : BackwardChunk {
   at::Tensor pair_dot;                // [rows]: the pair's dot product, written where it lies in this block
 };
 
+// pairwise_sigmoid's block in one pass (chunked_sigmoid.h): with L = s * dot + b and z = +1 where the
+// labels agree (-1 elsewhere), each row's sum of softplus(-z * L) over the block and G = -g_i * z *
+// sigmoid(-z * L), the gradient of sum_i g_i * row_loss_i.
+struct SigmoidChunk : Dots {
+  at::Tensor bias;                       // 0-d, accumulation dtype: b
+  at::Tensor grad_row;                   // [rows]: g
+  at::Tensor row_labels, col_labels;     // int64 [rows], [cols]
+  at::Tensor grad_tile;                  // [rows, cols], input dtype: tile_scale * s * G
+  std::optional<at::Tensor> tile_scale;  // as BackwardChunk's
+  at::Tensor row_loss;                   // [col_tiles, rows]: softplus(-z * L) over each tile
+  at::Tensor scale_partial;              // [units]: sum of G * dot over each unit
+  at::Tensor bias_partial;               // [units]: sum of G over each unit
+};
+
 // The device-specific part: one pass over the dots of a chunk or block, writing what the structs name.
 class Epilogue {
  public:
@@ -70,6 +84,7 @@ class Epilogue {
   virtual void forward(const ForwardChunk& chunk) const = 0;
   virtual void lse_backward(const BackwardChunk& chunk) const = 0;
   virtual void loss_backward(const LossChunk& chunk) const = 0;
+  virtual void sigmoid(const SigmoidChunk& chunk) const = 0;
 };
 
 // The ops on the chunked path; arguments checked by the caller. budget_bytes bounds the scratch of the

@@ -3,6 +3,7 @@
 // in one task, in natural-log units instead of the GPU's base 2, with the same per-unit partials: a row's
 // (max, sum) per tile, a column's running (max, sum) over its split's rows, one logit-scale partial per
 // unit. Only the order of a few sums differs (a warp adds its lanes as a tree).
+// Also the sigmoid loss's one pass (chunked_sigmoid.h): per row and tile the sum of softplus(-z L), and s * G.
 #include "cpu/chunked_epilogue_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -12,6 +13,8 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+
+#include "cpu/vector_exp.h"
 
 namespace fastclip {
 namespace {
@@ -155,6 +158,69 @@ void loss_backward(const chunked::LossChunk& c) {
   });
 }
 
+// The exponentials of one row of a tile, in place: x[j] = exp(x[j]) (vectorised for fp32).
+inline void exp_row(float* x, int64_t n) { cpu::exp_inplace(x, n); }
+inline void exp_row(double* x, int64_t n) { cpu::exp_inplace(x, n); }
+
+// Below this e, log1p(e) = e (1 - e (1/2 - e / 3)) to fp32's rounding (the next term is e^4 / 4): most
+// entries of a sigmoid loss sit far from the decision boundary and take the series, in vector lanes; the
+// rest take std::log1p. fp64 takes std::log1p throughout.
+template <typename acc_t>
+constexpr acc_t kSeriesBelow = std::is_same_v<acc_t, float> ? acc_t(0x1p-12) : acc_t(0);
+
+// Each row of a unit in three passes over its tile columns, the first two branch-free (SIMD lanes):
+// z L and -|z L|; e = exp(-|z L|) in (0, 1], shared by the loss, softplus(-z L) = max(-z L, 0) +
+// log1p(e), and the sigmoid, sigmoid(-z L) = e / (1 + e) or 1 / (1 + e) by the sign of z L; then
+// std::log1p for the few e the series does not cover.
+template <typename T, typename acc_t>
+void sigmoid(const chunked::SigmoidChunk& c) {
+  const int64_t rows = c.dots.size(0), cols = c.dots.size(1);
+  const acc_t scale = c.scale.item<acc_t>(), bias = c.bias.item<acc_t>();
+  const acc_t tile_mul = scale * (c.tile_scale ? static_cast<acc_t>(c.tile_scale->item<float>()) : acc_t(1));
+  const acc_t* dots = c.dots.data_ptr<acc_t>();
+  const acc_t* gr = c.grad_row.data_ptr<acc_t>();
+  const int64_t *row_labels = c.row_labels.data_ptr<int64_t>(), *col_labels = c.col_labels.data_ptr<int64_t>();
+  T* out = c.grad_tile.data_ptr<T>();
+  acc_t *row_loss = c.row_loss.data_ptr<acc_t>(), *scale_partial = c.scale_partial.data_ptr<acc_t>();
+  acc_t* bias_partial = c.bias_partial.data_ptr<acc_t>();
+  constexpr acc_t series_below = kSeriesBelow<acc_t>;
+  for_each_unit(c.grid, rows, cols, [&](const Unit& u) {
+    double ds = 0, db = 0;  // a unit sums up to rows_per_split * 256 terms: per row in acc_t, rows in double
+    acc_t zl[kTileCols], e[kTileCols], g[kTileCols];
+    const int64_t* labels = col_labels + u.c0;
+    for (int64_t i = u.r0; i < u.r1; ++i) {
+      const acc_t* row = dots + i * cols + u.c0;
+      const int64_t label = row_labels[i];
+      const acc_t weight = gr[i];
+#pragma omp simd
+      for (int64_t j = 0; j < u.tc; ++j) {
+        const acc_t l = scale * row[j] + bias;
+        zl[j] = labels[j] == label ? l : -l;  // z * L
+        e[j] = zl[j] < 0 ? zl[j] : -zl[j];
+      }
+      exp_row(e, u.tc);
+      acc_t loss = 0, row_ds = 0, row_db = 0;
+#pragma omp simd reduction(+ : loss, row_ds, row_db)
+      for (int64_t j = 0; j < u.tc; ++j) {
+        const acc_t x = e[j], r = 1 / (1 + x);
+        const acc_t sig = zl[j] >= 0 ? x * r : r;                  // sigmoid(-z L)
+        const acc_t gj = labels[j] == label ? -weight * sig : weight * sig;  // -g z sigmoid(-z L)
+        row_ds += gj * row[j], row_db += gj;
+        g[j] = tile_mul * gj;
+        const acc_t series = x < series_below ? x * (1 - x * (acc_t(0.5) - x * acc_t(1.0 / 3))) : 0;
+        loss += (zl[j] < 0 ? -zl[j] : acc_t(0)) + series;
+      }
+      for (int64_t j = 0; j < u.tc; ++j)
+        if (e[j] >= series_below) loss += std::log1p(e[j]);
+      T* out_row = out + i * cols + u.c0;
+      for (int64_t j = 0; j < u.tc; ++j) out_row[j] = static_cast<T>(g[j]);
+      row_loss[u.tile * rows + i] = loss;
+      ds += row_ds, db += row_db;
+    }
+    scale_partial[u.index] = static_cast<acc_t>(ds), bias_partial[u.index] = static_cast<acc_t>(db);
+  });
+}
+
 // acc_t: fp64 for fp64 tiles, else fp32 (the dots' dtype, chosen by the driver).
 #define FASTCLIP_DISPATCH_TILE(tile_type, name, ...)                                               \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tile_type, name, [&] {                 \
@@ -179,6 +245,11 @@ class CpuEpilogue final : public chunked::Epilogue {
   void loss_backward(const chunked::LossChunk& c) const override {
     FASTCLIP_DISPATCH_TILE(c.grad_tile.scalar_type(), "chunked_loss_backward_cpu",
                            [&] { fastclip::loss_backward<scalar_t, acc_t>(c); });
+  }
+
+  void sigmoid(const chunked::SigmoidChunk& c) const override {
+    FASTCLIP_DISPATCH_TILE(c.grad_tile.scalar_type(), "chunked_sigmoid_cpu",
+                           [&] { fastclip::sigmoid<scalar_t, acc_t>(c); });
   }
 };
 

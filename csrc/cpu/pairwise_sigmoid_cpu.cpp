@@ -5,11 +5,16 @@
 //  - backward: per chunk of rows, the gradient tile G = -g_i * z * sigmoid(-z * L), then two GEMMs.
 // The tiles come from the machinery shared with contrastive_lse (tile_sweep_cpu.h); nothing N x N is
 // stored. Positives are decided inside the tile, so each term is computed directly in its stable form.
+// pairwise_sigmoid_with_grad runs the chunked path's one pass (chunked/chunked_sigmoid.h) with its CPU
+// epilogue.
 #include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
+#include "chunked/chunked_sigmoid.h"
+#include "chunked/loss_path.h"
+#include "cpu/chunked_epilogue_cpu.h"
 #include "cpu/tile_sweep_cpu.h"
 #include "ops/pairwise_sigmoid.h"
 
@@ -125,11 +130,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_back
   return {grad_img.to(image.scalar_type()), grad_txt.to(text.scalar_type()), grad_scale, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_with_grad_cpu(
+    const at::Tensor& grad_row_loss, const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale,
+    const at::Tensor& logit_bias, const at::Tensor& row_labels, const at::Tensor& col_labels) {
+  check_sigmoid_inputs(image, text, logit_scale, logit_bias, row_labels, col_labels);
+  check_sigmoid_backward_inputs(grad_row_loss, image);
+  return chunked::pairwise_sigmoid_with_grad(grad_row_loss, image, text, logit_scale, logit_bias, row_labels,
+                                             col_labels, cpu_chunk_epilogue(),
+                                             chunk_budget_bytes(cpu::kScratchBudgetBytes));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("pairwise_sigmoid", &pairwise_sigmoid_cpu);
   m.impl("pairwise_sigmoid_backward", &pairwise_sigmoid_backward_cpu);
+  m.impl("pairwise_sigmoid_with_grad", &pairwise_sigmoid_with_grad_cpu);
 }
 
 }  // namespace fastclip

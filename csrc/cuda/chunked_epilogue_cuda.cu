@@ -68,6 +68,19 @@ class CudaEpilogue final : public chunked::Epilogue {
     C10_CUDA_CHECK(cuda::launch_chunk_loss_backward(glue::element_type(c.grad_tile, kOp), a,
                                                     c10::cuda::getCurrentCUDAStream()));
   }
+
+  void sigmoid(const chunked::SigmoidChunk& c) const override {
+    cuda::ChunkSigmoidArgs a{};
+    a.shape = shape_of(c);
+    a.bias = c.bias.data_ptr<float>(), a.grad_row = c.grad_row.data_ptr<float>();
+    a.row_labels = c.row_labels.data_ptr<int64_t>(), a.col_labels = c.col_labels.data_ptr<int64_t>();
+    a.grad_tile = c.grad_tile.data_ptr();
+    a.tile_scale = c.tile_scale ? c.tile_scale->data_ptr<float>() : nullptr;
+    a.row_loss = c.row_loss.data_ptr<float>();
+    a.scale_partial = c.scale_partial.data_ptr<float>(), a.bias_partial = c.bias_partial.data_ptr<float>();
+    C10_CUDA_CHECK(cuda::launch_chunk_sigmoid(glue::element_type(c.grad_tile, "pairwise_sigmoid_with_grad"), a,
+                                              c10::cuda::getCurrentCUDAStream()));
+  }
 };
 
 }  // namespace

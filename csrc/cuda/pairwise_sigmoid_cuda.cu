@@ -8,11 +8,16 @@
 // Backward: the shared gradient-block loop of cuda_glue.h: per block of rows x columns the fused kernel
 // writes s * G into the scratch tile, two GEMMs turn it into the feature gradients, and the per-CTA
 // partials of sum(G * <image_i, text_j>) and sum(G) become the logit_scale and logit_bias gradients.
+// pairwise_sigmoid_with_grad: the chunked path's one pass (chunked/chunked_sigmoid.h), cuBLAS GEMMs and the
+// epilogue kernel of kernels/chunked_epilogue.cu.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "chunked/chunked_sigmoid.h"
+#include "chunked/loss_path.h"
+#include "cuda/chunked_epilogue_cuda.h"
 #include "cuda/cuda_glue.h"
 #include "ops/pairwise_sigmoid.h"
 #include "pairwise_sigmoid.cuh"
@@ -94,11 +99,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_back
           glue::sum_partials(bias_partials, logit_bias)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_with_grad_cuda(
+    const at::Tensor& grad_row_loss, const at::Tensor& image, const at::Tensor& text, const at::Tensor& logit_scale,
+    const at::Tensor& logit_bias, const at::Tensor& row_labels, const at::Tensor& col_labels) {
+  check_cuda_inputs(image, text, logit_scale, logit_bias, row_labels, col_labels);
+  check_sigmoid_backward_inputs(grad_row_loss, image);
+  glue::element_type(image, "pairwise_sigmoid_with_grad");  // fp32, bf16 or fp16, else a clear error
+  const c10::cuda::CUDAGuard guard(image.device());
+  return chunked::pairwise_sigmoid_with_grad(grad_row_loss, image, text, logit_scale, logit_bias, row_labels,
+                                             col_labels, cuda_chunk_epilogue(),
+                                             chunk_budget_bytes(glue::kScratchBudgetBytes));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
   m.impl("pairwise_sigmoid", &pairwise_sigmoid_cuda);
   m.impl("pairwise_sigmoid_backward", &pairwise_sigmoid_backward_cuda);
+  m.impl("pairwise_sigmoid_with_grad", &pairwise_sigmoid_with_grad_cuda);
 }
 
 }  // namespace fastclip

@@ -1,4 +1,4 @@
-// The schemas of pairwise_sigmoid and pairwise_sigmoid_backward (pairwise_sigmoid.h), and their argument
+// The schemas of pairwise_sigmoid, pairwise_sigmoid_backward and pairwise_sigmoid_with_grad (pairwise_sigmoid.h), and their argument
 // checks. The CPU and CUDA implementations register themselves in cpu/ and cuda/.
 #include "ops/pairwise_sigmoid.h"
 
@@ -44,4 +44,10 @@ TORCH_LIBRARY_FRAGMENT(fastclip, m) {
       "pairwise_sigmoid_backward(Tensor grad_row_loss, Tensor image, Tensor text, Tensor logit_scale, "
       "Tensor logit_bias, Tensor row_labels, Tensor col_labels) -> (Tensor grad_image, Tensor grad_text, "
       "Tensor grad_logit_scale, Tensor grad_logit_bias)");
+  // pairwise_sigmoid's row losses and the gradients of sum_i grad_row_loss[i] * row_loss[i], from one pass
+  // (a loss whose row weights are known before the sweep); the gradients unrounded, accumulation dtype.
+  m.def(
+      "pairwise_sigmoid_with_grad(Tensor grad_row_loss, Tensor image, Tensor text, Tensor logit_scale, "
+      "Tensor logit_bias, Tensor row_labels, Tensor col_labels) -> (Tensor row_loss, Tensor grad_image, "
+      "Tensor grad_text, Tensor grad_logit_scale, Tensor grad_logit_bias)");
 }

@@ -1,4 +1,4 @@
-// pairwise_sigmoid and pairwise_sigmoid_backward: SigLIP's sigmoid loss, one value per row (schemas in
+// pairwise_sigmoid, pairwise_sigmoid_backward and pairwise_sigmoid_with_grad: SigLIP's sigmoid loss, one value per row (schemas in
 // pairwise_sigmoid.cpp; implementations in cpu/pairwise_sigmoid_cpu.cpp and cuda/pairwise_sigmoid_cuda.cu).
 //
 // For S = s * image @ text^T (never stored whole):
@@ -7,6 +7,10 @@
 //   G[i, j] = -g[i] * z_ij * sigmoid(-z_ij * L_ij)
 //   grad_image = s * G @ text,  grad_text = s * G^T @ image,  grad_scale = sum(G * <image_i, text_j>),
 //   grad_bias = sum(G)
+// pairwise_sigmoid_with_grad(grad_row_loss, ...) returns row_loss and that backward's gradients together,
+// from one pass over the similarities (chunked/chunked_sigmoid.h), all in the accumulation dtype and
+// unrounded: for a loss that knows g before the sweep (SigLIP's: g = 1/N), three N x N x D GEMMs where a
+// forward and a recomputing backward take four.
 #pragma once
 
 #include <ATen/ATen.h>

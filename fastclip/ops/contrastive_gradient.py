@@ -195,10 +195,10 @@ class _FusedLossGradient(torch.autograd.Function):
         anchor = (image, text, logit_scale)
         # Each unrounded sum is dropped as soon as it is rounded: at N = 1M the fp32 sums are the backward's
         # peak memory, and holding both through both roundings would add a rounded copy on top.
-        grad_img = _first_order(grad_img.to(image.dtype), anchor)
+        grad_img = first_order_only(grad_img.to(image.dtype), anchor)
         if grad_txt is not None:
-            grad_txt = _first_order(grad_txt.to(text.dtype), anchor)
-        grad_scale = _first_order(grad_scale.to(logit_scale.dtype).reshape(logit_scale.shape), anchor)
+            grad_txt = first_order_only(grad_txt.to(text.dtype), anchor)
+        grad_scale = first_order_only(grad_scale.to(logit_scale.dtype).reshape(logit_scale.shape), anchor)
         return None, grad_img, grad_txt, grad_scale, None, None, None, None, None
 
 
@@ -219,7 +219,7 @@ class _FirstOrderOnly(torch.autograd.Function):
         )
 
 
-def _first_order(grad: torch.Tensor, anchors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def first_order_only(grad: torch.Tensor, anchors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     # Grad mode is on in a backward only under create_graph=True.
     if torch.is_grad_enabled() and any(a.requires_grad for a in anchors):
         return _FirstOrderOnly.apply(grad, *anchors)

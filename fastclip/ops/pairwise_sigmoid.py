@@ -6,7 +6,8 @@ fp32 (float64 for float64 inputs). Positives are decided inside each tile, so ev
 its stable form (no large softplus(L) - L cancellation). Differentiable in both features, s and b.
 
 Backends: "cuda" (CUDA kernel), "cpp" (C++ CPU kernel), "torch" (tiled PyTorch), "auto" as for
-`contrastive_lse`.
+`contrastive_lse`. `dispatch_pairwise_sigmoid_with_grad` gives a loss whose row weights are known up
+front (SigLIP's) the row losses and every gradient from one pass (fastclip.ops.sigmoid_loss).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastclip.ops._checks import (
     check_labels,
 )
 from fastclip.ops.contrastive_lse import register_first_order_only
-from fastclip.ops.pairwise_sigmoid_torch import pairwise_sigmoid_torch
+from fastclip.ops.pairwise_sigmoid_torch import pairwise_sigmoid_torch, pairwise_sigmoid_with_grad_torch
 
 OP = "pairwise_sigmoid"
 
@@ -60,6 +61,17 @@ def dispatch_pairwise_sigmoid(
     return torch.ops.fastclip.pairwise_sigmoid(image, text, logit_scale, logit_bias, row_labels, col_labels)
 
 
+def dispatch_pairwise_sigmoid_with_grad(
+    grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels, backend: str
+) -> tuple[torch.Tensor, ...]:
+    """(row_loss, grad_image, grad_text, grad_logit_scale, grad_logit_bias) of sum_i grad_row[i] *
+    row_loss[i] from one pass, unrounded in the accumulation dtype, on the chosen backend (inputs checked)."""
+    args = (grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels)
+    if resolve_loss_backend(backend, image.device, image.dtype, f"{OP}_with_grad") == "torch":
+        return pairwise_sigmoid_with_grad_torch(*args)
+    return torch.ops.fastclip.pairwise_sigmoid_with_grad(*args)
+
+
 def _register_compiled_op() -> None:
     """Fake (meta) kernels and autograd for the C++/CUDA op, so opcheck and torch.compile work."""
 
@@ -90,6 +102,24 @@ def _register_compiled_op() -> None:
             torch.empty_like(logit_bias),
         )
 
+    @torch.library.register_fake(f"fastclip::{OP}_with_grad")
+    def _(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels):
+        check_fake_inputs(
+            image,
+            text,
+            {"logit_scale": logit_scale, "logit_bias": logit_bias},
+            rows={"grad_row_loss": grad_row, "row_labels": row_labels},
+            columns={"col_labels": col_labels},
+        )
+        acc = accumulate_dtype(image.dtype)
+        return (
+            image.new_empty(image.shape[0], dtype=acc),
+            image.new_empty(image.shape, dtype=acc),
+            text.new_empty(text.shape, dtype=acc),
+            image.new_empty((), dtype=acc),
+            image.new_empty((), dtype=acc),
+        )
+
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
@@ -99,6 +129,7 @@ def _register_compiled_op() -> None:
 
     torch.library.register_autograd(f"fastclip::{OP}", backward, setup_context=setup_context)
     register_first_order_only(f"{OP}_backward")
+    register_first_order_only(f"{OP}_with_grad")
 
 
 if _extension.is_loaded():

@@ -2,6 +2,7 @@
 
 Same structure as the tiled `contrastive_lse`: the forward sums softplus(-z * L) row chunk by row chunk,
 the backward recomputes each [chunk, N] tile of L = s * image @ text.T + b instead of saving it.
+`pairwise_sigmoid_with_grad_torch` makes the row losses and the gradients in one pass.
 """
 
 from __future__ import annotations
@@ -66,6 +67,33 @@ class TiledPairwiseSigmoid(torch.autograd.Function):
             None,
             None,
         )
+
+
+def pairwise_sigmoid_with_grad_torch(
+    grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels
+) -> tuple[torch.Tensor, ...]:
+    """`pairwise_sigmoid_with_grad` in tiled PyTorch: (row_loss, grad_image, grad_text, grad_logit_scale,
+    grad_logit_bias) of sum_i grad_row[i] * row_loss[i], from one pass over the tiles, unrounded in the
+    accumulation dtype (inputs already checked)."""
+    acc = accumulate_dtype(image.dtype)
+    img, txt = image.detach().to(acc), text.detach().to(acc)
+    scale, bias = logit_scale.detach().to(acc).reshape(()), logit_bias.detach().to(acc).reshape(())
+    grad_row = grad_row.detach().to(acc)
+    row_loss = torch.empty(img.shape[0], dtype=acc, device=img.device)
+    grad_img, grad_txt = torch.empty_like(img), torch.zeros_like(txt)
+    grad_dot = torch.zeros((), dtype=acc, device=img.device)
+    grad_bias = torch.zeros((), dtype=acc, device=img.device)
+    chunk = chunk_rows(txt.shape[0], txt.element_size())
+    for r0 in range(0, img.shape[0], chunk):
+        rows = slice(r0, r0 + chunk)
+        z, dots, zl = _tile(img[rows], txt, scale, bias, row_labels[rows], col_labels)
+        row_loss[rows] = F.logsigmoid(zl).sum(1).neg_()
+        grad = torch.sigmoid(zl.neg_()).mul_(z).mul_(grad_row[rows, None]).neg_()
+        grad_bias += grad.sum()
+        grad_dot += (grad * dots).sum()
+        grad_img[rows] = (grad @ txt).mul_(scale)
+        grad_txt.addmm_(grad.T, img[rows], alpha=scale)
+    return row_loss, grad_img, grad_txt, grad_dot, grad_bias
 
 
 def pairwise_sigmoid_torch(image, text, logit_scale, logit_bias, row_labels, col_labels) -> torch.Tensor:

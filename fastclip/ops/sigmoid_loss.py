@@ -6,6 +6,11 @@ Positives are the diagonal (pair i with pair i) or, with class `labels`, every p
 Every pair is its own binary problem, so a rank holding image rows offset..offset+n of the global batch
 and all N text rows owes exactly its rows' terms: `sigmoid_loss_share` is that share, and the shares of
 all ranks add up to L.
+
+Every row of that share weighs 1/N, so its gradient is known before the similarities are: when a
+gradient is wanted, one pass (`pairwise_sigmoid_with_grad`) makes the value and every gradient together
+(three N x N x D GEMMs instead of a forward's one and a recomputing backward's three), and the backward
+only scales them by the upstream gradient and rounds them once.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastclip.ops._checks import (
+    accumulate_dtype,
     as_logit_bias,
     as_logit_scale,
     check_features,
@@ -21,7 +27,8 @@ from fastclip.ops._checks import (
     check_offset,
     share_hint,
 )
-from fastclip.ops.pairwise_sigmoid import dispatch_pairwise_sigmoid
+from fastclip.ops.contrastive_gradient import first_order_only, wants_gradient
+from fastclip.ops.pairwise_sigmoid import dispatch_pairwise_sigmoid, dispatch_pairwise_sigmoid_with_grad
 
 
 def sigmoid_loss(
@@ -68,7 +75,36 @@ def sigmoid_loss_share(
     else:
         col_labels = check_labels("labels", labels, num_pairs, device)
     scale, bias = as_logit_scale(logit_scale, device), as_logit_bias(logit_bias, device)
-    row_loss = dispatch_pairwise_sigmoid(
-        image_features, text_features, scale, bias, col_labels[offset : offset + n], col_labels, backend
+    row_labels = col_labels[offset : offset + n]
+    inputs = (image_features, text_features, scale, bias)
+    if not wants_gradient(*inputs):
+        row_loss = dispatch_pairwise_sigmoid(*inputs, row_labels, col_labels, backend)
+        return row_loss.sum() / num_pairs
+    # Every row weighs 1/N: the gradient is known before the sweep, so one pass makes it with the value.
+    acc = accumulate_dtype(image_features.dtype)
+    weights = torch.full((n,), 1.0 / num_pairs, dtype=acc, device=device)
+    row_loss, *grads = dispatch_pairwise_sigmoid_with_grad(
+        weights, *(x.detach() for x in inputs), row_labels, col_labels, backend
     )
-    return row_loss.sum() / num_pairs
+    return _PrecomputedGradient.apply(row_loss.sum() / num_pairs, tuple(grads), *inputs)
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """value, grads, *inputs -> value, whose backward hands each input grad_value * its precomputed
+    gradient (unrounded, in the accumulation dtype), rounded once to the input's dtype."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, grads: tuple[torch.Tensor, ...], *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads  # neither inputs nor outputs: held on ctx, freed with the graph
+        ctx.like = [(x.dtype, x.shape) for x in inputs]
+        ctx.save_for_backward(*inputs)  # only for first_order_only's anchors
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor):
+        anchors = ctx.saved_tensors
+        out = []
+        for grad, (dtype, shape), needed in zip(ctx.grads, ctx.like, ctx.needs_input_grad[2:]):
+            rounded = (grad * grad_value.to(grad.dtype)).to(dtype).reshape(shape) if needed else None
+            out.append(None if rounded is None else first_order_only(rounded, anchors))
+        return None, None, *out
