@@ -30,11 +30,14 @@ at::Tensor add_pair_entries(const at::Tensor& img, const at::Tensor& txt, const 
   auto pair_grad = grad_pair - grad_row * row_rest - grad_col.index_select(0, target) * col_rest.index_select(0, target);
   pair_grad = at::where(partner >= 0, pair_grad, at::zeros_like(pair_grad));
   const auto weight = (scale * pair_grad).unsqueeze(1);
-  // In row chunks: whole [n, D] products (gathered rows, promoted to the sums' dtype) would add about one and
-  // a half gradients to the backward's peak memory, which at N = 1M is the fp32 sums themselves.
-  constexpr int64_t kChunkRows = int64_t{1} << 16;
-  for (int64_t r0 = 0; r0 < img.size(0); r0 += kChunkRows) {
-    const int64_t rows = std::min(kChunkRows, img.size(0) - r0);
+  // In row chunks of a few MiB: whole [n, D] products (gathered rows, promoted to the sums' dtype) would add
+  // about one and a half gradients to the backward's peak memory, which is the fp32 sums themselves at
+  // N = 1M and as much as the whole fused workspace at N = 8192.
+  constexpr int64_t kChunkBytes = int64_t{4} << 20;
+  const int64_t row_bytes = std::max<int64_t>(1, img.size(1) * static_cast<int64_t>(grad_img.element_size()));
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / row_bytes);
+  for (int64_t r0 = 0; r0 < img.size(0); r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, img.size(0) - r0);
     const auto rows_target = target.narrow(0, r0, rows), rows_weight = weight.narrow(0, r0, rows);
     grad_img.narrow(0, r0, rows).add_(txt.index_select(0, rows_target) * rows_weight);
     grad_txt.index_add_(0, rows_target, img.narrow(0, r0, rows) * rows_weight);

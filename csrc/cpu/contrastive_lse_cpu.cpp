@@ -36,7 +36,7 @@ namespace {
 using cpu::kMaxRowBlock;
 
 // The chunked path's scratch budget on CPU: the tile sweep's.
-int64_t chunk_budget() { return chunk_budget_bytes(cpu::kScratchBudgetBytes); }
+int64_t chunk_budget(const at::Tensor& text) { return chunk_budget_bytes(cpu::scratch_budget_bytes(text.size(0))); }
 
 // The column of row r that the mask removes, or -1 (no mask, or the diagonal misses row r).
 inline int64_t masked_column(const std::optional<int64_t>& diagonal, int64_t r, int64_t cols) {
@@ -267,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& image, 
                                                        std::optional<int64_t> masked_diagonal) {
   check_lse_inputs(image, text, logit_scale);
   if (cpu_loss_path() == LossPath::kChunked)
-    return chunked::contrastive_lse(image, text, logit_scale, masked_diagonal, cpu_chunk_epilogue(), chunk_budget());
+    return chunked::contrastive_lse(image, text, logit_scale, masked_diagonal, cpu_chunk_epilogue(), chunk_budget(text));
   const auto acc_type = cpu::accumulate_type(image.scalar_type());
   // Detached: the GEMMs run in parallel_for worker threads, which do not inherit grad mode.
   const auto img = image.detach().to(acc_type).contiguous(), txt = text.detach().to(acc_type).contiguous();
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& image, 
     // Per row: its dot products (the sweep's strip) and its share of the column partials, one (max, sum)
     // pair per row block (kMinRowBlock rows or more) and column.
     const int64_t row_bytes = sizeof(scalar_t) * N + 2 * sizeof(scalar_t) * N / cpu::kMinRowBlock;
-    const int64_t chunk = rows_per_chunk(n, row_bytes, cpu::kMinRowBlock, cpu::kScratchBudgetBytes);
+    const int64_t chunk = rows_per_chunk(n, row_bytes, cpu::kMinRowBlock, cpu::scratch_budget_bytes(N));
     auto strip = at::empty({std::min(n, chunk) * N}, img.options());
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t r1 = std::min(n, r0 + chunk);
@@ -301,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_lse_backward_cpu(
   check_lse_backward_inputs(grad_row, grad_col, image, text, row_lse, col_lse);
   if (cpu_loss_path() == LossPath::kChunked)
     return chunked::contrastive_lse_backward(grad_row, grad_col, image, text, logit_scale, row_lse, col_lse,
-                                             masked_diagonal, cpu_chunk_epilogue(), chunk_budget());
+                                             masked_diagonal, cpu_chunk_epilogue(), chunk_budget(text));
   const auto acc_type = cpu::accumulate_type(image.scalar_type());
   const auto img = image.detach().to(acc_type).contiguous(), txt = text.detach().to(acc_type).contiguous();
   const auto gr = grad_row.to(acc_type).contiguous(), gc = grad_col.to(acc_type).contiguous();
@@ -333,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cpu(
   if (cpu_loss_path() == LossPath::kChunked)
     return chunked::contrastive_loss_backward(grad_row, grad_col, grad_positive, grad_uniform, grad_pair, image, text,
                                               logit_scale, row_lse, col_lse, row_ids, col_ids, partner,
-                                              masked_diagonal, cpu_chunk_epilogue(), chunk_budget());
+                                              masked_diagonal, cpu_chunk_epilogue(), chunk_budget(text));
   const auto acc_type = cpu::accumulate_type(image.scalar_type());
   const auto img = image.detach().to(acc_type).contiguous(), txt = text.detach().to(acc_type).contiguous();
   const auto as_acc = [&](const at::Tensor& t) { return t.detach().to(acc_type).contiguous(); };

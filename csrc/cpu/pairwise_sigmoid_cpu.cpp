@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_
   check_sigmoid_backward_inputs(grad_row_loss, image);
   return chunked::pairwise_sigmoid_with_grad(grad_row_loss, image, text, logit_scale, logit_bias, row_labels,
                                              col_labels, cpu_chunk_epilogue(),
-                                             chunk_budget_bytes(cpu::kScratchBudgetBytes));
+                                             chunk_budget_bytes(cpu::scratch_budget_bytes(text.size(0))));
 }
 
 }  // namespace

@@ -16,6 +16,7 @@ from fastclip.ops._checks import accumulate_dtype
 
 # Bytes one [chunk, N] fp32 tile may take; the backward holds about four such tiles at a time.
 TILE_BUDGET_BYTES = 16 << 20
+PAIR_CHUNK_BYTES = 4 << 20  # the [rows, D] products of the pair entries, added a few MiB at a time
 
 
 def chunk_rows(num_cols: int, itemsize: int, budget: int = TILE_BUDGET_BYTES) -> int:
@@ -214,9 +215,10 @@ def tiled_loss_gradient(
         masked = diagonal_in_chunk(r0, sim.shape[0], num_cols, masked_diagonal, sim.device)
         left_out = _LeftOut(partner[rows], masked)
         ref = None if col_span is None else _shared_reference(row_lse[rows], col_span, spread)
+        fresh = similarity is None  # a tile of this sweep, free to overwrite (not the kept similarity)
         if ref is not None:
             # One exponential E = exp(S - ref) for both terms: P_row = E a_i, P_col = E b_j.
-            exp = (sim - ref).exp_()
+            exp = (sim.sub_(ref) if fresh else sim - ref).exp_()
             left_out.zero(exp)
             # (0 for a log-sum-exp of -inf: every entry of that row or column is left out)
             a = torch.where(torch.isfinite(row_lse[rows]), (ref - row_lse[rows]).exp_(), 0.0)
@@ -226,8 +228,8 @@ def tiled_loss_gradient(
             # G = gr P_row + gc P_col - gu (- gp [same class] below), all in fp32 before anything is rounded
             grad_sim = _times_outer_sum(exp, a * grad_row[rows], b * grad_col).sub_(grad_uniform)
         else:
-            p_row = (sim - row_lse[rows, None]).exp_()
             p_col = (sim - col_lse[None, :]).exp_()
+            p_row = (sim.sub_(row_lse[rows, None]) if fresh else sim - row_lse[rows, None]).exp_()
             left_out.zero(p_row, p_col)
             row_rest[rows] = p_row.sum(1)
             col_rest += p_col.sum(0)
@@ -240,7 +242,7 @@ def tiled_loss_gradient(
         grad_txt.addmm_(grad_sim.T, img[rows], alpha=scale)
     add_pair_entries(img, txt, scale, (grad_row, grad_col, grad_pair), partner, row_rest, col_rest, grad_img, grad_txt)
     # dL/ds = sum_ij G_ij <I_i, T_j> = <I, dL/dI> / s: n * D products instead of a pass over every tile
-    grad_scale = (img * grad_img).sum() / scale
+    grad_scale = torch.dot(img.reshape(-1), grad_img.reshape(-1)) / scale
     return grad_img, grad_txt, grad_scale
 
 
@@ -280,6 +282,10 @@ def add_pair_entries(img, txt, scale, coefficients, partner, row_rest, col_rest,
     has_pair = partner >= 0
     target = partner.clamp(min=0)
     pair_grad = grad_pair - grad_row * row_rest - grad_col[target] * col_rest[target]
-    pair_grad = torch.where(has_pair, pair_grad, 0.0)  # (n,)
-    grad_img.add_(txt[target] * (scale * pair_grad)[:, None])
-    grad_txt.index_add_(0, target, img * (scale * pair_grad)[:, None])
+    weight = (scale * torch.where(has_pair, pair_grad, 0.0))[:, None]  # (n, 1)
+    # In row chunks: whole [n, D] products would add about a gradient and a half to the backward's peak.
+    step = max(1, PAIR_CHUNK_BYTES // (img.shape[1] * img.element_size()))
+    for r0 in range(0, img.shape[0], step):
+        rows, rows_target = slice(r0, r0 + step), target[r0 : r0 + step]
+        grad_img[rows].add_(txt[rows_target] * weight[rows])
+        grad_txt.index_add_(0, rows_target, img[rows] * weight[rows])
