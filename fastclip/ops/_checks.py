@@ -75,22 +75,30 @@ def one_value(
     if not isinstance(value, torch.Tensor):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
-        value = torch.tensor(float(value), dtype=torch.float32, device=device)
+        number = float(value)
+        # a fill on the device, not a copy from host memory (which may wait for the device's queue)
+        return torch.full((), number, dtype=torch.float32, device=device), number
     if value.numel() != 1:
         raise ValueError(f"{name} must hold one value ({meaning}), got shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
     if not same_device(value.device, device):
         raise ValueError(f"{name} must be on the features' device {device}, got {value.device}")
-    # A value check reads the scalar (one host-device sync on a GPU); it is skipped while tracing for
-    # torch.compile, where a data-dependent branch would break the graph, and on meta tensors (no data).
-    if torch.compiler.is_compiling() or value.device.type == "meta":
+    if not reads_values(value.device):
         return value, None
     return value, float(value.detach().reshape(()).item())
 
 
+def reads_values(device: torch.device) -> bool:
+    """Whether an argument check may read a tensor's value: on a CPU, outside torch.compile tracing (where
+    a data-dependent branch breaks the graph). On a GPU the read would synchronise the host with the
+    device on every call: the loss would wait for the whole model's forward before launching anything,
+    and the launches of everything after it would no longer overlap the device's work."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def as_logit_scale(logit_scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:
-    """The multiplier s as a one-element tensor on `device`; positive and finite (checked in eager mode)."""
+    """The multiplier s as a one-element tensor on `device`; positive and finite (checked where `reads_values`)."""
     logit_scale, value = one_value("logit_scale", logit_scale, device, "the multiplier exp(t)")
     if value is not None and not (math.isfinite(value) and value > 0):
         raise ValueError(
@@ -100,7 +108,7 @@ def as_logit_scale(logit_scale: torch.Tensor | float, device: torch.device) -> t
 
 
 def as_logit_bias(logit_bias: torch.Tensor | float, device: torch.device) -> torch.Tensor:
-    """The bias b as a one-element tensor on `device`; finite (checked in eager mode)."""
+    """The bias b as a one-element tensor on `device`; finite (checked where `reads_values`)."""
     logit_bias, value = one_value("logit_bias", logit_bias, device, "the bias added to every logit")
     if value is not None and not math.isfinite(value):
         raise ValueError(f"logit_bias must be finite, got {value}")

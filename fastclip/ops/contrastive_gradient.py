@@ -84,7 +84,7 @@ def clip_terms(
         partner = torch.where(size == 1, rows, -1)
     # a + b - y - u at a pair entry, worked out in float64: w/N + (1-w)/N - (1-eps)/N - eps/N^2
     pair = full(n, eps * (n - 1) / n**2)
-    uniform = torch.tensor(eps / n**2, dtype=acc, device=device)
+    uniform = torch.full((), eps / n**2, dtype=acc, device=device)
     row, col = full(n, weight / n), full(n, (1.0 - weight) / n)
     return LossTerms(row, col, positive, uniform, pair, ids, ids, partner, positives_are_pairs=labels is None)
 

@@ -41,7 +41,7 @@ def as_temperature_scale(temperature: torch.Tensor | float, device: torch.device
         raise ValueError(f"temperature must be positive and finite, got {value}")
     if isinstance(temperature, torch.Tensor):
         return 1.0 / temperature
-    return torch.tensor(1.0 / float(temperature), dtype=accumulate_dtype(dtype), device=device)
+    return torch.full((), 1.0 / float(temperature), dtype=accumulate_dtype(dtype), device=device)
 
 
 def supcon_loss(
