@@ -26,10 +26,12 @@ LOSS_BACKENDS = ("auto", "cuda", "cpp", "torch")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 
 # The backend "auto" takes for CPU tensors, per loss op, when the extension is built: the faster path
-# of `bench_loss --device cpu` (benchmarks/results/cpu-2core/bench_loss_fused.json, fp32, D = 512: the
-# C++ op 1.03-1.53x the naive loss at N = 1024-16384, the tiled PyTorch path 1.04-1.39x). Ops not listed
-# (pairwise_sigmoid: not yet compared) take the tiled PyTorch path.
-CPU_AUTO = {"contrastive_lse": "cpp"}
+# of `bench_loss --device cpu` (fp32, D = 512, N = 1024-16384; benchmarks/results/cpu-2core/): for CLIP
+# (bench_loss_fused.json) the C++ op at or ahead of the tiled PyTorch path at every N; for SigLIP's one
+# pass (bench_loss_siglip.json) the C++ op 1.0-1.3x the PyTorch path's speed at 26-72% of its memory.
+# Ops not listed (pairwise_sigmoid alone: a forward without gradient, not compared) take the
+# tiled PyTorch path.
+CPU_AUTO = {"contrastive_lse": "cpp", "pairwise_sigmoid_with_grad": "cpp"}
 
 # bf16 and TF32 tensor cores, which the CUDA loss kernels and the Triton attention's bf16 dots need
 # (A100 = 8.0). Newer GPUs than the built architectures run the kernels from the PTX the build embeds.

@@ -60,6 +60,7 @@ def test_auto_backend_on_cpu_is_the_faster_cpu_path() -> None:
     cpu = torch.device("cpu")
     built = _extension.has_kernel("contrastive_lse", "CPU")
     assert resolve_backend("auto", cpu, torch.float32) == ("cpp" if built else "torch")
+    assert resolve_backend("auto", cpu, torch.float32, "pairwise_sigmoid_with_grad") == ("cpp" if built else "torch")
     assert resolve_backend("auto", cpu, torch.float32, "pairwise_sigmoid") == "torch"
 
 

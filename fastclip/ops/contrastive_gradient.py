@@ -37,7 +37,7 @@ import torch
 from fastclip import _extension
 from fastclip.ops._checks import accumulate_dtype, check_fake_inputs
 from fastclip.ops.contrastive_lse import dispatch_contrastive_lse, register_first_order_only
-from fastclip.ops.contrastive_lse_torch import TILE_BUDGET_BYTES, tiled_loss_gradient, whole_lse
+from fastclip.ops.contrastive_lse_torch import TILE_BUDGET_BYTES, KeptTile, tiled_loss_gradient, whole_lse
 from fastclip.ops.positives import class_ids
 
 OP = "contrastive_loss_backward"
@@ -124,13 +124,14 @@ def loss_lse(
     backend: str,
     masked_diagonal: int | None,
     differentiable: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(row_lse, col_lse, the similarity kept for the backward or None) for a loss's forward.
+) -> tuple[torch.Tensor, torch.Tensor, KeptTile | None]:
+    """(row_lse, col_lse, the similarity tile kept for the backward or None) for a loss's forward.
 
     On the PyTorch and C++ backends a similarity matrix no larger than one backward tile is kept: the
     backward's tile recompute is then a quarter of the loss's matmul work saved, and the kept matrix
     takes the place of the tile the backward would have made, so its peak does not grow (at N = 1024,
-    D = 512 this decides whether the fused loss beats the naive one, which keeps its logits too).
+    D = 512 this decides whether the fused loss beats the naive one, which keeps its logits too). Where
+    one exponential serves both directions the tile holds it, so the backward does not redo it either.
     """
     acc = accumulate_dtype(image.dtype)
     size = image.shape[0] * text.shape[0] * torch.finfo(acc).bits // 8
@@ -144,13 +145,11 @@ def wants_gradient(*inputs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
 
 
-def loss_gradient(
-    backend: str, image, text, logit_scale, row_lse, col_lse, coefficients, terms: LossTerms, similarity=None
-):
+def loss_gradient(backend: str, image, text, logit_scale, row_lse, col_lse, coefficients, terms: LossTerms, kept=None):
     """(grad_image, grad_text, grad_scale) in the accumulation dtype from the chosen backend, or from the
-    tiled PyTorch backward where the forward kept the `similarity`."""
+    tiled PyTorch backward where the forward `kept` its similarity tile (which the backward overwrites)."""
     ids = (terms.row_ids, terms.col_ids, terms.partner)
-    if backend == "torch" or similarity is not None:
+    if backend == "torch" or kept is not None:
         return tiled_loss_gradient(
             image,
             text,
@@ -161,7 +160,7 @@ def loss_gradient(
             ids,
             terms.masked_diagonal,
             positives_are_pairs=terms.positives_are_pairs,
-            similarity=similarity,
+            kept=kept,
         )
     return torch.ops.fastclip.contrastive_loss_backward(
         *coefficients, image, text, logit_scale, row_lse, col_lse, *ids, terms.masked_diagonal
@@ -176,20 +175,27 @@ class _FusedLossGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value, image, text, logit_scale, row_lse, col_lse, similarity, terms: LossTerms, backend: str):
+    def forward(ctx, value, image, text, logit_scale, row_lse, col_lse, kept, terms: LossTerms, backend: str):
         ctx.terms, ctx.backend, ctx.same = terms, backend, text is None
-        ctx.save_for_backward(image, image if text is None else text, logit_scale, row_lse, col_lse, similarity)
+        # The kept tile is neither an input nor an output: held on ctx, handed to the first backward,
+        # which overwrites it; a retained graph's later backward remakes it (the same bits).
+        ctx.kept, ctx.remake = kept, kept is not None
+        ctx.save_for_backward(image, image if text is None else text, logit_scale, row_lse, col_lse)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_value):
-        image, text, logit_scale, row_lse, col_lse, similarity = ctx.saved_tensors
+        image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
         t = ctx.terms
+        kept, ctx.kept = ctx.kept, None
+        if kept is None and ctx.remake:
+            *_, kept = whole_lse(image, text, logit_scale, t.masked_diagonal)
         g = grad_value.to(row_lse.dtype)
         coefficients = (g * t.row, g * t.col, g * t.positive, g * t.uniform, g * t.pair)
         grad_img, grad_txt, grad_scale = loss_gradient(
-            ctx.backend, image, text, logit_scale, row_lse, col_lse, coefficients, t, similarity
+            ctx.backend, image, text, logit_scale, row_lse, col_lse, coefficients, t, kept
         )
+        del kept  # the tile's memory goes before the roundings below
         if ctx.same:
             grad_img, grad_txt = grad_img + grad_txt, None
         anchor = (image, text, logit_scale)
@@ -235,17 +241,17 @@ def attach_fused_gradient(
     col_lse: torch.Tensor,
     terms: Callable[[], LossTerms],
     backend: str,
-    similarity: torch.Tensor | None = None,
+    kept: KeptTile | None = None,
 ) -> torch.Tensor:
     """`value` (computed without autograd) as a differentiable function of the features and the scale.
 
     `terms` builds the loss's LossTerms, only when a gradient is wanted; `backend` is a resolved one;
-    `similarity` the one `loss_lse` kept.
+    `kept` the tile `loss_lse` kept.
     """
     inputs = (image, logit_scale) if text is None else (image, text, logit_scale)
     if not wants_gradient(*inputs):
         return value
-    return _FusedLossGradient.apply(value, image, text, logit_scale, row_lse, col_lse, similarity, terms(), backend)
+    return _FusedLossGradient.apply(value, image, text, logit_scale, row_lse, col_lse, kept, terms(), backend)
 
 
 def _register_compiled_op() -> None:

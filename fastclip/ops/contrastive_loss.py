@@ -71,15 +71,13 @@ def contrastive_loss(
     # folds the target terms in before its one rounding (fastclip.ops.contrastive_gradient).
     image, text = image_features.detach(), text_features.detach()
     differentiable = wants_gradient(image_features, text_features, scale)
-    row_lse, col_lse, similarity = loss_lse(image, text, scale.detach(), backend, None, differentiable)
+    row_lse, col_lse, kept = loss_lse(image, text, scale.detach(), backend, None, differentiable)
     value = _assemble_loss(image, text, scale.detach(), row_lse, col_lse, 0, weight, label_smoothing, labels)
 
     def terms() -> LossTerms:
         return clip_terms(image.shape[0], labels, weight, label_smoothing, row_lse.dtype, image.device)
 
-    return attach_fused_gradient(
-        value, image_features, text_features, scale, row_lse, col_lse, terms, backend, similarity
-    )
+    return attach_fused_gradient(value, image_features, text_features, scale, row_lse, col_lse, terms, backend, kept)
 
 
 def contrastive_loss_from_lse(

@@ -9,6 +9,7 @@ so it stays flat as N grows. It runs on any device PyTorch supports and is the C
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,18 @@ def shared_exp_spread(dtype: torch.dtype) -> float:
     return -0.75 * math.log(torch.finfo(dtype).tiny)
 
 
+@dataclass
+class KeptTile:
+    """A forward's whole similarity tile, handed to the backward, which overwrites it.
+
+    With `reference` set it holds E = exp(S - reference), the shared exponential of both directions
+    (reference: the max of S), with the masked entries 0; else S with the masked entries -inf.
+    """
+
+    tile: torch.Tensor
+    reference: float | None
+
+
 def tiled_lse(
     image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, masked_diagonal: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,29 +68,30 @@ def tiled_lse(
     for r0 in range(0, img.shape[0], chunk):
         sim = (img[r0 : r0 + chunk] * scale) @ txt.T  # (chunk, N); scaling [chunk, D] rows beats a pass over the tile
         masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
-        row_lse[r0 : r0 + chunk], part = _tile_lse(sim, masked, spread, keep=False)
+        row_lse[r0 : r0 + chunk], part, _ = _tile_lse(sim, masked, spread)
         col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
     return row_lse, col_lse
 
 
 def whole_lse(
     image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, masked_diagonal: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`tiled_lse` in one tile that is kept: (row_lse, col_lse, S = s * image @ text.T unmasked), for a
-    backward that reads S instead of recomputing it (`tiled_loss_gradient`'s `similarity`)."""
+) -> tuple[torch.Tensor, torch.Tensor, KeptTile]:
+    """`tiled_lse` in one tile that is kept: (row_lse, col_lse, the tile), for a backward that reads it
+    instead of recomputing S (`tiled_loss_gradient`'s `kept`). Deterministic: a second call on the same
+    inputs remakes the same tile bit for bit."""
     acc = accumulate_dtype(image.dtype)
     img, txt, scale = image.detach().to(acc), text.detach().to(acc), logit_scale.detach().to(acc).reshape(())
     sim = (img * scale) @ txt.T
     masked = diagonal_in_chunk(0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
-    row_lse, col_lse = _tile_lse(sim, masked, shared_exp_spread(acc), keep=True)
-    return row_lse, col_lse, sim
+    row_lse, col_lse, reference = _tile_lse(sim, masked, shared_exp_spread(acc))
+    return row_lse, col_lse, KeptTile(sim, reference)
 
 
 def _tile_lse(
-    sim: torch.Tensor, masked: tuple[torch.Tensor, torch.Tensor] | None, spread: float, *, keep: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row log-sum-exps and column partial log-sum-exps of one tile, its `masked` entries left out; the
-    tile is overwritten unless `keep`.
+    sim: torch.Tensor, masked: tuple[torch.Tensor, torch.Tensor] | None, spread: float
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """Row log-sum-exps and column partial log-sum-exps of one tile, its `masked` entries left out, and
+    the reference of the tile's shared exponential or None (the tile as KeptTile describes it after).
 
     Where the tile's logits lie within `spread` of its max, one exponential relative to that max serves
     both directions; other tiles take one max and one exponential per direction.
@@ -85,15 +99,14 @@ def _tile_lse(
     # The spread before the mask: a bound on the kept entries'.
     lo, hi = torch.aminmax(sim) if _branches_on_data(sim) else (None, None)
     if hi is not None and bool(hi - lo <= spread):  # one host sync per tile, against two passes over it
-        exp = (sim.sub(hi) if keep else sim.sub_(hi)).exp_()
+        exp = sim.sub_(hi).exp_()
         if masked is not None:
             exp[masked] = 0.0
         # a row of zeros (all masked) gives -inf
-        return exp.sum(1).log_().add_(hi), exp.sum(0).log_().add_(hi)
+        return exp.sum(1).log_().add_(hi), exp.sum(0).log_().add_(hi), hi.item()
     if masked is not None:
-        sim = sim.clone() if keep else sim
         sim[masked] = float("-inf")
-    return _logsumexp(sim, 1), _logsumexp(sim, 0)
+    return _logsumexp(sim, 1), _logsumexp(sim, 0), None
 
 
 def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -186,14 +199,14 @@ def tiled_loss_gradient(
     masked_diagonal: int | None,
     *,
     positives_are_pairs: bool = False,
-    similarity: torch.Tensor | None = None,
+    kept: KeptTile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tiled PyTorch `contrastive_loss_backward` (see fastclip.ops.contrastive_gradient for the math).
 
     `coefficients` = (grad_row [n], grad_col [N], grad_positive [n], grad_uniform [], grad_pair [n]) and
     `ids` = (row_ids [n], col_ids [N], partner [n]). `positives_are_pairs`: the caller knows every entry
-    with row_ids == col_ids is a pair entry (see LossTerms). `similarity`: the whole S = s * image @ text.T
-    from `whole_lse`, read instead of recomputed. Returns the feature and scale gradients unrounded, in the
+    with row_ids == col_ids is a pair entry (see LossTerms). `kept`: the whole tile from `whole_lse`, read
+    (and overwritten) instead of recomputed. Returns the feature and scale gradients unrounded, in the
     accumulation dtype: the caller rounds each once.
     """
     acc = row_lse.dtype
@@ -204,21 +217,23 @@ def tiled_loss_gradient(
     grad_img, grad_txt = torch.empty_like(img), torch.zeros_like(txt)
     row_rest = torch.empty(n, dtype=acc, device=img.device)  # sum of P_row over the row but its pair entry
     col_rest = torch.zeros(num_cols, dtype=acc, device=img.device)  # the same for P_col down each column
-    chunk = n if similarity is not None else chunk_rows(num_cols, txt.element_size())
+    chunk = n if kept is not None else chunk_rows(num_cols, txt.element_size())
     spread = shared_exp_spread(acc)
     used_cols = grad_col != 0  # SupCon has no column terms: its column log-sum-exps play no part
     col_span = _finite_span(col_lse[used_cols]) if _branches_on_data(col_lse) else None
     for r0 in range(0, n, chunk):
         rows = slice(r0, r0 + chunk)
-        sim = similarity if similarity is not None else (img[rows] * scale) @ txt.T  # (chunk, N)
+        sim = kept.tile if kept is not None else (img[rows] * scale) @ txt.T  # (chunk, N), overwritten below
         # the entries filled in from the rests (pair entries) and the masked ones (exp(S + inf) is not 0)
         masked = diagonal_in_chunk(r0, sim.shape[0], num_cols, masked_diagonal, sim.device)
         left_out = _LeftOut(partner[rows], masked)
-        ref = None if col_span is None else _shared_reference(row_lse[rows], col_span, spread)
-        fresh = similarity is None  # a tile of this sweep, free to overwrite (not the kept similarity)
+        if kept is not None and kept.reference is not None:  # the forward's exponential: no pass to redo
+            ref, exp = kept.reference, sim
+        else:
+            ref = None if col_span is None else _shared_reference(row_lse[rows], col_span, spread)
+            exp = None if ref is None else sim.sub_(ref).exp_()
         if ref is not None:
             # One exponential E = exp(S - ref) for both terms: P_row = E a_i, P_col = E b_j.
-            exp = (sim.sub_(ref) if fresh else sim - ref).exp_()
             left_out.zero(exp)
             # (0 for a log-sum-exp of -inf: every entry of that row or column is left out)
             a = torch.where(torch.isfinite(row_lse[rows]), (ref - row_lse[rows]).exp_(), 0.0)
@@ -229,7 +244,7 @@ def tiled_loss_gradient(
             grad_sim = _times_outer_sum(exp, a * grad_row[rows], b * grad_col).sub_(grad_uniform)
         else:
             p_col = (sim - col_lse[None, :]).exp_()
-            p_row = (sim.sub_(row_lse[rows, None]) if fresh else sim - row_lse[rows, None]).exp_()
+            p_row = sim.sub_(row_lse[rows, None]).exp_()
             left_out.zero(p_row, p_col)
             row_rest[rows] = p_row.sum(1)
             col_rest += p_col.sum(0)

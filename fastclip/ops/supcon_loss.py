@@ -71,12 +71,10 @@ def supcon_loss(
     detached = features.detach()
     # A view as the second operand: torch.compile cannot trace one tensor passed twice to an autograd.Function.
     differentiable = wants_gradient(features, scale)
-    row_lse, col_lse, similarity = loss_lse(
-        detached, detached.view_as(detached), scale.detach(), backend, 0, differentiable
-    )
+    row_lse, col_lse, kept = loss_lse(detached, detached.view_as(detached), scale.detach(), backend, 0, differentiable)
     value = supcon_loss_share(detached, detached, scale.detach(), row_lse, labels, offset=0)
     terms = lambda: supcon_terms(labels, row_lse.dtype)  # noqa: E731
-    return attach_fused_gradient(value, features, None, scale, row_lse, col_lse, terms, backend, similarity)
+    return attach_fused_gradient(value, features, None, scale, row_lse, col_lse, terms, backend, kept)
 
 
 def supcon_loss_share(
