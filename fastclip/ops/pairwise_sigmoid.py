@@ -86,8 +86,8 @@ def _register_compiled_op() -> None:
         )
         return image.new_empty(image.shape[0], dtype=accumulate_dtype(image.dtype))
 
-    @torch.library.register_fake(f"fastclip::{OP}_backward")
-    def _(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels):
+    def check_weighted(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels) -> None:
+        """The checks of the two ops that take per-row weights of the row losses."""
         check_fake_inputs(
             image,
             text,
@@ -95,6 +95,10 @@ def _register_compiled_op() -> None:
             rows={"grad_row_loss": grad_row, "row_labels": row_labels},
             columns={"col_labels": col_labels},
         )
+
+    @torch.library.register_fake(f"fastclip::{OP}_backward")
+    def _(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels):
+        check_weighted(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels)
         return (
             torch.empty_like(image),
             torch.empty_like(text),
@@ -104,13 +108,7 @@ def _register_compiled_op() -> None:
 
     @torch.library.register_fake(f"fastclip::{OP}_with_grad")
     def _(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels):
-        check_fake_inputs(
-            image,
-            text,
-            {"logit_scale": logit_scale, "logit_bias": logit_bias},
-            rows={"grad_row_loss": grad_row, "row_labels": row_labels},
-            columns={"col_labels": col_labels},
-        )
+        check_weighted(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels)
         acc = accumulate_dtype(image.dtype)
         return (
             image.new_empty(image.shape[0], dtype=acc),
