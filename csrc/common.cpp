@@ -33,7 +33,8 @@ at::Tensor add_pair_entries(const at::Tensor& img, const at::Tensor& txt, const 
   // In row chunks of a few MiB: whole [n, D] products (gathered rows, promoted to the sums' dtype) would add
   // about one and a half gradients to the backward's peak memory, which is the fp32 sums themselves at
   // N = 1M and as much as the whole fused workspace at N = 8192.
-  constexpr int64_t kChunkBytes = int64_t{4} << 20;
+  // (larger on a GPU, where every chunk costs launches: at N = 1M still a few dozen chunks)
+  const int64_t kChunkBytes = img.is_cuda() ? int64_t{64} << 20 : int64_t{4} << 20;
   const int64_t row_bytes = std::max<int64_t>(1, img.size(1) * static_cast<int64_t>(grad_img.element_size()));
   const int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / row_bytes);
   for (int64_t r0 = 0; r0 < img.size(0); r0 += chunk_rows) {

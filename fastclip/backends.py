@@ -27,9 +27,9 @@ ATTENTION_BACKENDS = ("auto", "triton", "torch")
 
 # The backend "auto" takes for CPU tensors, per loss op, when the extension is built: the faster path
 # of `bench_loss --device cpu` (fp32, D = 512, N = 1024-16384; benchmarks/results/cpu-2core/): for CLIP
-# (bench_loss_fused.json) the C++ op at or ahead of the tiled PyTorch path at every N; for SigLIP's one
-# pass (bench_loss_siglip.json) the C++ op 1.0-1.3x the PyTorch path's speed at 26-72% of its memory.
-# Ops not listed (pairwise_sigmoid alone: a forward without gradient, not compared) take the
+# (bench_loss_fused.json) the C++ op ahead of the tiled PyTorch path or within 2% of it at every N; for
+# SigLIP's one pass (bench_loss_siglip.json) the C++ op 1.0-1.3x the PyTorch path's speed at 26-72% of
+# its memory. Ops not listed (pairwise_sigmoid alone: a forward without gradient, not compared) take the
 # tiled PyTorch path.
 CPU_AUTO = {"contrastive_lse": "cpp", "pairwise_sigmoid_with_grad": "cpp"}
 

@@ -66,8 +66,7 @@ LOSS_TESTS=(tests/test_contrastive_cuda.py tests/test_chunked_loss_path.py tests
 [[ -z ${LOSS_TESTS_ONLY-} ]] || read -ra LOSS_TESTS <<< "$LOSS_TESTS_ONLY"  # e.g. the node ids that failed last time
 # Small, fast CUDA tests of both kernels' forward and backward, for the sanitizers (10-100x slower there).
 SANITIZED=(tests/test_contrastive_loss.py tests/test_loss_family.py tests/test_sigmoid_one_pass.py -m cuda -q
-           -p no:cacheprovider -x -k "lse_rectangular or identical_rows_tie or masked_lse_matches_dense
-           or pairwise_sigmoid_rows_match_dense or (one_pass_matches and diagonal and float32 and not many)")
+           -p no:cacheprovider -x -k "lse_rectangular or identical_rows_tie or masked_lse_matches_dense or pairwise_sigmoid_rows_match_dense or (one_pass_matches and diagonal and float32 and not many)")
 
 {
   echo "== $(date -u +%FT%TZ) git $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"

@@ -211,7 +211,7 @@ void sigmoid(const chunked::SigmoidChunk& c) {
         loss += (zl[j] < 0 ? -zl[j] : acc_t(0)) + series;
       }
       for (int64_t j = 0; j < u.tc; ++j)
-        if (e[j] >= series_below) loss += std::log1p(e[j]);
+        if (!(e[j] < series_below)) loss += std::log1p(e[j]);  // NaN too: a NaN similarity gives a NaN loss
       T* out_row = out + i * cols + u.c0;
       for (int64_t j = 0; j < u.tc; ++j) out_row[j] = static_cast<T>(g[j]);
       row_loss[u.tile * rows + i] = loss;

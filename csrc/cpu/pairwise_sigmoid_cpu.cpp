@@ -135,7 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_
     const at::Tensor& logit_bias, const at::Tensor& row_labels, const at::Tensor& col_labels) {
   check_sigmoid_inputs(image, text, logit_scale, logit_bias, row_labels, col_labels);
   check_sigmoid_backward_inputs(grad_row_loss, image);
-  return chunked::pairwise_sigmoid_with_grad(grad_row_loss, image, text, logit_scale, logit_bias, row_labels,
+  // In the accumulation dtype throughout: the CPU's GEMMs take fp32 operands anyway, so a 16-bit gradient
+  // tile (the GPU's tensor-core input) would only round G.
+  const auto [img, txt] = prepared(image, text);
+  return chunked::pairwise_sigmoid_with_grad(grad_row_loss, img, txt, logit_scale, logit_bias, row_labels,
                                              col_labels, cpu_chunk_epilogue(),
                                              chunk_budget_bytes(cpu::scratch_budget_bytes(text.size(0))));
 }

@@ -28,7 +28,7 @@ void check_sigmoid_inputs(const at::Tensor& image, const at::Tensor& text, const
 void check_sigmoid_backward_inputs(const at::Tensor& grad_row_loss, const at::Tensor& image) {
   TORCH_CHECK(grad_row_loss.dim() == 1 && grad_row_loss.size(0) == image.size(0), "grad_row_loss must be [",
               image.size(0), "], got ", grad_row_loss.sizes());
-  TORCH_CHECK(grad_row_loss.device() == image.device(), "pairwise_sigmoid_backward: grad_row_loss must be on ",
+  TORCH_CHECK(grad_row_loss.device() == image.device(), "grad_row_loss must be on ",
               image.device(), ", got ", grad_row_loss.device());
 }
 

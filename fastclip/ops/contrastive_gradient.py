@@ -135,7 +135,9 @@ def loss_lse(
     """
     acc = accumulate_dtype(image.dtype)
     size = image.shape[0] * text.shape[0] * torch.finfo(acc).bits // 8
-    if differentiable and backend in ("torch", "cpp") and size <= KEPT_SIMILARITY_BYTES:
+    # (not while tracing: a retained graph's second backward would see the tile the first overwrote)
+    keep = differentiable and backend in ("torch", "cpp") and not torch.compiler.is_compiling()
+    if keep and size <= KEPT_SIMILARITY_BYTES:
         return whole_lse(image, text, logit_scale, masked_diagonal)
     return (*dispatch_contrastive_lse(image, text, logit_scale, backend, masked_diagonal), None)
 

@@ -220,7 +220,8 @@ def tiled_loss_gradient(
     chunk = n if kept is not None else chunk_rows(num_cols, txt.element_size())
     spread = shared_exp_spread(acc)
     used_cols = grad_col != 0  # SupCon has no column terms: its column log-sum-exps play no part
-    col_span = _finite_span(col_lse[used_cols]) if _branches_on_data(col_lse) else None
+    from_kept = kept is not None and kept.reference is not None  # the exponential is made: no span needed
+    col_span = _finite_span(col_lse[used_cols]) if _branches_on_data(col_lse) and not from_kept else None
     for r0 in range(0, n, chunk):
         rows = slice(r0, r0 + chunk)
         sim = kept.tile if kept is not None else (img[rows] * scale) @ txt.T  # (chunk, N), overwritten below

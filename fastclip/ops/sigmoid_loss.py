@@ -95,16 +95,18 @@ class _PrecomputedGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value: torch.Tensor, grads: tuple[torch.Tensor, ...], *inputs: torch.Tensor) -> torch.Tensor:
-        ctx.grads = grads  # neither inputs nor outputs: held on ctx, freed with the graph
         ctx.like = [(x.dtype, x.shape) for x in inputs]
-        ctx.save_for_backward(*inputs)  # only for first_order_only's anchors
+        ctx.count = len(inputs)
+        # saved, not held on ctx: freed once the backward has run (unless the graph is retained)
+        ctx.save_for_backward(*inputs, *grads)  # the inputs only as first_order_only's anchors
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_value: torch.Tensor):
-        anchors = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        anchors, grads = saved[: ctx.count], saved[ctx.count :]
         out = []
-        for grad, (dtype, shape), needed in zip(ctx.grads, ctx.like, ctx.needs_input_grad[2:]):
+        for grad, (dtype, shape), needed in zip(grads, ctx.like, ctx.needs_input_grad[2:]):
             rounded = (grad * grad_value.to(grad.dtype)).to(dtype).reshape(shape) if needed else None
             out.append(None if rounded is None else first_order_only(rounded, anchors))
         return None, None, *out
