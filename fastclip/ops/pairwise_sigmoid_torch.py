@@ -41,23 +41,9 @@ class TiledPairwiseSigmoid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_row):
         image, text, logit_scale, logit_bias, row_labels, col_labels = ctx.saved_tensors
-        acc = accumulate_dtype(image.dtype)
-        img, txt = image.to(acc), text.to(acc)
-        scale, bias = logit_scale.to(acc).reshape(()), logit_bias.to(acc).reshape(())
-        grad_row = grad_row.to(acc)
-        grad_img, grad_txt = torch.empty_like(img), torch.zeros_like(txt)
-        grad_dot = torch.zeros((), dtype=acc, device=img.device)  # sum of G * <image_i, text_j>
-        grad_bias = torch.zeros((), dtype=acc, device=img.device)
-        chunk = chunk_rows(txt.shape[0], txt.element_size())
-        for r0 in range(0, img.shape[0], chunk):
-            rows = slice(r0, r0 + chunk)
-            z, dots, zl = _tile(img[rows], txt, scale, bias, row_labels[rows], col_labels)
-            # d softplus(-z L) / dL = -z * sigmoid(-z L)
-            grad = torch.sigmoid(zl.neg_()).mul_(z).mul_(grad_row[rows, None]).neg_()
-            grad_bias += grad.sum()
-            grad_dot += (grad * dots).sum()
-            grad_img[rows] = (grad @ txt).mul_(scale)
-            grad_txt.addmm_(grad.T, img[rows] * scale)
+        _, grad_img, grad_txt, grad_dot, grad_bias = _sweep(
+            grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels, with_loss=False
+        )
         needs = ctx.needs_input_grad
         return (
             grad_img.to(image.dtype) if needs[0] else None,
@@ -75,24 +61,33 @@ def pairwise_sigmoid_with_grad_torch(
     """`pairwise_sigmoid_with_grad` in tiled PyTorch: (row_loss, grad_image, grad_text, grad_logit_scale,
     grad_logit_bias) of sum_i grad_row[i] * row_loss[i], from one pass over the tiles, unrounded in the
     accumulation dtype (inputs already checked)."""
+    return _sweep(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels, with_loss=True)
+
+
+def _sweep(grad_row, image, text, logit_scale, logit_bias, row_labels, col_labels, *, with_loss: bool):
+    """One pass over the tiles: (row_loss or None, grad_image, grad_text, grad_logit_scale, grad_logit_bias)
+    of sum_i grad_row[i] * row_loss[i], in the accumulation dtype. Plain differentiable ops: under
+    create_graph the backward of `TiledPairwiseSigmoid` stays differentiable."""
     acc = accumulate_dtype(image.dtype)
-    img, txt = image.detach().to(acc), text.detach().to(acc)
-    scale, bias = logit_scale.detach().to(acc).reshape(()), logit_bias.detach().to(acc).reshape(())
-    grad_row = grad_row.detach().to(acc)
-    row_loss = torch.empty(img.shape[0], dtype=acc, device=img.device)
+    img, txt = image.to(acc), text.to(acc)
+    scale, bias = logit_scale.to(acc).reshape(()), logit_bias.to(acc).reshape(())
+    grad_row = grad_row.to(acc)
+    row_loss = torch.empty(img.shape[0], dtype=acc, device=img.device) if with_loss else None
     grad_img, grad_txt = torch.empty_like(img), torch.zeros_like(txt)
-    grad_dot = torch.zeros((), dtype=acc, device=img.device)
+    grad_dot = torch.zeros((), dtype=acc, device=img.device)  # sum of G * <image_i, text_j>
     grad_bias = torch.zeros((), dtype=acc, device=img.device)
     chunk = chunk_rows(txt.shape[0], txt.element_size())
     for r0 in range(0, img.shape[0], chunk):
         rows = slice(r0, r0 + chunk)
         z, dots, zl = _tile(img[rows], txt, scale, bias, row_labels[rows], col_labels)
-        row_loss[rows] = F.logsigmoid(zl).sum(1).neg_()
+        if with_loss:
+            row_loss[rows] = F.logsigmoid(zl).sum(1).neg_()
+        # d softplus(-z L) / dL = -z * sigmoid(-z L)
         grad = torch.sigmoid(zl.neg_()).mul_(z).mul_(grad_row[rows, None]).neg_()
         grad_bias += grad.sum()
         grad_dot += (grad * dots).sum()
         grad_img[rows] = (grad @ txt).mul_(scale)
-        grad_txt.addmm_(grad.T, img[rows], alpha=scale)
+        grad_txt.addmm_(grad.T, img[rows] * scale)
     return row_loss, grad_img, grad_txt, grad_dot, grad_bias
 
 

@@ -96,7 +96,6 @@ class _PrecomputedGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value: torch.Tensor, grads: tuple[torch.Tensor, ...], *inputs: torch.Tensor) -> torch.Tensor:
         ctx.like = [(x.dtype, x.shape) for x in inputs]
-        ctx.count = len(inputs)
         # saved, not held on ctx: freed once the backward has run (unless the graph is retained)
         ctx.save_for_backward(*inputs, *grads)  # the inputs only as first_order_only's anchors
         return value.clone()
@@ -104,7 +103,7 @@ class _PrecomputedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value: torch.Tensor):
         saved = ctx.saved_tensors
-        anchors, grads = saved[: ctx.count], saved[ctx.count :]
+        anchors, grads = saved[: len(ctx.like)], saved[len(ctx.like) :]
         out = []
         for grad, (dtype, shape), needed in zip(grads, ctx.like, ctx.needs_input_grad[2:]):
             rounded = (grad * grad_value.to(grad.dtype)).to(dtype).reshape(shape) if needed else None
