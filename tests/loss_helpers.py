@@ -1,4 +1,5 @@
-"""Shared pieces of the contrastive-loss tests: inputs, the same-dtype naive baseline, error bounds.
+"""Shared pieces of the contrastive-loss tests: inputs, the same-dtype naive baseline, error bounds, a counter
+of live tensor memory.
 
 Tolerance rule (stated once): float32 and float64 results must match the float64 reference to a relative
 error of `RELATIVE_TOLERANCE[dtype]`; bfloat16/float16 results follow flash-attention's rule, their error
@@ -9,11 +10,14 @@ shapes). Quantities that vanish exactly are compared against their natural size 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fastclip import _extension
 from fastclip.ops.reference import contrastive_loss_reference, naive_clip_loss
@@ -194,3 +198,33 @@ def chunked_reference(
         grad_txt += s * (grad_sim.T @ img[rows])
         grad_scale += (grad_sim * sim).sum() / s
     return LossAndGrads(loss, (grad_img, grad_txt, grad_scale), s)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created inside the mode that are still alive: `live` now, `peak` at most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._counted.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: not new memory.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in inputs or key in self._counted:
+                continue
+            self._counted.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, nbytes)
+        return out

@@ -8,47 +8,13 @@ that works on a CPU, where peak-memory counters do not exist.
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
-from loss_helpers import features
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from loss_helpers import LiveBytes, features
 
 from fastclip.functional import contrastive_loss_from_lse
 from fastclip.ops import linear_terms
 from fastclip.ops.reference import _soft_targets, contrastive_lse_reference
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages created inside the mode that are still alive: `live` now, `peak` at most."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._counted: set[int] = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._counted.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # Views and in-place results share an input's storage: not new memory.
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in inputs or key in self._counted:
-                continue
-            self._counted.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, key, nbytes)
-        return out
 
 
 def test_live_bytes_counts_allocations_and_frees() -> None:

@@ -37,12 +37,14 @@ import torch
 from fastclip import _extension
 from fastclip.ops._checks import accumulate_dtype, check_fake_inputs
 from fastclip.ops.contrastive_lse import dispatch_contrastive_lse, register_first_order_only
-from fastclip.ops.contrastive_lse_torch import TILE_BUDGET_BYTES, KeptTile, tiled_loss_gradient, whole_lse
+from fastclip.ops.contrastive_lse_torch import KeptTile, tiled_loss_gradient, whole_lse
 from fastclip.ops.positives import class_ids
 
 OP = "contrastive_loss_backward"
-# The largest similarity matrix (fp32 or float64 bytes) a loss keeps from its forward for its backward.
-KEPT_SIMILARITY_BYTES = TILE_BUDGET_BYTES
+# The largest similarity matrix (fp32 or float64 bytes) a loss keeps from its forward for its backward:
+# the whole fp32 matrix up to N = 2048, where saving the backward's recompute decides whether the fused loss
+# beats the naive one on a CPU (loss_lse).
+KEPT_SIMILARITY_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,37 @@ import torch
 
 from fastclip.ops._checks import accumulate_dtype
 
-# Bytes one [chunk, N] fp32 tile may take; the backward holds about four such tiles at a time.
-TILE_BUDGET_BYTES = 16 << 20
 PAIR_CHUNK_BYTES = 4 << 20  # the [rows, D] products of the pair entries, added a few MiB at a time
+# On a CPU each tile is made by one GEMM per GEMM_COLS columns: MKL packs the whole [D, N] operand of a
+# GEMM with an N-wide output into a buffer it keeps (about 10 MiB at N = 8192, D = 512), a 512-wide one
+# about 2 MiB, at the same rate.
+GEMM_COLS = 512
 
 
-def chunk_rows(num_cols: int, itemsize: int, budget: int = TILE_BUDGET_BYTES) -> int:
-    """Rows per [rows, num_cols] tile so that one tile stays within `budget` bytes."""
-    return max(1, budget // (num_cols * itemsize))
+def tile_budget_bytes(num_cols: int) -> int:
+    """Bytes one [chunk, N] tile may take: 1/32 of the N x N fp32 logits the naive loss makes, within
+    [8, 64] MiB (the C++ sweep's scratch, csrc/cpu/tile_sweep_cpu.h). A backward holds at most two tiles,
+    so from N = 8192 at D = 512 its peak stays under 5% of the naive loss's, whose fp32 feature gradients
+    alone are 3% of it."""
+    return min(max(num_cols * num_cols * 4 // 32, 8 << 20), 64 << 20)
+
+
+def chunk_rows(num_cols: int, itemsize: int, budget: int | None = None) -> int:
+    """Rows per [rows, num_cols] tile so that one tile stays within `budget` bytes (tile_budget_bytes)."""
+    return max(1, (tile_budget_bytes(num_cols) if budget is None else budget) // (num_cols * itemsize))
+
+
+def similarity(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """rows @ cols.T, a [rows, N] tile: on a CPU one GEMM per GEMM_COLS columns (see GEMM_COLS), else one.
+    Differentiable where autograd records (out= GEMMs are not)."""
+    num_cols = cols.shape[0]
+    recording = torch.is_grad_enabled() and (rows.requires_grad or cols.requires_grad)
+    if rows.device.type != "cpu" or num_cols <= GEMM_COLS or recording or torch.compiler.is_compiling():
+        return rows @ cols.T
+    out = rows.new_empty((rows.shape[0], num_cols))
+    for c0 in range(0, num_cols, GEMM_COLS):
+        torch.mm(rows, cols[c0 : c0 + GEMM_COLS].T, out=out[:, c0 : c0 + GEMM_COLS])
+    return out
 
 
 def diagonal_in_chunk(r0: int, rows: int, num_cols: int, masked_diagonal: int | None, device: torch.device):
@@ -66,10 +89,12 @@ def tiled_lse(
     row_lse = torch.empty(img.shape[0], dtype=acc, device=img.device)
     col_lse = None
     for r0 in range(0, img.shape[0], chunk):
-        sim = (img[r0 : r0 + chunk] * scale) @ txt.T  # (chunk, N); scaling [chunk, D] rows beats a pass over the tile
+        # (chunk, N); scaling [chunk, D] rows beats a pass over the tile
+        sim = similarity(img[r0 : r0 + chunk] * scale, txt)
         masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
         row_lse[r0 : r0 + chunk], part, _ = _tile_lse(sim, masked, spread)
         col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
+        del sim  # before the next tile is made: one tile alive at a time
     return row_lse, col_lse
 
 
@@ -81,7 +106,7 @@ def whole_lse(
     inputs remakes the same tile bit for bit."""
     acc = accumulate_dtype(image.dtype)
     img, txt, scale = image.detach().to(acc), text.detach().to(acc), logit_scale.detach().to(acc).reshape(())
-    sim = (img * scale) @ txt.T
+    sim = similarity(img * scale, txt)
     masked = diagonal_in_chunk(0, sim.shape[0], sim.shape[1], masked_diagonal, sim.device)
     row_lse, col_lse, reference = _tile_lse(sim, masked, shared_exp_spread(acc))
     return row_lse, col_lse, KeptTile(sim, reference)
@@ -163,7 +188,7 @@ class TiledContrastiveLse(torch.autograd.Function):
         chunk = chunk_rows(txt.shape[0], txt.element_size())
         for r0 in range(0, img.shape[0], chunk):
             rows = slice(r0, r0 + chunk)
-            sim = (img[rows] @ txt.T).mul_(scale)  # (chunk, N)
+            sim = similarity(img[rows], txt).mul_(scale)  # (chunk, N)
             # G = gr * P_row + gc * P_col: the gradient of the two log-sum-exps w.r.t. the similarities.
             grad_sim = (sim - row_lse[rows, None]).exp_().mul_(grad_row[rows, None])
             grad_sim.addcmul_((sim - col_lse[None, :]).exp_(), grad_col[None, :])
@@ -173,6 +198,7 @@ class TiledContrastiveLse(torch.autograd.Function):
             grad_scale += (grad_sim * sim).sum() / scale  # dS/ds = S / s
             grad_img[rows] = (grad_sim @ txt).mul_(scale)
             grad_txt.addmm_(grad_sim.T, img[rows] * scale)
+            del sim, grad_sim  # before the next tile is made
         return (
             grad_img.to(image.dtype) if ctx.needs_input_grad[0] else None,
             grad_txt.to(text.dtype) if ctx.needs_input_grad[1] else None,
@@ -224,7 +250,7 @@ def tiled_loss_gradient(
     col_span = _finite_span(col_lse[used_cols]) if _branches_on_data(col_lse) and not from_kept else None
     for r0 in range(0, n, chunk):
         rows = slice(r0, r0 + chunk)
-        sim = kept.tile if kept is not None else (img[rows] * scale) @ txt.T  # (chunk, N), overwritten below
+        sim = kept.tile if kept is not None else similarity(img[rows] * scale, txt)  # (chunk, N), overwritten below
         # the entries filled in from the rests (pair entries) and the masked ones (exp(S + inf) is not 0)
         masked = diagonal_in_chunk(r0, sim.shape[0], num_cols, masked_diagonal, sim.device)
         left_out = _LeftOut(partner[rows], masked)
@@ -251,23 +277,36 @@ def tiled_loss_gradient(
             col_rest += p_col.sum(0)
             grad_sim = p_row.mul_(grad_row[rows, None]).addcmul_(p_col, grad_col[None, :]).sub_(grad_uniform)
         if not positives_are_pairs:  # else the term lands on pair entries only, which are set afterwards
-            positive = row_ids[rows, None] == col_ids[None, :]
-            grad_sim.sub_(torch.where(positive, grad_positive[rows, None], 0.0))
+            _subtract_positives(grad_sim, row_ids[rows], col_ids, grad_positive[rows])
         left_out.zero(grad_sim)
         grad_img[rows] = (grad_sim @ txt).mul_(scale)
         grad_txt.addmm_(grad_sim.T, img[rows], alpha=scale)
+        sim = exp = grad_sim = p_row = p_col = None  # before the next tile is made
     add_pair_entries(img, txt, scale, (grad_row, grad_col, grad_pair), partner, row_rest, col_rest, grad_img, grad_txt)
     # dL/ds = sum_ij G_ij <I_i, T_j> = <I, dL/dI> / s: n * D products instead of a pass over every tile
     grad_scale = torch.dot(img.reshape(-1), grad_img.reshape(-1)) / scale
     return grad_img, grad_txt, grad_scale
 
 
+def _row_steps(tile: torch.Tensor) -> range:
+    """Starts of the row steps of `tile` whose temporaries stay cache-sized: no second tile allocated."""
+    return range(0, tile.shape[0], max(1, (256 << 10) // (tile.shape[1] * tile.element_size())))
+
+
 def _times_outer_sum(tile: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """tile *= row[:, None] + col[None, :], in place, a few rows at a time: no second tile allocated."""
-    step = max(1, (256 << 10) // (tile.shape[1] * tile.element_size()))  # a cache-sized sum per step
-    for r0 in range(0, tile.shape[0], step):
-        tile[r0 : r0 + step].mul_(row[r0 : r0 + step, None] + col[None, :])
+    """tile *= row[:, None] + col[None, :], in place."""
+    steps = _row_steps(tile)
+    for r0 in steps:
+        tile[r0 : r0 + steps.step].mul_(row[r0 : r0 + steps.step, None] + col[None, :])
     return tile
+
+
+def _subtract_positives(tile: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor, amount: torch.Tensor) -> None:
+    """tile[i, j] -= amount[i] wherever row_ids[i] == col_ids[j], in place."""
+    steps = _row_steps(tile)
+    for r0 in steps:
+        rows = slice(r0, r0 + steps.step)
+        tile[rows].sub_(torch.where(row_ids[rows, None] == col_ids[None, :], amount[rows, None], 0.0))
 
 
 class _LeftOut:

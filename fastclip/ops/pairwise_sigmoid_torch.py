@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from fastclip.ops._checks import accumulate_dtype
-from fastclip.ops.contrastive_lse_torch import chunk_rows
+from fastclip.ops.contrastive_lse_torch import chunk_rows, similarity
 
 
 def _tile(img, txt, scale, bias, row_labels, col_labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z, dots, z * L) for one tile: z = +1 where the labels agree, -1 elsewhere; dots = image @ text.T."""
     z = (row_labels[:, None] == col_labels[None, :]).to(img.dtype).mul_(2).sub_(1)
-    dots = img @ txt.T
+    dots = similarity(img, txt)
     return z, dots, (dots * scale).add_(bias).mul_(z)
 
 
@@ -35,6 +35,7 @@ class TiledPairwiseSigmoid(torch.autograd.Function):
             rows = slice(r0, r0 + chunk)
             _, _, zl = _tile(img[rows], txt, scale, bias, row_labels[rows], col_labels)
             row_loss[rows] = F.softplus(zl.neg_()).sum(1)  # -log sigmoid(z * L)
+            del zl  # before the next tile is made
         ctx.save_for_backward(image, text, logit_scale, logit_bias, row_labels, col_labels)
         return row_loss
 
@@ -88,6 +89,7 @@ def _sweep(grad_row, image, text, logit_scale, logit_bias, row_labels, col_label
         grad_dot += (grad * dots).sum()
         grad_img[rows] = (grad @ txt).mul_(scale)
         grad_txt.addmm_(grad.T, img[rows] * scale)
+        del z, dots, zl, grad  # before the next tile is made
     return row_loss, grad_img, grad_txt, grad_dot, grad_bias
 
 
