@@ -444,6 +444,21 @@ def test_double_backward_is_refused(loss: str) -> None:
         grad.square().sum().backward()
 
 
+@pytest.mark.parametrize("op", ["contrastive_lse", "pairwise_sigmoid"])
+def test_tiled_op_double_backward_is_refused(op: str) -> None:
+    """The tiled PyTorch ops' backwards hold their log-sum-exps fixed and work in place: first order too."""
+    image, text = features(13, 9, torch.float64), features(13, 9, torch.float64)
+    if op == "contrastive_lse":
+        row_lse, col_lse = contrastive_lse(image, text, 5.0, backend="torch")
+        value = row_lse.sum() + col_lse.sum()
+    else:
+        labels = torch.arange(13) // 2
+        value = pairwise_sigmoid(image, text, 5.0, -2.0, labels, labels, backend="torch").sum()
+    (grad,) = torch.autograd.grad(value, image, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        grad.square().sum().backward()
+
+
 @pytest.mark.parametrize(
     "backend, device",
     [

@@ -27,12 +27,14 @@ constexpr int64_t kMinRowBlock = 32;
 constexpr int64_t kColBlock = 512;  // wider than the GPU's tiles: a BLAS call per tile must amortise
 
 // The scratch of a sweep (or chunked pass) over N columns: 1/32 of the N x N fp32 logits the naive loss
-// materialises, within [8, 64] MiB. Large enough that each chunk's GEMMs see hundreds of rows; small
-// enough that from N = 8192 (D = 512) the fused loss's peak stays under 5% of the naive loss's, whose
-// ~16 bytes per logit come to 1 GiB there: the two feature gradients take 3% of it (32 MiB), the 8 MiB
-// scratch 0.8%. (16 MiB cost 5.0% in all; 8 MiB costs ~9% of the speed at N = 8192, 2 threads.)
+// materialises, within [8, 64] MiB, and at least one kMinRowBlock-row block per thread (so that the
+// sweep's parallel_for has work for every thread). Small enough that from N = 8192 (D = 512) the fused
+// loss's peak stays under 5% of the naive loss's on a few threads: the naive loss's ~16 bytes per logit
+// come to 1 GiB there, the two feature gradients to 3% of it, an 8 MiB scratch to 0.8%.
 inline int64_t scratch_budget_bytes(int64_t num_cols) {
-  return std::clamp<int64_t>(num_cols * num_cols * 4 / 32, 8ll << 20, 64ll << 20);
+  const int64_t share = std::clamp<int64_t>(num_cols * num_cols * 4 / 32, 8ll << 20, 64ll << 20);
+  const int64_t per_thread_floor = int64_t{std::max(1, at::get_num_threads())} * kMinRowBlock * num_cols * 4;
+  return std::max(share, per_thread_floor);
 }
 
 inline at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -62,20 +64,20 @@ void dot_tile(const at::Tensor& img, const at::Tensor& txt, int64_t r0, int64_t 
 // img and txt are contiguous tensors of the accumulation type, detached (worker threads do not inherit
 // grad mode).
 //
-// `strip`, if given, is a [row_end - row_begin, N] buffer: one multi-threaded GEMM fills it with every
-// dot product of the rows first and each tile is copied out of it (a GEMM per 256 x 512 tile runs ~10%
-// below a large GEMM's rate, and packs its operands again for every tile); a block may overwrite the
-// strip's entries of the tiles it has visited (a backward writes G there in place). Without a strip,
-// each tile comes from its own single-threaded GEMM and no N-wide buffer is needed.
+// `strip`, if given, is a [row_end - row_begin, N] buffer: multi-threaded GEMMs of all the rows, one per
+// kColBlock columns, fill it with every dot product first and each tile is copied out of it (a
+// single-threaded GEMM per 256 x 512 tile runs ~10% below the rate of one over all the rows); a block may
+// overwrite the strip's entries of the tiles it has visited (a backward writes G there in place). Without
+// a strip, each tile comes from its own single-threaded GEMM and no N-wide buffer is needed.
 template <typename acc_t, typename BlockFn>
 void sweep_row_blocks(const at::Tensor& img, const at::Tensor& txt, int64_t row_begin, int64_t row_end,
                       acc_t* strip, const BlockFn& block_fn) {
   const int64_t num_cols = txt.size(0);
   const int64_t block = row_block_size(row_end - row_begin);
   if (strip != nullptr) {
-    // One GEMM per kColBlock columns: a GEMM with an N-wide output packs a wide panel of the text features
-    // (about 10 MiB at N = 8192, D = 512, held by MKL after the call), a 512-wide one about 2 MiB, at the
-    // same rate.
+    // One GEMM per kColBlock columns: after a GEMM with an N-wide output MKL holds a packing buffer of a
+    // wide panel of the text features (about 10 MiB at N = 8192, D = 512), after a 512-wide one about
+    // 2 MiB; measured here at an equal or better rate. (The PyTorch path's tiles do the same: GEMM_COLS.)
     auto dots = at::from_blob(strip, {row_end - row_begin, num_cols}, img.options());
     const auto rows = img.narrow(0, row_begin, row_end - row_begin);
     for (int64_t c0 = 0; c0 < num_cols; c0 += kColBlock) {

@@ -36,8 +36,9 @@ import torch
 
 from fastclip import _extension
 from fastclip.ops._checks import accumulate_dtype, check_fake_inputs
-from fastclip.ops.contrastive_lse import dispatch_contrastive_lse, register_first_order_only
+from fastclip.ops.contrastive_lse import dispatch_contrastive_lse
 from fastclip.ops.contrastive_lse_torch import KeptTile, tiled_loss_gradient, whole_lse
+from fastclip.ops.first_order import first_order_only, register_first_order_only
 from fastclip.ops.positives import class_ids
 
 OP = "contrastive_loss_backward"
@@ -129,10 +130,11 @@ def loss_lse(
 ) -> tuple[torch.Tensor, torch.Tensor, KeptTile | None]:
     """(row_lse, col_lse, the similarity tile kept for the backward or None) for a loss's forward.
 
-    On the PyTorch and C++ backends a similarity matrix no larger than one backward tile is kept: the
-    backward's tile recompute is then a quarter of the loss's matmul work saved, and the kept matrix
-    takes the place of the tile the backward would have made, so its peak does not grow (at N = 1024,
-    D = 512 this decides whether the fused loss beats the naive one, which keeps its logits too). Where
+    On the PyTorch and C++ backends a similarity matrix of at most KEPT_SIMILARITY_BYTES is kept: the
+    backward's recompute is then a quarter of the loss's matmul work saved (at N = 1024, D = 512 this
+    decides whether the fused loss beats the naive one, which keeps its logits too). The price is memory:
+    up to that size the backward holds the whole matrix (and a second one where the column term needs its
+    own exponential), more than the tiled backward just past it, still well below the naive loss. Where
     one exponential serves both directions the tile holds it, so the backward does not redo it either.
     """
     acc = accumulate_dtype(image.dtype)
@@ -210,30 +212,6 @@ class _FusedLossGradient(torch.autograd.Function):
             grad_txt = first_order_only(grad_txt.to(text.dtype), anchor)
         grad_scale = first_order_only(grad_scale.to(logit_scale.dtype).reshape(logit_scale.shape), anchor)
         return None, grad_img, grad_txt, grad_scale, None, None, None, None, None
-
-
-class _FirstOrderOnly(torch.autograd.Function):
-    """grad, *anchors -> grad, differentiable in the anchors only to refuse: a second derivative through
-    the fused gradient raises instead of treating it as a constant (or differentiating the tiled
-    PyTorch backward with the log-sum-exps held fixed, which would be silently wrong)."""
-
-    @staticmethod
-    def forward(ctx, grad, *anchors):
-        return grad.clone()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            "the fused contrastive-loss gradient is first-order only: double backward through "
-            "fastclip's losses is not supported"
-        )
-
-
-def first_order_only(grad: torch.Tensor, anchors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    # Grad mode is on in a backward only under create_graph=True.
-    if torch.is_grad_enabled() and any(a.requires_grad for a in anchors):
-        return _FirstOrderOnly.apply(grad, *anchors)
-    return grad
 
 
 def attach_fused_gradient(

@@ -19,6 +19,7 @@ from fastclip import _extension
 from fastclip.backends import resolve_loss_backend
 from fastclip.ops._checks import accumulate_dtype, as_logit_scale, check_fake_inputs, check_features, check_index
 from fastclip.ops.contrastive_lse_torch import contrastive_lse_torch
+from fastclip.ops.first_order import register_first_order_only
 
 OP = "contrastive_lse"
 
@@ -54,21 +55,6 @@ def dispatch_contrastive_lse(
     if resolve_loss_backend(backend, image.device, image.dtype, OP) == "torch":
         return contrastive_lse_torch(image, text, logit_scale, masked_diagonal)
     return torch.ops.fastclip.contrastive_lse(image, text, logit_scale, masked_diagonal)
-
-
-def register_first_order_only(op: str) -> None:
-    """Give the backward op fastclip::`op` an autograd kernel that refuses double backward.
-
-    Without one, PyTorch's fallback warns on every differentiable call ("silently incorrect") and would
-    treat the gradients as constants; with it, a second-order use (a gradient penalty) fails clearly.
-    """
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"fastclip::{op} is first-order only: double backward through fastclip's losses is not supported"
-        )
-
-    torch.library.register_autograd(f"fastclip::{op}", backward)
 
 
 def _register_compiled_op() -> None:

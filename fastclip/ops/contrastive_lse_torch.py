@@ -14,19 +14,20 @@ from dataclasses import dataclass
 import torch
 
 from fastclip.ops._checks import accumulate_dtype
+from fastclip.ops.first_order import first_order_only
 
 PAIR_CHUNK_BYTES = 4 << 20  # the [rows, D] products of the pair entries, added a few MiB at a time
-# On a CPU each tile is made by one GEMM per GEMM_COLS columns: MKL packs the whole [D, N] operand of a
-# GEMM with an N-wide output into a buffer it keeps (about 10 MiB at N = 8192, D = 512), a 512-wide one
-# about 2 MiB, at the same rate.
+# On a CPU each tile is made by one GEMM per GEMM_COLS columns, as the C++ sweep does (kColBlock in
+# csrc/cpu/tile_sweep_cpu.h): after a GEMM with an N-wide output MKL holds a packing buffer of a wide panel
+# of the other operand (about 10 MiB at N = 8192, D = 512), after a 512-wide one about 2 MiB.
 GEMM_COLS = 512
 
 
 def tile_budget_bytes(num_cols: int) -> int:
     """Bytes one [chunk, N] tile may take: 1/32 of the N x N fp32 logits the naive loss makes, within
-    [8, 64] MiB (the C++ sweep's scratch, csrc/cpu/tile_sweep_cpu.h). A backward holds at most two tiles,
-    so from N = 8192 at D = 512 its peak stays under 5% of the naive loss's, whose fp32 feature gradients
-    alone are 3% of it."""
+    [8, 64] MiB (as the C++ sweep's scratch, csrc/cpu/tile_sweep_cpu.h). The sweeps hold one or two tiles
+    (tests/test_tile_memory.py), so from N = 8192 at D = 512 the peak stays under 5% of the naive loss's,
+    whose fp32 feature gradients alone are 3% of it."""
     return min(max(num_cols * num_cols * 4 // 32, 8 << 20), 64 << 20)
 
 
@@ -36,8 +37,8 @@ def chunk_rows(num_cols: int, itemsize: int, budget: int | None = None) -> int:
 
 
 def similarity(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """rows @ cols.T, a [rows, N] tile: on a CPU one GEMM per GEMM_COLS columns (see GEMM_COLS), else one.
-    Differentiable where autograd records (out= GEMMs are not)."""
+    """The dot products rows @ cols.T, a [rows, N] tile (unscaled): on a CPU one GEMM per GEMM_COLS
+    columns, else one. Differentiable where autograd records (out= GEMMs are not)."""
     num_cols = cols.shape[0]
     recording = torch.is_grad_enabled() and (rows.requires_grad or cols.requires_grad)
     if rows.device.type != "cpu" or num_cols <= GEMM_COLS or recording or torch.compiler.is_compiling():
@@ -179,30 +180,37 @@ class TiledContrastiveLse(torch.autograd.Function):
     def backward(ctx, grad_row: torch.Tensor | None, grad_col: torch.Tensor | None):
         image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
         acc = row_lse.dtype
-        img, txt, scale = image.to(acc), text.to(acc), logit_scale.to(acc).reshape(())
-        grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row.to(acc)
-        grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col.to(acc)
+        img, txt = image.detach().to(acc), text.detach().to(acc)
+        scale = logit_scale.detach().to(acc).reshape(())
+        grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row.detach().to(acc)
+        grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col.detach().to(acc)
         grad_img = torch.empty_like(img)
         grad_txt = torch.zeros_like(txt)
-        grad_scale = torch.zeros((), dtype=acc, device=img.device)
+        grad_dot = torch.zeros((), dtype=acc, device=img.device)  # sum of G * <image_i, text_j>
         chunk = chunk_rows(txt.shape[0], txt.element_size())
         for r0 in range(0, img.shape[0], chunk):
             rows = slice(r0, r0 + chunk)
             sim = similarity(img[rows], txt).mul_(scale)  # (chunk, N)
-            # G = gr * P_row + gc * P_col: the gradient of the two log-sum-exps w.r.t. the similarities.
+            # G = gr * P_row + gc * P_col: the gradient of the two log-sum-exps w.r.t. the similarities;
+            # P_col is made in place of S, so that two tiles are alive at most.
             grad_sim = (sim - row_lse[rows, None]).exp_().mul_(grad_row[rows, None])
-            grad_sim.addcmul_((sim - col_lse[None, :]).exp_(), grad_col[None, :])
-            masked = diagonal_in_chunk(r0, sim.shape[0], sim.shape[1], ctx.masked_diagonal, sim.device)
+            grad_sim.addcmul_(sim.sub_(col_lse[None, :]).exp_(), grad_col[None, :])
+            del sim
+            masked = diagonal_in_chunk(r0, grad_sim.shape[0], grad_sim.shape[1], ctx.masked_diagonal, img.device)
             if masked is not None:
                 grad_sim[masked] = 0.0  # left out of the forward (and exp(S + inf) would not be 0)
-            grad_scale += (grad_sim * sim).sum() / scale  # dS/ds = S / s
-            grad_img[rows] = (grad_sim @ txt).mul_(scale)
-            grad_txt.addmm_(grad_sim.T, img[rows] * scale)
-            del sim, grad_sim  # before the next tile is made
+            row_grad = grad_sim @ txt
+            grad_dot += torch.dot(img[rows].flatten(), row_grad.flatten())  # sum_j G_ij <I_i, T_j> over the rows
+            grad_img[rows] = row_grad.mul_(scale)
+            grad_txt.addmm_(grad_sim.T, img[rows], alpha=scale)
+            del grad_sim  # before the next tile is made
+        anchors = (image, text, logit_scale)
         return (
-            grad_img.to(image.dtype) if ctx.needs_input_grad[0] else None,
-            grad_txt.to(text.dtype) if ctx.needs_input_grad[1] else None,
-            grad_scale.to(logit_scale.dtype).reshape(logit_scale.shape) if ctx.needs_input_grad[2] else None,
+            first_order_only(grad_img.to(image.dtype), anchors) if ctx.needs_input_grad[0] else None,
+            first_order_only(grad_txt.to(text.dtype), anchors) if ctx.needs_input_grad[1] else None,
+            first_order_only(grad_dot.to(logit_scale.dtype).reshape(logit_scale.shape), anchors)
+            if ctx.needs_input_grad[2]
+            else None,
             None,
         )
 
@@ -288,14 +296,18 @@ def tiled_loss_gradient(
     return grad_img, grad_txt, grad_scale
 
 
-def _row_steps(tile: torch.Tensor) -> range:
-    """Starts of the row steps of `tile` whose temporaries stay cache-sized: no second tile allocated."""
+def row_steps(tile: torch.Tensor) -> range:
+    """Starts of the row steps in which an elementwise pass over `tile` goes: on a CPU steps whose
+    temporaries stay cache-sized, so no second tile is allocated; elsewhere one step (a GPU launches a
+    kernel per step, and the CUDA op, not this path, is what runs there by default)."""
+    if tile.device.type != "cpu":
+        return range(0, tile.shape[0], max(1, tile.shape[0]))
     return range(0, tile.shape[0], max(1, (256 << 10) // (tile.shape[1] * tile.element_size())))
 
 
 def _times_outer_sum(tile: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """tile *= row[:, None] + col[None, :], in place."""
-    steps = _row_steps(tile)
+    steps = row_steps(tile)
     for r0 in steps:
         tile[r0 : r0 + steps.step].mul_(row[r0 : r0 + steps.step, None] + col[None, :])
     return tile
@@ -303,7 +315,7 @@ def _times_outer_sum(tile: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -
 
 def _subtract_positives(tile: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor, amount: torch.Tensor) -> None:
     """tile[i, j] -= amount[i] wherever row_ids[i] == col_ids[j], in place."""
-    steps = _row_steps(tile)
+    steps = row_steps(tile)
     for r0 in steps:
         rows = slice(r0, r0 + steps.step)
         tile[rows].sub_(torch.where(row_ids[rows, None] == col_ids[None, :], amount[rows, None], 0.0))

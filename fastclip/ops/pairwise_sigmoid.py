@@ -24,7 +24,7 @@ from fastclip.ops._checks import (
     check_features,
     check_labels,
 )
-from fastclip.ops.contrastive_lse import register_first_order_only
+from fastclip.ops.first_order import register_first_order_only
 from fastclip.ops.pairwise_sigmoid_torch import pairwise_sigmoid_torch, pairwise_sigmoid_with_grad_torch
 
 OP = "pairwise_sigmoid"

@@ -27,7 +27,8 @@ from fastclip.ops._checks import (
     check_offset,
     share_hint,
 )
-from fastclip.ops.contrastive_gradient import first_order_only, wants_gradient
+from fastclip.ops.contrastive_gradient import wants_gradient
+from fastclip.ops.first_order import first_order_only
 from fastclip.ops.pairwise_sigmoid import dispatch_pairwise_sigmoid, dispatch_pairwise_sigmoid_with_grad
 
 
