@@ -25,15 +25,15 @@ GEMM_COLS = 512
 
 def tile_budget_bytes(num_cols: int) -> int:
     """Bytes one [chunk, N] tile may take: 1/32 of the N x N fp32 logits the naive loss makes, within
-    [8, 64] MiB (as the C++ sweep's scratch, csrc/cpu/tile_sweep_cpu.h). The sweeps hold one or two tiles
-    (tests/test_tile_memory.py), so from N = 8192 at D = 512 the peak stays under 5% of the naive loss's,
-    whose fp32 feature gradients alone are 3% of it."""
+    [8, 64] MiB (the C++ sweep's rule, csrc/cpu/tile_sweep_cpu.h, which adds a per-thread floor). The
+    sweeps hold one or two tiles (tests/test_tile_memory.py), so from N = 8192 at D = 512 the peak stays
+    under 5% of the naive loss's, whose fp32 feature gradients alone are 3% of it."""
     return min(max(num_cols * num_cols * 4 // 32, 8 << 20), 64 << 20)
 
 
-def chunk_rows(num_cols: int, itemsize: int, budget: int | None = None) -> int:
-    """Rows per [rows, num_cols] tile so that one tile stays within `budget` bytes (tile_budget_bytes)."""
-    return max(1, (tile_budget_bytes(num_cols) if budget is None else budget) // (num_cols * itemsize))
+def chunk_rows(num_cols: int, itemsize: int) -> int:
+    """Rows per [rows, num_cols] tile so that one tile stays within tile_budget_bytes."""
+    return max(1, tile_budget_bytes(num_cols) // (num_cols * itemsize))
 
 
 def similarity(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
